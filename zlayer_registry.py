@@ -1,0 +1,3127 @@
+"""Pull container images and WebAssembly artifacts from OCI/Docker registries.
+
+zlayer_registry is a single-file, standard-library-only registry client: it
+resolves image references, authenticates (Docker token auth, basic, bearer,
+Docker/podman credential files and helpers), downloads every blob in parallel
+over keep-alive connections, verifies each against its digest while streaming
+it into a content-addressed cache, and tells container images from WebAssembly
+artifacts.
+
+Quickstart::
+
+    from zlayer_registry import BlobCache, ImagePuller, RegistryAuth
+
+    cache = BlobCache.open("/var/lib/zlayer/cache")
+    puller = ImagePuller(cache)
+    manifest, layers = puller.pull("ghcr.io/org/image:latest",
+                                   RegistryAuth.anonymous())
+    print(f"pulled {len(layers)} layers")
+    for layer in layers:
+        with layer.open() as f:           # verified bytes, streamed from disk
+            f.read(512)
+
+Command line: ``python -m zlayer_registry pull alpine:3.20 --json``.
+
+Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
+    1. IMPORTS AND COMPATIBILITY
+    2. CONSTANTS: media types and limits
+    3. ERRORS
+    4. UTILITIES: private helpers
+    5. DIGESTS AND DESCRIPTORS
+    6. REFERENCES: parsing and normalising image references
+    7. MANIFESTS AND PLATFORMS
+    8. WASM DETECTION
+    9. TRANSPORT: keep-alive HTTP connections and proxies
+    10. CREDENTIALS AND TOKEN AUTH
+    11. REGISTRY CLIENT: manifests and blobs over the distribution API
+    12. BLOB CACHES: memory and directory + SQLite
+    13. PULL
+    14. CLI
+
+Specifications followed:
+    OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
+    OCI image-layout      https://github.com/opencontainers/image-spec/blob/main/image-layout.md
+    OCI distribution-spec https://github.com/opencontainers/distribution-spec/blob/main/spec.md
+    Docker token auth     https://distribution.github.io/distribution/spec/auth/token/
+    Docker OAuth2 refresh https://distribution.github.io/distribution/spec/auth/oauth/
+    Reference grammar     https://github.com/distribution/reference/blob/main/reference.go
+    AWS SigV4             https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_sigv4.html
+"""
+
+# =============================================================================
+# 1. IMPORTS AND COMPATIBILITY
+# =============================================================================
+# Only cheap modules are imported here; sqlite3, ssl, http.client, tarfile,
+# concurrent.futures and subprocess are imported where first used, so that
+# `import zlayer_registry` stays fast and never fails on a Python built without
+# sqlite3 or ssl (Debian's python3-minimal has no sqlite3).
+
+from __future__ import annotations
+
+import base64
+import enum
+import errno
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
+                    Mapping, Optional, Sequence, Tuple, Union)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # Constants
+    "MEDIA_TYPE_OCI_MANIFEST", "MEDIA_TYPE_OCI_INDEX", "MEDIA_TYPE_OCI_CONFIG",
+    "MEDIA_TYPE_DOCKER_MANIFEST", "MEDIA_TYPE_DOCKER_LIST",
+    "MEDIA_TYPE_DOCKER_CONFIG", "MAX_MANIFEST_SIZE_BYTES",
+    "MAX_ERROR_BODY_BYTES", "MAX_BLOB_SIZE_BYTES", "MAX_REDIRECTS",
+    "DEFAULT_MAX_WORKERS", "DEFAULT_TIMEOUT_S", "DEFAULT_RETRIES",
+    "RETRY_BACKOFF_BASE_S", "RETRY_BACKOFF_MAX_S", "RETRY_AFTER_MAX_S",
+    "DEFAULT_TOKEN_LIFETIME_S", "MAX_TOKEN_RESPONSE_BYTES",
+    # Errors
+    "ZLayerError", "InvalidReferenceError", "InvalidDigestError",
+    "ManifestError", "DigestMismatchError", "RegistryError", "AuthError",
+    "NotFoundError", "RateLimitedError", "CacheError", "UnpackError",
+    "LayoutError",
+    # Digests, descriptors, references
+    "Descriptor", "Platform", "Reference", "parse_reference", "parse_platform",
+    "compute_digest", "host_platform", "select_platform",
+    # Manifests
+    "Manifest", "parse_manifest",
+    # WASM
+    "ArtifactType", "WasiVersion", "WasmArtifactInfo", "detect_artifact_type",
+    "extract_wasm_info",
+    # Credentials
+    "RegistryAuth",
+    # Caches
+    "BlobCache", "DirectoryBlobCache",
+    # Pull
+    "ImagePuller", "Layer", "PullResult",
+    # CLI
+    "main",
+]
+
+
+def _import_sqlite3() -> Any:
+    """Return the sqlite3 module, or None on a Python built without it."""
+    try:
+        import sqlite3
+    except ImportError:  # python3-minimal and some embedded builds
+        return None
+    return sqlite3
+
+
+# =============================================================================
+# 2. CONSTANTS: media types and limits
+# =============================================================================
+
+MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_TYPE_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_TYPE_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_TYPE_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_TYPE_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+_SCHEMA1_MEDIA_TYPES = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
+_IMAGE_MANIFEST_TYPES = (MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST)
+_INDEX_TYPES = (MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST)
+# distribution answers 404 to a manifest GET whose Accept lacks the OCI
+# types, so every manifest request names all four.
+_MANIFEST_ACCEPT = ", ".join(_IMAGE_MANIFEST_TYPES + _INDEX_TYPES)
+
+MAX_MANIFEST_SIZE_BYTES = 4 * 1024 * 1024
+MAX_ERROR_BODY_BYTES = 64 * 1024
+MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024
+# Descriptor sizes above this are refused before any byte is downloaded.
+MAX_BLOB_SIZE_BYTES = 1 << 40
+MAX_REDIRECTS = 10
+DEFAULT_MAX_WORKERS = 4
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_RETRIES = 4
+RETRY_BACKOFF_BASE_S = 0.25
+RETRY_BACKOFF_MAX_S = 10.0
+RETRY_AFTER_MAX_S = 60.0
+# Token lifetime assumed when a token response has no expires_in (Docker
+# token spec: "defaults to 60 seconds").
+DEFAULT_TOKEN_LIFETIME_S = 60.0
+_READ_CHUNK_BYTES = 1024 * 1024
+_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_DOCKER_HUB = "docker.io"
+_DOCKER_HUB_API_HOST = "registry-1.docker.io"
+_DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
+_USER_AGENT = f"zlayer-registry/{__version__} (python)"
+
+
+# =============================================================================
+# 3. ERRORS
+# =============================================================================
+
+class ZLayerError(Exception):
+    """Base class of every error this module raises on purpose."""
+
+
+class InvalidReferenceError(ZLayerError, ValueError):
+    """An image reference does not follow the distribution reference grammar."""
+
+    def __init__(self, reference: str, reason: str) -> None:
+        self.reference = reference
+        self.reason = reason
+        super().__init__(f"invalid reference {reference!r}: {reason}")
+
+
+class InvalidDigestError(ZLayerError, ValueError):
+    """A digest string is malformed or uses an unsupported algorithm."""
+
+    def __init__(self, digest: str, reason: str) -> None:
+        self.digest = digest
+        self.reason = reason
+        super().__init__(f"invalid digest {digest!r}: {reason}")
+
+
+class ManifestError(ZLayerError):
+    """A manifest or index is malformed, too large or of an unsupported type."""
+
+
+class DigestMismatchError(ZLayerError):
+    """Content does not hash to the digest (or size) it was announced with."""
+
+    def __init__(self, subject: str, expected: str, actual: str) -> None:
+        self.subject = subject
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{subject}: expected {expected}, got {actual}")
+
+
+class RegistryError(ZLayerError):
+    """A registry answered with an error status.
+
+    Fields: ``status`` (HTTP status or None for connection failures),
+    ``codes`` (distribution-spec error codes), ``method``, ``url`` (redacted:
+    no query string, no user info) and ``temporary`` (worth retrying).
+    """
+
+    def __init__(self, message: str, *, status: Optional[int] = None,
+                 codes: Sequence[str] = (), method: str = "",
+                 url: str = "", temporary: bool = False) -> None:
+        self.status = status
+        self.codes = tuple(codes)
+        self.method = method
+        self.url = url
+        self.temporary = temporary
+        super().__init__(message)
+
+
+class AuthError(RegistryError):
+    """Authentication or authorisation failed (401/403, token endpoint)."""
+
+
+class NotFoundError(RegistryError):
+    """The repository, tag, manifest or blob does not exist."""
+
+
+class RateLimitedError(RegistryError):
+    """The registry kept answering 429 Too Many Requests."""
+
+    def __init__(self, message: str, *, retry_after_s: Optional[float] = None,
+                 **kwargs: Any) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message, **kwargs)
+
+
+class CacheError(ZLayerError):
+    """The blob cache cannot be opened, read or written."""
+
+
+class UnpackError(ZLayerError):
+    """A layer cannot be unpacked safely; ``member`` names the tar entry."""
+
+    def __init__(self, message: str, member: str = "") -> None:
+        self.member = member
+        super().__init__(message)
+
+
+class LayoutError(ZLayerError):
+    """An OCI image layout or archive is malformed or incomplete."""
+
+
+# =============================================================================
+# 4. UTILITIES: private helpers
+# =============================================================================
+
+def _warn(message: str) -> None:
+    """Print a one-line warning on stderr (library warnings stay terse)."""
+    print(f"zlayer-registry: warning: {message}", file=sys.stderr)
+
+
+def _redact_url(url: str) -> str:
+    """Return ``url`` without user info or query string.
+
+    Presigned blob URLs (S3, CloudFront, Azure SAS) carry their credentials
+    in the query string, so error messages never show it.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url.split("?", 1)[0]
+    authority, slash, path = rest.partition("/")
+    authority = authority.rpartition("@")[2]
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    return f"{scheme}://{authority}{slash}{path}"
+
+
+def _split_host_port(host: str) -> Tuple[str, Optional[int]]:
+    """Split ``host[:port]`` (IPv6 in brackets) into host and port."""
+    if host.startswith("["):
+        end = host.find("]")
+        name, rest = host[1:end], host[end + 1:]
+        return name, int(rest[1:]) if rest.startswith(":") else None
+    name, sep, port = host.rpartition(":")
+    if sep and port.isdigit():
+        return name, int(port)
+    return host, None
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Tell whether ``host`` (optionally with a port) is a loopback address."""
+    name = _split_host_port(host)[0].lower()
+    if name in ("localhost", "::1") or name.endswith(".localhost"):
+        return True
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "127" and all(
+        p.isdigit() and int(p) < 256 for p in parts)
+
+
+def _format_bytes(size_bytes: float) -> str:
+    """Format a byte count for people (``12.3 MiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size_bytes) < 1024 or unit == "GiB":
+            return f"{size_bytes:.0f} {unit}" if unit == "B" else f"{size_bytes:.1f} {unit}"
+        size_bytes /= 1024
+    return f"{size_bytes:.1f} GiB"
+
+
+def _fsync_dir(path: str) -> None:
+    """Flush a directory entry so a rename survives a crash (POSIX only)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_capped(stream: Any, limit_bytes: int) -> bytes:
+    """Read at most ``limit_bytes`` from ``stream`` (error bodies, tokens)."""
+    chunks = []
+    remaining = limit_bytes
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+# =============================================================================
+# 5. DIGESTS AND DESCRIPTORS
+# =============================================================================
+
+# image-spec descriptor.md: sha256 and sha512 are registered; their encoded
+# part is lowercase hex of a fixed length.
+_DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
+_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+
+
+def _validate_digest(digest: Any) -> str:
+    """Return ``digest`` when it is a well-formed sha256/sha512 digest."""
+    if not isinstance(digest, str):
+        raise InvalidDigestError(str(digest), "not a string")
+    match = _DIGEST_RE.match(digest)
+    if not match:
+        raise InvalidDigestError(digest, "expected ALGORITHM:HEX")
+    algorithm, encoded = match.groups()
+    length = _DIGEST_HEX_LENGTHS.get(algorithm)
+    if length is None:
+        raise InvalidDigestError(digest, f"unsupported algorithm {algorithm!r} "
+                                         "(sha256 and sha512 are)")
+    if len(encoded) != length or not re.fullmatch(r"[0-9a-f]+", encoded):
+        raise InvalidDigestError(digest, f"{algorithm} needs {length} lowercase hex digits")
+    return digest
+
+
+def _hasher_for(digest: str) -> Any:
+    """Return a fresh hash object for the algorithm of ``digest``."""
+    return hashlib.new(_validate_digest(digest).split(":", 1)[0])
+
+
+def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
+    """Return the ``algorithm:hex`` digest of ``data``."""
+    if algorithm not in _DIGEST_HEX_LENGTHS:
+        raise InvalidDigestError(f"{algorithm}:", "unsupported algorithm")
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def _check_bytes(subject: str, data: bytes, digest: str) -> None:
+    """Raise DigestMismatchError unless ``data`` hashes to ``digest``."""
+    actual = compute_digest(data, _validate_digest(digest).split(":", 1)[0])
+    if actual != digest:
+        raise DigestMismatchError(subject, digest, actual)
+
+
+@dataclass(frozen=True)
+class Platform:
+    """An OS/architecture pair, as in an image index or image config."""
+
+    os: str
+    architecture: str
+    variant: str = ""
+    os_version: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.os}/{self.architecture}"
+        return f"{text}/{self.variant}" if self.variant else text
+
+    def to_json(self) -> Dict[str, str]:
+        """Return the image-spec JSON form (variant only when set)."""
+        data = {"os": self.os, "architecture": self.architecture}
+        if self.variant:
+            data["variant"] = self.variant
+        if self.os_version:
+            data["os.version"] = self.os_version
+        return data
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A content descriptor: media type, digest and size of one blob."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    platform: Optional[Platform] = None
+    artifact_type: str = ""
+    urls: Tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "descriptor") -> "Descriptor":
+        """Build a descriptor from its JSON object, validating every field."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where} is not a JSON object")
+        media_type = data.get("mediaType", "")
+        if not isinstance(media_type, str):
+            raise ManifestError(f"{where} has a non-string mediaType")
+        try:
+            digest = _validate_digest(data.get("digest"))
+        except InvalidDigestError as exc:
+            raise ManifestError(f"{where}: {exc}") from exc
+        size = data.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ManifestError(f"{where} {digest} has an invalid size {size!r}")
+        if size > MAX_BLOB_SIZE_BYTES:
+            raise ManifestError(f"{where} {digest} declares {size} bytes, "
+                                f"over the {MAX_BLOB_SIZE_BYTES}-byte limit")
+        annotations = data.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            raise ManifestError(f"{where} {digest} has non-object annotations")
+        platform = None
+        raw_platform = data.get("platform")
+        if isinstance(raw_platform, dict):
+            platform = Platform(
+                os=str(raw_platform.get("os", "")),
+                architecture=str(raw_platform.get("architecture", "")),
+                variant=str(raw_platform.get("variant", "") or ""),
+                os_version=str(raw_platform.get("os.version", "") or ""))
+        urls = data.get("urls") or ()
+        return cls(media_type=media_type, digest=digest, size=size,
+                   annotations=dict(annotations), platform=platform,
+                   artifact_type=str(data.get("artifactType", "") or ""),
+                   urls=tuple(str(u) for u in urls if isinstance(u, str)))
+
+    def to_json(self) -> Dict[str, Any]:
+        """Return the image-spec JSON form of this descriptor."""
+        data: Dict[str, Any] = {"mediaType": self.media_type,
+                                "digest": self.digest, "size": self.size}
+        if self.artifact_type:
+            data["artifactType"] = self.artifact_type
+        if self.platform is not None:
+            data["platform"] = self.platform.to_json()
+        if self.annotations:
+            data["annotations"] = dict(self.annotations)
+        return data
+
+
+# =============================================================================
+# 6. REFERENCES: parsing and normalising image references
+# =============================================================================
+# Grammar from distribution/reference (reference.go, normalize.go):
+#   reference := name [ ":" tag ] [ "@" digest ]
+#   name      := [domain "/"] path-component ["/" path-component]*
+# The first component is a domain when it contains "." or ":", is
+# "localhost", or has uppercase letters; otherwise the name is on Docker Hub
+# and one-component names live under "library/".
+
+_PATH_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_DOMAIN_RE = re.compile(
+    r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+    r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*"
+    r"|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?")
+_TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
+_MAX_NAME_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A fully qualified image reference.
+
+    ``str()`` gives ``registry/repository[:tag][@digest]``; a reference with
+    neither tag nor digest gets the tag ``latest``.
+    """
+
+    registry: str
+    repository: str
+    tag: Optional[str] = None
+    digest: Optional[str] = None
+
+    def __str__(self) -> str:
+        text = f"{self.registry}/{self.repository}"
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+    @property
+    def api_host(self) -> str:
+        """Return the host that serves the registry API (Docker Hub's differs)."""
+        return _DOCKER_HUB_API_HOST if self.registry == _DOCKER_HUB else self.registry
+
+    @property
+    def identifier(self) -> str:
+        """Return what goes after ``/manifests/``: the digest, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    @property
+    def name(self) -> str:
+        """Return ``registry/repository`` without tag or digest."""
+        return f"{self.registry}/{self.repository}"
+
+    def with_digest(self, digest: str) -> "Reference":
+        """Return a copy of this reference pinned to ``digest``."""
+        return Reference(self.registry, self.repository, self.tag, digest)
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse an image reference such as ``ubuntu`` or ``ghcr.io/o/i@sha256:...``."""
+    if not isinstance(text, str) or not text:
+        raise InvalidReferenceError(str(text), "empty reference")
+    if text != text.strip() or any(c.isspace() for c in text):
+        raise InvalidReferenceError(text, "contains whitespace")
+    if "://" in text:
+        raise InvalidReferenceError(text, "a reference has no URL scheme "
+                                          "(drop the 'https://')")
+    remainder, digest = text, None
+    if "@" in remainder:
+        remainder, digest = remainder.split("@", 1)
+        try:
+            _validate_digest(digest)
+        except InvalidDigestError as exc:
+            raise InvalidReferenceError(text, exc.reason) from exc
+    name, tag = remainder, None
+    slash, colon = name.rfind("/"), name.rfind(":")
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1:]
+        if not _TAG_RE.fullmatch(tag):
+            raise InvalidReferenceError(
+                text, f"invalid tag {tag!r} (letters, digits, '_', '.', '-'; "
+                      "at most 128; not starting with '.' or '-')")
+    registry, path = _split_domain(text, name)
+    for component in path.split("/"):
+        if not _PATH_COMPONENT_RE.fullmatch(component):
+            reason = ("repository names must be lowercase"
+                      if component.lower() != component
+                      else f"invalid path component {component!r}")
+            raise InvalidReferenceError(text, reason)
+    if len(registry) + 1 + len(path) > _MAX_NAME_LENGTH:
+        raise InvalidReferenceError(text, f"name longer than {_MAX_NAME_LENGTH} characters")
+    if tag is None and digest is None:
+        tag = "latest"
+    return Reference(registry=registry, repository=path, tag=tag, digest=digest)
+
+
+def _split_domain(text: str, name: str) -> Tuple[str, str]:
+    """Split a name into (registry, repository), applying Docker Hub defaults."""
+    first, sep, rest = name.partition("/")
+    is_domain = sep and ("." in first or ":" in first or first == "localhost"
+                         or first.lower() != first)
+    if not is_domain:
+        registry, path = _DOCKER_HUB, name
+    else:
+        if not _DOMAIN_RE.fullmatch(first):
+            raise InvalidReferenceError(text, f"invalid registry host {first!r}")
+        registry, path = first, rest
+    if registry in ("index.docker.io", "registry-1.docker.io"):
+        registry = _DOCKER_HUB
+    if not path:
+        raise InvalidReferenceError(text, "missing repository name")
+    if registry == _DOCKER_HUB and "/" not in path:
+        path = f"library/{path}"
+    return registry, path
+
+
+# =============================================================================
+# 7. MANIFESTS AND PLATFORMS
+# =============================================================================
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed image manifest or image index, with its exact bytes and digest."""
+
+    media_type: str
+    digest: str
+    raw: bytes = field(repr=False)
+    data: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def is_index(self) -> bool:
+        """Tell whether this is an image index / manifest list."""
+        return self.media_type in _INDEX_TYPES
+
+    @property
+    def config(self) -> Optional[Descriptor]:
+        """Return the config descriptor (None for an index)."""
+        raw = self.data.get("config")
+        return Descriptor.from_json(raw, "config") if raw is not None else None
+
+    @property
+    def layers(self) -> List[Descriptor]:
+        """Return the layer descriptors in order (empty for an index)."""
+        return [Descriptor.from_json(item, f"layer {i}")
+                for i, item in enumerate(self.data.get("layers") or [])]
+
+    @property
+    def manifests(self) -> List[Descriptor]:
+        """Return the child manifest descriptors of an index."""
+        return [Descriptor.from_json(item, f"manifest {i}")
+                for i, item in enumerate(self.data.get("manifests") or [])]
+
+    @property
+    def artifact_type(self) -> str:
+        """Return the OCI 1.1 ``artifactType`` field, or an empty string."""
+        value = self.data.get("artifactType")
+        return value if isinstance(value, str) else ""
+
+    @property
+    def annotations(self) -> Dict[str, str]:
+        """Return the manifest's annotations."""
+        value = self.data.get("annotations")
+        return dict(value) if isinstance(value, dict) else {}
+
+    @property
+    def size(self) -> int:
+        """Return the manifest's size in bytes."""
+        return len(self.raw)
+
+    def descriptor(self) -> Descriptor:
+        """Return a descriptor that points at this manifest."""
+        return Descriptor(self.media_type, self.digest, len(self.raw))
+
+
+def parse_manifest(raw: bytes, content_type: str = "",
+                   digest: Optional[str] = None) -> Manifest:
+    """Parse and validate manifest bytes; check them against ``digest`` if given.
+
+    The media type comes from the document's ``mediaType`` field, else the
+    HTTP Content-Type, else the document's shape (image-spec allows an index
+    or manifest without ``mediaType``).  Docker schema 1 is refused.
+    """
+    if len(raw) > MAX_MANIFEST_SIZE_BYTES:
+        raise ManifestError(f"manifest is {len(raw)} bytes, over the "
+                            f"{MAX_MANIFEST_SIZE_BYTES}-byte limit")
+    if digest is not None:
+        _check_bytes("manifest digest mismatch", raw, digest)
+    else:
+        digest = compute_digest(raw)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ManifestError(f"manifest {digest} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"manifest {digest} is not a JSON object")
+    media_type = _manifest_media_type(data, content_type, digest)
+    manifest = Manifest(media_type=media_type, digest=digest, raw=raw, data=data)
+    if manifest.is_index:
+        if not isinstance(data.get("manifests"), list):
+            raise ManifestError(f"index {digest} has no 'manifests' list")
+        manifest.manifests  # validates every child descriptor
+    else:
+        if not isinstance(data.get("config"), dict):
+            raise ManifestError(f"manifest {digest} has no 'config' descriptor")
+        if not isinstance(data.get("layers", []), list):
+            raise ManifestError(f"manifest {digest} has a non-list 'layers'")
+        manifest.config, manifest.layers  # validates every descriptor
+    return manifest
+
+
+def _manifest_media_type(data: Mapping[str, Any], content_type: str,
+                         digest: str) -> str:
+    """Decide a manifest's media type from its body, header and shape."""
+    declared = data.get("mediaType")
+    header = content_type.split(";", 1)[0].strip().lower()
+    if data.get("schemaVersion") == 1 or declared in _SCHEMA1_MEDIA_TYPES \
+            or header in _SCHEMA1_MEDIA_TYPES:
+        raise ManifestError(f"manifest {digest} is Docker schema 1, "
+                            "which is deprecated and not supported")
+    known = _IMAGE_MANIFEST_TYPES + _INDEX_TYPES
+    if declared is not None:
+        if declared not in known:
+            raise ManifestError(f"manifest {digest} has unsupported mediaType {declared!r}")
+        return str(declared)
+    if header in known:
+        return header
+    if "manifests" in data:
+        return MEDIA_TYPE_OCI_INDEX
+    if "config" in data:
+        return MEDIA_TYPE_OCI_MANIFEST
+    raise ManifestError(f"manifest {digest} has no mediaType and is neither "
+                        "a manifest nor an index")
+
+
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64",
+                 "armv8l": "arm", "i386": "386", "i686": "386", "x86": "386",
+                 "ppc64el": "ppc64le", "armhf": "arm", "armel": "arm"}
+_ARM_VARIANT_LADDER = ("v8", "v7", "v6", "v5")
+
+
+def parse_platform(text: str) -> Platform:
+    """Parse ``os/arch[/variant]`` (e.g. ``linux/arm64/v8``), normalising aliases."""
+    parts = text.strip().split("/") if isinstance(text, str) else []
+    if not 2 <= len(parts) <= 3 or not all(parts):
+        raise ZLayerError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT]")
+    os_name, arch = parts[0].lower(), parts[1].lower()
+    variant = parts[2].lower() if len(parts) == 3 else ""
+    return _normalize_platform(Platform(os_name, arch, variant))
+
+
+def _normalize_platform(platform: Platform) -> Platform:
+    """Apply containerd's normalisation: arch aliases, arm64 v8, arm v7."""
+    arch = _ARCH_ALIASES.get(platform.architecture, platform.architecture)
+    variant = platform.variant
+    if platform.architecture == "armhf" and not variant:
+        variant = "v7"
+    elif platform.architecture == "armel" and not variant:
+        variant = "v6"
+    elif platform.architecture == "armv8l" and not variant:
+        variant = "v8"
+    if arch == "arm64" and variant == "v8":
+        variant = ""
+    elif arch == "arm" and not variant:
+        variant = "v7"
+    return Platform(platform.os, arch, variant, platform.os_version)
+
+
+def host_platform() -> Platform:
+    """Return the platform images for this host are built for (OS is linux)."""
+    import platform as _platform
+    machine = _platform.machine().lower() or "amd64"
+    variant = ""
+    if machine.startswith("armv") and machine[4:5].isdigit():
+        variant, machine = f"v{machine[4]}", "arm"
+    return _normalize_platform(Platform("linux", machine, variant))
+
+
+def _platform_rank(wanted: Platform, offered: Platform) -> Optional[int]:
+    """Rank how well ``offered`` serves ``wanted`` (0 best), None when it cannot."""
+    offered = _normalize_platform(offered)
+    if offered.os != wanted.os or offered.architecture != wanted.architecture:
+        return None
+    if wanted.architecture == "arm":
+        ladder = _ARM_VARIANT_LADDER
+        start = ladder.index(wanted.variant) if wanted.variant in ladder else 1
+        acceptable = ladder[start:]
+        return acceptable.index(offered.variant) if offered.variant in acceptable else None
+    if not wanted.variant:
+        return 0 if not offered.variant else 1
+    return 0 if offered.variant == wanted.variant else None
+
+
+def select_platform(index: Manifest, wanted: Platform) -> Descriptor:
+    """Pick the child manifest of ``index`` that best serves ``wanted``."""
+    best: Optional[Tuple[int, int, Descriptor]] = None
+    for position, child in enumerate(index.manifests):
+        if child.platform is None:
+            continue
+        rank = _platform_rank(wanted, child.platform)
+        if rank is not None and (best is None or (rank, position) < best[:2]):
+            best = (rank, position, child)
+    if best is None:
+        offered = sorted({str(c.platform) for c in index.manifests
+                          if c.platform is not None
+                          and c.platform.os != "unknown"})
+        raise NotFoundError(f"no manifest for platform {wanted} in index "
+                            f"{index.digest}; it offers: "
+                            f"{', '.join(offered) or 'no platforms'}")
+    return best[2]
+
+
+def _index_platforms(index: Manifest) -> List[Dict[str, str]]:
+    """List the platforms of an index as ``{os, architecture, variant, digest}``."""
+    result = []
+    for child in index.manifests:
+        if child.platform is None:
+            continue
+        result.append({"os": child.platform.os,
+                       "architecture": child.platform.architecture,
+                       "variant": child.platform.variant,
+                       "digest": child.digest})
+    return result
+
+
+# =============================================================================
+# 8. WASM DETECTION
+# =============================================================================
+# Signals, most specific first (never the reference's name):
+#   1. the manifest's OCI 1.1 artifactType;
+#   2. the config media type (CNCF "Wasm OCI Artifact" v0, wasm-to-oci v1);
+#   3. the layer media types (CNCF, wasm-to-oci, runwasi);
+#   4. the config's os/architecture (what containerd's runwasi relies on)
+#      and the CNCF config's "component" field;
+#   5. the module bytes: "\0asm" then version 1 (core module) or the
+#      component-model version/layer word.
+
+WASM_ARTIFACT_COMPONENT = "application/vnd.wasm.component.v1+wasm"
+WASM_ARTIFACT_MODULE = "application/vnd.wasm.module.v1+wasm"
+WASM_CONFIG_V0 = "application/vnd.wasm.config.v0+json"
+WASM_CONFIG_V1 = "application/vnd.wasm.config.v1+json"
+WASM_LAYER_MEDIA_TYPE = "application/wasm"
+_WASM_CONFIG_TYPES = (WASM_CONFIG_V0, WASM_CONFIG_V1)
+_WASM_LAYER_TYPES = (
+    WASM_LAYER_MEDIA_TYPE,
+    "application/vnd.wasm.content.layer.v1+wasm",
+    "application/vnd.module.wasm.content.layer.v1+wasm",
+    "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",
+)
+_WASM_COMPONENT_LAYER_TYPES = (
+    "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",)
+_WASM_MAGIC = b"\0asm"
+_WASM_CORE_VERSION = b"\x01\x00\x00\x00"
+# Component-model binaries: version 0x0d and layer 1 (Binary.md, "preamble").
+_WASM_COMPONENT_LAYER = b"\x01\x00"
+
+
+class WasiVersion(enum.Enum):
+    """The WASI level a WebAssembly artifact targets."""
+
+    PREVIEW1 = "wasip1"
+    PREVIEW2 = "wasip2"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def is_preview1(self) -> bool:
+        """Tell whether this is WASI preview 1 (a core module)."""
+        return self is WasiVersion.PREVIEW1
+
+    def is_preview2(self) -> bool:
+        """Tell whether this is WASI preview 2 (a component)."""
+        return self is WasiVersion.PREVIEW2
+
+    def target_triple_suffix(self) -> str:
+        """Return the Rust target triple for this level (``wasm32-wasip1`` ...)."""
+        return {"wasip1": "wasm32-wasip1", "wasip2": "wasm32-wasip2"}.get(
+            self.value, "wasm32-wasi")
+
+
+@dataclass(frozen=True)
+class ArtifactType:
+    """Whether an artifact is a container image or a WASM artifact (and which WASI)."""
+
+    kind: str = "container"
+    wasi: Optional[WasiVersion] = None
+
+    @classmethod
+    def container(cls) -> "ArtifactType":
+        """Return the container-image artifact type."""
+        return cls("container", None)
+
+    @classmethod
+    def wasm(cls, wasi_version: WasiVersion = WasiVersion.UNKNOWN) -> "ArtifactType":
+        """Return the WASM artifact type for ``wasi_version``."""
+        return cls("wasm", wasi_version)
+
+    def __str__(self) -> str:
+        return self.kind
+
+    def is_wasm(self) -> bool:
+        """Tell whether this is a WebAssembly artifact."""
+        return self.kind == "wasm"
+
+    def is_container(self) -> bool:
+        """Tell whether this is a container image."""
+        return self.kind == "container"
+
+    def wasi_version(self) -> Optional[WasiVersion]:
+        """Return the WASI version of a WASM artifact, None for a container."""
+        return self.wasi
+
+
+@dataclass(frozen=True)
+class WasmArtifactInfo:
+    """Metadata of a WASM artifact: WASI level, the module's layer and name."""
+
+    wasi_version: WasiVersion
+    wasm_layer_digest: Optional[str] = None
+    wasm_size: Optional[int] = None
+    module_name: Optional[str] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        """Return the JSON form used by the CLI."""
+        return {"wasi_version": str(self.wasi_version),
+                "wasm_layer_digest": self.wasm_layer_digest,
+                "wasm_size": self.wasm_size, "module_name": self.module_name}
+
+
+def wasi_version_from_bytes(preamble: bytes) -> Optional[WasiVersion]:
+    """Tell a core module (wasip1) from a component (wasip2) by its first 8 bytes.
+
+    Returns None when the bytes are not WebAssembly at all.
+    """
+    if len(preamble) < 8 or preamble[:4] != _WASM_MAGIC:
+        return None
+    if preamble[4:8] == _WASM_CORE_VERSION:
+        return WasiVersion.PREVIEW1
+    if preamble[6:8] == _WASM_COMPONENT_LAYER:
+        return WasiVersion.PREVIEW2
+    return WasiVersion.UNKNOWN
+
+
+def _as_manifest_data(manifest: Union[Manifest, Mapping[str, Any]]) -> Mapping[str, Any]:
+    """Accept our Manifest or the parsed manifest JSON."""
+    return manifest.data if isinstance(manifest, Manifest) else manifest
+
+
+def _wasm_layer(data: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """Return the first layer declared as WASM, if any."""
+    for layer in data.get("layers") or []:
+        if isinstance(layer, dict) and layer.get("mediaType") in _WASM_LAYER_TYPES:
+            return layer
+    return None
+
+
+def _wasi_from_config(config: Optional[Mapping[str, Any]]) -> Optional[WasiVersion]:
+    """Read the WASI level from an image or CNCF wasm config, if it says."""
+    if not isinstance(config, dict):
+        return None
+    os_name = str(config.get("os") or "").lower()
+    if os_name == "wasip2" or config.get("component"):
+        return WasiVersion.PREVIEW2
+    if os_name == "wasip1":
+        return WasiVersion.PREVIEW1
+    if os_name == "wasi" or config.get("architecture") == "wasm":
+        return WasiVersion.UNKNOWN
+    return None
+
+
+def detect_artifact_type(manifest: Union[Manifest, Mapping[str, Any]],
+                         config: Optional[Mapping[str, Any]] = None) -> ArtifactType:
+    """Decide whether a manifest describes a container image or a WASM artifact.
+
+    ``config`` (the parsed config blob, when at hand) adds the os /
+    architecture and component signals.
+    """
+    data = _as_manifest_data(manifest)
+    artifact_type = data.get("artifactType")
+    if artifact_type == WASM_ARTIFACT_COMPONENT:
+        return ArtifactType.wasm(WasiVersion.PREVIEW2)
+    if artifact_type == WASM_ARTIFACT_MODULE:
+        return ArtifactType.wasm(WasiVersion.PREVIEW1)
+    config_wasi = _wasi_from_config(config)
+    config_type = (data.get("config") or {}).get("mediaType") \
+        if isinstance(data.get("config"), dict) else None
+    layer = _wasm_layer(data)
+    is_wasm = (config_type in _WASM_CONFIG_TYPES or artifact_type in _WASM_CONFIG_TYPES
+               or layer is not None or config_wasi is not None)
+    if not is_wasm:
+        return ArtifactType.container()
+    if config_wasi not in (None, WasiVersion.UNKNOWN):
+        return ArtifactType.wasm(config_wasi)
+    if layer is not None and layer.get("mediaType") in _WASM_COMPONENT_LAYER_TYPES:
+        return ArtifactType.wasm(WasiVersion.PREVIEW2)
+    return ArtifactType.wasm(WasiVersion.UNKNOWN)
+
+
+def extract_wasm_info(manifest: Union[Manifest, Mapping[str, Any]],
+                      config: Optional[Mapping[str, Any]] = None
+                      ) -> Optional[WasmArtifactInfo]:
+    """Return the WASM metadata of a manifest, or None for a container image."""
+    kind = detect_artifact_type(manifest, config)
+    if not kind.is_wasm():
+        return None
+    data = _as_manifest_data(manifest)
+    layer = _wasm_layer(data)
+    if layer is None:
+        layers = [x for x in data.get("layers") or [] if isinstance(x, dict)]
+        layer = layers[0] if len(layers) == 1 else None
+    digest = size = name = None
+    if layer is not None:
+        digest = layer.get("digest") if isinstance(layer.get("digest"), str) else None
+        size = layer.get("size") if isinstance(layer.get("size"), int) else None
+        name = (layer.get("annotations") or {}).get("org.opencontainers.image.title")
+    if not name and isinstance(config, dict):
+        labels = (config.get("config") or {}).get("Labels") or {}
+        name = (config.get("name") or config.get("title")
+                or labels.get("org.opencontainers.image.title"))
+    return WasmArtifactInfo(kind.wasi or WasiVersion.UNKNOWN, digest, size,
+                            str(name) if name else None)
+
+
+# =============================================================================
+# 9. TRANSPORT: keep-alive HTTP connections and proxies
+# =============================================================================
+# urllib.request opens a new connection (and TLS handshake) per request, so
+# requests go through http.client with one pooled connection per (thread,
+# scheme, host, port).  Redirects, auth and retries are the registry
+# client's job (section 11); this layer only sends one request.
+
+_CONNECTION_ERRORS: Tuple[type, ...] = (OSError,)
+
+
+def _http_client() -> Any:
+    """Import http.client lazily (it pulls in the email package)."""
+    import http.client
+    global _CONNECTION_ERRORS
+    _CONNECTION_ERRORS = (OSError, http.client.HTTPException)
+    return http.client
+
+
+def _split_url(url: str) -> Tuple[str, str, int, str]:
+    """Split an absolute http(s) URL into (scheme, host, port, path+query)."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("http", "https"):
+        raise RegistryError(f"unsupported URL scheme in {_redact_url(url)}",
+                            url=_redact_url(url))
+    authority, slash, path = rest.partition("/")
+    authority = authority.rpartition("@")[2]
+    host, port = _split_host_port(authority)
+    if not host:
+        raise RegistryError(f"URL without a host: {_redact_url(url)}")
+    return scheme, host, port or (443 if scheme == "https" else 80), "/" + path
+
+
+def _origin(url: str) -> Tuple[str, str, int]:
+    """Return (scheme, lowercase host, port) of a URL."""
+    scheme, host, port, _ = _split_url(url)
+    return scheme, host.lower(), port
+
+
+@dataclass(frozen=True)
+class _ProxySettings:
+    """Proxy URLs and the NO_PROXY list, read once from the environment."""
+
+    http: str = ""
+    https: str = ""
+    no_proxy: Tuple[str, ...] = ()
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> "_ProxySettings":
+        """Read HTTP(S)_PROXY and NO_PROXY (either case, lowercase first, like curl)."""
+        def get(name: str) -> str:
+            return environ.get(name.lower()) or environ.get(name.upper()) or ""
+        no_proxy = tuple(p.strip().lower() for p in get("no_proxy").split(",") if p.strip())
+        return cls(http=get("http_proxy"), https=get("https_proxy"), no_proxy=no_proxy)
+
+    def proxy_for(self, scheme: str, host: str, port: int) -> str:
+        """Return the proxy URL for a target, or '' to connect directly."""
+        proxy = self.https if scheme == "https" else self.http
+        # Like Go's net/http, loopback targets never go through a proxy.
+        if not proxy or _is_loopback_host(host):
+            return ""
+        host = host.lower()
+        for entry in self.no_proxy:
+            if entry == "*":
+                return ""
+            name, entry_port = _split_host_port(entry)
+            if entry_port is not None and entry_port != port:
+                continue
+            name = name.lstrip("*").lstrip(".")
+            if host == name or host.endswith("." + name):
+                return ""
+        return proxy if "://" in proxy else f"http://{proxy}"
+
+
+class _Response:
+    """One HTTP response; returns its connection to the pool once fully read."""
+
+    def __init__(self, transport: "_Transport", key: Any, connection: Any,
+                 raw: Any, url: str, method: str) -> None:
+        self._transport = transport
+        self._key = key
+        self._connection = connection
+        self._raw = raw
+        self.url = url
+        self.method = method
+        self.status: int = raw.status
+        self.headers = raw.headers
+
+    def header(self, name: str, default: str = "") -> str:
+        """Return a response header (case-insensitive)."""
+        value = self.headers.get(name)
+        return default if value is None else str(value)
+
+    def read(self, amount: Optional[int] = None) -> bytes:
+        """Read from the body."""
+        data = self._raw.read() if amount is None else self._raw.read(amount)
+        if amount is None or not data:
+            self._finish()
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        """Read body bytes into ``buffer``; 0 at end of body."""
+        count = self._raw.readinto(buffer)
+        if not count:
+            self._finish()
+        return count
+
+    def _finish(self) -> None:
+        """Return the connection to the pool when the body is fully read."""
+        if self._connection is not None and self._raw.isclosed() \
+                and not self._raw.will_close:
+            self._transport._release(self._key, self._connection)
+            self._connection = None
+
+    def close(self) -> None:
+        """Discard the rest of the body; the connection is closed unless reusable."""
+        if self._connection is None:
+            return
+        if not self._raw.isclosed():
+            # Draining small leftovers keeps the connection; large bodies are
+            # not worth reading just to save a handshake.
+            self._connection.close()
+            self._connection = None
+            return
+        self._finish()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def __enter__(self) -> "_Response":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class _Transport:
+    """Sends single HTTP requests over pooled keep-alive connections."""
+
+    def __init__(self, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 proxies: Optional[_ProxySettings] = None,
+                 ssl_context: Any = None) -> None:
+        self.timeout_s = timeout_s
+        self.proxies = proxies or _ProxySettings()
+        self._ssl_context = ssl_context
+        self._local = threading.local()
+        self.request_count = 0
+        self._count_lock = threading.Lock()
+
+    def _pool(self) -> Dict[Any, Any]:
+        pool = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = {}
+        return pool
+
+    def _context(self) -> Any:
+        if self._ssl_context is None:
+            try:
+                import ssl
+            except ImportError as exc:  # Pythons built without OpenSSL
+                raise RegistryError("https needs the 'ssl' module, which this "
+                                    "Python lacks; use a Python built with "
+                                    "OpenSSL") from exc
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+    def _connect(self, scheme: str, host: str, port: int) -> Tuple[Any, bool]:
+        """Open a connection; returns it and whether requests need absolute URLs."""
+        client = _http_client()
+        proxy = self.proxies.proxy_for(scheme, host, port)
+        if not proxy:
+            if scheme == "https":
+                return client.HTTPSConnection(host, port, timeout=self.timeout_s,
+                                              context=self._context()), False
+            return client.HTTPConnection(host, port, timeout=self.timeout_s), False
+        _, p_host, p_port, _ = _split_url(proxy)
+        userinfo = proxy.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        proxy_headers = {}
+        if userinfo:
+            from urllib.parse import unquote
+            proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(
+                unquote(userinfo).encode()).decode()
+        if scheme == "https":
+            # CONNECT tunnel: TLS runs end to end to the registry, so the
+            # proxy sees neither the Authorization header nor the blobs.
+            conn = client.HTTPSConnection(p_host, p_port, timeout=self.timeout_s,
+                                          context=self._context())
+            conn.set_tunnel(host, port, headers=proxy_headers)
+            return conn, False
+        conn = client.HTTPConnection(p_host, p_port, timeout=self.timeout_s)
+        conn._zlayer_proxy_headers = proxy_headers
+        return conn, True
+
+    def send(self, method: str, url: str, headers: Mapping[str, str],
+             body: Optional[bytes] = None) -> _Response:
+        """Send one request and return the response with its body unread."""
+        scheme, host, port, path = _split_url(url)
+        key = (scheme, host.lower(), port)
+        pool = self._pool()
+        for attempt in (0, 1):
+            reused = key in pool
+            connection, absolute = pool.pop(key) if reused else self._connect(scheme, host, port)
+            target = url if absolute else path
+            all_headers = dict(headers)
+            all_headers.update(getattr(connection, "_zlayer_proxy_headers", {}))
+            with self._count_lock:
+                self.request_count += 1
+            try:
+                connection.request(method, target, body=body, headers=all_headers)
+                raw = connection.getresponse()
+            except _CONNECTION_ERRORS:
+                connection.close()
+                # A pooled keep-alive connection the server has closed fails
+                # on first use; one fresh attempt is not a retry.
+                if reused and attempt == 0:
+                    continue
+                raise
+            if method == "HEAD":
+                raw.read()
+            return _Response(self, (key, absolute), connection, raw, url, method)
+        raise AssertionError("unreachable")
+
+    def _release(self, key: Any, connection: Any) -> None:
+        (pool_key, absolute) = key
+        pool = self._pool()
+        old = pool.get(pool_key)
+        if old is not None and old is not connection:
+            old[0].close()
+        pool[pool_key] = (connection, absolute)
+
+    def close(self) -> None:
+        """Close this thread's pooled connections."""
+        pool = self._pool()
+        for connection, _ in pool.values():
+            connection.close()
+        pool.clear()
+
+
+# =============================================================================
+# 10. CREDENTIALS AND TOKEN AUTH
+# =============================================================================
+
+class RegistryAuth:
+    """Credentials for one registry: anonymous, basic, bearer or identity token.
+
+    Secrets never appear in ``repr()`` or ``str()``.
+    """
+
+    __slots__ = ("kind", "username", "password", "token", "identity_token", "source")
+
+    def __init__(self, kind: str = "anonymous", *, username: str = "",
+                 password: str = "", token: str = "", identity_token: str = "",
+                 source: str = "") -> None:
+        if kind not in ("anonymous", "basic", "bearer"):
+            raise ValueError(f"unknown auth kind {kind!r}")
+        self.kind = kind
+        self.username = username
+        self.password = password
+        self.token = token
+        self.identity_token = identity_token
+        self.source = source
+
+    @classmethod
+    def anonymous(cls) -> "RegistryAuth":
+        """Return anonymous access (token auth still runs, without credentials)."""
+        return cls("anonymous")
+
+    @classmethod
+    def basic(cls, username: str, password: str) -> "RegistryAuth":
+        """Return username/password credentials."""
+        return cls("basic", username=username, password=password)
+
+    @classmethod
+    def bearer(cls, token: str) -> "RegistryAuth":
+        """Return a bearer token sent as it is to the registry."""
+        return cls("bearer", token=token)
+
+    @classmethod
+    def identity(cls, identity_token: str, username: str = "") -> "RegistryAuth":
+        """Return an OAuth2 refresh (identity) token, as ``docker login`` stores one."""
+        return cls("basic", username=username, identity_token=identity_token)
+
+    def __repr__(self) -> str:
+        parts = [f"kind={self.kind!r}"]
+        if self.username:
+            parts.append(f"username={self.username!r}")
+        if self.password or self.token or self.identity_token:
+            parts.append("secret=<redacted>")
+        if self.source:
+            parts.append(f"source={self.source!r}")
+        return f"RegistryAuth({', '.join(parts)})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RegistryAuth) and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__ if n != "source")
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.username))
+
+    @property
+    def has_credentials(self) -> bool:
+        """Tell whether there is anything secret to send."""
+        return bool(self.password or self.token or self.identity_token)
+
+    def basic_header(self) -> str:
+        """Return the ``Authorization: Basic`` value for these credentials."""
+        raw = f"{self.username}:{self.password}".encode("utf-8")
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    @classmethod
+    def from_docker_config(cls, registry: str, *,
+                           environ: Optional[Mapping[str, str]] = None,
+                           run_helper: Optional[Callable[[str, str], Mapping[str, str]]] = None,
+                           ) -> "RegistryAuth":
+        """Look up credentials for ``registry`` the way docker and podman do.
+
+        Order: ``credHelpers`` for the registry, then ``auths`` entries in
+        ``$DOCKER_CONFIG/config.json`` (or ``~/.docker/config.json``), then
+        ``credsStore``, then podman's ``$REGISTRY_AUTH_FILE`` or
+        ``$XDG_RUNTIME_DIR/containers/auth.json``.  Nothing found, or a
+        helper that fails, means anonymous (a helper failure warns).
+        """
+        env = os.environ if environ is None else environ
+        runner = run_helper or _run_credential_helper
+        keys = _registry_config_keys(registry)
+        docker_config = _load_json_file(_docker_config_path(env))
+        helpers = docker_config.get("credHelpers") or {}
+        for key in keys:
+            if isinstance(helpers, dict) and helpers.get(key):
+                found = _auth_from_helper(str(helpers[key]), registry, runner)
+                if found is not None:
+                    return found
+                break
+        found = _auth_from_auths(docker_config.get("auths"), keys, "docker config")
+        if found is not None:
+            return found
+        store = docker_config.get("credsStore")
+        if isinstance(store, str) and store:
+            found = _auth_from_helper(store, registry, runner)
+            if found is not None:
+                return found
+        for path in _podman_auth_paths(env):
+            found = _auth_from_auths(_load_json_file(path).get("auths"), keys, path)
+            if found is not None:
+                return found
+        return cls.anonymous()
+
+
+def _registry_config_keys(registry: str) -> List[str]:
+    """Return the config keys that may hold credentials for ``registry``."""
+    if registry in (_DOCKER_HUB, "index.docker.io", _DOCKER_HUB_API_HOST):
+        return [_DOCKER_HUB_CONFIG_KEY, "docker.io", "index.docker.io",
+                _DOCKER_HUB_API_HOST, "https://index.docker.io/v1",
+                "https://registry-1.docker.io"]
+    return [registry, f"https://{registry}", f"http://{registry}"]
+
+
+def _normalize_config_key(key: str) -> str:
+    """Reduce an ``auths`` key (``https://host/v1/``) to its host."""
+    key = key.strip().lower()
+    if "://" in key:
+        key = key.split("://", 1)[1]
+    return key.split("/", 1)[0]
+
+
+def _docker_config_path(env: Mapping[str, str]) -> str:
+    directory = env.get("DOCKER_CONFIG") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".docker")
+    return os.path.join(directory, "config.json")
+
+
+def _podman_auth_paths(env: Mapping[str, str]) -> List[str]:
+    if env.get("REGISTRY_AUTH_FILE"):
+        return [env["REGISTRY_AUTH_FILE"]]
+    if env.get("XDG_RUNTIME_DIR"):
+        return [os.path.join(env["XDG_RUNTIME_DIR"], "containers", "auth.json")]
+    return []
+
+
+def _load_json_file(path: str) -> Dict[str, Any]:
+    """Load a JSON object from ``path``; missing or broken files give {} (with a warning)."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(MAX_MANIFEST_SIZE_BYTES).decode("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        _warn(f"ignoring credentials file {path}: {exc.__class__.__name__}")
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _auth_from_auths(auths: Any, keys: Sequence[str], source: str) -> Optional[RegistryAuth]:
+    """Find an ``auths`` entry for any of ``keys`` with usable credentials."""
+    if not isinstance(auths, dict):
+        return None
+    wanted = {_normalize_config_key(k) for k in keys}
+    for key in sorted(auths, key=lambda k: k not in keys):
+        entry = auths[key]
+        if _normalize_config_key(key) not in wanted or not isinstance(entry, dict):
+            continue
+        username, password = entry.get("username") or "", entry.get("password") or ""
+        if entry.get("auth"):
+            try:
+                decoded = base64.b64decode(str(entry["auth"])).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                _warn(f"ignoring malformed 'auth' for {_normalize_config_key(key)} in {source}")
+                continue
+            username, _, password = decoded.partition(":")
+        if entry.get("identitytoken"):
+            return RegistryAuth("basic", username=str(username),
+                                identity_token=str(entry["identitytoken"]), source=source)
+        if entry.get("registrytoken"):
+            return RegistryAuth("bearer", token=str(entry["registrytoken"]), source=source)
+        if username or password:
+            return RegistryAuth("basic", username=str(username),
+                                password=str(password), source=source)
+    return None
+
+
+def _run_credential_helper(name: str, server_url: str) -> Mapping[str, str]:
+    """Run ``docker-credential-NAME get`` and return its JSON answer."""
+    import subprocess
+    completed = subprocess.run([f"docker-credential-{name}", "get"],
+                               input=server_url.encode(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, timeout=30, check=False)
+    if completed.returncode != 0:
+        # Helpers print "credentials not found in native keychain" here;
+        # the text is theirs, not a secret, but keep only its first line.
+        first = completed.stdout.decode(errors="replace").strip().splitlines()[:1]
+        raise OSError(f"exit {completed.returncode}{': ' + first[0] if first else ''}")
+    data = json.loads(completed.stdout.decode("utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("helper output is not a JSON object")
+    return data
+
+
+def _auth_from_helper(name: str, registry: str, runner: Callable[[str, str], Mapping[str, str]]
+                      ) -> Optional[RegistryAuth]:
+    """Ask a credential helper; None (with a warning) when it fails or has nothing."""
+    server_url = _DOCKER_HUB_CONFIG_KEY if registry == _DOCKER_HUB else registry
+    try:
+        answer = runner(name, server_url)
+    except FileNotFoundError:
+        _warn(f"credential helper docker-credential-{name} is not installed; "
+              f"pulling from {registry} anonymously")
+        return None
+    except (OSError, ValueError) as exc:
+        _warn(f"credential helper docker-credential-{name} failed for {registry} "
+              f"({str(exc)[:200]}); pulling anonymously")
+        return None
+    username, secret = str(answer.get("Username") or ""), str(answer.get("Secret") or "")
+    if not secret:
+        return None
+    source = f"docker-credential-{name}"
+    if username == "<token>":
+        return RegistryAuth("basic", identity_token=secret, source=source)
+    return RegistryAuth("basic", username=username, password=secret, source=source)
+
+
+@dataclass(frozen=True)
+class _Challenge:
+    """One WWW-Authenticate challenge: scheme (lowercase) and parameters."""
+
+    scheme: str
+    params: Mapping[str, str]
+
+
+_CHALLENGE_TOKEN_RE = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*')
+
+
+def _parse_www_authenticate(header: str) -> List[_Challenge]:
+    """Parse a WWW-Authenticate header (RFC 7235) into challenges."""
+    challenges: List[_Challenge] = []
+    pos, length = 0, len(header)
+    current: Optional[Tuple[str, Dict[str, str]]] = None
+    while pos < length:
+        match = _CHALLENGE_TOKEN_RE.match(header, pos)
+        if not match:
+            pos += 1
+            continue
+        token, pos = match.group(1), match.end()
+        if pos < length and header[pos] == "=":
+            value, pos = _parse_param_value(header, pos + 1)
+            if current is not None:
+                current[1][token.lower()] = value
+        else:
+            if current is not None:
+                challenges.append(_Challenge(current[0], current[1]))
+            current = (token.lower(), {})
+        while pos < length and header[pos] in " \t,":
+            pos += 1
+    if current is not None:
+        challenges.append(_Challenge(current[0], current[1]))
+    return challenges
+
+
+def _parse_param_value(header: str, pos: int) -> Tuple[str, int]:
+    """Parse a token or quoted-string starting at ``pos``."""
+    while pos < len(header) and header[pos] in " \t":
+        pos += 1
+    if pos < len(header) and header[pos] == '"':
+        chars, pos = [], pos + 1
+        while pos < len(header) and header[pos] != '"':
+            if header[pos] == "\\" and pos + 1 < len(header):
+                pos += 1
+            chars.append(header[pos])
+            pos += 1
+        return "".join(chars), pos + 1
+    end = pos
+    while end < len(header) and header[end] not in ", \t":
+        end += 1
+    return header[pos:end], end
+
+
+class _TokenCache:
+    """Bearer tokens per (registry, scope), shared by every worker thread."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._tokens: Dict[Tuple[str, str], Tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, registry: str, scope: str) -> Optional[str]:
+        """Return a token with time to spare, else None."""
+        with self._lock:
+            entry = self._tokens.get((registry, scope))
+        if entry is None:
+            return None
+        token, expires_at = entry
+        return token if self._clock() < expires_at else None
+
+    def put(self, registry: str, scope: str, token: str, lifetime_s: float) -> None:
+        """Store a token; it counts as expired 10% (at most 30 s) early."""
+        margin = min(30.0, lifetime_s * 0.1)
+        with self._lock:
+            self._tokens[(registry, scope)] = (token, self._clock() + lifetime_s - margin)
+
+    def drop(self, registry: str, scope: str, token: Optional[str] = None) -> None:
+        """Forget a token the registry refused."""
+        with self._lock:
+            entry = self._tokens.get((registry, scope))
+            if entry is not None and (token is None or entry[0] == token):
+                del self._tokens[(registry, scope)]
+
+
+# =============================================================================
+# 11. REGISTRY CLIENT: manifests and blobs over the distribution API
+# =============================================================================
+
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+def _is_name_error(exc: BaseException) -> bool:
+    """Tell whether ``exc`` is a DNS failure (not worth retrying)."""
+    import socket
+    return isinstance(exc, socket.gaierror)
+
+
+def _parse_retry_after(value: str, clock: Callable[[], float]) -> Optional[float]:
+    """Parse Retry-After (delta seconds or HTTP date) into seconds from now."""
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    from email.utils import parsedate_to_datetime
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - clock())
+
+
+def _error_details(body: bytes) -> Tuple[List[str], str]:
+    """Extract distribution-spec error codes and a short message from a body."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return [], ""
+    errors = data.get("errors") if isinstance(data, dict) else None
+    if not isinstance(errors, list):
+        return [], ""
+    codes, messages = [], []
+    for item in errors[:10]:
+        if isinstance(item, dict):
+            code, message = str(item.get("code") or ""), str(item.get("message") or "")
+            if code:
+                codes.append(code)
+            if message:
+                messages.append(message[:200])
+    return codes, "; ".join(messages)
+
+
+class _RegistryClient:
+    """Talks to one repository of one registry: auth, redirects, retries."""
+
+    def __init__(self, reference: Reference, auth: RegistryAuth,
+                 transport: _Transport, tokens: _TokenCache, *,
+                 insecure: bool = False, retries: int = DEFAULT_RETRIES,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = reference.registry
+        self.repository = reference.repository
+        host = reference.api_host
+        self.loopback = _is_loopback_host(host)
+        self.insecure = insecure
+        scheme = "http" if (self.loopback or insecure) else "https"
+        self.base_url = f"{scheme}://{host}"
+        self.origin = _origin(self.base_url)
+        self.scope = f"repository:{self.repository}:pull"
+        self.auth = auth
+        self.transport = transport
+        self.tokens = tokens
+        self.retries = retries
+        self.sleep = sleep
+        self.clock = clock
+        self._challenge: Optional[_Challenge] = None
+        self._auth_lock = threading.Lock()
+
+    # -- authorisation --------------------------------------------------------
+
+    def _may_send_secret(self, url: str) -> bool:
+        """Secrets go over https, or plain http to loopback or an --insecure registry."""
+        scheme, host, _ = _origin(url)
+        return scheme == "https" or _is_loopback_host(host) or self.insecure
+
+    def _authorization(self) -> Optional[str]:
+        """Return the Authorization value for the registry, fetching a token if due."""
+        if self.auth.kind == "bearer" and self.auth.token:
+            return f"Bearer {self.auth.token}"
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return self.auth.basic_header() if self.auth.password else None
+        if challenge.scheme != "bearer":
+            return None
+        scope = challenge.params.get("scope") or self.scope
+        token = self.tokens.get(self.registry, scope)
+        if token is None:
+            with self._auth_lock:  # one token request, not one per worker
+                token = self.tokens.get(self.registry, scope)
+                if token is None:
+                    token, lifetime_s = self._fetch_token(challenge, scope)
+                    self.tokens.put(self.registry, scope, token, lifetime_s)
+        return f"Bearer {token}"
+
+    def _on_unauthorized(self, response: _Response, sent: Optional[str]) -> None:
+        """Learn the challenge of a 401 and forget the token it refused."""
+        header = response.header("WWW-Authenticate")
+        challenges = _parse_www_authenticate(header)
+        chosen = next((c for c in challenges if c.scheme == "bearer"), None) or \
+            next((c for c in challenges if c.scheme == "basic"), None)
+        if chosen is None:
+            raise AuthError(f"{self.registry} answered 401 without a usable "
+                            "WWW-Authenticate challenge", status=401,
+                            method=response.method, url=_redact_url(response.url))
+        if chosen.scheme == "basic" and not self.auth.password:
+            raise AuthError(f"{self.registry} requires credentials (basic auth); "
+                            "log in or pass them", status=401,
+                            method=response.method, url=_redact_url(response.url))
+        if sent and sent.startswith("Bearer "):
+            scope = chosen.params.get("scope") or self.scope
+            self.tokens.drop(self.registry, scope, sent[7:])
+        self._challenge = chosen
+
+    def _fetch_token(self, challenge: _Challenge, scope: str) -> Tuple[str, float]:
+        """Get a bearer token from the challenge's realm (Docker token spec)."""
+        from urllib.parse import urlencode
+        realm = challenge.params.get("realm", "")
+        try:
+            realm_scheme, realm_host, _, _ = _split_url(realm)
+        except RegistryError as exc:
+            raise AuthError(f"{self.registry} named an unusable token realm "
+                            f"{_redact_url(realm)!r}") from exc
+        # A hostile registry could point the realm at an internal plain-http
+        # service (SSRF) or harvest credentials over plain http.
+        if realm_scheme != "https" and not (self.loopback and _is_loopback_host(realm_host)):
+            raise AuthError(f"{self.registry} named a token realm that is not "
+                            f"https ({_redact_url(realm)}); refused")
+        params = {"scope": scope}
+        if challenge.params.get("service"):
+            params["service"] = challenge.params["service"]
+        headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
+        if self.auth.identity_token:
+            params.update(grant_type="refresh_token", client_id="zlayer-registry",
+                          refresh_token=self.auth.identity_token)
+            method, url, body = "POST", realm, urlencode(params).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        else:
+            if self.auth.kind == "basic" and self.auth.password:
+                headers["Authorization"] = self.auth.basic_header()
+                params["account"] = self.auth.username
+            sep = "&" if "?" in realm else "?"
+            method, url, body = "GET", realm + sep + urlencode(params), None
+        response = self._send_with_retries(lambda: self.transport.send(method, url, headers, body),
+                                           method, realm)
+        with response:
+            if response.status != 200:
+                raise self._error(response, AuthError if response.status in (400, 401, 403)
+                                  else None, subject=f"token endpoint for {self.registry}")
+            raw = _read_capped(response, MAX_TOKEN_RESPONSE_BYTES)
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            token = data.get("token") or data.get("access_token")
+        except (UnicodeDecodeError, ValueError, AttributeError):
+            token, data = None, {}
+        if not isinstance(token, str) or not token:
+            raise AuthError(f"token endpoint for {self.registry} returned no token",
+                            method=method, url=_redact_url(realm))
+        lifetime = data.get("expires_in")
+        if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or lifetime <= 0:
+            lifetime = DEFAULT_TOKEN_LIFETIME_S
+        return token, float(lifetime)
+
+    # -- requests -------------------------------------------------------------
+
+    def _backoff(self, attempt: int, retry_after_s: Optional[float]) -> None:
+        import random
+        delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_BASE_S * (2 ** attempt))
+        delay *= 0.5 + random.random() / 2
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
+        self.sleep(delay)
+
+    def _send_with_retries(self, send: Callable[[], _Response], method: str,
+                           url: str) -> _Response:
+        """Run ``send`` again on connection errors and retryable statuses."""
+        attempt = 0
+        while True:
+            try:
+                response = send()
+            except ZLayerError:
+                raise
+            except _CONNECTION_ERRORS as exc:
+                # A name that does not resolve will not resolve in a second.
+                if attempt >= self.retries or _is_name_error(exc):
+                    raise RegistryError(
+                        f"cannot reach {self.registry}: {exc.__class__.__name__}: {exc}",
+                        method=method, url=_redact_url(url), temporary=True) from exc
+                self._backoff(attempt, None)
+                attempt += 1
+                continue
+            if response.status in _RETRYABLE_STATUSES and attempt < self.retries:
+                retry_after = _parse_retry_after(response.header("Retry-After"), self.clock)
+                response.close()
+                self._backoff(attempt, retry_after)
+                attempt += 1
+                continue
+            return response
+
+    def _send_following_redirects(self, method: str, url: str,
+                                  headers: Mapping[str, str]) -> Tuple[_Response, Optional[str]]:
+        """Send a request, following at most MAX_REDIRECTS redirects ourselves.
+
+        Authorization goes only to the registry's own origin: blob redirects
+        to S3/CloudFront/R2/Azure carry their own auth in the URL, those
+        services reject a second one, and it would leak the token to them.
+        """
+        from urllib.parse import urljoin
+        sent: Optional[str] = None
+        for _ in range(MAX_REDIRECTS + 1):
+            scheme, host, _ = _origin(url)
+            if scheme == "http" and not (_is_loopback_host(host) or self.insecure):
+                raise RegistryError(f"refusing plain http to {host} "
+                                    "(use --insecure to allow it)",
+                                    method=method, url=_redact_url(url))
+            all_headers = {"User-Agent": _USER_AGENT}
+            all_headers.update(headers)
+            sent = None
+            if (scheme, host, _origin(url)[2]) == self.origin and self._may_send_secret(url):
+                sent = self._authorization()
+                if sent:
+                    all_headers["Authorization"] = sent
+            response = self.transport.send(method, url, all_headers)
+            location = response.header("Location")
+            if response.status not in _REDIRECT_STATUSES or not location:
+                return response, sent
+            response.close()
+            url = urljoin(url, location)
+            if response.status == 303 and method != "HEAD":
+                method = "GET"
+        raise RegistryError(f"{self.registry} redirected more than {MAX_REDIRECTS} times",
+                            method=method, url=_redact_url(url))
+
+    def request(self, method: str, path: str, *, headers: Optional[Mapping[str, str]] = None,
+                ok: Sequence[int] = (200,)) -> _Response:
+        """Send a request to the registry; return the response if its status is in ``ok``."""
+        url = self.base_url + path
+        headers = headers or {}
+        reauthenticated = False
+        sent_box: List[Optional[str]] = [None]
+
+        def send() -> _Response:
+            response, sent_box[0] = self._send_following_redirects(method, url, headers)
+            return response
+
+        while True:
+            response = self._send_with_retries(send, method, url)
+            if response.status in ok:
+                return response
+            if response.status == 401 and not reauthenticated \
+                    and _origin(response.url) == self.origin:
+                response.close()
+                self._on_unauthorized(response, sent_box[0])
+                reauthenticated = True
+                continue
+            raise self._error(response)
+
+    def _error(self, response: _Response, cls: Optional[type] = None,
+               subject: str = "") -> RegistryError:
+        """Build the error for a failed response (body read capped at 64 KiB)."""
+        status = response.status
+        body = b"" if response.method == "HEAD" else _read_capped(response, MAX_ERROR_BODY_BYTES)
+        response.close()
+        codes, message = _error_details(body)
+        if cls is None:
+            cls = {401: AuthError, 403: AuthError, 404: NotFoundError,
+                   429: RateLimitedError}.get(status, RegistryError)
+        what = subject or self.registry
+        text = f"{what} answered {status} to {response.method} {_redact_url(response.url)}"
+        if codes:
+            text += f": {', '.join(codes)}"
+        if message:
+            text += f" ({message})"
+        kwargs: Dict[str, Any] = dict(status=status, codes=codes, method=response.method,
+                                      url=_redact_url(response.url),
+                                      temporary=status in _RETRYABLE_STATUSES)
+        if cls is RateLimitedError:
+            limits = [f"{h}={response.header(h)}" for h in
+                      ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
+                      if response.header(h)]
+            text += f"; rate limited, gave up after {self.retries} retries"
+            if limits:
+                text += f" ({', '.join(limits)})"
+            kwargs["retry_after_s"] = _parse_retry_after(response.header("Retry-After"),
+                                                         self.clock)
+        return cls(text, **kwargs)
+
+    # -- distribution API ---------------------------------------------------
+
+    def head_manifest(self, identifier: str) -> Optional[str]:
+        """Return the digest a tag points at via HEAD, or None if HEAD can't tell."""
+        try:
+            response = self.request("HEAD", f"/v2/{self.repository}/manifests/{identifier}",
+                                    headers={"Accept": _MANIFEST_ACCEPT})
+        except (NotFoundError, AuthError):
+            raise
+        except RegistryError as exc:
+            if exc.status is None or exc.status >= 500:
+                raise
+            return None  # some registries answer 405 to HEAD; GET will do
+        response.close()
+        digest = response.header("Docker-Content-Digest")
+        try:
+            return _validate_digest(digest) if digest else None
+        except InvalidDigestError:
+            return None
+
+    def get_manifest(self, identifier: str) -> Manifest:
+        """GET a manifest by tag or digest, checked against the digest it should have."""
+        response = self.request("GET", f"/v2/{self.repository}/manifests/{identifier}",
+                                headers={"Accept": _MANIFEST_ACCEPT})
+        with response:
+            length = response.header("Content-Length")
+            if length.isdigit() and int(length) > MAX_MANIFEST_SIZE_BYTES:
+                raise ManifestError(f"manifest {self.registry}/{self.repository}:{identifier} "
+                                    f"is {length} bytes, over the "
+                                    f"{MAX_MANIFEST_SIZE_BYTES}-byte limit")
+            raw = _read_capped(response, MAX_MANIFEST_SIZE_BYTES + 1)
+        expected = identifier if ":" in identifier else None
+        header_digest = response.header("Docker-Content-Digest")
+        if expected is None and header_digest:
+            try:
+                expected = _validate_digest(header_digest)
+            except InvalidDigestError:
+                expected = None
+        return parse_manifest(raw, response.header("Content-Type"), expected)
+
+    def open_blob(self, digest: str, offset: int = 0) -> _Response:
+        """Start a blob GET, from ``offset`` with a Range request when resuming."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        return self.request("GET", f"/v2/{self.repository}/blobs/{digest}",
+                            headers=headers, ok=(200, 206))
+
+
+# =============================================================================
+# 12. BLOB CACHES: memory and directory + SQLite
+# =============================================================================
+# Every write goes through a _BlobWriter, which hashes while it writes and
+# makes the blob visible only once digest and size check out.  The directory
+# cache keeps content-addressed files (the truth) and a SQLite index (media
+# type, sizes, last use, reference records) that only speeds things up and
+# is rebuilt from the files when missing.
+
+class _BlobWriter:
+    """Receives a blob's bytes, hashing them; ``commit()`` verifies and publishes."""
+
+    def __init__(self, digest: str, size: Optional[int]) -> None:
+        self.digest = _validate_digest(digest)
+        self.expected_size = size
+        self.offset = 0
+        self._hasher = _hasher_for(digest)
+
+    def write(self, data: Any) -> None:
+        """Append bytes (any buffer); refuses more than the announced size."""
+        count = len(data)
+        if self.expected_size is not None and self.offset + count > self.expected_size:
+            raise DigestMismatchError(f"blob {self.digest} is larger than announced",
+                                      f"{self.expected_size} bytes",
+                                      f"at least {self.offset + count} bytes")
+        self._hasher.update(data)
+        self._sink_write(data)
+        self.offset += count
+
+    def restart(self) -> None:
+        """Drop what was written (the server ignored a Range request)."""
+        self._hasher = _hasher_for(self.digest)
+        self.offset = 0
+        self._sink_truncate()
+
+    def commit(self) -> None:
+        """Check size and digest, then make the blob visible in the cache."""
+        if self.expected_size is not None and self.offset != self.expected_size:
+            self.abort()
+            raise DigestMismatchError(f"blob {self.digest} has the wrong size",
+                                      f"{self.expected_size} bytes", f"{self.offset} bytes")
+        actual = f"{self._hasher.name}:{self._hasher.hexdigest()}"
+        if actual != self.digest:
+            self.abort()
+            raise DigestMismatchError("blob digest mismatch", self.digest, actual)
+        self._sink_commit()
+
+    def abort(self) -> None:
+        """Throw the partial blob away."""
+        self._sink_abort()
+
+    def __enter__(self) -> "_BlobWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _sink_write(self, data: Any) -> None:
+        raise NotImplementedError
+
+    def _sink_truncate(self) -> None:
+        raise NotImplementedError
+
+    def _sink_commit(self) -> None:
+        raise NotImplementedError
+
+    def _sink_abort(self) -> None:
+        raise NotImplementedError
+
+
+class _MemoryBlobWriter(_BlobWriter):
+    def __init__(self, cache: "BlobCache", digest: str, size: Optional[int],
+                 media_type: str) -> None:
+        super().__init__(digest, size)
+        self._cache, self._media_type = cache, media_type
+        self._chunks: List[bytes] = []
+
+    def _sink_write(self, data: Any) -> None:
+        self._chunks.append(bytes(data))
+
+    def _sink_truncate(self) -> None:
+        self._chunks = []
+
+    def _sink_commit(self) -> None:
+        self._cache._store(self.digest, b"".join(self._chunks), self._media_type)
+        self._chunks = []
+
+    def _sink_abort(self) -> None:
+        self._chunks = []
+
+
+class BlobCache:
+    """An in-memory content-addressed blob cache (and the cache interface).
+
+    ``BlobCache.open(path)`` returns the persistent :class:`DirectoryBlobCache`.
+    A miss is ``None``, never an exception.
+    """
+
+    def __init__(self) -> None:
+        self._blobs: Dict[str, bytes] = {}
+        self._meta: Dict[str, Dict[str, Any]] = {}
+        self._references: Dict[str, Tuple[str, str]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def open(path: Union[str, "os.PathLike[str]"]) -> "DirectoryBlobCache":
+        """Open (creating if needed) a persistent cache directory."""
+        return DirectoryBlobCache(os.fspath(path))
+
+    @staticmethod
+    def default_path(environ: Optional[Mapping[str, str]] = None) -> str:
+        """Return ``$ZLAYER_REGISTRY_CACHE``, else ``$XDG_CACHE_HOME/zlayer-registry``."""
+        env = os.environ if environ is None else environ
+        if env.get("ZLAYER_REGISTRY_CACHE"):
+            return env["ZLAYER_REGISTRY_CACHE"]
+        base = env.get("XDG_CACHE_HOME") or os.path.join(
+            env.get("HOME") or os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "zlayer-registry")
+
+    # -- reading ------------------------------------------------------------
+
+    def has(self, digest: str) -> bool:
+        """Tell whether a verified blob is present."""
+        return digest in self._blobs
+
+    def get(self, digest: str) -> Optional[bytes]:
+        """Return a blob's bytes (for small blobs: manifests, configs), or None."""
+        return self._blobs.get(digest)
+
+    def path(self, digest: str) -> Optional[str]:
+        """Return the blob's file path, or None (always None in memory)."""
+        return None
+
+    def open_blob(self, digest: str) -> Optional[BinaryIO]:
+        """Open a blob for reading, or return None when it is absent."""
+        import io
+        data = self._blobs.get(digest)
+        return None if data is None else io.BytesIO(data)
+
+    def media_type(self, digest: str) -> str:
+        """Return the media type recorded with a blob ('' when unknown)."""
+        return str(self._meta.get(digest, {}).get("media_type", ""))
+
+    # -- writing ------------------------------------------------------------
+
+    def begin_write(self, digest: str, size: Optional[int] = None,
+                    media_type: str = "") -> _BlobWriter:
+        """Start writing a blob; it becomes visible on a verified ``commit()``."""
+        return _MemoryBlobWriter(self, digest, size, media_type)
+
+    def put(self, digest: str, data: bytes, media_type: str = "") -> None:
+        """Store a small blob after checking it against ``digest``."""
+        with self.begin_write(digest, len(data), media_type) as writer:
+            writer.write(data)
+            writer.commit()
+
+    def _store(self, digest: str, data: bytes, media_type: str) -> None:
+        now = time.time()
+        with self._lock:
+            self._blobs[digest] = data
+            self._meta[digest] = {"size": len(data), "media_type": media_type,
+                                  "added_at": now, "last_used_at": now}
+
+    def delete(self, digest: str) -> bool:
+        """Remove a blob; tells whether it was there."""
+        with self._lock:
+            self._meta.pop(digest, None)
+            return self._blobs.pop(digest, None) is not None
+
+    def touch(self, digests: Iterable[str]) -> None:
+        """Mark blobs as used now (drives least-recently-used pruning)."""
+        now = time.time()
+        with self._lock:
+            for digest in digests:
+                if digest in self._meta:
+                    self._meta[digest]["last_used_at"] = now
+
+    # -- references -----------------------------------------------------------
+
+    def record_reference(self, reference: str, digest: str, media_type: str) -> None:
+        """Remember which manifest ``reference`` resolved to."""
+        with self._lock:
+            self._references[reference] = (digest, media_type)
+
+    def lookup_reference(self, reference: str) -> Optional[str]:
+        """Return the manifest digest last recorded for ``reference``."""
+        entry = self._references.get(reference)
+        return entry[0] if entry else None
+
+    def references(self) -> Dict[str, str]:
+        """Return every recorded reference and its manifest digest."""
+        return {ref: entry[0] for ref, entry in self._references.items()}
+
+    def _forget_references(self, digests: Iterable[str]) -> None:
+        gone = set(digests)
+        with self._lock:
+            for ref in [r for r, e in self._references.items() if e[0] in gone]:
+                del self._references[ref]
+
+    # -- maintenance ----------------------------------------------------------
+
+    def entries(self) -> List[Dict[str, Any]]:
+        """List blobs as dicts: digest, size, media_type, added_at, last_used_at."""
+        with self._lock:
+            return [dict(meta, digest=d) for d, meta in self._meta.items()]
+
+    def verify(self, remove: bool = False) -> List[str]:
+        """Re-hash every blob; return the digests that fail (removing them if asked)."""
+        bad = []
+        for entry in self.entries():
+            digest = entry["digest"]
+            stream = self.open_blob(digest)
+            if stream is None:
+                continue
+            hasher = _hasher_for(digest)
+            with stream:
+                for chunk in iter(lambda: stream.read(_READ_CHUNK_BYTES), b""):
+                    hasher.update(chunk)
+            if f"{hasher.name}:{hasher.hexdigest()}" != digest:
+                bad.append(digest)
+                if remove:
+                    self.delete(digest)
+        return bad
+
+    def prune(self, max_bytes: int) -> List[str]:
+        """Delete least recently used blobs until at most ``max_bytes`` remain."""
+        entries = sorted(self.entries(), key=lambda e: (e["last_used_at"], e["digest"]))
+        total = sum(e["size"] for e in entries)
+        removed = []
+        for entry in entries:
+            if total <= max_bytes:
+                break
+            if self.delete(entry["digest"]):
+                removed.append(entry["digest"])
+            total -= entry["size"]
+        self._forget_references(removed)
+        return removed
+
+    def gc(self) -> List[str]:
+        """Delete blobs no recorded reference reaches; return their digests."""
+        reachable = self._reachable(self.references().values())
+        removed = [e["digest"] for e in self.entries() if e["digest"] not in reachable]
+        for digest in removed:
+            self.delete(digest)
+        return removed
+
+    def _reachable(self, roots: Iterable[str]) -> set:
+        seen: set = set()
+        pending = list(roots)
+        while pending:
+            digest = pending.pop()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            raw = self.get(digest) if self.media_type(digest) in (
+                _IMAGE_MANIFEST_TYPES + _INDEX_TYPES) else None
+            if raw is None:
+                continue
+            try:
+                manifest = parse_manifest(raw, self.media_type(digest), digest)
+            except ZLayerError:
+                continue
+            if manifest.is_index:
+                pending.extend(d.digest for d in manifest.manifests)
+            else:
+                pending.extend([manifest.config.digest] + [d.digest for d in manifest.layers])
+        return seen
+
+    def stats(self) -> Dict[str, Any]:
+        """Return blob count, total bytes and reference count."""
+        entries = self.entries()
+        return {"blobs": len(entries), "size_bytes": sum(e["size"] for e in entries),
+                "references": len(self.references())}
+
+    def close(self) -> None:
+        """Release resources (nothing to do in memory)."""
+
+    def __enter__(self) -> "BlobCache":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class _FileBlobWriter(_BlobWriter):
+    """Streams into ``tmp/`` inside the cache, then renames into ``blobs/``."""
+
+    def __init__(self, cache: "DirectoryBlobCache", digest: str, size: Optional[int],
+                 media_type: str) -> None:
+        super().__init__(digest, size)
+        self._cache, self._media_type = cache, media_type
+        import tempfile
+        try:
+            fd, self._tmp_path = tempfile.mkstemp(
+                prefix=f"{digest.split(':', 1)[1][:16]}.{os.getpid()}.",
+                suffix=".partial", dir=cache._tmp_dir)
+        except OSError as exc:
+            raise CacheError(f"cannot write to cache {cache.root}: {exc.strerror or exc}") from exc
+        self._file: Optional[BinaryIO] = os.fdopen(fd, "wb")
+
+    def _sink_write(self, data: Any) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.abort()
+            raise CacheError(f"cannot write blob {self.digest} to cache "
+                             f"{self._cache.root}: {exc.strerror or exc}") from exc
+
+    def _sink_truncate(self) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+
+    def _sink_commit(self) -> None:
+        final = self._cache._blob_path(self.digest)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.chmod(self._tmp_path, 0o444)
+            os.replace(self._tmp_path, final)
+        except OSError as exc:
+            self.abort()
+            raise CacheError(f"cannot store blob {self.digest} in cache "
+                             f"{self._cache.root}: {exc.strerror or exc}") from exc
+        self._cache._index_blob(self.digest, self.offset, self._media_type)
+
+    def _sink_abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        try:
+            os.unlink(self._tmp_path)
+        except FileNotFoundError:
+            pass
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    digest TEXT PRIMARY KEY, size INTEGER NOT NULL, media_type TEXT NOT NULL,
+    added_at REAL NOT NULL, last_used_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS refs (
+    reference TEXT PRIMARY KEY, digest TEXT NOT NULL, media_type TEXT NOT NULL,
+    updated_at REAL NOT NULL);
+"""
+
+
+class DirectoryBlobCache(BlobCache):
+    """A persistent cache: ``blobs/<alg>/<hex>`` files plus a SQLite index.
+
+    Safe for many threads and processes at once: writers use unique
+    temporary files and atomic renames; SQLite runs in WAL mode with a busy
+    timeout.  Without the sqlite3 module it works from the files alone.
+    """
+
+    def __init__(self, root: str) -> None:
+        super().__init__()
+        self.root = os.path.abspath(root)
+        self._blobs_dir = os.path.join(self.root, "blobs")
+        self._tmp_dir = os.path.join(self.root, "tmp")
+        try:
+            os.makedirs(self._blobs_dir, exist_ok=True)
+            os.makedirs(self._tmp_dir, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create cache directory {self.root}: "
+                             f"{exc.strerror or exc}") from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise CacheError(f"cache directory {self.root} is not writable")
+        self._sqlite = _import_sqlite3()
+        self._local = threading.local()
+        self._db_path = os.path.join(self.root, "index.sqlite")
+        self._clean_stale_temporaries()
+
+    # -- SQLite index -----------------------------------------------------------
+
+    def _db(self) -> Any:
+        """Return this thread's SQLite connection, or None without sqlite3."""
+        if self._sqlite is None:
+            return None
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = self._sqlite.connect(self._db_path, timeout=30.0,
+                                            isolation_level=None)
+                conn.execute("PRAGMA busy_timeout = 30000")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.executescript(_SCHEMA)
+            except self._sqlite.Error as exc:
+                raise CacheError(f"cannot open cache index {self._db_path}: {exc}") from exc
+            self._local.conn = conn
+        return conn
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+        db = self._db()
+        if db is None:
+            return []
+        try:
+            return db.execute(sql, params).fetchall()
+        except self._sqlite.Error as exc:
+            raise CacheError(f"cache index {self._db_path}: {exc}") from exc
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        db = self._db()
+        if db is None or not rows:
+            return
+        try:
+            with db:  # one transaction for the whole batch
+                db.execute("BEGIN")
+                db.executemany(sql, rows)
+        except self._sqlite.Error as exc:
+            raise CacheError(f"cache index {self._db_path}: {exc}") from exc
+
+    def _index_blob(self, digest: str, size: int, media_type: str) -> None:
+        now = time.time()
+        self._execute("INSERT INTO blobs VALUES (?, ?, ?, ?, ?) ON CONFLICT(digest) DO "
+                      "UPDATE SET last_used_at = excluded.last_used_at, media_type = "
+                      "CASE WHEN excluded.media_type != '' THEN excluded.media_type "
+                      "ELSE blobs.media_type END",
+                      (digest, size, media_type, now, now))
+
+    # -- files ------------------------------------------------------------------
+
+    def _blob_path(self, digest: str) -> str:
+        algorithm, encoded = _validate_digest(digest).split(":", 1)
+        return os.path.join(self._blobs_dir, algorithm, encoded)
+
+    def _clean_stale_temporaries(self) -> None:
+        """Remove partial files of processes that no longer run (crash leftovers)."""
+        try:
+            names = os.listdir(self._tmp_dir)
+        except OSError:
+            return
+        for name in names:
+            parts = name.split(".")
+            pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                continue
+            if pid == os.getpid():
+                continue
+            try:
+                os.unlink(os.path.join(self._tmp_dir, name))
+            except OSError:
+                pass
+
+    def has(self, digest: str) -> bool:
+        """Tell whether a verified blob file is present."""
+        try:
+            return os.path.isfile(self._blob_path(digest))
+        except InvalidDigestError:
+            return False
+
+    def path(self, digest: str) -> Optional[str]:
+        """Return the blob's file path, or None when absent."""
+        return self._blob_path(digest) if self.has(digest) else None
+
+    def get(self, digest: str) -> Optional[bytes]:
+        """Return a blob's bytes, or None (use ``open_blob`` for large blobs)."""
+        stream = self.open_blob(digest)
+        if stream is None:
+            return None
+        with stream:
+            return stream.read()
+
+    def open_blob(self, digest: str) -> Optional[BinaryIO]:
+        """Open a blob file for reading, or return None when absent."""
+        try:
+            return open(self._blob_path(digest), "rb")
+        except (FileNotFoundError, InvalidDigestError):
+            return None
+
+    def media_type(self, digest: str) -> str:
+        """Return the media type recorded with a blob ('' when unknown)."""
+        rows = self._execute("SELECT media_type FROM blobs WHERE digest = ?", (digest,))
+        return str(rows[0][0]) if rows else ""
+
+    def begin_write(self, digest: str, size: Optional[int] = None,
+                    media_type: str = "") -> _BlobWriter:
+        """Start writing a blob into a temporary file inside the cache."""
+        return _FileBlobWriter(self, digest, size, media_type)
+
+    def delete(self, digest: str) -> bool:
+        """Remove a blob file and its index row."""
+        self._execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+        try:
+            os.unlink(self._blob_path(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def touch(self, digests: Iterable[str]) -> None:
+        """Mark blobs as used now, in one transaction."""
+        now = time.time()
+        self._executemany("UPDATE blobs SET last_used_at = ? WHERE digest = ?",
+                          [(now, d) for d in digests])
+
+    def record_reference(self, reference: str, digest: str, media_type: str) -> None:
+        """Remember which manifest ``reference`` resolved to."""
+        self._execute("INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?)",
+                      (reference, digest, media_type, time.time()))
+
+    def lookup_reference(self, reference: str) -> Optional[str]:
+        """Return the manifest digest last recorded for ``reference``."""
+        rows = self._execute("SELECT digest FROM refs WHERE reference = ?", (reference,))
+        return str(rows[0][0]) if rows else None
+
+    def references(self) -> Dict[str, str]:
+        """Return every recorded reference and its manifest digest."""
+        return {str(r): str(d) for r, d in
+                self._execute("SELECT reference, digest FROM refs ORDER BY reference")}
+
+    def _forget_references(self, digests: Iterable[str]) -> None:
+        self._executemany("DELETE FROM refs WHERE digest = ?", [(d,) for d in digests])
+
+    def entries(self) -> List[Dict[str, Any]]:
+        """List blob files, with the index's metadata where it has a row."""
+        rows = {r[0]: r for r in self._execute(
+            "SELECT digest, size, media_type, added_at, last_used_at FROM blobs")}
+        result = []
+        for algorithm in sorted(_DIGEST_HEX_LENGTHS):
+            directory = os.path.join(self._blobs_dir, algorithm)
+            try:
+                names = sorted(os.listdir(directory))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                digest = f"{algorithm}:{name}"
+                try:
+                    info = os.stat(os.path.join(directory, name))
+                except FileNotFoundError:
+                    continue
+                row = rows.get(digest)
+                result.append({"digest": digest, "size": info.st_size,
+                               "media_type": row[2] if row else "",
+                               "added_at": row[3] if row else info.st_mtime,
+                               "last_used_at": row[4] if row else info.st_mtime})
+        return result
+
+    def gc(self) -> List[str]:
+        """Delete unreachable blobs, stale temporaries and index rows without files."""
+        removed = super().gc()
+        self._clean_stale_temporaries()
+        present = {e["digest"] for e in self.entries()}
+        orphans = [r[0] for r in self._execute("SELECT digest FROM blobs")
+                   if r[0] not in present]
+        self._executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in orphans])
+        return removed
+
+    def close(self) -> None:
+        """Close this thread's SQLite connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Tell whether a process with ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+# =============================================================================
+# 13. PULL
+# =============================================================================
+
+_MAX_INDEX_DEPTH = 4
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024
+ProgressCallback = Callable[[Descriptor, int, int], None]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A pulled, verified layer: its descriptor and where the cache keeps it."""
+
+    descriptor: Descriptor
+    cache: BlobCache = field(repr=False, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """Return the layer's digest (of the blob as stored)."""
+        return self.descriptor.digest
+
+    @property
+    def size(self) -> int:
+        """Return the layer's size in bytes."""
+        return self.descriptor.size
+
+    @property
+    def media_type(self) -> str:
+        """Return the layer's media type."""
+        return self.descriptor.media_type
+
+    @property
+    def path(self) -> Optional[str]:
+        """Return the layer's file in the cache (None for an in-memory cache)."""
+        return self.cache.path(self.digest)
+
+    def open(self) -> BinaryIO:
+        """Open the verified layer blob for reading."""
+        stream = self.cache.open_blob(self.digest)
+        if stream is None:
+            raise CacheError(f"layer {self.digest} is no longer in the cache")
+        return stream
+
+    def read_bytes(self) -> bytes:
+        """Return the whole layer (only for small layers: it is held in memory)."""
+        with self.open() as stream:
+            return stream.read()
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """Everything a pull resolved and fetched."""
+
+    reference: Reference
+    manifest: Manifest
+    config: Descriptor
+    layers: List[Layer]
+    config_data: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    index: Optional[Manifest] = None
+    platform: Optional[Platform] = None
+    bytes_downloaded: int = 0
+    bytes_from_cache: int = 0
+
+    @property
+    def artifact_type(self) -> ArtifactType:
+        """Return whether this is a container image or a WASM artifact."""
+        return detect_artifact_type(self.manifest, self.config_data)
+
+    def to_json(self) -> Dict[str, Any]:
+        """Return the JSON object ``pull --json`` prints."""
+        kind = self.artifact_type
+        data: Dict[str, Any] = {
+            "reference": str(self.reference),
+            "digest": self.manifest.digest,
+            "media_type": self.manifest.media_type,
+            "platform": str(self.platform) if self.platform else None,
+            "index_digest": self.index.digest if self.index else None,
+            "config": _descriptor_summary(self.config),
+            "layers": [_descriptor_summary(layer.descriptor) for layer in self.layers],
+            "artifact_type": str(kind),
+            "bytes_downloaded": self.bytes_downloaded,
+            "bytes_from_cache": self.bytes_from_cache,
+        }
+        if kind.is_wasm():
+            info = extract_wasm_info(self.manifest, self.config_data)
+            if info is not None:
+                data.update(info.to_json())
+        return data
+
+
+def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
+    return {"digest": descriptor.digest, "size": descriptor.size,
+            "media_type": descriptor.media_type}
+
+
+class _Cancelled(Exception):
+    """Internal: another worker failed, so this download stops."""
+
+
+class ImagePuller:
+    """Pulls images and WASM artifacts into a blob cache.
+
+    ``platform`` (``"linux/arm64"`` or a :class:`Platform`) picks the image
+    from an index; the default is this host's.  ``insecure`` allows plain
+    http to non-loopback registries.  ``sleep``, ``clock`` and ``environ``
+    are injectable for tests.
+    """
+
+    def __init__(self, cache: Optional[BlobCache] = None, *,
+                 max_workers: int = DEFAULT_MAX_WORKERS,
+                 platform: Union[str, Platform, None] = None,
+                 insecure: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 retries: int = DEFAULT_RETRIES,
+                 progress: Optional[ProgressCallback] = None,
+                 environ: Optional[Mapping[str, str]] = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.time,
+                 ssl_context: Any = None) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
+        self.cache = cache if cache is not None else BlobCache()
+        self.max_workers = max_workers
+        if isinstance(platform, str):
+            platform = parse_platform(platform)
+        self.platform = platform if platform is not None else host_platform()
+        self.insecure = insecure
+        self.retries = retries
+        self.progress = progress
+        self._sleep, self._clock = sleep, clock
+        env = os.environ if environ is None else environ
+        self._transport = _Transport(timeout_s=timeout_s,
+                                     proxies=_ProxySettings.from_environ(env),
+                                     ssl_context=ssl_context)
+        self._tokens = _TokenCache(clock)
+        self._executor: Any = None
+
+    @property
+    def request_count(self) -> int:
+        """Return how many HTTP requests this puller has sent."""
+        return self._transport.request_count
+
+    def close(self) -> None:
+        """Stop worker threads and close connections."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._transport.close()
+
+    def __enter__(self) -> "ImagePuller":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- manifests ------------------------------------------------------------
+
+    def _client(self, reference: Reference, auth: Optional[RegistryAuth]) -> _RegistryClient:
+        return _RegistryClient(reference, auth or RegistryAuth.anonymous(),
+                               self._transport, self._tokens, insecure=self.insecure,
+                               retries=self.retries, sleep=self._sleep, clock=self._clock)
+
+    def _manifest_by_digest(self, client: _RegistryClient, digest: str) -> Manifest:
+        """Return a manifest from the cache, else GET it by digest and cache it."""
+        raw = self.cache.get(digest)
+        if raw is not None:
+            return parse_manifest(raw, self.cache.media_type(digest), digest)
+        manifest = client.get_manifest(digest)
+        self.cache.put(manifest.digest, manifest.raw, manifest.media_type)
+        return manifest
+
+    def _resolve_top(self, reference: Reference, client: _RegistryClient) -> Manifest:
+        """Resolve a reference to its top-level manifest or index.
+
+        A tag is resolved with HEAD (Docker Hub does not count HEADs against
+        the pull quota), so a cached image costs one request.
+        """
+        if reference.digest:
+            return self._manifest_by_digest(client, reference.digest)
+        digest = client.head_manifest(reference.identifier)
+        if digest is not None:
+            manifest = self._manifest_by_digest(client, digest)
+        else:
+            manifest = client.get_manifest(reference.identifier)
+            self.cache.put(manifest.digest, manifest.raw, manifest.media_type)
+        self.cache.record_reference(str(reference), manifest.digest, manifest.media_type)
+        return manifest
+
+    def _resolve_platform(self, client: _RegistryClient, top: Manifest
+                          ) -> Tuple[Manifest, Optional[Manifest], Optional[Platform]]:
+        """Follow an index (nested ones too) down to this puller's platform."""
+        manifest, index, chosen = top, None, None
+        for _ in range(_MAX_INDEX_DEPTH):
+            if not manifest.is_index:
+                return manifest, index, chosen
+            index = manifest
+            child = select_platform(manifest, self.platform)
+            chosen = _normalize_platform(child.platform) if child.platform else None
+            manifest = self._manifest_by_digest(client, child.digest)
+        raise ManifestError(f"index {top.digest} nests more than {_MAX_INDEX_DEPTH} levels deep")
+
+    def fetch_manifest(self, reference: Union[str, Reference],
+                       auth: Optional[RegistryAuth] = None, *,
+                       resolve_index: bool = True) -> Manifest:
+        """Fetch the image manifest for ``reference`` (an index is resolved to the platform's).
+
+        With ``resolve_index=False`` an index is returned as it is.
+        """
+        ref = parse_reference(reference) if isinstance(reference, str) else reference
+        client = self._client(ref, auth)
+        top = self._resolve_top(ref, client)
+        return self._resolve_platform(client, top)[0] if resolve_index else top
+
+    # -- blobs ----------------------------------------------------------------
+
+    def _pool(self) -> Any:
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._executor = ThreadPoolExecutor(self.max_workers,
+                                                thread_name_prefix="zlayer-pull")
+        return self._executor
+
+    def _fetch_blobs(self, client: _RegistryClient, descriptors: Sequence[Descriptor]
+                     ) -> Tuple[int, int]:
+        """Make every blob present and verified in the cache; return (downloaded, cached) bytes."""
+        from concurrent.futures import FIRST_EXCEPTION, wait
+        unique: Dict[str, Descriptor] = {}
+        for descriptor in descriptors:
+            unique.setdefault(descriptor.digest, descriptor)
+        missing = [d for d in unique.values() if not self.cache.has(d.digest)]
+        from_cache = sum(d.size for d in unique.values() if d not in missing)
+        downloaded = 0
+        if missing:
+            cancel = threading.Event()
+            futures = [self._pool().submit(self._download_blob, client, d, cancel)
+                       for d in missing]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                cancel.set()
+                for future in pending:
+                    future.cancel()
+                wait(futures)
+                errors = [f.exception() for f in futures if not f.cancelled()
+                          and f.exception() is not None
+                          and not isinstance(f.exception(), _Cancelled)]
+                raise errors[0]
+            downloaded = sum(f.result() for f in futures)
+        self.cache.touch(unique)
+        return downloaded, from_cache
+
+    def _download_blob(self, client: _RegistryClient, descriptor: Descriptor,
+                       cancel: threading.Event) -> int:
+        """Stream one blob into the cache, resuming with Range after interruptions."""
+        buffer = memoryview(bytearray(_READ_CHUNK_BYTES))
+        received = interruptions = 0
+        with self.cache.begin_write(descriptor.digest, descriptor.size,
+                                    descriptor.media_type) as writer:
+            while True:
+                if cancel.is_set():
+                    raise _Cancelled()
+                response = client.open_blob(descriptor.digest, writer.offset)
+                with response:
+                    if not _continues_at(response, writer.offset):
+                        if response.status != 200:
+                            # A 206 for some other range: its bytes are of no
+                            # use here, so ask again for the whole blob.
+                            writer.restart()
+                            interruptions += 1
+                            if interruptions > self.retries:
+                                raise RegistryError(
+                                    f"{client.registry} answered blob {descriptor.digest} "
+                                    "with a Content-Range that does not match the request",
+                                    method="GET", url=_redact_url(response.url))
+                            continue
+                        writer.restart()  # 200: the server ignored Range
+                    try:
+                        while True:
+                            if cancel.is_set():
+                                raise _Cancelled()
+                            count = response.readinto(buffer)
+                            if not count:
+                                break
+                            writer.write(buffer[:count])
+                            received += count
+                            if self.progress is not None:
+                                self.progress(descriptor, writer.offset, descriptor.size)
+                    except _CONNECTION_ERRORS as exc:
+                        interruptions += 1
+                        if interruptions > self.retries:
+                            raise RegistryError(
+                                f"download of blob {descriptor.digest} from {client.registry} "
+                                f"kept failing ({exc.__class__.__name__}) after "
+                                f"{interruptions - 1} resumptions", temporary=True,
+                                method="GET", url=_redact_url(response.url)) from exc
+                        client._backoff(interruptions - 1, None)
+                        continue
+                if writer.offset < descriptor.size and interruptions < self.retries:
+                    interruptions += 1  # body ended early without an error: resume
+                    continue
+                writer.commit()
+                return received
+
+    def _read_config(self, descriptor: Descriptor) -> Dict[str, Any]:
+        """Parse a JSON config blob from the cache ({} when it is not JSON)."""
+        if descriptor.size > _MAX_CONFIG_BYTES or not (
+                descriptor.media_type.endswith("json") or not descriptor.media_type):
+            return {}
+        raw = self.cache.get(descriptor.digest)
+        try:
+            data = json.loads(raw.decode("utf-8")) if raw else {}
+        except (UnicodeDecodeError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    # -- public pulls -----------------------------------------------------------
+
+    def pull_image(self, reference: Union[str, Reference],
+                   auth: Optional[RegistryAuth] = None) -> PullResult:
+        """Pull config and layers of ``reference`` into the cache; return what was pulled."""
+        ref = parse_reference(reference) if isinstance(reference, str) else reference
+        client = self._client(ref, auth)
+        top = self._resolve_top(ref, client)
+        manifest, index, platform = self._resolve_platform(client, top)
+        config = manifest.config
+        layers = manifest.layers
+        downloaded, from_cache = self._fetch_blobs(client, [config] + layers)
+        return PullResult(reference=ref, manifest=manifest, config=config,
+                          layers=[Layer(d, self.cache) for d in layers],
+                          config_data=self._read_config(config), index=index,
+                          platform=platform, bytes_downloaded=downloaded,
+                          bytes_from_cache=from_cache)
+
+    def pull(self, reference: Union[str, Reference],
+             auth: Optional[RegistryAuth] = None) -> Tuple[Manifest, List[Layer]]:
+        """Pull an image; return its manifest and its verified layers (as the seed does)."""
+        result = self.pull_image(reference, auth)
+        return result.manifest, result.layers
+
+    def inspect(self, reference: Union[str, Reference],
+                auth: Optional[RegistryAuth] = None) -> Dict[str, Any]:
+        """Describe an image without downloading layers (manifest, config, platforms)."""
+        ref = parse_reference(reference) if isinstance(reference, str) else reference
+        client = self._client(ref, auth)
+        top = self._resolve_top(ref, client)
+        data: Dict[str, Any] = {"reference": str(ref), "digest": top.digest,
+                                "media_type": top.media_type}
+        if top.is_index:
+            data["platforms"] = _index_platforms(top)
+            try:
+                manifest, _, platform = self._resolve_platform(client, top)
+            except NotFoundError:
+                return data
+            data["platform"] = str(platform) if platform else None
+            data["manifest_digest"] = manifest.digest
+        else:
+            manifest = top
+        config = manifest.config
+        self._fetch_blobs(client, [config])
+        config_data = self._read_config(config)
+        kind = detect_artifact_type(manifest, config_data)
+        data.update(config=_descriptor_summary(config),
+                    layers=[_descriptor_summary(d) for d in manifest.layers],
+                    artifact_type=str(kind), config_data=config_data)
+        if manifest.artifact_type:
+            data["manifest_artifact_type"] = manifest.artifact_type
+        info = extract_wasm_info(manifest, config_data)
+        if info is not None:
+            data.update(info.to_json())
+        return data
+
+
+def _continues_at(response: _Response, offset: int) -> bool:
+    """Tell whether a blob response's body starts at byte ``offset``.
+
+    Only a 206 whose Content-Range starts at the offset continues a partial
+    download; a 200 means the server ignored Range and sends everything.
+    """
+    if response.status == 200:
+        return offset == 0
+    match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", response.header("Content-Range"))
+    return bool(match) and int(match.group(1)) == offset
+
+
+# =============================================================================
+# 14. CLI
+# =============================================================================
+
+_PROG = "zlayer-registry"
+
+
+class _UsageError(Exception):
+    """Internal: bad command-line usage (exit status 2)."""
+
+
+class _ArgumentParser:
+    """Factory for an argparse parser whose errors are one line and exit 2."""
+
+    @staticmethod
+    def make(**kwargs: Any) -> Any:
+        import argparse
+
+        class Parser(argparse.ArgumentParser):
+            def error(self, message: str) -> None:  # type: ignore[override]
+                raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        return Parser(**kwargs)
+
+
+class _Progress:
+    """Per-blob progress lines (bytes and rate) on a terminal's stderr."""
+
+    def __init__(self, stream: Any, clock: Callable[[], float] = time.monotonic) -> None:
+        self._stream = stream
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._active: Dict[str, Tuple[int, int, float]] = {}
+        self._lines_drawn = 0
+        self._last_draw = 0.0
+
+    def __call__(self, descriptor: Descriptor, done: int, total: int) -> None:
+        with self._lock:
+            started = self._active.get(descriptor.digest, (0, 0, self._clock()))[2]
+            self._active[descriptor.digest] = (done, total, started)
+            now = self._clock()
+            if done < total and now - self._last_draw < 0.1:
+                return
+            self._last_draw = now
+            self._draw(now)
+            if done >= total:
+                del self._active[descriptor.digest]
+
+    def _draw(self, now: float) -> None:
+        out = []
+        if self._lines_drawn:
+            out.append(f"\x1b[{self._lines_drawn}A")
+        for digest, (done, total, started) in self._active.items():
+            rate = done / max(now - started, 1e-3)
+            state = "done" if done >= total else f"{_format_bytes(rate)}/s"
+            out.append(f"\x1b[K{digest[:19]}  {_format_bytes(done):>10} / "
+                       f"{_format_bytes(total):<10}  {state}\n")
+        finished = sum(1 for d, t, _ in self._active.values() if d >= t)
+        self._stream.write("".join(out))
+        self._stream.flush()
+        # Finished blobs stay printed; only the active ones are redrawn.
+        self._lines_drawn = len(self._active) - finished
+
+
+def _cli_cache(args: Any) -> DirectoryBlobCache:
+    return BlobCache.open(args.cache or BlobCache.default_path())
+
+
+def _cli_puller(args: Any, cache: BlobCache, progress: Optional[ProgressCallback] = None
+                ) -> ImagePuller:
+    return ImagePuller(cache, platform=getattr(args, "platform", None),
+                       insecure=getattr(args, "insecure", False),
+                       max_workers=getattr(args, "max_workers", DEFAULT_MAX_WORKERS),
+                       progress=progress)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _cmd_pull(args: Any) -> int:
+    reference = parse_reference(args.reference)
+    progress = None
+    if not args.quiet and not args.json and sys.stderr.isatty():
+        progress = _Progress(sys.stderr)
+    cache = _cli_cache(args)
+    with _cli_puller(args, cache, progress) as puller:
+        result = puller.pull_image(reference, RegistryAuth.from_docker_config(reference.registry))
+    if args.json:
+        _print_json(result.to_json())
+    elif args.quiet:
+        print(result.manifest.digest)
+    else:
+        platform = f" ({result.platform})" if result.platform else ""
+        print(f"{result.reference}{platform}: {result.manifest.digest}")
+        print(f"{len(result.layers)} layers; {_format_bytes(result.bytes_downloaded)} "
+              f"downloaded, {_format_bytes(result.bytes_from_cache)} from cache "
+              f"({cache.root})")
+    return 0
+
+
+def _cmd_inspect(args: Any) -> int:
+    reference = parse_reference(args.reference)
+    with _cli_puller(args, _cli_cache(args)) as puller:
+        data = puller.inspect(reference, RegistryAuth.from_docker_config(reference.registry))
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"reference:  {data['reference']}")
+    print(f"digest:     {data['digest']}")
+    print(f"media type: {data['media_type']}")
+    for item in data.get("platforms", []):
+        platform = "/".join(p for p in (item["os"], item["architecture"], item["variant"]) if p)
+        print(f"  platform  {platform:<20} {item['digest']}")
+    if "config" not in data:
+        return 0
+    if data.get("platform"):
+        print(f"platform:   {data['platform']} -> {data['manifest_digest']}")
+    print(f"artifact:   {data['artifact_type']}"
+          + (f" ({data['wasi_version']})" if data.get("wasi_version") else ""))
+    print(f"config:     {data['config']['digest']} ({data['config']['media_type']})")
+    for layer in data["layers"]:
+        print(f"  layer     {layer['digest']} {_format_bytes(layer['size']):>10} "
+              f"{layer['media_type']}")
+    return 0
+
+
+def _cmd_cache(args: Any) -> int:
+    cache = _cli_cache(args)
+    action = args.action
+    if action == "ls":
+        entries = cache.entries()
+        if args.json:
+            _print_json({"root": cache.root, "blobs": entries,
+                         "references": cache.references()})
+            return 0
+        for ref, digest in cache.references().items():
+            print(f"{ref}  {digest}")
+        for entry in entries:
+            print(f"{entry['digest']}  {_format_bytes(entry['size']):>10}  "
+                  f"{entry['media_type'] or '-'}")
+        stats = cache.stats()
+        print(f"{stats['blobs']} blobs, {_format_bytes(stats['size_bytes'])} in {cache.root}")
+        return 0
+    if action == "verify":
+        bad = cache.verify(remove=args.remove)
+        for digest in bad:
+            print(f"corrupt: {digest}" + (" (removed)" if args.remove else ""))
+        print(f"{len(cache.entries())} blobs checked, {len(bad)} corrupt")
+        return 1 if bad else 0
+    if action == "prune":
+        removed = cache.prune(args.max_bytes)
+        print(f"removed {len(removed)} blobs; {_format_bytes(cache.stats()['size_bytes'])} remain")
+        return 0
+    removed = cache.gc()
+    print(f"removed {len(removed)} unreferenced blobs")
+    return 0
+
+
+def _parse_size(text: str) -> int:
+    """Parse ``500M``, ``2G``, ``1024`` into bytes (binary units)."""
+    match = re.fullmatch(r"(\d+)\s*([kmgt]?)(i?b?)", text.strip().lower())
+    if not match:
+        import argparse
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 500M, 2G, 1048576)")
+    return int(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " ")
+
+
+_EXAMPLES = {
+    "pull": """examples:
+  zlayer-registry pull alpine:3.20
+  zlayer-registry pull ghcr.io/org/app:v1 --platform linux/arm64 --json
+  zlayer-registry pull localhost:5000/team/app@sha256:<64 hex> --cache /var/cache/zl""",
+    "inspect": """examples:
+  zlayer-registry inspect debian:12
+  zlayer-registry inspect ghcr.io/org/app:v1 --json""",
+    "cache": """examples:
+  zlayer-registry cache ls
+  zlayer-registry cache verify
+  zlayer-registry cache prune --max-bytes 2G
+  zlayer-registry cache gc""",
+}
+
+
+def _build_parser() -> Any:
+    parser = _ArgumentParser.make(
+        prog=_PROG, description="Pull container images and WebAssembly artifacts "
+        "from OCI/Docker registries into a verified local cache.",
+        epilog="\n\n".join(_EXAMPLES.values()) +
+        "\n\nCredentials come from ~/.docker/config.json (and credential helpers) "
+        "or podman's auth.json.\nThe cache defaults to $ZLAYER_REGISTRY_CACHE, "
+        "else $XDG_CACHE_HOME/zlayer-registry.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> Any:
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  epilog=_EXAMPLES.get(name, ""),
+                                  formatter_class=parser.formatter_class)
+        sub.add_argument("--cache", metavar="DIR", help="cache directory")
+        sub.add_argument("--debug", action="store_true", default=_suppress(),
+                         help="show tracebacks on errors")
+        return sub
+
+    for name, help_text in (("pull", "pull an image into the cache"),
+                            ("inspect", "show manifest, config and platforms "
+                                        "without downloading layers")):
+        sub = add(name, help_text)
+        sub.add_argument("reference", metavar="REF", help="image reference, e.g. alpine:3.20")
+        sub.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                         help="platform to pick from an index (default: this host's)")
+        sub.add_argument("--insecure", action="store_true",
+                         help="allow plain http to a non-loopback registry")
+        sub.add_argument("--json", action="store_true", help="print one JSON object")
+    pull = commands.choices["pull"]
+    pull.add_argument("-q", "--quiet", action="store_true",
+                      help="no progress; print only the manifest digest")
+    pull.add_argument("--max-workers", type=int, default=DEFAULT_MAX_WORKERS, metavar="N",
+                      help=f"parallel blob downloads (default {DEFAULT_MAX_WORKERS})")
+    cache = add("cache", "list, verify, prune or garbage-collect the cache")
+    cache_actions = cache.add_subparsers(dest="action", metavar="ACTION")
+    for name, help_text in (("ls", "list blobs and references"),
+                            ("verify", "re-hash every blob; exit 1 if any is corrupt"),
+                            ("prune", "delete least recently used blobs down to a size"),
+                            ("gc", "delete blobs no recorded reference uses")):
+        action = cache_actions.add_parser(name, help=help_text, description=help_text)
+        action.add_argument("--cache", metavar="DIR", default=_suppress(),
+                            help="cache directory")
+        if name == "ls":
+            action.add_argument("--json", action="store_true", help="print JSON")
+        if name == "verify":
+            action.add_argument("--remove", action="store_true",
+                                help="delete corrupt blobs")
+        if name == "prune":
+            action.add_argument("--max-bytes", type=_parse_size, required=True, metavar="N",
+                                help="size to prune down to (e.g. 2G, 500M, 1048576)")
+    return parser
+
+
+def _suppress() -> Any:
+    """Return argparse.SUPPRESS (argparse is imported on first use)."""
+    import argparse
+    return argparse.SUPPRESS
+
+
+_COMMANDS: Dict[str, Callable[[Any], int]] = {
+    "pull": _cmd_pull,
+    "inspect": _cmd_inspect,
+    "cache": _cmd_cache,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 failure, 2 usage)."""
+    parser = _build_parser()
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args_list
+    try:
+        args = parser.parse_args(args_list)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        if args.command == "cache" and args.action is None:
+            raise _UsageError("cache needs an action: ls, verify, prune or gc "
+                              f"(see '{_PROG} cache --help')")
+        return _COMMANDS[args.command](args)
+    except _UsageError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except ZLayerError as exc:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print(f"{_PROG}: error: {exc.strerror or exc}"
+              + (f": {exc.filename}" if getattr(exc, "filename", None) else ""),
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
