@@ -83,6 +83,8 @@ __all__ = [
     "DEFAULT_MAX_WORKERS", "DEFAULT_TIMEOUT_S", "DEFAULT_RETRIES",
     "RETRY_BACKOFF_BASE_S", "RETRY_BACKOFF_MAX_S", "RETRY_AFTER_MAX_S",
     "DEFAULT_TOKEN_LIFETIME_S", "MAX_TOKEN_RESPONSE_BYTES",
+    "WASM_ARTIFACT_COMPONENT", "WASM_ARTIFACT_MODULE", "WASM_CONFIG_V0",
+    "WASM_CONFIG_V1", "WASM_LAYER_MEDIA_TYPE",
     # Errors
     "ZLayerError", "InvalidReferenceError", "InvalidDigestError",
     "ManifestError", "DigestMismatchError", "RegistryError", "AuthError",
@@ -95,7 +97,7 @@ __all__ = [
     "Manifest", "parse_manifest",
     # WASM
     "ArtifactType", "WasiVersion", "WasmArtifactInfo", "detect_artifact_type",
-    "extract_wasm_info",
+    "extract_wasm_info", "wasi_version_from_bytes",
     # Credentials
     "RegistryAuth",
     # Caches
@@ -1157,11 +1159,13 @@ class _Transport:
     def _connect(self, scheme: str, host: str, port: int) -> Tuple[Any, bool]:
         """Open a connection; returns it and whether requests need absolute URLs."""
         client = _http_client()
+        # Without ssl, http.client has no HTTPSConnection: say why first.
+        context = self._context() if scheme == "https" else None
         proxy = self.proxies.proxy_for(scheme, host, port)
         if not proxy:
             if scheme == "https":
                 return client.HTTPSConnection(host, port, timeout=self.timeout_s,
-                                              context=self._context()), False
+                                              context=context), False
             return client.HTTPConnection(host, port, timeout=self.timeout_s), False
         _, p_host, p_port, _ = _split_url(proxy)
         userinfo = proxy.partition("://")[2].partition("/")[0].rpartition("@")[0]
@@ -1174,7 +1178,7 @@ class _Transport:
             # CONNECT tunnel: TLS runs end to end to the registry, so the
             # proxy sees neither the Authorization header nor the blobs.
             conn = client.HTTPSConnection(p_host, p_port, timeout=self.timeout_s,
-                                          context=self._context())
+                                          context=context)
             conn.set_tunnel(host, port, headers=proxy_headers)
             return conn, False
         conn = client.HTTPConnection(p_host, p_port, timeout=self.timeout_s)
@@ -1839,12 +1843,11 @@ class _RegistryClient:
         try:
             response = self.request("HEAD", f"/v2/{self.repository}/manifests/{identifier}",
                                     headers={"Accept": _MANIFEST_ACCEPT})
-        except (NotFoundError, AuthError):
-            raise
         except RegistryError as exc:
-            if exc.status is None or exc.status >= 500:
-                raise
-            return None  # some registries answer 405 to HEAD; GET will do
+            # Some registries answer 405 (or 400) to HEAD; a GET will do.
+            if type(exc) is RegistryError and exc.status in (400, 405, 406, 501):
+                return None
+            raise
         response.close()
         digest = response.header("Docker-Content-Digest")
         try:
@@ -2372,8 +2375,15 @@ class DirectoryBlobCache(BlobCache):
         return True
 
     def touch(self, digests: Iterable[str]) -> None:
-        """Mark blobs as used now, in one transaction."""
+        """Mark blobs as used now, in one transaction (file mtimes without an index)."""
         now = time.time()
+        if self._db() is None:
+            for digest in digests:
+                try:
+                    os.utime(self._blob_path(digest), (now, now))
+                except OSError:
+                    pass
+            return
         self._executemany("UPDATE blobs SET last_used_at = ? WHERE digest = ?",
                           [(now, d) for d in digests])
 
@@ -2456,7 +2466,7 @@ def _pid_alive(pid: int) -> bool:
 
 _MAX_INDEX_DEPTH = 4
 _MAX_CONFIG_BYTES = 16 * 1024 * 1024
-ProgressCallback = Callable[[Descriptor, int, int], None]
+_ProgressCallback = Callable[[Descriptor, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -2563,7 +2573,7 @@ class ImagePuller:
                  platform: Union[str, Platform, None] = None,
                  insecure: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
                  retries: int = DEFAULT_RETRIES,
-                 progress: Optional[ProgressCallback] = None,
+                 progress: Optional[_ProgressCallback] = None,
                  environ: Optional[Mapping[str, str]] = None,
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.time,
@@ -2902,7 +2912,7 @@ def _cli_cache(args: Any) -> DirectoryBlobCache:
     return BlobCache.open(args.cache or BlobCache.default_path())
 
 
-def _cli_puller(args: Any, cache: BlobCache, progress: Optional[ProgressCallback] = None
+def _cli_puller(args: Any, cache: BlobCache, progress: Optional[_ProgressCallback] = None
                 ) -> ImagePuller:
     return ImagePuller(cache, platform=getattr(args, "platform", None),
                        insecure=getattr(args, "insecure", False),

@@ -1,0 +1,696 @@
+"""Builds OCI image layouts by hand and runs CNCF distribution for the interop tests.
+
+Test-only helper, standard library only. It is not part of the public package.
+
+Contents:
+    1. LAYOUT BUILDERS: deterministic layers, configs, manifests and indexes written
+       as an OCI image layout (image-spec ``image-layout.md``), streamed to disk
+    2. EXPECTED VALUES: what a client should see after a registry round trip
+    3. DISTRIBUTION: ``docker-registry serve`` on 127.0.0.1 and ``skopeo copy`` into it
+
+Specs followed:
+    OCI image layout      https://github.com/opencontainers/image-spec/blob/main/image-layout.md
+    OCI image manifest    https://github.com/opencontainers/image-spec/blob/main/manifest.md
+    OCI image index       https://github.com/opencontainers/image-spec/blob/main/image-index.md
+    OCI image config      https://github.com/opencontainers/image-spec/blob/main/config.md
+    Distribution config   https://distribution.github.io/distribution/about/configuration/
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+# =============================================================================
+# 1. LAYOUT BUILDERS: deterministic OCI image layouts written to disk
+# =============================================================================
+
+MEDIA_TYPE_OCI_LAYOUT_VERSION = "1.0.0"
+MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_TYPE_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_TYPE_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_TYPE_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_TYPE_DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_TYPE_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MEDIA_TYPE_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+
+# A fixed timestamp keeps every tar header, gzip header and config byte-identical across
+# runs, so a given spec always yields the same digests.
+_EPOCH_S = 1_700_000_000
+_CREATED = "2023-11-14T22:13:20Z"
+_CHUNK_BYTES = 1 << 20
+MIB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Describes the content of one generated layer.
+
+    ``random_bytes`` goes into one file of incompressible bytes, ``small_files`` files of
+    ``small_file_bytes`` each hold compressible text. ``seed`` makes the bytes distinct per
+    layer while staying the same across runs.
+    """
+
+    seed: int
+    random_bytes: int = 0
+    small_files: int = 0
+    small_file_bytes: int = 64
+    compresslevel: int = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Blob:
+    """Is a blob written into ``blobs/sha256``: its digest, size and media type."""
+
+    digest: str
+    size: int
+    media_type: str
+
+    def descriptor(self, **extra: object) -> dict:
+        """Returns the OCI descriptor JSON object for this blob."""
+        d = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        d.update(extra)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    """Holds the digests of one image manifest written into a layout."""
+
+    manifest: Blob
+    config: Blob
+    layers: Tuple[Blob, ...]
+    diff_ids: Tuple[str, ...]
+    os: str
+    architecture: str
+    variant: Optional[str] = None
+
+    @property
+    def platform(self) -> str:
+        """Returns ``os/architecture[/variant]``, the form the CLI and ImagePuller take."""
+        parts = [self.os, self.architecture] + ([self.variant] if self.variant else [])
+        return "/".join(parts)
+
+    @property
+    def digest(self) -> str:
+        """Returns the digest of the image manifest."""
+        return self.manifest.digest
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexInfo:
+    """Holds the digest of an image index and the images it lists, by platform string."""
+
+    index: Blob
+    images: Dict[str, ImageInfo]
+
+    @property
+    def digest(self) -> str:
+        """Returns the digest of the image index."""
+        return self.index.digest
+
+
+class _HashingWriter:
+    """Counts and hashes bytes on their way to an underlying binary file."""
+
+    def __init__(self, raw) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        if self._raw is not None:
+            self._raw.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        if self._raw is not None:
+            self._raw.flush()
+
+
+class _RandomReader:
+    """Yields ``size`` deterministic pseudo-random bytes in chunks, never all at once."""
+
+    def __init__(self, seed: int, size: int) -> None:
+        self._rng = random.Random(seed)
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self._left:
+            n = self._left
+        n = min(n, _CHUNK_BYTES)
+        self._left -= n
+        # Random.randbytes is 3.9+; getrandbits works on 3.8 and is as fast.
+        return self._rng.getrandbits(n * 8).to_bytes(n, "little") if n else b""
+
+
+def _blobs_dir(layout: Path) -> Path:
+    d = layout / "blobs" / "sha256"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def init_layout(layout: Path) -> Path:
+    """Creates an empty OCI image layout (``oci-layout`` and an empty ``index.json``)."""
+    layout = Path(layout)
+    _blobs_dir(layout)
+    (layout / "oci-layout").write_text(
+        json.dumps({"imageLayoutVersion": MEDIA_TYPE_OCI_LAYOUT_VERSION})
+    )
+    if not (layout / "index.json").exists():
+        _write_index_json(layout, [])
+    return layout
+
+
+def _write_index_json(layout: Path, manifests: List[dict]) -> None:
+    body = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX, "manifests": manifests}
+    (layout / "index.json").write_text(json.dumps(body, indent=2))
+
+
+def write_blob(layout: Path, data: bytes, media_type: str) -> Blob:
+    """Stores ``data`` as a content-addressed blob and returns its descriptor fields."""
+    hex_digest = hashlib.sha256(data).hexdigest()
+    path = _blobs_dir(Path(layout)) / hex_digest
+    if not path.exists():
+        path.write_bytes(data)
+    return Blob("sha256:" + hex_digest, len(data), media_type)
+
+
+def _canonical_json(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def write_layer(layout: Path, spec: LayerSpec, name: str = "layer") -> Tuple[Blob, str]:
+    """Streams one gzip tar layer into the layout; returns the blob and its diff_id.
+
+    Memory stays at about one chunk whatever the size: tar writes into gzip, which writes
+    into a temporary file in ``blobs/sha256`` that is renamed to its digest at the end.
+    """
+    blobs = _blobs_dir(Path(layout))
+    fd, tmp_name = tempfile.mkstemp(dir=str(blobs), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            stored = _HashingWriter(raw)
+            # filename="" and mtime fixed: the gzip header must not vary between runs.
+            with gzip.GzipFile(
+                filename="", mode="wb", fileobj=stored, mtime=_EPOCH_S,
+                compresslevel=spec.compresslevel,
+            ) as gz:
+                plain = _HashingWriter(gz)
+                with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    _add_layer_members(tar, spec, name)
+        hex_digest = stored.sha256.hexdigest()
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; other blobs are 0644
+        os.replace(tmp_name, str(blobs / hex_digest))
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    blob = Blob("sha256:" + hex_digest, stored.size, MEDIA_TYPE_OCI_LAYER_GZIP)
+    return blob, "sha256:" + plain.sha256.hexdigest()
+
+
+def _tarinfo(name: str, size: int = 0, is_dir: bool = False) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mtime = _EPOCH_S
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+    info.mode = 0o755 if is_dir else 0o644
+    info.size = size
+    return info
+
+
+def _add_layer_members(tar: tarfile.TarFile, spec: LayerSpec, name: str) -> None:
+    root = "%s-%d" % (name, spec.seed)
+    tar.addfile(_tarinfo(root + "/", is_dir=True))
+    if spec.random_bytes:
+        tar.addfile(
+            _tarinfo(root + "/random.bin", spec.random_bytes),
+            _RandomReader(spec.seed, spec.random_bytes),
+        )
+    if spec.small_files:
+        tar.addfile(_tarinfo(root + "/files/", is_dir=True))
+        for i in range(spec.small_files):
+            line = ("seed %d file %d\n" % (spec.seed, i)).encode()
+            body = (line * (spec.small_file_bytes // len(line) + 1))[: spec.small_file_bytes]
+            tar.addfile(_tarinfo("%s/files/f%05d.txt" % (root, i), len(body)), io.BytesIO(body))
+
+
+def _write_image(
+    layout: Path, layer_specs: Sequence[LayerSpec], os_name: str, architecture: str,
+    variant: Optional[str], annotations: Optional[dict] = None,
+) -> ImageInfo:
+    layers, diff_ids = [], []
+    for i, spec in enumerate(layer_specs):
+        blob, diff_id = write_layer(layout, spec, name="%s-%s-%d" % (os_name, architecture, i))
+        layers.append(blob)
+        diff_ids.append(diff_id)
+    config = {
+        "created": _CREATED,
+        "architecture": architecture,
+        "os": os_name,
+        "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created": _CREATED, "created_by": "_oci_testkit layer %d" % i}
+                    for i in range(len(layers))],
+    }
+    if variant:
+        config["variant"] = variant
+    config_blob = write_blob(layout, _canonical_json(config), MEDIA_TYPE_OCI_CONFIG)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        "config": config_blob.descriptor(),
+        "layers": [b.descriptor() for b in layers],
+    }
+    if annotations:
+        manifest["annotations"] = annotations
+    manifest_blob = write_blob(layout, _canonical_json(manifest), MEDIA_TYPE_OCI_MANIFEST)
+    return ImageInfo(manifest_blob, config_blob, tuple(layers), tuple(diff_ids),
+                     os_name, architecture, variant)
+
+
+def _tag_in_index_json(layout: Path, blob: Blob, tag: str, platform: Optional[dict] = None) -> None:
+    """Points ``tag`` at ``blob`` in index.json, replacing an older entry with that tag."""
+    index = json.loads((layout / "index.json").read_text())
+    kept = [m for m in index.get("manifests", [])
+            if m.get("annotations", {}).get(ANNOTATION_REF_NAME) != tag]
+    extra = {"annotations": {ANNOTATION_REF_NAME: tag}}
+    if platform:
+        extra["platform"] = platform
+    kept.append(blob.descriptor(**extra))
+    _write_index_json(layout, kept)
+
+
+def default_layers(count: int = 3, random_bytes: int = 8 * 1024, small_files: int = 20,
+                   seed: int = 1) -> List[LayerSpec]:
+    """Returns ``count`` small layer specs: incompressible ones, then one of small files."""
+    specs = [LayerSpec(seed=seed + i, random_bytes=random_bytes) for i in range(count - 1)]
+    specs.append(LayerSpec(seed=seed + count - 1, small_files=small_files))
+    return specs
+
+
+def benchmark_layers(big_layers: int = 6, big_layer_bytes: int = 48 * MIB,
+                     small_files: int = 10_000, compresslevel: int = 1) -> List[LayerSpec]:
+    """Returns the ~300 MB benchmark shape: big incompressible layers plus many small files."""
+    specs = [LayerSpec(seed=1000 + i, random_bytes=big_layer_bytes, compresslevel=compresslevel)
+             for i in range(big_layers)]
+    specs.append(LayerSpec(seed=2000, small_files=small_files, small_file_bytes=256,
+                           compresslevel=compresslevel))
+    return specs
+
+
+def build_image(layout: Path, tag: str = "latest",
+                layers: Optional[Sequence[LayerSpec]] = None,
+                platform: str = "linux/amd64") -> ImageInfo:
+    """Writes a single-platform image into ``layout`` under ``tag`` and returns its digests."""
+    layout = init_layout(Path(layout))
+    os_name, architecture, variant = parse_platform(platform)
+    info = _write_image(layout, default_layers() if layers is None else layers,
+                        os_name, architecture, variant)
+    _tag_in_index_json(layout, info.manifest, tag)
+    return info
+
+
+DEFAULT_INDEX_PLATFORMS = ("linux/amd64", "linux/arm64/v8", "linux/arm/v7")
+
+
+def build_index(layout: Path, tag: str = "latest",
+                platforms: Iterable[str] = DEFAULT_INDEX_PLATFORMS,
+                layers_per_image: int = 2, layer_bytes: int = 4 * 1024) -> IndexInfo:
+    """Writes a multi-platform image index under ``tag``; each child has its own blobs.
+
+    The index is a blob and index.json points at it, so the tag names the whole index
+    (image-layout.md allows an index descriptor in index.json).
+    """
+    layout = init_layout(Path(layout))
+    images: Dict[str, ImageInfo] = {}
+    descriptors = []
+    for n, plat in enumerate(platforms):
+        os_name, architecture, variant = parse_platform(plat)
+        # Distinct seeds per platform: no layer is shared, so picking the wrong child
+        # shows up as wrong layer digests too.
+        specs = default_layers(layers_per_image, random_bytes=layer_bytes, small_files=5,
+                               seed=100 * (n + 1))
+        info = _write_image(layout, specs, os_name, architecture, variant)
+        images[info.platform] = info
+        platform_obj = {"architecture": architecture, "os": os_name}
+        if variant:
+            platform_obj["variant"] = variant
+        descriptors.append(info.manifest.descriptor(platform=platform_obj))
+    index = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX, "manifests": descriptors}
+    index_blob = write_blob(layout, _canonical_json(index), MEDIA_TYPE_OCI_INDEX)
+    _tag_in_index_json(layout, index_blob, tag)
+    return IndexInfo(index_blob, images)
+
+
+def parse_platform(platform: str) -> Tuple[str, str, Optional[str]]:
+    """Splits ``os/architecture[/variant]``."""
+    parts = platform.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError("platform %r is not os/architecture[/variant]" % platform)
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+# =============================================================================
+# 2. EXPECTED VALUES: reading a layout back, hashing files
+# =============================================================================
+
+
+def sha256_file(path: Path) -> str:
+    """Returns ``sha256:<hex>`` of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(str(path), "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Returns ``sha256:<hex>`` of ``data``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def read_blob(layout: Path, digest: str) -> bytes:
+    """Returns the bytes of a blob of the layout."""
+    algorithm, hex_digest = digest.split(":", 1)
+    return (Path(layout) / "blobs" / algorithm / hex_digest).read_bytes()
+
+
+def describe_layout(layout: Path, tag: str) -> dict:
+    """Returns the digests a tag of the layout resolves to, read back from disk.
+
+    For an image: ``{"digest", "media_type", "config", "layers"}``; for an index the same
+    top level plus ``"manifests"``, a dict from platform string to such an image dict.
+    """
+    layout = Path(layout)
+    for entry in json.loads((layout / "index.json").read_text())["manifests"]:
+        if entry.get("annotations", {}).get(ANNOTATION_REF_NAME) == tag:
+            return _describe_descriptor(layout, entry)
+    raise KeyError("tag %r not in %s/index.json" % (tag, layout))
+
+
+def _describe_descriptor(layout: Path, descriptor: dict) -> dict:
+    body = json.loads(read_blob(layout, descriptor["digest"]))
+    out = {"digest": descriptor["digest"], "media_type": descriptor["mediaType"]}
+    if descriptor["mediaType"] in (MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_MANIFEST_LIST):
+        out["manifests"] = {}
+        for child in body["manifests"]:
+            p = child["platform"]
+            key = "/".join([p["os"], p["architecture"]] + ([p["variant"]] if p.get("variant") else []))
+            out["manifests"][key] = _describe_descriptor(layout, child)
+        return out
+    out["config"] = body["config"]["digest"]
+    out["layers"] = [layer["digest"] for layer in body["layers"]]
+    return out
+
+
+# =============================================================================
+# 3. DISTRIBUTION: a throwaway registry on loopback, and pushes with skopeo
+# =============================================================================
+
+
+class ToolMissing(Exception):
+    """Says that an external program the interop tests need is not installed."""
+
+
+def require_tool(name: str) -> str:
+    """Returns the path of ``name`` on PATH, or raises ToolMissing."""
+    path = shutil.which(name)
+    if path is None:
+        raise ToolMissing("%s is not installed (apt-get install %s)" % (name, _APT_PACKAGE.get(name, name)))
+    return path
+
+
+_APT_PACKAGE = {"docker-registry": "docker-registry", "skopeo": "skopeo",
+                "htpasswd": "apache2-utils", "umoci": "umoci"}
+
+
+def free_port() -> int:
+    """Returns a TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _registry_config(root: Path, port: int, htpasswd: Optional[Path]) -> str:
+    # JSON is valid YAML, which spares a YAML writer. The config points at the temporary
+    # root only: the packaged /etc/docker/registry/config.yml is never read.
+    config = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(root / "storage")},
+            "delete": {"enabled": True},
+            "cache": {"blobdescriptor": "inmemory"},
+        },
+        "http": {"addr": "127.0.0.1:%d" % port, "secret": "zlayer-interop-test-secret"},
+    }
+    if htpasswd is not None:
+        config["auth"] = {"htpasswd": {"realm": "test", "path": str(htpasswd)}}
+    return json.dumps(config, indent=2)
+
+
+# The registry is on loopback: an http_proxy in the environment must not see this traffic.
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class DistributionRegistry:
+    """Runs ``docker-registry serve`` on 127.0.0.1 with storage in ``root``.
+
+    ``start()`` waits until ``/v2/`` answers; ``stop()`` ends the process it started, by
+    its PID. With ``username``/``password`` the registry requires htpasswd basic auth.
+    """
+
+    def __init__(self, root: Path, username: Optional[str] = None,
+                 password: Optional[str] = None, start_timeout_s: float = 20.0) -> None:
+        self.root = Path(root)
+        self.username = username
+        self.password = password
+        self.start_timeout_s = start_timeout_s
+        self.port = 0
+        self.process: Optional[subprocess.Popen] = None
+        self._registry_bin = require_tool("docker-registry")
+        self._skopeo_bin = require_tool("skopeo")
+        self._htpasswd_bin = require_tool("htpasswd") if username is not None else None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """Returns ``127.0.0.1:PORT``, the registry part of a reference."""
+        return "127.0.0.1:%d" % self.port
+
+    @property
+    def url(self) -> str:
+        """Returns the base URL, ``http://127.0.0.1:PORT``."""
+        return "http://" + self.host
+
+    @property
+    def creds(self) -> Optional[str]:
+        """Returns ``user:pass`` for skopeo, or None for an open registry."""
+        return None if self.username is None else "%s:%s" % (self.username, self.password)
+
+    def start(self) -> "DistributionRegistry":
+        """Starts the registry on a free port; retries if another process took the port."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        htpasswd = self._write_htpasswd() if self.username is not None else None
+        last_error = ""
+        for _attempt in range(3):
+            self.port = free_port()
+            config_path = self.root / "config.yml"
+            config_path.write_text(_registry_config(self.root, self.port, htpasswd))
+            log_path = self.root / "registry.log"
+            with open(str(log_path), "wb") as log:
+                self.process = subprocess.Popen(
+                    [self._registry_bin, "serve", str(config_path)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                )
+            if self._wait_ready():
+                return self
+            last_error = log_path.read_text(errors="replace")[-2000:]
+            self.stop()
+        raise RuntimeError("docker-registry did not answer on /v2/; log tail:\n" + last_error)
+
+    def _write_htpasswd(self) -> Path:
+        # distribution's htpasswd accepts bcrypt entries only, hence -B.
+        out = subprocess.run(
+            [self._htpasswd_bin, "-Bbn", self.username, self.password],
+            check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        ).stdout
+        path = self.root / "htpasswd"
+        path.write_bytes(out.strip() + b"\n")
+        return path
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.start_timeout_s
+        delay_s = 0.02
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                return False
+            try:
+                status, _headers, _body = self.request("GET", "/v2/", auth=False, timeout_s=2)
+            except OSError:
+                status = 0
+            # 401 counts as up: the auth-enabled registry answers /v2/ that way.
+            if status in (200, 401):
+                return True
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.25)
+        return False
+
+    def stop(self) -> None:
+        """Terminates the registry process this object started, then reaps it."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def __enter__(self) -> "DistributionRegistry":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- talking to it -----------------------------------------------------------------
+
+    def reference(self, repository: str, tag_or_digest: str) -> str:
+        """Returns ``127.0.0.1:PORT/repository:tag`` or ``...@sha256:...``."""
+        sep = "@" if tag_or_digest.startswith("sha256:") else ":"
+        return "%s/%s%s%s" % (self.host, repository, sep, tag_or_digest)
+
+    def request(self, method: str, path: str, accept: Sequence[str] = (), auth: bool = True,
+                timeout_s: float = 10) -> Tuple[int, dict, bytes]:
+        """Sends one HTTP request to the registry; returns status, headers and body."""
+        req = urllib.request.Request(self.url + path, method=method)
+        if accept:
+            req.add_header("Accept", ", ".join(accept))
+        if auth and self.username is not None:
+            token = base64.b64encode(self.creds.encode()).decode()
+            req.add_header("Authorization", "Basic " + token)
+        try:
+            with _NO_PROXY_OPENER.open(req, timeout=timeout_s) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, dict(exc.headers), exc.read()
+
+    def manifest(self, repository: str, reference: str,
+                 accept: Sequence[str] = (MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_OCI_INDEX,
+                                          MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST_LIST),
+                 ) -> Tuple[str, str, bytes]:
+        """Returns (Docker-Content-Digest, Content-Type, body) of a manifest in the registry.
+
+        distribution 2.8 serves a manifest only in the formats the Accept header lists; an
+        OCI manifest asked for without its media type is answered 404 (MANIFEST_UNKNOWN).
+        """
+        status, headers, body = self.request(
+            "GET", "/v2/%s/manifests/%s" % (repository, reference), accept=accept)
+        if status != 200:
+            raise LookupError("GET manifest %s:%s -> %d %s" % (repository, reference, status, body[:200]))
+        digest = headers.get("Docker-Content-Digest", "")
+        if digest != sha256_bytes(body):
+            raise AssertionError("registry digest %s != sha256 of body %s" % (digest, sha256_bytes(body)))
+        return digest, headers.get("Content-Type", ""), body
+
+    def push(self, layout_dir: Path, tag: str, repo: str, fmt: Optional[str] = None,
+             all_platforms: Optional[bool] = None) -> str:
+        """Copies ``oci:layout_dir:tag`` to ``repo:tag`` with skopeo; returns the digest stored.
+
+        ``fmt="v2s2"`` converts to Docker schema 2 on the way. An index in the layout is
+        copied whole (every platform), detected from index.json unless ``all_platforms``
+        says otherwise.
+        """
+        if all_platforms is None:
+            all_platforms = describe_layout(layout_dir, tag)["media_type"] == MEDIA_TYPE_OCI_INDEX
+        cmd = [self._skopeo_bin, "--insecure-policy", "copy", "--retry-times", "0",
+               "--dest-tls-verify=false"]
+        if self.creds:
+            cmd += ["--dest-creds", self.creds]
+        else:
+            cmd += ["--dest-no-creds"]
+        if fmt is not None:
+            cmd += ["--format", fmt]
+        if all_platforms:
+            cmd += ["--multi-arch", "all"]
+        digest_file = Path(tempfile.mkdtemp(dir=str(self.root))) / "digest"
+        cmd += ["--digestfile", str(digest_file),
+                "oci:%s:%s" % (layout_dir, tag), "docker://%s/%s:%s" % (self.host, repo, tag)]
+        self._run(cmd)
+        return digest_file.read_text().strip()
+
+    def inspect(self, repository: str, tag: str, raw: bool = False) -> dict:
+        """Runs ``skopeo inspect`` (``--raw`` for the manifest as stored) and parses its JSON."""
+        cmd = [self._skopeo_bin, "--insecure-policy", "inspect", "--retry-times", "0",
+               "--tls-verify=false"]
+        if self.creds:
+            cmd += ["--creds", self.creds]
+        else:
+            cmd += ["--no-creds"]
+        if raw:
+            cmd += ["--raw"]
+        cmd += ["docker://%s/%s:%s" % (self.host, repository, tag)]
+        return json.loads(self._run(cmd))
+
+    def raw_manifest_digest(self, repository: str, tag: str) -> str:
+        """Returns the sha256 of ``skopeo inspect --raw``: the digest of the manifest as stored."""
+        cmd = [self._skopeo_bin, "--insecure-policy", "inspect", "--retry-times", "0",
+               "--tls-verify=false", "--raw"]
+        cmd += ["--creds", self.creds] if self.creds else ["--no-creds"]
+        cmd += ["docker://%s/%s:%s" % (self.host, repository, tag)]
+        return sha256_bytes(self._run(cmd, text=False))
+
+    @staticmethod
+    def _run(cmd: List[str], text: bool = True):
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError("%s failed (exit %d): %s" % (
+                " ".join(cmd[:3]), proc.returncode, proc.stderr.decode(errors="replace").strip()))
+        return proc.stdout.decode() if text else proc.stdout
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    """Builds a layout from the command line: ``python _oci_testkit.py image|index|bench DIR [TAG]``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] not in ("image", "index", "bench"):
+        print("usage: python _oci_testkit.py image|index|bench DIR [TAG]", file=sys.stderr)
+        return 2
+    kind, layout, tag = args[0], Path(args[1]), args[2] if len(args) > 2 else "latest"
+    if kind == "index":
+        print(build_index(layout, tag).digest)
+    else:
+        layers = benchmark_layers() if kind == "bench" else None
+        print(build_image(layout, tag, layers=layers).digest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

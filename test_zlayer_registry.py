@@ -1,0 +1,1111 @@
+"""Hermetic tests for zlayer_registry: no network beyond 127.0.0.1, no peers.
+
+The blocks follow the module's sections.  Registries are `_fake_registry`
+servers on 127.0.0.1:0; collaborators (cache, sleep, clock, environ,
+credential-helper runner) are passed in rather than patched.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+_spec = importlib.util.spec_from_file_location("zlayer_registry", HERE / "zlayer_registry.py")
+zr = importlib.util.module_from_spec(_spec)
+sys.modules["zlayer_registry"] = zr
+_spec.loader.exec_module(zr)
+
+import _fake_registry as fake  # noqa: E402
+
+SHA_A = "sha256:" + "a" * 64
+SHA_B = "sha256:" + "b" * 64
+
+
+# -----------------------------------------------------------------------------
+# fixtures
+# -----------------------------------------------------------------------------
+
+@pytest.fixture
+def registry():
+    server = fake.FakeRegistry()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def object_store():
+    server = fake.ObjectStore()
+    yield server
+    server.close()
+
+
+class Sleeps(list):
+    """A sleep() stand-in that records the delays asked for."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+@pytest.fixture
+def sleeps():
+    return Sleeps()
+
+
+def make_puller(cache=None, sleeps=None, **kwargs):
+    kwargs.setdefault("environ", {})
+    kwargs.setdefault("platform", "linux/amd64")
+    return zr.ImagePuller(cache if cache is not None else zr.BlobCache(),
+                          sleep=sleeps if sleeps is not None else Sleeps(), **kwargs)
+
+
+def layer_bytes(seed: int, size: int = 200_000) -> bytes:
+    """Deterministic incompressible bytes."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}-{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+def run_cli(*args, env=None, cwd=None):
+    full_env = dict(os.environ)
+    full_env.pop("DOCKER_CONFIG", None)
+    full_env["HOME"] = str(cwd or HERE)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, str(HERE / "zlayer_registry.py"), *args],
+                          capture_output=True, text=True, env=full_env, timeout=120)
+
+
+# -----------------------------------------------------------------------------
+# meta: the module's shape
+# -----------------------------------------------------------------------------
+
+class TestModuleShape:
+    def test_all_lists_exactly_the_public_names(self):
+        tree = ast.parse((HERE / "zlayer_registry.py").read_text())
+        public = set()
+        for node in tree.body:
+            names = []
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = [node.target.id]
+            public |= {n for n in names if not n.startswith("_")}
+        assert public == set(zr.__all__)
+
+    def test_public_names_have_docstrings(self):
+        for name in zr.__all__:
+            obj = getattr(zr, name)
+            if callable(obj) and not isinstance(obj, (str, int, float)):
+                assert obj.__doc__ and obj.__doc__.strip()[0].isupper(), name
+
+    def test_imports_only_the_standard_library(self):
+        tree = ast.parse((HERE / "zlayer_registry.py").read_text())
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+        stdlib = getattr(sys, "stdlib_module_names", None)
+        if stdlib is None:  # Python < 3.10: compare with a known list
+            stdlib = {"argparse", "base64", "concurrent", "dataclasses", "email", "enum",
+                      "errno", "hashlib", "http", "io", "json", "os", "platform", "random",
+                      "re", "socket", "sqlite3", "ssl", "subprocess", "sys", "tempfile",
+                      "threading", "time", "traceback", "typing", "urllib", "__future__"}
+        assert modules - set(stdlib) - {"__future__"} == set()
+
+    def test_import_has_no_side_effects(self):
+        code = ("import sys, threading; before = set(sys.modules); n = threading.active_count();"
+                f"sys.path.insert(0, {str(HERE)!r}); import zlayer_registry;"
+                "heavy = {'sqlite3', 'ssl', 'http.client', 'concurrent.futures', 'tarfile',"
+                " 'subprocess'} & (set(sys.modules) - before);"
+                "assert threading.active_count() == n; print(sorted(heavy))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={"PATH": os.environ.get("PATH", "")})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[]"
+
+    def test_import_works_without_sqlite3_and_ssl(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        code = ("import sys; sys.modules['sqlite3'] = None; sys.modules['ssl'] = None;"
+                f"sys.path.insert(0, {str(HERE)!r}); import zlayer_registry as zr;"
+                f"c = zr.BlobCache.open({str(tmp_path)!r});"
+                f"m, layers = zr.ImagePuller(c, environ={{}}).pull('{registry.host}/app:v1');"
+                "print(m.digest, c.verify(), len(c.entries()))\n"
+                "try:\n    zr.ImagePuller(c, environ={}).pull('example.com/app:v1')\n"
+                "except zr.ZLayerError as e:\n    print(e)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        first, second = out.stdout.strip().splitlines()
+        assert first == f"{image['digest']} [] 3"
+        assert "'ssl' module" in second
+        assert not (tmp_path / "index.sqlite").exists()
+
+    def test_section_banners_are_numbered_in_order(self):
+        text = (HERE / "zlayer_registry.py").read_text()
+        import re
+        numbers = [int(n) for n in re.findall(r"^# (\d+)\. ", text, re.M)]
+        assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) >= 10
+        for number in numbers:
+            assert f"    {number}. " in zr.__doc__
+
+
+# -----------------------------------------------------------------------------
+# 5. digests and descriptors
+# -----------------------------------------------------------------------------
+
+class TestDigests:
+    def test_compute_and_validate(self):
+        assert zr.compute_digest(b"") == \
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        assert zr.compute_digest(b"x", "sha512").startswith("sha512:")
+        assert len(zr.compute_digest(b"x", "sha512")) == 7 + 128
+
+    @pytest.mark.parametrize("digest", ["md5:" + "a" * 32, "sha256:" + "A" * 64,
+                                        "sha256:abc", "sha256" + "a" * 64, 5])
+    def test_bad_digests_in_descriptors_are_refused(self, digest):
+        with pytest.raises(zr.ManifestError):
+            zr.Descriptor.from_json({"mediaType": "x", "digest": digest, "size": 1})
+
+    @pytest.mark.parametrize("size", [-1, True, "10", 1 << 41, None])
+    def test_bad_sizes_are_refused(self, size):
+        with pytest.raises(zr.ManifestError, match="size|limit"):
+            zr.Descriptor.from_json({"mediaType": "x", "digest": SHA_A, "size": size})
+
+    def test_descriptor_round_trip(self):
+        data = {"mediaType": "m", "digest": SHA_A, "size": 3,
+                "platform": {"os": "linux", "architecture": "arm", "variant": "v7"},
+                "annotations": {"k": "v"}}
+        desc = zr.Descriptor.from_json(data)
+        assert desc.platform == zr.Platform("linux", "arm", "v7")
+        assert desc.to_json() == data
+
+
+# -----------------------------------------------------------------------------
+# 6. references
+# -----------------------------------------------------------------------------
+
+class TestReferences:
+    @pytest.mark.parametrize("text, expected", [
+        ("ubuntu", "docker.io/library/ubuntu:latest"),
+        ("ubuntu:22.04", "docker.io/library/ubuntu:22.04"),
+        ("user/app", "docker.io/user/app:latest"),
+        ("index.docker.io/library/alpine:3", "docker.io/library/alpine:3"),
+        ("ghcr.io/org/team/app:v1.2_3", "ghcr.io/org/team/app:v1.2_3"),
+        ("localhost/app", "localhost/app:latest"),
+        ("localhost:5000/a/b@" + SHA_A, "localhost:5000/a/b@" + SHA_A),
+        ("127.0.0.1:5000/a:t@" + SHA_A, "127.0.0.1:5000/a:t@" + SHA_A),
+        ("[::1]:5000/a", "[::1]:5000/a:latest"),
+        ("Registry/app", "Registry/app:latest"),
+        ("a-b__c/e--f.g", "docker.io/a-b__c/e--f.g:latest"),
+        ("a.b/c", "a.b/c:latest"),
+    ])
+    def test_normalises(self, text, expected):
+        assert str(zr.parse_reference(text)) == expected
+
+    def test_fields_and_identifier(self):
+        ref = zr.parse_reference("quay.io/org/app:v1@" + SHA_B)
+        assert (ref.registry, ref.repository, ref.tag, ref.digest) == \
+            ("quay.io", "org/app", "v1", SHA_B)
+        assert ref.identifier == SHA_B  # name:tag@digest pulls by digest
+        assert zr.parse_reference("alpine").api_host == "registry-1.docker.io"
+        assert zr.parse_reference("ghcr.io/a/b").api_host == "ghcr.io"
+
+    @pytest.mark.parametrize("text, reason", [
+        ("", "empty"),
+        ("Ubuntu", "lowercase"),
+        ("docker.io/Library/x", "lowercase"),
+        ("app:-bad", "invalid tag"),
+        ("app:" + "t" * 129, "invalid tag"),
+        ("app@sha256:1234", "64 lowercase hex"),
+        ("app@md5:" + "a" * 32, "unsupported algorithm"),
+        ("https://ghcr.io/a/b", "scheme"),
+        ("a b", "whitespace"),
+        ("ghcr.io/", "missing repository"),
+        ("a//b", "invalid path component"),
+        ("-host.io/app", "invalid registry host"),
+        ("x/" + "a" * 260, "longer than 255"),
+    ])
+    def test_rejects_with_reason(self, text, reason):
+        with pytest.raises(zr.InvalidReferenceError, match=reason):
+            zr.parse_reference(text)
+
+
+# -----------------------------------------------------------------------------
+# 7. manifests and platforms
+# -----------------------------------------------------------------------------
+
+def _index(*platforms):
+    return zr.parse_manifest(json.dumps({
+        "schemaVersion": 2, "mediaType": zr.MEDIA_TYPE_OCI_INDEX,
+        "manifests": [{"mediaType": zr.MEDIA_TYPE_OCI_MANIFEST,
+                       "digest": "sha256:%064x" % i, "size": 10, "platform": p}
+                      for i, p in enumerate(platforms)]}).encode())
+
+
+class TestManifests:
+    def test_media_type_from_field_header_or_shape(self):
+        body = {"schemaVersion": 2, "config": {"mediaType": "c", "digest": SHA_A, "size": 1},
+                "layers": []}
+        raw = json.dumps(body).encode()
+        assert zr.parse_manifest(raw).media_type == zr.MEDIA_TYPE_OCI_MANIFEST
+        assert zr.parse_manifest(raw, zr.MEDIA_TYPE_DOCKER_MANIFEST).media_type == \
+            zr.MEDIA_TYPE_DOCKER_MANIFEST
+        raw = json.dumps({"schemaVersion": 2, "manifests": []}).encode()
+        assert zr.parse_manifest(raw).is_index
+
+    @pytest.mark.parametrize("raw, message", [
+        (b"not json", "not valid JSON"),
+        (b"[1]", "not a JSON object"),
+        (b'{"schemaVersion": 1, "fsLayers": []}', "schema 1"),
+        (b'{"mediaType": "text/html"}', "unsupported mediaType"),
+        (b'{"schemaVersion": 2}', "neither"),
+        (json.dumps({"mediaType": zr.MEDIA_TYPE_OCI_MANIFEST, "layers": []}).encode(),
+         "no 'config'"),
+        (json.dumps({"mediaType": zr.MEDIA_TYPE_OCI_INDEX, "manifests": [
+            {"mediaType": "x", "digest": "sha1:" + "a" * 40, "size": 1}]}).encode(),
+         "unsupported algorithm"),
+    ])
+    def test_rejects_bad_manifests(self, raw, message):
+        with pytest.raises(zr.ManifestError, match=message):
+            zr.parse_manifest(raw)
+
+    def test_size_cap_and_digest_check(self):
+        with pytest.raises(zr.ManifestError, match="limit"):
+            zr.parse_manifest(b" " * (zr.MAX_MANIFEST_SIZE_BYTES + 1))
+        with pytest.raises(zr.DigestMismatchError):
+            zr.parse_manifest(b'{"manifests": []}', digest=SHA_A)
+
+    @pytest.mark.parametrize("text, expected", [
+        ("linux/aarch64", zr.Platform("linux", "arm64")),
+        ("linux/arm64/v8", zr.Platform("linux", "arm64")),
+        ("linux/x86_64", zr.Platform("linux", "amd64")),
+        ("linux/arm", zr.Platform("linux", "arm", "v7")),
+        ("Linux/ARM/V6", zr.Platform("linux", "arm", "v6")),
+    ])
+    def test_parse_platform_normalises(self, text, expected):
+        assert zr.parse_platform(text) == expected
+
+    def test_parse_platform_rejects(self):
+        with pytest.raises(zr.ZLayerError, match="OS/ARCH"):
+            zr.parse_platform("linux")
+
+    def test_select_exact_and_ladder(self):
+        index = _index({"os": "linux", "architecture": "amd64"},
+                       {"os": "linux", "architecture": "arm64", "variant": "v8"},
+                       {"os": "linux", "architecture": "arm", "variant": "v6"},
+                       {"os": "linux", "architecture": "arm", "variant": "v7"})
+        digests = [d.digest for d in index.manifests]
+        pick = lambda p: zr.select_platform(index, zr.parse_platform(p)).digest  # noqa: E731
+        assert pick("linux/amd64") == digests[0]
+        assert pick("linux/arm64") == digests[1]          # v8 or no variant: same
+        assert pick("linux/aarch64") == digests[1]
+        assert pick("linux/arm/v8") == digests[3]         # v8 -> v7 before v6
+        assert pick("linux/arm/v7") == digests[3]
+        assert pick("linux/arm/v6") == digests[2]
+
+    def test_no_match_lists_what_is_offered(self):
+        index = _index({"os": "linux", "architecture": "amd64"},
+                       {"os": "linux", "architecture": "arm", "variant": "v7"},
+                       {"os": "unknown", "architecture": "unknown"})
+        with pytest.raises(zr.NotFoundError) as info:
+            zr.select_platform(index, zr.parse_platform("linux/arm/v5"))
+        assert "offers: linux/amd64, linux/arm/v7" in str(info.value)
+        assert "unknown" not in str(info.value)
+
+    def test_host_platform_is_normalised(self):
+        host = zr.host_platform()
+        assert host.os == "linux" and host.architecture in (
+            "amd64", "arm64", "arm", "386", "ppc64le", "s390x", "riscv64")
+
+
+# -----------------------------------------------------------------------------
+# 10. credentials and token auth
+# -----------------------------------------------------------------------------
+
+def _write_json(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+class TestCredentials:
+    def test_repr_never_shows_secrets(self):
+        for auth in (zr.RegistryAuth.basic("u", "hunter2"), zr.RegistryAuth.bearer("hunter2"),
+                     zr.RegistryAuth.identity("hunter2")):
+            assert "hunter2" not in repr(auth) and "hunter2" not in str(auth)
+
+    def test_auths_entry_forms(self, tmp_path):
+        _write_json(tmp_path / "config.json", {"auths": {
+            "https://ghcr.io": {"auth": _b64("alice:pw1")},
+            "quay.io": {"username": "bob", "password": "pw2"},
+            "example.com/v1/": {"identitytoken": "refresh-me"}}})
+        env = {"DOCKER_CONFIG": str(tmp_path)}
+        ghcr = zr.RegistryAuth.from_docker_config("ghcr.io", environ=env)
+        assert (ghcr.kind, ghcr.username, ghcr.password) == ("basic", "alice", "pw1")
+        quay = zr.RegistryAuth.from_docker_config("quay.io", environ=env)
+        assert (quay.username, quay.password) == ("bob", "pw2")
+        example = zr.RegistryAuth.from_docker_config("example.com", environ=env)
+        assert example.identity_token == "refresh-me"
+        assert zr.RegistryAuth.from_docker_config("other.io", environ=env).kind == "anonymous"
+
+    def test_docker_hub_legacy_key_and_home_default(self, tmp_path):
+        _write_json(tmp_path / ".docker" / "config.json", {"auths": {
+            "https://index.docker.io/v1/": {"auth": _b64("hubuser:hubpw")}}})
+        auth = zr.RegistryAuth.from_docker_config("docker.io", environ={"HOME": str(tmp_path)})
+        assert (auth.username, auth.password) == ("hubuser", "hubpw")
+
+    def test_cred_helpers_and_store(self, tmp_path):
+        _write_json(tmp_path / "config.json", {
+            "credHelpers": {"123.dkr.ecr.us-east-1.amazonaws.com": "ecr-login"},
+            "credsStore": "desktop"})
+        calls = []
+
+        def runner(name, server):
+            calls.append((name, server))
+            if name == "ecr-login":
+                return {"Username": "AWS", "Secret": "ecr-token"}
+            return {"Username": "<token>", "Secret": "identity"}
+
+        env = {"DOCKER_CONFIG": str(tmp_path)}
+        ecr = zr.RegistryAuth.from_docker_config("123.dkr.ecr.us-east-1.amazonaws.com",
+                                                 environ=env, run_helper=runner)
+        assert (ecr.username, ecr.password) == ("AWS", "ecr-token")
+        hub = zr.RegistryAuth.from_docker_config("docker.io", environ=env, run_helper=runner)
+        assert hub.identity_token == "identity"
+        assert calls[-1] == ("desktop", "https://index.docker.io/v1/")
+
+    def test_failing_or_missing_helper_means_anonymous_with_warning(self, tmp_path, capsys):
+        _write_json(tmp_path / "config.json", {"credHelpers": {"a.io": "nosuch"},
+                                               "credsStore": "broken"})
+        env = {"DOCKER_CONFIG": str(tmp_path), "PATH": str(tmp_path)}
+
+        def broken(name, server):
+            raise OSError("exit 1: credentials not found")
+
+        assert zr.RegistryAuth.from_docker_config("a.io", environ=env).kind == "anonymous"
+        assert "not installed" in capsys.readouterr().err
+        assert zr.RegistryAuth.from_docker_config("b.io", environ=env,
+                                                  run_helper=broken).kind == "anonymous"
+        assert "failed" in capsys.readouterr().err
+
+    def test_real_helper_process(self, tmp_path):
+        helper = tmp_path / "docker-credential-fake"
+        helper.write_text("#!/bin/sh\nread server\n"
+                          "echo '{\"ServerURL\":\"'$server'\",\"Username\":\"u\",\"Secret\":\"s\"}'\n")
+        helper.chmod(0o755)
+        _write_json(tmp_path / "config.json", {"credsStore": "fake"})
+        old_path = os.environ["PATH"]
+        os.environ["PATH"] = f"{tmp_path}:{old_path}"
+        try:
+            auth = zr.RegistryAuth.from_docker_config(
+                "r.io", environ={"DOCKER_CONFIG": str(tmp_path)})
+        finally:
+            os.environ["PATH"] = old_path
+        assert (auth.username, auth.password) == ("u", "s")
+
+    def test_podman_auth_files(self, tmp_path):
+        _write_json(tmp_path / "run" / "containers" / "auth.json",
+                    {"auths": {"r.io": {"auth": _b64("p:q")}}})
+        auth = zr.RegistryAuth.from_docker_config(
+            "r.io", environ={"HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path / "run")})
+        assert auth.password == "q"
+        _write_json(tmp_path / "other.json", {"auths": {"r.io": {"auth": _b64("x:y")}}})
+        auth = zr.RegistryAuth.from_docker_config(
+            "r.io", environ={"HOME": str(tmp_path), "REGISTRY_AUTH_FILE": str(tmp_path / "other.json"),
+                             "XDG_RUNTIME_DIR": str(tmp_path / "run")})
+        assert auth.password == "y"
+
+    def test_broken_config_file_warns(self, tmp_path, capsys):
+        (tmp_path / "config.json").write_text("{not json")
+        auth = zr.RegistryAuth.from_docker_config("r.io", environ={"DOCKER_CONFIG": str(tmp_path)})
+        assert auth.kind == "anonymous"
+        assert "ignoring credentials file" in capsys.readouterr().err
+
+    @pytest.mark.parametrize("header, expected", [
+        ('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+         'scope="repository:library/alpine:pull"',
+         [("bearer", {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
+                      "scope": "repository:library/alpine:pull"})]),
+        ('Basic realm="Registry Realm"', [("basic", {"realm": "Registry Realm"})]),
+        ('Bearer realm="a\\"b", error="invalid_token", Basic realm=x',
+         [("bearer", {"realm": 'a"b', "error": "invalid_token"}), ("basic", {"realm": "x"})]),
+    ])
+    def test_www_authenticate(self, header, expected):
+        parsed = zr._parse_www_authenticate(header)
+        assert [(c.scheme, dict(c.params)) for c in parsed] == expected
+
+    def test_token_cache_expiry(self):
+        now = [1000.0]
+        cache = zr._TokenCache(clock=lambda: now[0])
+        cache.put("r", "s", "t", 300)
+        assert cache.get("r", "s") == "t"
+        now[0] += 269
+        assert cache.get("r", "s") == "t"
+        now[0] += 2  # within 30 s of expiry: refreshed early
+        assert cache.get("r", "s") is None
+
+
+# -----------------------------------------------------------------------------
+# 9. transport and 11. registry client, against the fake registry
+# -----------------------------------------------------------------------------
+
+class TestProxies:
+    def test_proxy_selection(self):
+        settings = zr._ProxySettings.from_environ({
+            "HTTPS_PROXY": "http://proxy:3128", "http_proxy": "proxy:8080",
+            "NO_PROXY": "internal.corp,.svc,  registry.local:5000"})
+        assert settings.proxy_for("https", "ghcr.io", 443) == "http://proxy:3128"
+        assert settings.proxy_for("http", "example.com", 80) == "http://proxy:8080"
+        assert settings.proxy_for("https", "a.internal.corp", 443) == ""
+        assert settings.proxy_for("https", "x.svc", 443) == ""
+        assert settings.proxy_for("https", "registry.local", 5000) == ""
+        assert settings.proxy_for("https", "registry.local", 443) == "http://proxy:3128"
+        assert settings.proxy_for("http", "127.0.0.1", 5000) == ""  # loopback: direct
+        assert zr._ProxySettings.from_environ({"NO_PROXY": "*", "HTTPS_PROXY": "p:1"}) \
+            .proxy_for("https", "x", 443) == ""
+
+    def test_https_goes_through_a_connect_tunnel(self):
+        transport = zr._Transport(proxies=zr._ProxySettings(https="http://user:pw@127.0.0.1:3128"))
+        conn, absolute = transport._connect("https", "ghcr.io", 443)
+        assert (conn.host, conn.port, absolute) == ("127.0.0.1", 3128, False)
+        assert conn._tunnel_host == "ghcr.io" and conn._tunnel_port == 443
+        assert conn._tunnel_headers["Proxy-Authorization"] == "Basic " + _b64("user:pw")
+
+    def test_plain_http_through_forward_proxy(self, registry):
+        proxy = fake.ForwardProxy()
+        proxy.hosts["registry.test"] = "127.0.0.1"
+        try:
+            image = registry.add_image("app", "v1", [layer_bytes(3)])
+            port = registry.host.split(":")[1]
+            puller = make_puller(environ={"HTTP_PROXY": proxy.url}, insecure=True)
+            manifest, _ = puller.pull(f"registry.test:{port}/app:v1")
+            assert manifest.digest == image["digest"]
+            assert proxy.requests and all(r.startswith(f"http://registry.test:{port}/v2/")
+                                          for r in proxy.requests)
+        finally:
+            proxy.close()
+
+
+class TestPull:
+    def test_pull_verifies_and_caches_every_blob(self, registry, tmp_path):
+        layers = [layer_bytes(i, 300_000 + i) for i in range(3)]
+        image = registry.add_image("team/app", "v1", layers)
+        cache = zr.BlobCache.open(tmp_path)
+        manifest, pulled = make_puller(cache).pull(f"{registry.host}/team/app:v1")
+        assert manifest.digest == image["digest"]
+        assert [l.digest for l in pulled] == [d["digest"] for d in image["layers"]]
+        for layer, data in zip(pulled, layers):
+            assert Path(layer.path).read_bytes() == data
+            with layer.open() as f:
+                assert f.read() == data
+        assert cache.has(image["config"]["digest"])
+        assert cache.verify() == []
+        assert os.listdir(tmp_path / "tmp") == []
+
+    def test_accept_header_head_then_get_by_digest(self, registry):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        make_puller().pull(f"{registry.host}/app:v1")
+        manifest_requests = [r for r in registry.requests if "/manifests/" in r["path"]]
+        assert [r["method"] for r in manifest_requests] == ["HEAD", "GET"]
+        assert manifest_requests[1]["path"].endswith(image["digest"])
+        for request in manifest_requests:
+            accept = request["headers"]["Accept"]
+            for media_type in (fake.OCI_MANIFEST, fake.OCI_INDEX, fake.DOCKER_MANIFEST,
+                               fake.DOCKER_LIST):
+                assert media_type in accept
+
+    def test_warm_pull_costs_one_request_and_by_digest_none(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(1), layer_bytes(2)])
+        cache = zr.BlobCache.open(tmp_path)
+        first = make_puller(cache).pull_image(f"{registry.host}/app:v1")
+        assert first.bytes_downloaded == sum(l["size"] for l in image["layers"]) + \
+            image["config"]["size"]
+        before = len(registry.requests)
+        puller = make_puller(zr.BlobCache.open(tmp_path))
+        again = puller.pull_image(f"{registry.host}/app:v1")
+        assert len(registry.requests) - before == 1 == puller.request_count
+        assert again.bytes_downloaded == 0 and again.bytes_from_cache == first.bytes_downloaded
+        puller = make_puller(zr.BlobCache.open(tmp_path))
+        puller.pull(f"{registry.host}/app@{image['digest']}")
+        assert puller.request_count == 0
+
+    def test_get_fallback_when_head_unsupported(self, registry):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        registry.support_head = False
+        manifest, _ = make_puller().pull(f"{registry.host}/app:v1")
+        assert manifest.digest == image["digest"]
+        assert registry.count("GET", "manifests") == 1
+
+    def test_docker_schema2_image(self, registry):
+        image = registry.add_image("app", "v2", [layer_bytes(5)], docker=True)
+        manifest, layers = make_puller().pull(f"{registry.host}/app:v2")
+        assert manifest.media_type == zr.MEDIA_TYPE_DOCKER_MANIFEST
+        assert layers[0].media_type == "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        assert manifest.digest == image["digest"]
+
+    def test_index_resolves_platform(self, registry):
+        amd = registry.add_image("multi", None, [layer_bytes(10)])
+        arm = registry.add_image("multi", None, [layer_bytes(11)],
+                                 config={"architecture": "arm64", "os": "linux"})
+        armv7 = registry.add_image("multi", None, [layer_bytes(12)])
+        index_digest = registry.add_index("multi", "latest", [
+            ({"os": "linux", "architecture": "amd64"}, amd),
+            ({"os": "linux", "architecture": "arm64", "variant": "v8"}, arm),
+            ({"os": "linux", "architecture": "arm", "variant": "v7"}, armv7)])
+        result = make_puller(platform="linux/aarch64").pull_image(f"{registry.host}/multi")
+        assert result.manifest.digest == arm["digest"]
+        assert result.index.digest == index_digest
+        assert str(result.platform) == "linux/arm64"
+        assert result.to_json()["index_digest"] == index_digest
+        v8 = make_puller(platform="linux/arm/v8").pull_image(f"{registry.host}/multi")
+        assert v8.manifest.digest == armv7["digest"]
+        with pytest.raises(zr.NotFoundError, match="offers: linux/amd64, linux/arm/v7, linux/arm64"):
+            make_puller(platform="linux/s390x").pull(f"{registry.host}/multi")
+
+    def test_manifest_by_digest_is_verified(self, registry):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        other = registry.add_image("app", "v2", [layer_bytes(2)])
+        # The registry answers the first digest with the other manifest's bytes.
+        registry.manifests[("app", image["digest"])] = registry.manifests[("app", other["digest"])]
+        with pytest.raises(zr.DigestMismatchError, match="manifest digest mismatch"):
+            make_puller().pull(f"{registry.host}/app@{image['digest']}")
+
+    def test_tag_manifest_checked_against_docker_content_digest(self, registry):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        registry.support_head = False
+        registry.manifests[("app", "v1")] = (b'{"schemaVersion":2,"manifests":[]}', fake.OCI_INDEX)
+        registry.send_digest_header = True
+        original = registry._manifest
+
+        def lying(h, repository, ref):  # header says the real digest, body differs
+            if h.command == "HEAD":
+                h.send_body(405, b"")
+                return
+            h.send_body(200, registry.manifests[(repository, ref)][0],
+                        {"Docker-Content-Digest": image["digest"]}, content_type=fake.OCI_INDEX)
+        registry._manifest = lying
+        try:
+            with pytest.raises(zr.DigestMismatchError):
+                make_puller().pull(f"{registry.host}/app:v1")
+        finally:
+            registry._manifest = original
+
+    def test_oversized_manifest_is_refused(self, registry):
+        big = {"schemaVersion": 2, "mediaType": fake.OCI_INDEX, "manifests": [],
+               "annotations": {"pad": "x" * (zr.MAX_MANIFEST_SIZE_BYTES + 10)}}
+        registry.add_manifest("app", "big", big)
+        cache = zr.BlobCache()
+        with pytest.raises(zr.ManifestError, match="limit"):
+            make_puller(cache).pull(f"{registry.host}/app:big")
+        assert cache.entries() == []
+
+    def test_not_found_carries_registry_error_codes(self, registry):
+        with pytest.raises(zr.NotFoundError) as info:
+            make_puller().pull(f"{registry.host}/nothing:here")
+        assert info.value.status == 404
+        registry.add_manifest("app", "gone", {"schemaVersion": 2, "mediaType": fake.OCI_MANIFEST,
+                                              "config": {"mediaType": fake.OCI_CONFIG,
+                                                         "digest": SHA_A, "size": 2},
+                                              "layers": []})
+        with pytest.raises(zr.NotFoundError) as info:
+            make_puller().pull(f"{registry.host}/app:gone")
+        assert info.value.codes == ("BLOB_UNKNOWN",) and "BLOB_UNKNOWN" in str(info.value)
+
+    def test_blob_larger_than_descriptor_is_cut_off(self, registry):
+        image = registry.add_image("app", "v1", [layer_bytes(1, 1000)])
+        registry.blobs[image["layers"][0]["digest"]] = layer_bytes(1, 5000)
+        cache = zr.BlobCache()
+        with pytest.raises(zr.DigestMismatchError, match="larger than announced"):
+            make_puller(cache).pull(f"{registry.host}/app:v1")
+        assert not cache.has(image["layers"][0]["digest"])
+
+    def test_corrupted_byte_is_a_digest_mismatch_and_nothing_is_cached(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        digest = image["layers"][0]["digest"]
+        registry.faults.append(lambda m, p, h: {"corrupt_at": 1234} if p.endswith(digest) else None)
+        cache = zr.BlobCache.open(tmp_path)
+        with pytest.raises(zr.DigestMismatchError) as info:
+            make_puller(cache).pull(f"{registry.host}/app:v1")
+        assert info.value.expected == digest and info.value.actual != digest
+        assert not cache.has(digest) and os.listdir(tmp_path / "tmp") == []
+        assert not (tmp_path / "blobs" / "sha256" / digest[7:]).exists()
+
+    def test_parallel_downloads_reuse_connections(self, registry):
+        registry.add_image("app", "v1", [layer_bytes(i, 50_000) for i in range(12)])
+        puller = make_puller(max_workers=3)
+        puller.pull(f"{registry.host}/app:v1")
+        requests = len(registry.requests)
+        assert requests == 15  # HEAD + GET manifest + config + 12 layers
+        assert registry.server.connections <= 4  # one per worker + the main thread
+
+    def test_layers_are_not_held_in_memory_by_the_result(self, registry, tmp_path):
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        _, layers = make_puller(zr.BlobCache.open(tmp_path)).pull(f"{registry.host}/app:v1")
+        assert not any(isinstance(v, (bytes, bytearray)) for v in vars(layers[0]).values())
+        assert layers[0].path.startswith(str(tmp_path))
+
+
+class TestRetriesAndResume:
+    def test_retries_5xx_with_backoff(self, registry, sleeps):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        for status in (503, 502):
+            registry.faults.append(lambda m, p, h, s=status: {"status": s} if "/blobs/" in p else None)
+        manifest, _ = make_puller(sleeps=sleeps).pull(f"{registry.host}/app:v1")
+        assert manifest.digest == image["digest"]
+        assert len(sleeps) == 2 and sleeps[0] <= zr.RETRY_BACKOFF_BASE_S
+        assert sleeps[1] <= 2 * zr.RETRY_BACKOFF_BASE_S
+
+    def test_429_honours_retry_after_seconds_and_date(self, registry, sleeps):
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        registry.faults.append(lambda m, p, h: {"status": 429, "headers": {"Retry-After": "7"}})
+        make_puller(sleeps=sleeps).pull(f"{registry.host}/app:v1")
+        assert sleeps == [7.0]
+        assert zr._parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", lambda: 1445412480.0) == 10.0
+        assert zr._parse_retry_after("999999", lambda: 0) == 999999
+        sleeps.clear()
+        registry.faults.append(lambda m, p, h: {"status": 429, "headers": {"Retry-After": "99999"}})
+        make_puller(sleeps=sleeps).pull(f"{registry.host}/app:v1")
+        assert sleeps == [zr.RETRY_AFTER_MAX_S]
+
+    def test_429_that_gives_up_says_so(self, registry, sleeps):
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        registry.faults.append(lambda m, p, h: {"status": 429, "once": False, "headers": {
+            "Retry-After": "1", "ratelimit-limit": "100;w=21600", "ratelimit-remaining": "0;w=21600"}})
+        with pytest.raises(zr.RateLimitedError) as info:
+            make_puller(sleeps=sleeps, retries=2).pull(f"{registry.host}/app:v1")
+        assert "ratelimit-remaining=0;w=21600" in str(info.value)
+        assert info.value.retry_after_s == 1.0 and info.value.status == 429
+        assert len(sleeps) == 2
+
+    def test_dropped_connection_resumes_with_range(self, registry, sleeps, tmp_path):
+        data = layer_bytes(7, 500_000)
+        image = registry.add_image("app", "v1", [data])
+        digest = image["layers"][0]["digest"]
+        registry.faults.append(lambda m, p, h: {"drop_after": 200_000} if p.endswith(digest) else None)
+        cache = zr.BlobCache.open(tmp_path)
+        result = make_puller(cache, sleeps=sleeps).pull_image(f"{registry.host}/app:v1")
+        blob_gets = [r for r in registry.requests if r["path"].endswith(digest)]
+        assert len(blob_gets) == 2
+        assert blob_gets[1]["headers"]["Range"] == "bytes=200000-"
+        assert Path(result.layers[0].path).read_bytes() == data
+        assert result.bytes_downloaded == len(data) + image["config"]["size"]
+
+    def test_server_ignoring_range_restarts_from_zero(self, registry, sleeps):
+        data = layer_bytes(8, 300_000)
+        image = registry.add_image("app", "v1", [data])
+        digest = image["layers"][0]["digest"]
+        registry.honor_range = False
+        registry.faults.append(lambda m, p, h: {"drop_after": 100_000} if p.endswith(digest) else None)
+        cache = zr.BlobCache()
+        make_puller(cache, sleeps=sleeps).pull(f"{registry.host}/app:v1")
+        assert cache.get(digest) == data
+
+    def test_wrong_content_range_is_not_spliced(self, registry, sleeps):
+        data = layer_bytes(9, 300_000)
+        image = registry.add_image("app", "v1", [data])
+        digest = image["layers"][0]["digest"]
+        registry.faults.append(lambda m, p, h: {"drop_after": 100_000} if p.endswith(digest) else None)
+        registry.faults.append(lambda m, p, h: {"status": 206, "body": data[:10], "headers": {
+            "Content-Range": "bytes 0-9/300000"}} if "Range" in h else None)
+        cache = zr.BlobCache()
+        make_puller(cache, sleeps=sleeps).pull(f"{registry.host}/app:v1")
+        assert cache.get(digest) == data
+        assert "Range" not in [r for r in registry.requests if r["path"].endswith(digest)][-1]["headers"]
+
+    def test_stalled_body_hits_inactivity_timeout(self, registry, sleeps):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        digest = image["layers"][0]["digest"]
+        registry.faults.append(lambda m, p, h: {"stall_after": 1000, "once": False}
+                               if p.endswith(digest) else None)
+        cache = zr.BlobCache()
+        with pytest.raises(zr.RegistryError, match="kept failing") as info:
+            make_puller(cache, sleeps=sleeps, timeout_s=0.3, retries=1).pull(
+                f"{registry.host}/app:v1")
+        assert info.value.temporary
+        assert not cache.has(digest)
+
+    def test_registry_down_is_one_clear_error(self, sleeps):
+        import socket
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        with pytest.raises(zr.RegistryError, match=f"cannot reach 127.0.0.1:{port}"):
+            make_puller(sleeps=sleeps, retries=2).pull(f"127.0.0.1:{port}/app:v1")
+        assert len(sleeps) == 2
+
+
+class TestAuthFlows:
+    def test_bearer_token_flow_with_credentials(self, registry):
+        registry.auth = "bearer"
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        manifest, _ = make_puller().pull(f"{registry.host}/app:v1",
+                                         zr.RegistryAuth.basic("user", "secret"))
+        assert manifest.digest == image["digest"]
+        assert len(registry.token_requests) == 1
+        token_request = registry.token_requests[0]
+        assert token_request["query"]["scope"] == ["repository:app:pull"]
+        assert token_request["query"]["service"] == ["fake-registry"]
+        assert token_request["authorization"] == "Basic " + _b64("user:secret")
+
+    def test_anonymous_bearer_and_wrong_password(self, registry):
+        registry.auth = "bearer"
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        make_puller().pull(f"{registry.host}/app:v1")
+        assert registry.token_requests[0]["authorization"] is None
+        with pytest.raises(zr.AuthError, match="401") as info:
+            make_puller().pull(f"{registry.host}/app:v1", zr.RegistryAuth.basic("user", "wrong"))
+        assert "wrong" not in str(info.value)
+
+    def test_identity_token_uses_refresh_grant(self, registry):
+        registry.auth = "bearer"
+        registry.refresh_tokens["user"] = "refresh-123"
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        make_puller().pull(f"{registry.host}/app:v1", zr.RegistryAuth.identity("refresh-123"))
+        form = registry.token_requests[0]["form"]
+        assert registry.token_requests[0]["method"] == "POST"
+        assert form["grant_type"] == ["refresh_token"] and form["refresh_token"] == ["refresh-123"]
+
+    def test_token_expiring_mid_pull_is_refreshed(self, registry):
+        registry.auth = "bearer"
+        registry.token_max_uses = 3
+        registry.add_image("app", "v1", [layer_bytes(i, 20_000) for i in range(6)])
+        _, layers = make_puller(max_workers=1).pull(f"{registry.host}/app:v1")
+        assert len(layers) == 6
+        assert len(registry.token_requests) >= 3
+
+    def test_token_reused_until_near_expiry(self, registry):
+        registry.auth = "bearer"
+        registry.token_lifetime_s = None  # spec default: 60 s
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        now = [1000.0]
+        puller = make_puller(clock=lambda: now[0])
+        puller.pull(f"{registry.host}/app:v1")
+        puller.pull(f"{registry.host}/app:v1")
+        assert len(registry.token_requests) == 1
+        now[0] += 55
+        puller.pull(f"{registry.host}/app:v1")
+        assert len(registry.token_requests) == 2
+
+    def test_basic_challenge(self, registry):
+        registry.auth = "basic"
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        make_puller().pull(f"{registry.host}/app:v1", zr.RegistryAuth.basic("user", "secret"))
+        assert registry.requests[-1]["headers"]["Authorization"] == "Basic " + _b64("user:secret")
+        with pytest.raises(zr.AuthError, match="requires credentials"):
+            make_puller().pull(f"{registry.host}/app:v1")
+
+    def test_configured_bearer_token_sent_directly(self, registry):
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        make_puller().pull(f"{registry.host}/app:v1", zr.RegistryAuth.bearer("pat-xyz"))
+        assert all(r["headers"].get("Authorization") == "Bearer pat-xyz" for r in registry.requests)
+
+    def test_plain_http_realm_for_a_remote_host_is_refused(self, registry):
+        registry.auth = "bearer"
+        registry.realm = "http://auth.example.com/token"
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        with pytest.raises(zr.AuthError, match="not https"):
+            make_puller().pull(f"{registry.host}/app:v1", zr.RegistryAuth.basic("user", "secret"))
+        registry.realm = "file:///etc/passwd"
+        with pytest.raises(zr.AuthError, match="unusable token realm"):
+            make_puller().pull(f"{registry.host}/app:v1")
+
+    def test_redirected_blobs_never_get_authorization(self, registry, object_store):
+        registry.auth = "bearer"
+        registry.redirect_blobs_to = object_store
+        image = registry.add_image("app", "v1", [layer_bytes(1), layer_bytes(2)])
+        cache = zr.BlobCache()
+        manifest, layers = make_puller(cache).pull(f"{registry.host}/app:v1",
+                                                   zr.RegistryAuth.basic("user", "secret"))
+        assert manifest.digest == image["digest"]
+        assert len(object_store.requests) == 3
+        assert all("Authorization" not in r["headers"] for r in object_store.requests)
+        assert cache.verify() == []
+
+    def test_error_urls_hide_presigned_query(self, registry, object_store):
+        registry.redirect_blobs_to = object_store
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        object_store.blobs.pop(image["layers"][0]["digest"][7:])
+        with pytest.raises(zr.NotFoundError) as info:
+            make_puller().pull(f"{registry.host}/app:v1")
+        assert "s3cr3t" not in str(info.value) and "X-Amz" not in info.value.url
+        assert info.value.url.startswith(object_store.url)
+
+    def test_redirect_loop_is_bounded(self, registry):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        registry.redirect_loop = True
+        with pytest.raises(zr.RegistryError, match="more than 10 times"):
+            make_puller().pull(f"{registry.host}/app:v1")
+        layer_digest = image["layers"][0]["digest"]
+        hops = [r for r in registry.requests if r["path"].endswith(layer_digest)]
+        assert len(hops) == zr.MAX_REDIRECTS + 1
+
+    def test_redirect_to_plain_http_remote_is_refused(self, registry):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        digest = image["layers"][0]["digest"]
+        registry.faults.append(lambda m, p, h: {"status": 302, "body": b"", "headers": {
+            "Location": "http://blobs.example.com/x"}} if p.endswith(digest) else None)
+        with pytest.raises(zr.RegistryError, match="refusing plain http to blobs.example.com"):
+            make_puller().pull(f"{registry.host}/app:v1")
+
+
+# -----------------------------------------------------------------------------
+# 12. blob caches
+# -----------------------------------------------------------------------------
+
+class TestCaches:
+    @pytest.fixture(params=["memory", "directory", "directory-no-index"])
+    def cache(self, request, tmp_path):
+        if request.param == "memory":
+            return zr.BlobCache()
+        cache = zr.BlobCache.open(tmp_path / "c")
+        if request.param == "directory-no-index":
+            cache._sqlite = None
+        return cache
+
+    def test_put_get_has_and_miss_is_none(self, cache):
+        data = b"hello"
+        digest = zr.compute_digest(data)
+        assert cache.get(digest) is None and cache.open_blob(digest) is None
+        cache.put(digest, data, "text/plain")
+        assert cache.has(digest) and cache.get(digest) == data
+        with pytest.raises(zr.DigestMismatchError):
+            cache.put(SHA_A, data)
+        assert not cache.has(SHA_A)
+
+    def test_writer_restart_and_abort(self, cache):
+        data = b"x" * 100
+        digest = zr.compute_digest(data)
+        writer = cache.begin_write(digest, 100)
+        writer.write(b"junk")
+        writer.restart()
+        writer.write(data)
+        writer.commit()
+        assert cache.get(digest) == data
+        other = b"y" * 10
+        writer = cache.begin_write(zr.compute_digest(other), 10)
+        writer.write(other[:5])
+        writer.abort()
+        assert not cache.has(zr.compute_digest(other))
+
+    def test_sha512_blobs(self, cache):
+        data = b"sha512 content"
+        digest = zr.compute_digest(data, "sha512")
+        cache.put(digest, data)
+        assert cache.get(digest) == data and cache.verify() == []
+
+    def test_prune_is_least_recently_used_first(self, cache):
+        blobs = [bytes([i]) * 1000 for i in range(4)]
+        digests = [zr.compute_digest(b) for b in blobs]
+        for digest, data in zip(digests, blobs):
+            cache.put(digest, data)
+        if isinstance(cache, zr.DirectoryBlobCache):
+            for age, digest in enumerate(digests):
+                stamp = 1000 + age
+                os.utime(cache._blob_path(digest), (stamp, stamp))
+                cache._execute("UPDATE blobs SET last_used_at = ? WHERE digest = ?", (stamp, digest))
+        else:
+            for age, digest in enumerate(digests):
+                cache._meta[digest]["last_used_at"] = 1000 + age
+        cache.touch([digests[0]])  # used just now: newest
+        removed = cache.prune(2000)
+        assert removed == [digests[1], digests[2]]
+        assert cache.stats()["size_bytes"] == 2000
+
+    def test_gc_keeps_what_references_reach(self, registry, cache):
+        image = registry.add_image("app", "v1", [layer_bytes(1, 1000)])
+        make_puller(cache).pull(f"{registry.host}/app:v1")
+        stray = b"stray"
+        cache.put(zr.compute_digest(stray), stray)
+        if getattr(cache, "_sqlite", True) is None:
+            # Without the index there are no reference records: gc would
+            # delete everything, so it is only meaningful with an index.
+            return
+        assert cache.gc() == [zr.compute_digest(stray)]
+        assert cache.has(image["digest"]) and cache.has(image["layers"][0]["digest"])
+
+    def test_verify_finds_corruption(self, tmp_path):
+        cache = zr.BlobCache.open(tmp_path)
+        data = b"z" * 1000
+        digest = zr.compute_digest(data)
+        cache.put(digest, data)
+        path = Path(cache.path(digest))
+        path.chmod(0o644)
+        path.write_bytes(b"Z" + data[1:])
+        assert cache.verify() == [digest]
+        assert cache.verify(remove=True) == [digest] and not cache.has(digest)
+
+    def test_stale_partial_files_of_dead_processes_are_removed(self, tmp_path):
+        zr.BlobCache.open(tmp_path)
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()
+        stale = tmp_path / "tmp" / f"abcd.{dead}.x.partial"
+        stale.write_bytes(b"half")
+        live = tmp_path / "tmp" / f"abcd.{os.getppid()}.y.partial"
+        live.write_bytes(b"in progress")
+        zr.BlobCache.open(tmp_path)
+        assert not stale.exists() and live.exists()
+
+    def test_unwritable_cache_is_a_cache_error(self, tmp_path):
+        target = tmp_path / "file"
+        target.write_text("not a directory")
+        with pytest.raises(zr.CacheError, match="cannot create cache directory"):
+            zr.BlobCache.open(target / "sub")
+
+    def test_many_threads_and_processes_share_one_cache(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(i, 100_000) for i in range(4)])
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import zlayer_registry as zr;"
+                f"c = zr.BlobCache.open({str(tmp_path)!r});"
+                f"m, l = zr.ImagePuller(c, environ={{}}, platform='linux/amd64')"
+                f".pull('{registry.host}/app:v1'); print(m.digest)")
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, outputs
+        assert {o[0].strip() for o in outputs} == {image["digest"]}
+        cache = zr.BlobCache.open(tmp_path)
+        assert cache.verify() == [] and os.listdir(tmp_path / "tmp") == []
+        assert len(cache.entries()) == 6
+
+    def test_default_path(self):
+        assert zr.BlobCache.default_path({"ZLAYER_REGISTRY_CACHE": "/x"}) == "/x"
+        assert zr.BlobCache.default_path({"XDG_CACHE_HOME": "/c"}) == "/c/zlayer-registry"
+        assert zr.BlobCache.default_path({"HOME": "/h"}) == "/h/.cache/zlayer-registry"
+
+
+# -----------------------------------------------------------------------------
+# 14. CLI
+# -----------------------------------------------------------------------------
+
+class TestCli:
+    def test_pull_json(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        out = run_cli("pull", f"{registry.host}/app:v1", "--cache", str(tmp_path / "c"),
+                      "--json", "--platform", "linux/amd64", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        data = json.loads(out.stdout)
+        assert data["reference"] == f"{registry.host}/app:v1"
+        assert data["digest"] == image["digest"]
+        assert data["media_type"] == fake.OCI_MANIFEST
+        assert data["config"]["digest"] == image["config"]["digest"]
+        assert [l["digest"] for l in data["layers"]] == [l["digest"] for l in image["layers"]]
+        assert data["artifact_type"] == "container"
+        assert data["bytes_downloaded"] > 0 and data["bytes_from_cache"] == 0
+        assert out.stderr == ""  # not a tty: no progress
+
+    def test_quiet_pull_and_env_cache(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        out = run_cli("pull", "-q", f"{registry.host}/app:v1", cwd=tmp_path,
+                      env={"ZLAYER_REGISTRY_CACHE": str(tmp_path / "envcache")})
+        assert out.returncode == 0 and out.stdout.strip() == image["digest"]
+        assert (tmp_path / "envcache" / "blobs" / "sha256" / image["digest"][7:]).exists()
+
+    def test_inspect_index_json(self, registry, tmp_path):
+        amd = registry.add_image("multi", None, [layer_bytes(10)])
+        arm = registry.add_image("multi", None, [layer_bytes(11)])
+        registry.add_index("multi", "v1", [({"os": "linux", "architecture": "amd64"}, amd),
+                                           ({"os": "linux", "architecture": "arm", "variant": "v7"},
+                                            arm)])
+        out = run_cli("inspect", f"{registry.host}/multi:v1", "--json", "--platform",
+                      "linux/arm/v7", "--cache", str(tmp_path), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        data = json.loads(out.stdout)
+        assert data["platforms"] == [
+            {"os": "linux", "architecture": "amd64", "variant": "", "digest": amd["digest"]},
+            {"os": "linux", "architecture": "arm", "variant": "v7", "digest": arm["digest"]}]
+        assert data["manifest_digest"] == arm["digest"]
+        assert registry.count("GET", "blobs") == 1  # the config only, no layers
+
+    def test_cli_uses_docker_config_credentials(self, registry, tmp_path):
+        registry.auth = "bearer"
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        _write_json(tmp_path / "dc" / "config.json",
+                    {"auths": {registry.host: {"auth": _b64("user:secret")}}})
+        out = run_cli("pull", f"{registry.host}/app:v1", "--cache", str(tmp_path / "c"),
+                      cwd=tmp_path, env={"DOCKER_CONFIG": str(tmp_path / "dc")})
+        assert out.returncode == 0, out.stderr
+        assert registry.token_requests[0]["authorization"] == "Basic " + _b64("user:secret")
+
+    @pytest.mark.parametrize("args, code, text", [
+        (["pull"], 2, "required: REF"),
+        (["pull", "x", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["frobnicate"], 2, "invalid choice"),
+        (["cache"], 2, "cache needs an action"),
+        (["cache", "prune", "--max-bytes", "lots"], 2, "invalid size"),
+        (["pull", "Bad/Name:tag"], 1, "repository names must be lowercase"),
+        (["pull", "app:-x"], 1, "invalid tag"),
+        (["pull", "127.0.0.1:9/app", "--platform", "linux"], 1, "invalid platform"),
+    ])
+    def test_bad_input_is_one_line_and_exit_code(self, args, code, text, tmp_path):
+        out = run_cli(*args, "--cache", str(tmp_path), cwd=tmp_path) if args[0] == "pull" \
+            else run_cli(*args, cwd=tmp_path)
+        assert out.returncode == code
+        assert text in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+    def test_auth_failure_never_prints_the_secret(self, registry, tmp_path):
+        registry.auth = "bearer"
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        _write_json(tmp_path / "dc" / "config.json",
+                    {"auths": {registry.host: {"auth": _b64("user:topsecretpw")}}})
+        out = run_cli("--debug", "pull", f"{registry.host}/app:v1", "--cache", str(tmp_path / "c"),
+                      cwd=tmp_path, env={"DOCKER_CONFIG": str(tmp_path / "dc")})
+        assert out.returncode == 1
+        assert "topsecretpw" not in out.stderr + out.stdout
+        assert _b64("user:topsecretpw") not in out.stderr + out.stdout
+
+    def test_cache_commands(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(1, 5000)])
+        cache_dir = str(tmp_path / "c")
+        assert run_cli("pull", f"{registry.host}/app:v1", "--cache", cache_dir,
+                       cwd=tmp_path).returncode == 0
+        listing = json.loads(run_cli("cache", "ls", "--json", "--cache", cache_dir,
+                                     cwd=tmp_path).stdout)
+        assert {b["digest"] for b in listing["blobs"]} == {
+            image["digest"], image["config"]["digest"], image["layers"][0]["digest"]}
+        assert listing["references"] == {f"{registry.host}/app:v1": image["digest"]}
+        ok = run_cli("cache", "verify", "--cache", cache_dir, cwd=tmp_path)
+        assert ok.returncode == 0 and "0 corrupt" in ok.stdout
+        layer_path = Path(cache_dir) / "blobs" / "sha256" / image["layers"][0]["digest"][7:]
+        layer_path.chmod(0o644)
+        layer_path.write_bytes(b"!" * 5000)
+        bad = run_cli("cache", "verify", "--cache", cache_dir, cwd=tmp_path)
+        assert bad.returncode == 1 and image["layers"][0]["digest"] in bad.stdout
+        pruned = run_cli("cache", "prune", "--max-bytes", "0", "--cache", cache_dir, cwd=tmp_path)
+        assert pruned.returncode == 0 and "removed 3 blobs" in pruned.stdout
+        assert run_cli("cache", "gc", "--cache", cache_dir, cwd=tmp_path).returncode == 0
+
+    def test_help_has_examples_for_every_command(self, tmp_path):
+        for command in ("pull", "inspect", "cache"):
+            out = run_cli(command, "--help", cwd=tmp_path)
+            assert out.returncode == 0 and "examples:" in out.stdout
+            assert f"zlayer-registry {command}" in out.stdout
+
+    def test_main_returns_codes_in_process(self, capsys):
+        assert zr.main(["pull", "UPPER"]) == 1
+        assert "lowercase" in capsys.readouterr().err
+        assert zr.main([]) == 2
