@@ -1109,3 +1109,21 @@ class TestCli:
         assert zr.main(["pull", "UPPER"]) == 1
         assert "lowercase" in capsys.readouterr().err
         assert zr.main([]) == 2
+
+
+class TestProgress:
+    def test_each_blob_ends_on_one_done_line(self):
+        stream = io.StringIO()
+        now = [0.0]
+        progress = zr._Progress(stream, clock=lambda: now[0])
+        a = zr.Descriptor("m", SHA_A, 2000)
+        b = zr.Descriptor("m", SHA_B, 1000)
+        for step in range(1, 11):
+            now[0] += 0.5
+            progress(a, 200 * step, 2000)
+            if step <= 5:
+                progress(b, 200 * step, 1000)
+        text = stream.getvalue()
+        assert text.count("done") == 2
+        assert text.count(SHA_A[:19] + "     2.0 KiB / 2.0 KiB     done") == 1
+        assert "KiB/s" in text  # a rate while in progress

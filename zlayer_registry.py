@@ -34,9 +34,10 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     9. TRANSPORT: keep-alive HTTP connections and proxies
     10. CREDENTIALS AND TOKEN AUTH
     11. REGISTRY CLIENT: manifests and blobs over the distribution API
-    12. BLOB CACHES: memory and directory + SQLite
-    13. PULL
-    14. CLI
+    12. BLOB CACHES: the interface, in memory
+    13. DIRECTORY CACHE: content-addressed files and a SQLite index
+    14. PULL
+    15. CLI
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -1883,7 +1884,7 @@ class _RegistryClient:
 
 
 # =============================================================================
-# 12. BLOB CACHES: memory and directory + SQLite
+# 12. BLOB CACHES: the interface, in memory
 # =============================================================================
 # Every write goes through a _BlobWriter, which hashes while it writes and
 # makes the blob visible only once digest and size check out.  The directory
@@ -2166,6 +2167,10 @@ class BlobCache:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
+
+# =============================================================================
+# 13. DIRECTORY CACHE: content-addressed files and a SQLite index
+# =============================================================================
 
 class _FileBlobWriter(_BlobWriter):
     """Streams into ``tmp/`` inside the cache, then renames into ``blobs/``."""
@@ -2461,7 +2466,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 # =============================================================================
-# 13. PULL
+# 14. PULL
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -2844,7 +2849,7 @@ def _continues_at(response: _Response, offset: int) -> bool:
 
 
 # =============================================================================
-# 14. CLI
+# 15. CLI
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -2882,30 +2887,33 @@ class _Progress:
 
     def __call__(self, descriptor: Descriptor, done: int, total: int) -> None:
         with self._lock:
-            started = self._active.get(descriptor.digest, (0, 0, self._clock()))[2]
-            self._active[descriptor.digest] = (done, total, started)
             now = self._clock()
+            started = self._active.get(descriptor.digest, (0, 0, now))[2]
+            self._active[descriptor.digest] = (done, total, started)
             if done < total and now - self._last_draw < 0.1:
                 return
             self._last_draw = now
             self._draw(now)
-            if done >= total:
-                del self._active[descriptor.digest]
+
+    def _line(self, digest: str, now: float) -> str:
+        done, total, started = self._active[digest]
+        state = "done" if done >= total else \
+            f"{_format_bytes(done / max(now - started, 1e-3))}/s"
+        return (f"\x1b[K{digest[:19]}  {_format_bytes(done):>10} / "
+                f"{_format_bytes(total):<10}  {state}\n")
 
     def _draw(self, now: float) -> None:
-        out = []
-        if self._lines_drawn:
-            out.append(f"\x1b[{self._lines_drawn}A")
-        for digest, (done, total, started) in self._active.items():
-            rate = done / max(now - started, 1e-3)
-            state = "done" if done >= total else f"{_format_bytes(rate)}/s"
-            out.append(f"\x1b[K{digest[:19]}  {_format_bytes(done):>10} / "
-                       f"{_format_bytes(total):<10}  {state}\n")
-        finished = sum(1 for d, t, _ in self._active.values() if d >= t)
+        """Print finished blobs once, then redraw the lines of the active ones."""
+        out = [f"\x1b[{self._lines_drawn}A"] if self._lines_drawn else []
+        finished = [d for d, (done, total, _) in self._active.items() if done >= total]
+        for digest in finished:
+            out.append(self._line(digest, now))
+            del self._active[digest]
+        out.extend(self._line(digest, now) for digest in self._active)
+        out.append("\x1b[J")
         self._stream.write("".join(out))
         self._stream.flush()
-        # Finished blobs stay printed; only the active ones are redrawn.
-        self._lines_drawn = len(self._active) - finished
+        self._lines_drawn = len(self._active)
 
 
 def _cli_cache(args: Any) -> DirectoryBlobCache:
