@@ -317,7 +317,7 @@ class TestPull:
         assert manifest.digest == pushed_v2s2.digest
         assert manifest.media_type == kit.MEDIA_TYPE_DOCKER_MANIFEST
         assert manifest.config.media_type == kit.MEDIA_TYPE_DOCKER_CONFIG
-        assert [layer.media_type for layer in layers] == [kit.MEDIA_TYPE_DOCKER_LAYER_GZIP] * 3
+        assert {layer.media_type for layer in layers} == {kit.MEDIA_TYPE_DOCKER_LAYER_GZIP}
         assert _digests(layers) == [b.digest for b in pushed_v2s2.info.layers]
         _assert_cached_and_verified(cache, pushed_v2s2.info)
 
@@ -325,7 +325,7 @@ class TestPull:
         reference = pushed_image.registry.reference("interop/single", pushed_image.digest)
         manifest, layers = zr.ImagePuller(zr.BlobCache.open(str(tmp_path / "c"))).pull(reference)
         assert manifest.digest == pushed_image.digest
-        assert len(layers) == 3
+        assert _digests(layers) == [b.digest for b in pushed_image.info.layers]
 
     def test_cli_pull_json(self, zr, tmp_path, pushed_image):
         proc = _run_cli(tmp_path, "pull", pushed_image.reference,

@@ -1127,3 +1127,238 @@ class TestProgress:
         assert text.count("done") == 2
         assert text.count(SHA_A[:19] + "     2.0 KiB / 2.0 KiB     done") == 1
         assert "KiB/s" in text  # a rate while in progress
+
+
+# -----------------------------------------------------------------------------
+# 8. WASM detection, pull_wasm, export
+# -----------------------------------------------------------------------------
+
+CORE_MODULE = b"\0asm\x01\x00\x00\x00"            # the smallest valid core module
+COMPONENT = b"\0asm\x0d\x00\x01\x00"              # component-model preamble
+# A core module with one exported function: (module (func (export "f")))
+CORE_WITH_FUNC = bytes.fromhex("0061736d01000000010401600000030201000705010166000"
+                               "00a040102000b")
+
+
+def _wasm_manifest(config_type=fake.OCI_CONFIG, layer_type=fake.OCI_LAYER_GZIP,
+                   artifact_type=None, title=None):
+    layer = {"mediaType": layer_type, "digest": SHA_B, "size": 8}
+    if title:
+        layer["annotations"] = {"org.opencontainers.image.title": title}
+    data = {"schemaVersion": 2, "mediaType": fake.OCI_MANIFEST,
+            "config": {"mediaType": config_type, "digest": SHA_A, "size": 2},
+            "layers": [layer]}
+    if artifact_type:
+        data["artifactType"] = artifact_type
+    return data
+
+
+P1, P2, UNK = zr.WasiVersion.PREVIEW1, zr.WasiVersion.PREVIEW2, zr.WasiVersion.UNKNOWN
+
+
+class TestWasmDetection:
+    @pytest.mark.parametrize("manifest, config, expected", [
+        # 1. artifactType
+        (_wasm_manifest(artifact_type="application/vnd.wasm.component.v1+wasm"), None, P2),
+        (_wasm_manifest(artifact_type="application/vnd.wasm.module.v1+wasm"), None, P1),
+        # 2. config media types (CNCF v0 as pushed by wkg; wasm-to-oci v1)
+        (_wasm_manifest(config_type="application/vnd.wasm.config.v0+json"), None, UNK),
+        (_wasm_manifest(config_type="application/vnd.wasm.config.v1+json"), None, UNK),
+        # 3. layer media types, including runwasi's
+        (_wasm_manifest(layer_type="application/wasm"), None, UNK),
+        (_wasm_manifest(layer_type="application/vnd.wasm.content.layer.v1+wasm"), None, UNK),
+        (_wasm_manifest(layer_type="application/vnd.module.wasm.content.layer.v1+wasm"), None, UNK),
+        (_wasm_manifest(layer_type="application/vnd.bytecodealliance.wasm.component.layer.v0+wasm"),
+         None, P2),
+        # 4. config os/architecture (runwasi, ordinary image config type) and component
+        (_wasm_manifest(), {"os": "wasip1", "architecture": "wasm"}, P1),
+        (_wasm_manifest(), {"os": "wasip2", "architecture": "wasm"}, P2),
+        (_wasm_manifest(), {"os": "wasi", "architecture": "wasm"}, UNK),
+        (_wasm_manifest(config_type="application/vnd.wasm.config.v0+json"),
+         {"architecture": "wasm", "os": "wasip1", "component": {"exports": []}}, P2),
+        (_wasm_manifest(config_type="application/vnd.wasm.config.v0+json"),
+         {"architecture": "wasm", "os": "wasip2"}, P2),
+        # conflicts: the most specific signal wins
+        (_wasm_manifest(artifact_type="application/vnd.wasm.module.v1+wasm"),
+         {"os": "wasip2", "architecture": "wasm"}, P1),
+        (_wasm_manifest(artifact_type="application/vnd.example.thing",
+                        layer_type="application/wasm"), None, UNK),
+        # containers, whatever the name says
+        (_wasm_manifest(title="my-wasm-module.wasm"), {"os": "linux", "architecture": "amd64"},
+         None),
+        (_wasm_manifest(), None, None),
+    ])
+    def test_signals(self, manifest, config, expected):
+        kind = zr.detect_artifact_type(manifest, config)
+        parsed = zr.parse_manifest(json.dumps(manifest).encode())
+        assert zr.detect_artifact_type(parsed, config) == kind  # object or JSON alike
+        if expected is None:
+            assert kind.is_container() and not kind.is_wasm() and kind.wasi_version() is None
+            assert zr.extract_wasm_info(manifest, config) is None
+        else:
+            assert kind.is_wasm() and kind.wasi_version() is expected
+
+    @pytest.mark.parametrize("data, expected", [
+        (CORE_MODULE, P1), (CORE_WITH_FUNC, P1), (COMPONENT, P2),
+        (b"\0asm\x02\x00\x00\x00", UNK), (b"\0asm\x01", None), (b"\x7fELF\x02\x01\x01\x00", None),
+        (b"", None)])
+    def test_bytes(self, data, expected):
+        assert zr.wasi_version_from_bytes(data[:8]) is expected
+
+    def test_value_types(self):
+        assert [str(v) for v in (P1, P2, UNK)] == ["wasip1", "wasip2", "unknown"]
+        assert [v.target_triple_suffix() for v in (P1, P2, UNK)] == \
+            ["wasm32-wasip1", "wasm32-wasip2", "wasm32-wasi"]
+        assert P1.is_preview1() and not P1.is_preview2() and P2.is_preview2()
+        assert str(zr.ArtifactType.wasm(P2)) == "wasm" and str(zr.ArtifactType.container()) == \
+            "container"
+        from zlayer_registry import wasm
+        assert wasm.detect_artifact_type is zr.detect_artifact_type
+        assert "WasiVersion" in repr(wasm)
+
+    def test_extract_info(self):
+        manifest = _wasm_manifest(layer_type="application/wasm", title="hello.wasm")
+        info = zr.extract_wasm_info(manifest)
+        assert info == zr.WasmArtifactInfo(UNK, SHA_B, 8, "hello.wasm")
+        untitled = _wasm_manifest(layer_type="application/wasm")
+        assert zr.extract_wasm_info(untitled, {"os": "wasip1", "architecture": "wasm",
+                                               "config": {"Labels": {
+                                                   "org.opencontainers.image.title": "lbl"}}}
+                                    ).module_name == "lbl"
+
+
+def _push_wasm(registry, repository, tag, data, config=None, config_type=zr.WASM_CONFIG_V0,
+               layer_type="application/wasm", artifact_type=None, title="mod.wasm"):
+    config_blob = json.dumps(config if config is not None else {"architecture": "wasm"}).encode()
+    config_desc = dict(registry.add_blob(config_blob), mediaType=config_type)
+    layer = dict(registry.add_blob(data), mediaType=layer_type,
+                 annotations={"org.opencontainers.image.title": title})
+    manifest = {"schemaVersion": 2, "mediaType": fake.OCI_MANIFEST, "config": config_desc,
+                "layers": [layer]}
+    if artifact_type:
+        manifest["artifactType"] = artifact_type
+    digest = registry.add_manifest(repository, tag, manifest)
+    return {"digest": digest, "size": len(registry.manifests[(repository, digest)][0]),
+            "mediaType": fake.OCI_MANIFEST, "layer": layer}
+
+
+class TestWasmPull:
+    def test_pull_wasm_resolves_unknown_version_from_bytes(self, registry):
+        pushed = _push_wasm(registry, "fn", "v1", COMPONENT)
+        data, info = make_puller().pull_wasm(f"{registry.host}/fn:v1")
+        assert data == COMPONENT
+        assert info == zr.WasmArtifactInfo(P2, pushed["layer"]["digest"], 8, "mod.wasm")
+
+    def test_pull_wasm_of_a_container_is_an_error(self, registry):
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        with pytest.raises(zr.ManifestError, match="container image, not a WebAssembly"):
+            make_puller().pull_wasm(f"{registry.host}/app:v1")
+
+    def test_layer_declared_wasm_that_is_not(self, registry):
+        _push_wasm(registry, "fn", "bad", b"#!/bin/sh\necho hi\n")
+        with pytest.raises(zr.ManifestError, match="declared as WebAssembly but its bytes are not"):
+            make_puller().pull_wasm(f"{registry.host}/fn:bad")
+
+    def test_mixed_index(self, registry, tmp_path):
+        linux = registry.add_image("mixed", None, [layer_bytes(1)])
+        p1 = _push_wasm(registry, "mixed", None, CORE_WITH_FUNC, config_type=fake.OCI_CONFIG,
+                        config={"os": "wasip1", "architecture": "wasm"},
+                        layer_type="application/vnd.wasm.content.layer.v1+wasm")
+        p2 = _push_wasm(registry, "mixed", None, COMPONENT)
+        registry.add_index("mixed", "v1", [
+            ({"os": "linux", "architecture": "amd64"}, linux),
+            ({"os": "wasip1", "architecture": "wasm"}, p1),
+            ({"os": "wasip2", "architecture": "wasm"}, p2)])
+        ref = f"{registry.host}/mixed:v1"
+        assert make_puller(platform=None).pull_wasm(ref)[0] == COMPONENT  # wasip2 preferred
+        data, info = make_puller(platform="wasip1/wasm").pull_wasm(ref)
+        assert data == CORE_WITH_FUNC and info.wasi_version is P1
+        assert make_puller().pull_image(ref).artifact_type.is_container()  # host: linux/amd64
+        out = run_cli("inspect", ref, "--json", "--cache", str(tmp_path), "--platform",
+                      "wasip2/wasm", cwd=tmp_path)
+        data = json.loads(out.stdout)
+        assert {(p["os"], p["architecture"]) for p in data["platforms"]} == {
+            ("linux", "amd64"), ("wasip1", "wasm"), ("wasip2", "wasm")}
+        assert data["artifact_type"] == "wasm" and data["wasi_version"] == "wasip2"
+
+    def test_get_wasm_info_fetches_no_layer(self, registry):
+        _push_wasm(registry, "fn", "v1", CORE_MODULE,
+                   artifact_type="application/vnd.wasm.module.v1+wasm")
+        info = make_puller().get_wasm_info(f"{registry.host}/fn:v1")
+        assert info.wasi_version is P1 and info.wasm_size == 8
+        assert registry.count("GET", "blobs") == 1  # the config
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        assert make_puller().get_wasm_info(f"{registry.host}/app:v1") is None
+
+    def test_cli_pull_json_and_pull_wasm(self, registry, tmp_path):
+        pushed = _push_wasm(registry, "fn", "v1", CORE_WITH_FUNC, title="f.wasm")
+        out = run_cli("pull", f"{registry.host}/fn:v1", "--json", "--cache", str(tmp_path / "c"),
+                      cwd=tmp_path)
+        data = json.loads(out.stdout)
+        assert data["artifact_type"] == "wasm" and data["wasi_version"] == "wasip1"
+        assert data["wasm_layer_digest"] == pushed["layer"]["digest"]
+        assert data["wasm_size"] == len(CORE_WITH_FUNC) and data["module_name"] == "f.wasm"
+        target = tmp_path / "out.wasm"
+        out = run_cli("pull-wasm", f"{registry.host}/fn:v1", "-o", str(target), "--cache",
+                      str(tmp_path / "c"), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert target.read_bytes() == CORE_WITH_FUNC and "wasip1" in out.stdout
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        out = run_cli("pull-wasm", f"{registry.host}/app:v1", "-o", str(tmp_path / "no.wasm"),
+                      "--cache", str(tmp_path / "c"), cwd=tmp_path)
+        assert out.returncode == 1 and not (tmp_path / "no.wasm").exists()
+        assert "not a WebAssembly artifact" in out.stderr
+
+
+class TestWasmExport:
+    @pytest.mark.parametrize("data, version, artifact_type", [
+        (CORE_WITH_FUNC, P1, "application/vnd.wasm.module.v1+wasm"),
+        (COMPONENT, P2, "application/vnd.wasm.component.v1+wasm")])
+    def test_cncf_layout(self, tmp_path, data, version, artifact_type):
+        source = tmp_path / "plugin.wasm"
+        source.write_bytes(data)
+        manifest = zr.export_wasm_as_oci(source, tmp_path / "layout", tag="1.0")
+        layout = tmp_path / "layout"
+        assert json.loads((layout / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+        index = json.loads((layout / "index.json").read_text())
+        entry = index["manifests"][0]
+        assert entry["annotations"]["org.opencontainers.image.ref.name"] == "1.0"
+        raw = (layout / "blobs" / "sha256" / entry["digest"][7:]).read_bytes()
+        assert zr.compute_digest(raw) == entry["digest"] == manifest.digest
+        stored = json.loads(raw)
+        assert stored["artifactType"] == artifact_type
+        assert stored["config"]["mediaType"] == "application/vnd.wasm.config.v0+json"
+        config = json.loads((layout / "blobs" / "sha256" /
+                             stored["config"]["digest"][7:]).read_bytes())
+        assert config["architecture"] == "wasm" and config["os"] == str(version)
+        assert config["layerDigests"] == [stored["layers"][0]["digest"]]
+        assert stored["layers"][0]["mediaType"] == "application/wasm"
+        assert stored["layers"][0]["annotations"]["org.opencontainers.image.title"] == "plugin.wasm"
+        # Every detection signal agrees, with and without the artifactType.
+        assert zr.detect_artifact_type(stored, config) == zr.ArtifactType.wasm(version)
+        del stored["artifactType"]
+        assert zr.detect_artifact_type(stored, config) == zr.ArtifactType.wasm(version)
+
+    def test_second_export_adds_to_index_and_retag_replaces(self, tmp_path):
+        (tmp_path / "a.wasm").write_bytes(CORE_MODULE)
+        (tmp_path / "b.wasm").write_bytes(COMPONENT)
+        zr.export_wasm_as_oci(tmp_path / "a.wasm", tmp_path / "l", tag="a")
+        zr.export_wasm_as_oci(tmp_path / "b.wasm", tmp_path / "l", tag="b")
+        zr.export_wasm_as_oci(tmp_path / "b.wasm", tmp_path / "l", tag="a")
+        index = json.loads((tmp_path / "l" / "index.json").read_text())
+        names = [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]]
+        assert sorted(names) == ["a", "b"]
+        assert len({m["digest"] for m in index["manifests"]}) == 1
+
+    def test_cli_refuses_non_wasm_and_bad_destination(self, tmp_path):
+        (tmp_path / "x.wasm").write_bytes(b"not wasm at all")
+        out = run_cli("wasm-export", str(tmp_path / "x.wasm"), f"oci:{tmp_path}/l", cwd=tmp_path)
+        assert out.returncode == 1 and "not a WebAssembly module" in out.stderr
+        assert not (tmp_path / "l").exists()
+        (tmp_path / "y.wasm").write_bytes(CORE_MODULE)
+        out = run_cli("wasm-export", str(tmp_path / "y.wasm"), f"docker://x/y", cwd=tmp_path)
+        assert out.returncode == 1 and "expected oci:DIR[:TAG]" in out.stderr
+        out = run_cli("wasm-export", str(tmp_path / "y.wasm"), f"oci:{tmp_path}/l:v9", "--json",
+                      cwd=tmp_path)
+        assert out.returncode == 0 and json.loads(out.stdout)["wasi_version"] == "wasip1"

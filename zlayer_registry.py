@@ -37,7 +37,8 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     12. BLOB CACHES: the interface, in memory
     13. DIRECTORY CACHE: content-addressed files and a SQLite index
     14. PULL
-    15. CLI
+    15. OCI LAYOUT: writing image layouts and WASM artifacts
+    16. CLI
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -98,7 +99,9 @@ __all__ = [
     "Manifest", "parse_manifest",
     # WASM
     "ArtifactType", "WasiVersion", "WasmArtifactInfo", "detect_artifact_type",
-    "extract_wasm_info", "wasi_version_from_bytes",
+    "extract_wasm_info", "wasi_version_from_bytes", "wasm",
+    # OCI layout
+    "ANNOTATION_REF_NAME", "ANNOTATION_TITLE", "export_wasm_as_oci",
     # Credentials
     "RegistryAuth",
     # Caches
@@ -2548,11 +2551,40 @@ class PullResult:
             "bytes_downloaded": self.bytes_downloaded,
             "bytes_from_cache": self.bytes_from_cache,
         }
-        if kind.is_wasm():
-            info = extract_wasm_info(self.manifest, self.config_data)
-            if info is not None:
-                data.update(info.to_json())
+        info = self.wasm_info()
+        if info is not None:
+            data["artifact_type"] = "wasm"
+            data.update(info.to_json())
         return data
+
+    def wasm_info(self) -> Optional[WasmArtifactInfo]:
+        """Return WASM metadata (WASI level completed from the verified bytes), or None."""
+        return _verified_wasm_info(self.manifest, self.config_data,
+                                   self.layers[0].cache if self.layers else None)
+
+
+def _verified_wasm_info(manifest: Manifest, config_data: Mapping[str, Any],
+                        cache: Optional[BlobCache]) -> Optional[WasmArtifactInfo]:
+    """Return the WASM info of a manifest, checked against the layer's bytes when cached.
+
+    The bytes settle a WASI level the manifest leaves unknown; a layer
+    declared as WASM whose bytes are not WebAssembly is an error.
+    """
+    info = extract_wasm_info(manifest, config_data)
+    if info is None or info.wasm_layer_digest is None or cache is None:
+        return info
+    stream = cache.open_blob(info.wasm_layer_digest)
+    if stream is None:
+        return info
+    with stream:
+        from_bytes = wasi_version_from_bytes(stream.read(8))
+    if from_bytes is None:
+        raise ManifestError(f"layer {info.wasm_layer_digest} of {manifest.digest} is "
+                            "declared as WebAssembly but its bytes are not")
+    if info.wasi_version is WasiVersion.UNKNOWN:
+        info = WasmArtifactInfo(from_bytes, info.wasm_layer_digest, info.wasm_size,
+                                info.module_name)
+    return info
 
 
 def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
@@ -2589,6 +2621,7 @@ class ImagePuller:
         self.max_workers = max_workers
         if isinstance(platform, str):
             platform = parse_platform(platform)
+        self._platform_given = platform is not None
         self.platform = platform if platform is not None else host_platform()
         self.insecure = insecure
         self.retries = retries
@@ -2652,15 +2685,21 @@ class ImagePuller:
         self.cache.record_reference(str(reference), manifest.digest, manifest.media_type)
         return manifest
 
-    def _resolve_platform(self, client: _RegistryClient, top: Manifest
+    def _resolve_platform(self, client: _RegistryClient, top: Manifest, *,
+                          prefer_wasm: bool = False
                           ) -> Tuple[Manifest, Optional[Manifest], Optional[Platform]]:
-        """Follow an index (nested ones too) down to this puller's platform."""
+        """Follow an index (nested ones too) down to this puller's platform.
+
+        With ``prefer_wasm`` and no platform given, a WASM child is chosen
+        (wasip2, then wasip1, then wasi) before the host's platform.
+        """
         manifest, index, chosen = top, None, None
         for _ in range(_MAX_INDEX_DEPTH):
             if not manifest.is_index:
                 return manifest, index, chosen
             index = manifest
-            child = select_platform(manifest, self.platform)
+            child = (_select_wasm_child(manifest) if prefer_wasm and not self._platform_given
+                     else None) or select_platform(manifest, self.platform)
             chosen = _normalize_platform(child.platform) if child.platform else None
             manifest = self._manifest_by_digest(client, child.digest)
         raise ManifestError(f"index {top.digest} nests more than {_MAX_INDEX_DEPTH} levels deep")
@@ -2782,12 +2821,14 @@ class ImagePuller:
     # -- public pulls -----------------------------------------------------------
 
     def pull_image(self, reference: Union[str, Reference],
-                   auth: Optional[RegistryAuth] = None) -> PullResult:
+                   auth: Optional[RegistryAuth] = None, *,
+                   prefer_wasm: bool = False) -> PullResult:
         """Pull config and layers of ``reference`` into the cache; return what was pulled."""
         ref = parse_reference(reference) if isinstance(reference, str) else reference
         client = self._client(ref, auth)
         top = self._resolve_top(ref, client)
-        manifest, index, platform = self._resolve_platform(client, top)
+        manifest, index, platform = self._resolve_platform(client, top,
+                                                           prefer_wasm=prefer_wasm)
         config = manifest.config
         layers = manifest.layers
         downloaded, from_cache = self._fetch_blobs(client, [config] + layers)
@@ -2802,6 +2843,33 @@ class ImagePuller:
         """Pull an image; return its manifest and its verified layers (as the seed does)."""
         result = self.pull_image(reference, auth)
         return result.manifest, result.layers
+
+    def pull_wasm(self, reference: Union[str, Reference],
+                  auth: Optional[RegistryAuth] = None) -> Tuple[bytes, WasmArtifactInfo]:
+        """Pull a WASM artifact; return the verified module bytes and its metadata.
+
+        From a mixed index the WASM entry is chosen unless a platform was
+        given.  A container image is a ``ManifestError``.
+        """
+        result = self.pull_image(reference, auth, prefer_wasm=True)
+        info = result.wasm_info()
+        if info is None or info.wasm_layer_digest is None:
+            raise ManifestError(f"{result.reference} is a container image, "
+                                "not a WebAssembly artifact")
+        data = self.cache.get(info.wasm_layer_digest)
+        if data is None:
+            raise CacheError(f"layer {info.wasm_layer_digest} vanished from the cache")
+        return data, info
+
+    def get_wasm_info(self, reference: Union[str, Reference],
+                      auth: Optional[RegistryAuth] = None) -> Optional[WasmArtifactInfo]:
+        """Return WASM metadata from the manifest and config only; None for a container."""
+        ref = parse_reference(reference) if isinstance(reference, str) else reference
+        client = self._client(ref, auth)
+        top = self._resolve_top(ref, client)
+        manifest = self._resolve_platform(client, top, prefer_wasm=True)[0]
+        self._fetch_blobs(client, [manifest.config])
+        return extract_wasm_info(manifest, self._read_config(manifest.config))
 
     def inspect(self, reference: Union[str, Reference],
                 auth: Optional[RegistryAuth] = None) -> Dict[str, Any]:
@@ -2831,9 +2899,29 @@ class ImagePuller:
         if manifest.artifact_type:
             data["manifest_artifact_type"] = manifest.artifact_type
         info = extract_wasm_info(manifest, config_data)
+        if info is not None and info.wasi_version is WasiVersion.UNKNOWN \
+                and info.wasm_layer_digest and info.wasm_size is not None:
+            # The manifest does not say: fetch the module itself (it is the
+            # artifact, usually small) and read its preamble.
+            wasm_layer = next(d for d in manifest.layers if d.digest == info.wasm_layer_digest)
+            self._fetch_blobs(client, [wasm_layer])
+            info = _verified_wasm_info(manifest, config_data, self.cache)
         if info is not None:
+            data["artifact_type"] = "wasm"
             data.update(info.to_json())
         return data
+
+
+_WASM_PLATFORM_PREFERENCE = ("wasip2", "wasip1", "wasi")
+
+
+def _select_wasm_child(index: Manifest) -> Optional[Descriptor]:
+    """Pick the WASM entry of a mixed index (os wasip2/wasip1/wasi, architecture wasm)."""
+    children = [c for c in index.manifests if c.platform is not None
+                and c.platform.architecture == "wasm"
+                and c.platform.os in _WASM_PLATFORM_PREFERENCE]
+    children.sort(key=lambda c: _WASM_PLATFORM_PREFERENCE.index(c.platform.os))
+    return children[0] if children else None
 
 
 def _continues_at(response: _Response, offset: int) -> bool:
@@ -2849,7 +2937,183 @@ def _continues_at(response: _Response, offset: int) -> bool:
 
 
 # =============================================================================
-# 15. CLI
+# 15. OCI LAYOUT: writing image layouts and WASM artifacts
+# =============================================================================
+# image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
+# "1.0.0"}), "index.json" (an image index whose descriptors may carry
+# "org.opencontainers.image.ref.name", skopeo's oci:DIR:TAG) and
+# blobs/<alg>/<encoded>.
+
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+ANNOTATION_TITLE = "org.opencontainers.image.title"
+_LAYOUT_VERSION = "1.0.0"
+
+
+def _atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    import tempfile
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class _LayoutWriter:
+    """Adds blobs and tagged manifests to an OCI image layout directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        marker = os.path.join(self.root, "oci-layout")
+        try:
+            os.makedirs(os.path.join(self.root, "blobs"), exist_ok=True)
+            if os.path.exists(marker):
+                version = _load_json_file(marker).get("imageLayoutVersion")
+                if version != _LAYOUT_VERSION:
+                    raise LayoutError(f"{self.root} is an OCI layout of unsupported "
+                                      f"version {version!r}")
+            else:
+                _atomic_write(marker, json.dumps(
+                    {"imageLayoutVersion": _LAYOUT_VERSION}).encode())
+        except OSError as exc:
+            raise LayoutError(f"cannot write OCI layout {self.root}: "
+                              f"{exc.strerror or exc}") from exc
+
+    def blob_path(self, digest: str) -> str:
+        """Return where a blob lives in the layout."""
+        algorithm, encoded = _validate_digest(digest).split(":", 1)
+        return os.path.join(self.root, "blobs", algorithm, encoded)
+
+    def write_bytes(self, data: bytes, media_type: str, **fields: Any) -> Descriptor:
+        """Store a small blob; return its descriptor."""
+        digest = compute_digest(data)
+        path = self.blob_path(digest)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not os.path.exists(path):
+                _atomic_write(path, data)
+        except OSError as exc:
+            raise LayoutError(f"cannot write blob {digest} to {self.root}: "
+                              f"{exc.strerror or exc}") from exc
+        return Descriptor(media_type, digest, len(data), **fields)
+
+    def tag(self, descriptor: Descriptor, ref_name: Optional[str]) -> None:
+        """Add a manifest to index.json, replacing an entry with the same ref name."""
+        path = os.path.join(self.root, "index.json")
+        index: Dict[str, Any] = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
+                                 "manifests": []}
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    index = json.loads(f.read(MAX_MANIFEST_SIZE_BYTES).decode("utf-8"))
+            except (OSError, ValueError) as exc:
+                raise LayoutError(f"{path} is not a readable JSON index: {exc}") from exc
+            if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+                raise LayoutError(f"{path} has no 'manifests' list")
+        entry = descriptor.to_json()
+        if ref_name:
+            entry["annotations"] = dict(entry.get("annotations", {}), **{ANNOTATION_REF_NAME: ref_name})
+            index["manifests"] = [m for m in index["manifests"] if not (
+                isinstance(m, dict) and (m.get("annotations") or {}).get(ANNOTATION_REF_NAME) == ref_name)]
+        index["manifests"].append(entry)
+        try:
+            _atomic_write(path, json.dumps(index, indent=2).encode())
+        except OSError as exc:
+            raise LayoutError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _parse_layout_target(text: str) -> Tuple[str, Optional[str]]:
+    """Parse skopeo's ``oci:DIR[:TAG]`` into (directory, tag)."""
+    if not text.startswith("oci:"):
+        raise LayoutError(f"unsupported destination {text!r}: expected oci:DIR[:TAG]")
+    path, tag = text[4:], None
+    head, sep, tail = path.rpartition(":")
+    if sep and head and "/" not in tail:
+        path, tag = head, tail
+    if not path:
+        raise LayoutError(f"destination {text!r} names no directory")
+    if tag is not None and not _TAG_RE.fullmatch(tag):
+        raise LayoutError(f"invalid tag {tag!r} in {text!r}")
+    return path, tag
+
+
+def export_wasm_as_oci(wasm_path: Union[str, "os.PathLike[str]"],
+                       layout_dir: Union[str, "os.PathLike[str]"], *,
+                       tag: Optional[str] = "latest", module_name: Optional[str] = None,
+                       annotations: Optional[Mapping[str, str]] = None) -> Manifest:
+    """Write a .wasm file into an OCI layout as a CNCF "Wasm OCI Artifact".
+
+    The config is ``application/vnd.wasm.config.v0+json`` with
+    ``architecture: wasm``, ``os`` (wasip1 or wasip2, from the bytes) and
+    ``layerDigests``; the one layer is ``application/wasm`` with a title
+    annotation; ``artifactType`` names module or component.
+    """
+    path = os.fspath(wasm_path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        mtime = os.stat(path).st_mtime
+    except OSError as exc:
+        raise ZLayerError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    version = wasi_version_from_bytes(data[:8])
+    if version is None:
+        raise ZLayerError(f"{path} is not a WebAssembly module or component")
+    os_name = "wasip2" if version is WasiVersion.PREVIEW2 else "wasip1"
+    name = module_name or os.path.basename(path)
+    writer = _LayoutWriter(os.fspath(layout_dir))
+    layer = writer.write_bytes(data, WASM_LAYER_MEDIA_TYPE,
+                               annotations={ANNOTATION_TITLE: name})
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime))
+    config = {"created": created, "architecture": "wasm", "os": os_name,
+              "layerDigests": [layer.digest]}
+    config_desc = writer.write_bytes(json.dumps(config, sort_keys=True).encode(),
+                                     WASM_CONFIG_V0)
+    manifest_data: Dict[str, Any] = {
+        "schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        "artifactType": WASM_ARTIFACT_COMPONENT if version is WasiVersion.PREVIEW2
+        else WASM_ARTIFACT_MODULE,
+        "config": config_desc.to_json(), "layers": [layer.to_json()],
+        "annotations": dict({"org.opencontainers.image.created": created}, **(annotations or {}))}
+    raw = json.dumps(manifest_data, indent=2).encode()
+    manifest = parse_manifest(raw)
+    descriptor = writer.write_bytes(raw, MEDIA_TYPE_OCI_MANIFEST,
+                                    artifact_type=manifest_data["artifactType"])
+    writer.tag(descriptor, tag)
+    return manifest
+
+
+class _Namespace:
+    """A read-only bundle of names (stands in for the seed's submodules)."""
+
+    def __init__(self, doc: str, **names: Any) -> None:
+        self.__dict__.update(names)
+        self.__doc__ = doc
+
+    def __repr__(self) -> str:
+        names = sorted(n for n in self.__dict__ if not n.startswith("_"))
+        return f"<zlayer_registry namespace: {', '.join(names)}>"
+
+
+wasm = _Namespace(
+    "Hold the seed's ``zlayer_registry::wasm`` names: "
+    "``from zlayer_registry import wasm; wasm.detect_artifact_type(m)``.",
+    ArtifactType=ArtifactType, WasiVersion=WasiVersion, WasmArtifactInfo=WasmArtifactInfo,
+    detect_artifact_type=detect_artifact_type, extract_wasm_info=extract_wasm_info,
+    wasi_version_from_bytes=wasi_version_from_bytes, export_wasm_as_oci=export_wasm_as_oci)
+
+
+# =============================================================================
+# 16. CLI
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -2979,6 +3243,39 @@ def _cmd_inspect(args: Any) -> int:
     return 0
 
 
+def _cmd_pull_wasm(args: Any) -> int:
+    reference = parse_reference(args.reference)
+    with _cli_puller(args, _cli_cache(args)) as puller:
+        data, info = puller.pull_wasm(reference,
+                                      RegistryAuth.from_docker_config(reference.registry))
+    output = os.path.abspath(args.output)
+    try:
+        _atomic_write(output, data)
+    except OSError as exc:
+        raise CacheError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    if args.json:
+        _print_json(dict(info.to_json(), reference=str(reference), output=output))
+    else:
+        print(f"{output}: {info.wasi_version} ({info.wasi_version.target_triple_suffix()}), "
+              f"{info.wasm_size} bytes, layer {info.wasm_layer_digest}"
+              + (f", module {info.module_name}" if info.module_name else ""))
+    return 0
+
+
+def _cmd_wasm_export(args: Any) -> int:
+    directory, tag = _parse_layout_target(args.destination)
+    manifest = export_wasm_as_oci(args.file, directory, tag=tag or "latest",
+                                  module_name=args.name)
+    info = extract_wasm_info(manifest)
+    if args.json:
+        _print_json({"digest": manifest.digest, "layout": os.path.abspath(directory),
+                     "tag": tag or "latest", **(info.to_json() if info else {})})
+    else:
+        print(f"oci:{directory}:{tag or 'latest'}: {manifest.digest} "
+              f"({info.wasi_version if info else 'unknown'})")
+    return 0
+
+
 def _cmd_cache(args: Any) -> int:
     cache = _cli_cache(args)
     action = args.action
@@ -3028,6 +3325,12 @@ _EXAMPLES = {
     "inspect": """examples:
   zlayer-registry inspect debian:12
   zlayer-registry inspect ghcr.io/org/app:v1 --json""",
+    "pull-wasm": """examples:
+  zlayer-registry pull-wasm ghcr.io/org/plugin:1.0 -o plugin.wasm
+  zlayer-registry pull-wasm localhost:5000/fn:latest -o fn.wasm --json""",
+    "wasm-export": """examples:
+  zlayer-registry wasm-export plugin.wasm oci:./plugin-layout:1.0
+  skopeo copy oci:./plugin-layout:1.0 docker://registry.example/org/plugin:1.0""",
     "cache": """examples:
   zlayer-registry cache ls
   zlayer-registry cache verify
@@ -3067,6 +3370,23 @@ def _build_parser() -> Any:
         sub.add_argument("--insecure", action="store_true",
                          help="allow plain http to a non-loopback registry")
         sub.add_argument("--json", action="store_true", help="print one JSON object")
+    pull_wasm = add("pull-wasm", "pull a WebAssembly artifact and write the module to a file")
+    pull_wasm.add_argument("reference", metavar="REF", help="artifact reference")
+    pull_wasm.add_argument("-o", "--output", required=True, metavar="FILE",
+                           help="where to write the verified .wasm")
+    pull_wasm.add_argument("--platform", metavar="OS/ARCH",
+                           help="index entry to pick (default: wasip2, wasip1, then wasi)")
+    pull_wasm.add_argument("--insecure", action="store_true",
+                           help="allow plain http to a non-loopback registry")
+    pull_wasm.add_argument("--json", action="store_true", help="print one JSON object")
+    export = commands.add_parser(
+        "wasm-export", help="write a .wasm file as an OCI artifact (CNCF Wasm layout)",
+        description="write a .wasm file as an OCI artifact (CNCF Wasm layout)",
+        epilog=_EXAMPLES["wasm-export"], formatter_class=parser.formatter_class)
+    export.add_argument("file", metavar="FILE", help="the .wasm module or component")
+    export.add_argument("destination", metavar="oci:DIR[:TAG]", help="OCI layout to write")
+    export.add_argument("--name", help="module name (default: the file name)")
+    export.add_argument("--json", action="store_true", help="print one JSON object")
     pull = commands.choices["pull"]
     pull.add_argument("-q", "--quiet", action="store_true",
                       help="no progress; print only the manifest digest")
@@ -3101,6 +3421,8 @@ def _suppress() -> Any:
 _COMMANDS: Dict[str, Callable[[Any], int]] = {
     "pull": _cmd_pull,
     "inspect": _cmd_inspect,
+    "pull-wasm": _cmd_pull_wasm,
+    "wasm-export": _cmd_wasm_export,
     "cache": _cmd_cache,
 }
 
