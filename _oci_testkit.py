@@ -7,6 +7,8 @@ Contents:
        as an OCI image layout (image-spec ``image-layout.md``), streamed to disk
     2. EXPECTED VALUES: what a client should see after a registry round trip
     3. DISTRIBUTION: ``docker-registry serve`` on 127.0.0.1 and ``skopeo copy`` into it
+    4. WASM ARTIFACTS: modules from ``wat2wasm``, the manifests of each WebAssembly
+       packaging style built by hand, and ``push_raw`` through the distribution API
 
 Specs followed:
     OCI image layout      https://github.com/opencontainers/image-spec/blob/main/image-layout.md
@@ -14,6 +16,9 @@ Specs followed:
     OCI image index       https://github.com/opencontainers/image-spec/blob/main/image-index.md
     OCI image config      https://github.com/opencontainers/image-spec/blob/main/config.md
     Distribution config   https://distribution.github.io/distribution/about/configuration/
+    Distribution API      https://distribution.github.io/distribution/spec/api/
+    Wasm OCI Artifact     https://tag-runtime.cncf.io/wgs/wasm/deliverables/wasm-oci-artifact/
+    Component binary      https://github.com/WebAssembly/component-model/blob/main/design/mvp/Binary.md
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import tarfile
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -445,7 +451,8 @@ def require_tool(name: str) -> str:
 
 
 _APT_PACKAGE = {"docker-registry": "docker-registry", "skopeo": "skopeo",
-                "htpasswd": "apache2-utils", "umoci": "umoci"}
+                "htpasswd": "apache2-utils", "umoci": "umoci",
+                "wat2wasm": "wabt", "wasm-validate": "wabt"}
 
 
 def free_port() -> int:
@@ -587,11 +594,21 @@ class DistributionRegistry:
         return "%s/%s%s%s" % (self.host, repository, sep, tag_or_digest)
 
     def request(self, method: str, path: str, accept: Sequence[str] = (), auth: bool = True,
-                timeout_s: float = 10) -> Tuple[int, dict, bytes]:
-        """Sends one HTTP request to the registry; returns status, headers and body."""
-        req = urllib.request.Request(self.url + path, method=method)
+                timeout_s: float = 10, data: Optional[bytes] = None,
+                headers: Optional[Dict[str, str]] = None) -> Tuple[int, dict, bytes]:
+        """Sends one HTTP request to the registry; returns status, headers and body.
+
+        ``path`` is a path on the registry, or an absolute URL on it (an upload's
+        ``Location``); ``data`` is sent as the body, with ``headers`` added.
+        """
+        url = path if path.startswith(("http://", "https://")) else self.url + path
+        if not url.startswith(self.url + "/"):
+            raise ValueError("%s is not on the registry %s" % (url, self.url))
+        req = urllib.request.Request(url, data=data, method=method)
         if accept:
             req.add_header("Accept", ", ".join(accept))
+        for name, value in (headers or {}).items():
+            req.add_header(name, value)
         if auth and self.username is not None:
             token = base64.b64encode(self.creds.encode()).decode()
             req.add_header("Authorization", "Basic " + token)
@@ -675,6 +692,318 @@ class DistributionRegistry:
             raise RuntimeError("%s failed (exit %d): %s" % (
                 " ".join(cmd[:3]), proc.returncode, proc.stderr.decode(errors="replace").strip()))
         return proc.stdout.decode() if text else proc.stdout
+
+
+# =============================================================================
+# 4. WASM ARTIFACTS: modules, the manifests of each packaging style, raw pushes
+# =============================================================================
+# Each builder returns a RawArtifact: the exact manifest bytes and every blob they
+# name, kept in memory (WebAssembly artifacts are small). push_artifact() sends them
+# through the distribution HTTP API, so the registry stores the bytes built here and
+# nothing in between (skopeo, a layout) can rewrite them.
+
+MEDIA_TYPE_WASM_CONFIG_V0 = "application/vnd.wasm.config.v0+json"      # CNCF, wkg
+MEDIA_TYPE_WASM_CONFIG_V1 = "application/vnd.wasm.config.v1+json"      # wasm-to-oci
+MEDIA_TYPE_WASM_LAYER = "application/wasm"                              # CNCF, wkg
+MEDIA_TYPE_WASM_TO_OCI_LAYER = "application/vnd.wasm.content.layer.v1+wasm"
+MEDIA_TYPE_RUNWASI_COMPONENT_LAYER = "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm"
+MEDIA_TYPE_RUNWASI_MODULE_LAYER = "application/vnd.module.wasm.content.layer.v1+wasm"
+ARTIFACT_TYPE_WASM_COMPONENT = "application/vnd.wasm.component.v1+wasm"
+ARTIFACT_TYPE_WASM_MODULE = "application/vnd.wasm.module.v1+wasm"
+ANNOTATION_TITLE = "org.opencontainers.image.title"
+CORE_MODULE_PREAMBLE = b"\0asm\x01\x00\x00\x00"
+# Component-model preamble: magic, version 0x0d 0x00, layer 0x01 0x00 (Binary.md).
+COMPONENT_PREAMBLE = b"\0asm\x0d\x00\x01\x00"
+_COMPONENT_CORE_MODULE_SECTION = 0x01
+
+
+@dataclasses.dataclass(frozen=True)
+class RawArtifact:
+    """Is one manifest (or index) as exact bytes, with the blobs and children it names.
+
+    ``blobs`` maps digest to bytes (config and layers); ``children`` are the manifests an
+    index lists, pushed before it. ``module`` is the WebAssembly layer's bytes, None for a
+    container image or an index. ``platform`` is the index entry's platform object.
+    """
+
+    manifest: bytes
+    media_type: str
+    blobs: Dict[str, bytes]
+    module: Optional[bytes] = None
+    layer_media_type: Optional[str] = None
+    platform: Optional[dict] = None
+    children: Tuple["RawArtifact", ...] = ()
+
+    @property
+    def digest(self) -> str:
+        """Returns the digest of the manifest bytes."""
+        return sha256_bytes(self.manifest)
+
+    @property
+    def data(self) -> dict:
+        """Returns the manifest parsed."""
+        return json.loads(self.manifest)
+
+    @property
+    def layer_digest(self) -> Optional[str]:
+        """Returns the digest of the module's layer, None when there is no module."""
+        return None if self.module is None else sha256_bytes(self.module)
+
+    @property
+    def config(self) -> bytes:
+        """Returns the config blob's bytes (manifests only)."""
+        return self.blobs[self.data["config"]["digest"]]
+
+    def descriptor(self, **extra: object) -> dict:
+        """Returns the descriptor of this manifest, as an index lists it."""
+        d = {"mediaType": self.media_type, "digest": self.digest, "size": len(self.manifest)}
+        artifact_type = self.data.get("artifactType")
+        if artifact_type:
+            d["artifactType"] = artifact_type
+        if self.platform:
+            d["platform"] = self.platform
+        d.update(extra)
+        return d
+
+
+def wat2wasm(wat: str, workdir: Path) -> bytes:
+    """Assembles WebAssembly text with wabt's ``wat2wasm``; returns the binary module."""
+    tool = require_tool("wat2wasm")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd, wat_name = tempfile.mkstemp(dir=str(workdir), suffix=".wat")
+    wasm_path = Path(wat_name[:-4] + ".wasm")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(wat)
+        proc = subprocess.run([tool, wat_name, "-o", str(wasm_path)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError("wat2wasm failed (exit %d): %s" % (
+                proc.returncode, proc.stderr.decode(errors="replace").strip()))
+        return wasm_path.read_bytes()
+    finally:
+        for path in (Path(wat_name), wasm_path):
+            if path.exists():
+                path.unlink()
+
+
+def wasi_hello_wat(greeting: str) -> str:
+    """Returns the WAT of a WASI preview 1 command that writes ``greeting`` to stdout.
+
+    It imports ``wasi_snapshot_preview1.fd_write``, exports ``memory``, ``_start`` and an
+    ``add`` function; the greeting sits in a data segment, so distinct greetings give
+    distinct modules (and distinct layer digests).
+    """
+    text = greeting.encode()
+    escaped = "".join("\\%02x" % b for b in text)
+    return """(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "%s")
+  (func (export "_start")
+    ;; one iovec at 0: {buf = 16, len = %d}; bytes written go to 8
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const %d))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func (export "add") (param i32 i32) (result i32)
+    local.get 0
+    local.get 1
+    i32.add))
+""" % (escaped, len(text), len(text))
+
+
+def _uleb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def component_from_core(core: bytes) -> bytes:
+    """Wraps a core module as the one core-module section of a component binary.
+
+    wabt cannot build components, so this writes the component preamble
+    (``\\0asm 0d 00 01 00``) and a ``core:module`` section (id 1) holding ``core``.
+    """
+    if not core.startswith(CORE_MODULE_PREAMBLE):
+        raise ValueError("not a core WebAssembly module")
+    return (COMPONENT_PREAMBLE + bytes([_COMPONENT_CORE_MODULE_SECTION])
+            + _uleb128(len(core)) + core)
+
+
+def _pretty_json(obj: object) -> bytes:
+    # Pushers write manifests indented and in their own key order; the registry and a
+    # client must keep these bytes, so the builders do not canonicalize them.
+    return json.dumps(obj, indent=3).encode() + b"\n"
+
+
+def _manifest(config_media_type: str, config: bytes, layer_descriptor: dict, module: bytes,
+              media_type_field: bool = True, artifact_type: Optional[str] = None,
+              annotations: Optional[dict] = None, platform: Optional[dict] = None,
+              ) -> RawArtifact:
+    config_digest = sha256_bytes(config)
+    body: dict = {"schemaVersion": 2}
+    if media_type_field:
+        body["mediaType"] = MEDIA_TYPE_OCI_MANIFEST
+    if artifact_type:
+        body["artifactType"] = artifact_type
+    body["config"] = {"mediaType": config_media_type, "digest": config_digest, "size": len(config)}
+    body["layers"] = [layer_descriptor]
+    if annotations:
+        body["annotations"] = annotations
+    return RawArtifact(
+        manifest=_pretty_json(body), media_type=MEDIA_TYPE_OCI_MANIFEST,
+        blobs={config_digest: config, layer_descriptor["digest"]: module},
+        module=module, layer_media_type=layer_descriptor["mediaType"], platform=platform,
+    )
+
+
+def _layer_descriptor(media_type: str, module: bytes, title: Optional[str]) -> dict:
+    d = {"mediaType": media_type, "digest": sha256_bytes(module), "size": len(module)}
+    if title:
+        d["annotations"] = {ANNOTATION_TITLE: title}
+    return d
+
+
+def cncf_wasm_artifact(module: bytes, os_name: str, title: str,
+                       artifact_type: Optional[str] = None,
+                       component: Optional[dict] = None) -> RawArtifact:
+    """Builds a CNCF "Wasm OCI Artifact" as wkg (wasm-pkg-tools, oci-wasm) writes it.
+
+    Config ``application/vnd.wasm.config.v0+json`` with ``architecture: wasm``, ``os``
+    (wasip1 or wasip2) and ``layerDigests``; one ``application/wasm`` layer titled
+    ``title``; ``artifactType`` only when given (wkg leaves it out).
+    """
+    layer = _layer_descriptor(MEDIA_TYPE_WASM_LAYER, module, title)
+    config_obj = {"created": _CREATED, "architecture": "wasm", "os": os_name,
+                  "layerDigests": [layer["digest"]]}
+    if component is not None:
+        config_obj["component"] = component
+    return _manifest(MEDIA_TYPE_WASM_CONFIG_V0, _canonical_json(config_obj), layer, module,
+                     artifact_type=artifact_type,
+                     annotations={"org.opencontainers.image.created": _CREATED},
+                     platform={"architecture": "wasm", "os": os_name})
+
+
+def wasm_to_oci_artifact(module: bytes, title: str = "module.wasm") -> RawArtifact:
+    """Builds an artifact as wasm-to-oci (oras-go v0) pushed it.
+
+    Config ``application/vnd.wasm.config.v1+json`` holding ``{}``, one
+    ``application/vnd.wasm.content.layer.v1+wasm`` layer, and no ``mediaType`` field in
+    the manifest (oras-go v0 left it out; the Content-Type of the PUT says what it is).
+    Nothing in it names a WASI level.
+    """
+    layer = _layer_descriptor(MEDIA_TYPE_WASM_TO_OCI_LAYER, module, title)
+    return _manifest(MEDIA_TYPE_WASM_CONFIG_V1, b"{}", layer, module, media_type_field=False)
+
+
+def runwasi_image(module: bytes, os_name: str, layer_media_type: str,
+                  entrypoint: str = "app.wasm") -> RawArtifact:
+    """Builds a containerd/runwasi image as runwasi's oci-tar-builder writes it.
+
+    An ordinary OCI image config (``application/vnd.oci.image.config.v1+json``) with
+    ``os``/``architecture: wasm``, no diff_ids, the ``containerd.runwasi.layers`` label,
+    and the module as a raw (not tar) layer of ``layer_media_type``, untitled.
+    oci-tar-builder writes ``os: wasip1`` (``wasi`` before 2024) and the component
+    layer type for modules and components alike.
+    """
+    layer = _layer_descriptor(layer_media_type, module, None)
+    config_obj = {
+        "created": _CREATED, "architecture": "wasm", "os": os_name,
+        "config": {"Entrypoint": [entrypoint],
+                   "Labels": {"containerd.runwasi.layers": layer["digest"][7:]}},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    }
+    return _manifest(MEDIA_TYPE_OCI_CONFIG, _canonical_json(config_obj), layer, module,
+                     platform={"architecture": "wasm", "os": os_name})
+
+
+def raw_image_from_layout(layout: Path, info: ImageInfo) -> RawArtifact:
+    """Returns an image written by build_image() as a RawArtifact (its blobs read back)."""
+    blobs = {b.digest: read_blob(layout, b.digest) for b in (info.config,) + info.layers}
+    platform = {"architecture": info.architecture, "os": info.os}
+    if info.variant:
+        platform["variant"] = info.variant
+    return RawArtifact(manifest=read_blob(layout, info.digest), media_type=info.manifest.media_type,
+                       blobs=blobs, platform=platform)
+
+
+def raw_index(children: Sequence[RawArtifact]) -> RawArtifact:
+    """Builds an OCI image index listing ``children`` with their platforms."""
+    body = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
+            "manifests": [child.descriptor() for child in children]}
+    return RawArtifact(manifest=_pretty_json(body), media_type=MEDIA_TYPE_OCI_INDEX,
+                       blobs={}, children=tuple(children))
+
+
+def push_raw(registry: "DistributionRegistry", repo: str, tag: str, blobs: Dict[str, bytes],
+             manifest_bytes: bytes, media_type: str) -> str:
+    """Pushes blobs and one manifest through the distribution API; returns its digest.
+
+    Each blob not already there goes up as a monolithic upload (``POST
+    /v2/REPO/blobs/uploads/``, then ``PUT Location?digest=``); the manifest is ``PUT
+    /v2/REPO/manifests/TAG`` (``tag`` may be a digest) with ``media_type`` as its
+    Content-Type. Raises unless the registry answers with the sha256 of exactly these
+    bytes and serves them back unchanged.
+    """
+    for digest, data in blobs.items():
+        if sha256_bytes(data) != digest:
+            raise ValueError("blob keyed %s hashes to %s" % (digest, sha256_bytes(data)))
+        status, _, _ = registry.request("HEAD", "/v2/%s/blobs/%s" % (repo, digest))
+        if status == 200:
+            continue
+        status, headers, body = registry.request("POST", "/v2/%s/blobs/uploads/" % repo, data=b"")
+        if status != 202 or not headers.get("Location"):
+            raise RuntimeError("POST blobs/uploads/ on %s -> %d %s" % (repo, status, body[:200]))
+        location = urllib.parse.urljoin(registry.url + "/", headers["Location"])
+        location += ("&" if "?" in location else "?") + "digest=" + urllib.parse.quote(digest)
+        status, headers, body = registry.request(
+            "PUT", location, data=data, headers={"Content-Type": "application/octet-stream"})
+        if status != 201 or headers.get("Docker-Content-Digest") != digest:
+            raise RuntimeError("PUT blob %s on %s -> %d %s %s" % (
+                digest, repo, status, headers.get("Docker-Content-Digest"), body[:200]))
+    status, headers, body = registry.request(
+        "PUT", "/v2/%s/manifests/%s" % (repo, tag), data=manifest_bytes,
+        headers={"Content-Type": media_type})
+    expected = sha256_bytes(manifest_bytes)
+    if status != 201:
+        raise RuntimeError("PUT manifest %s:%s -> %d %s" % (repo, tag, status, body[:300]))
+    if headers.get("Docker-Content-Digest") != expected:
+        raise RuntimeError("registry stored %s:%s as %s, not %s (the bytes were rewritten)" % (
+            repo, tag, headers.get("Docker-Content-Digest"), expected))
+    digest, _content_type, stored = registry.manifest(
+        repo, tag, accept=(media_type, MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_OCI_INDEX))
+    if digest != expected or stored != manifest_bytes:
+        raise RuntimeError("%s:%s is served as %s, not the %s pushed" % (repo, tag, digest, expected))
+    return digest
+
+
+def push_artifact(registry: "DistributionRegistry", repo: str, tag: str,
+                  artifact: RawArtifact) -> str:
+    """Pushes ``artifact`` (an index's children first, by digest) as ``repo:tag``."""
+    for child in artifact.children:
+        push_artifact(registry, repo, child.digest, child)
+    return push_raw(registry, repo, tag, artifact.blobs, artifact.manifest, artifact.media_type)
+
+
+def write_raw_to_layout(layout: Path, tag: str, artifact: RawArtifact) -> Blob:
+    """Writes ``artifact`` (children and blobs included) into an OCI layout under ``tag``."""
+    layout = init_layout(Path(layout))
+
+    def write(item: RawArtifact) -> Blob:
+        for child in item.children:
+            write(child)
+        for data in item.blobs.values():
+            write_blob(layout, data, "")
+        return write_blob(layout, item.manifest, item.media_type)
+
+    blob = write(artifact)
+    _tag_in_index_json(layout, blob, tag)
+    return blob
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

@@ -1362,3 +1362,346 @@ class TestWasmExport:
         out = run_cli("wasm-export", str(tmp_path / "y.wasm"), f"oci:{tmp_path}/l:v9", "--json",
                       cwd=tmp_path)
         assert out.returncode == 0 and json.loads(out.stdout)["wasi_version"] == "wasip1"
+
+
+# -----------------------------------------------------------------------------
+# 14. unpack
+# -----------------------------------------------------------------------------
+
+import stat as _stat  # noqa: E402
+import tarfile as _tarfile  # noqa: E402
+import gzip as _gzip  # noqa: E402
+
+
+def F(name, data=b"", mode=0o644, mtime=1_600_000_000, **pax):
+    return ("file", name, data, mode, mtime, pax)
+
+
+def D(name, mode=0o755, mtime=1_600_000_000):
+    return ("dir", name, None, mode, mtime, {})
+
+
+def S(name, target):
+    return ("symlink", name, target, 0o777, 1_600_000_000, {})
+
+
+def H(name, target):
+    return ("hardlink", name, target, 0o644, 1_600_000_000, {})
+
+
+def FIFO(name):
+    return ("fifo", name, None, 0o644, 1_600_000_000, {})
+
+
+def CHR(name):
+    return ("chr", name, None, 0o666, 1_600_000_000, {})
+
+
+def W(name):
+    """A whiteout for ``name`` (``dir/.wh.name``)."""
+    head, _, base = name.rpartition("/")
+    return F(f"{head}/.wh.{base}" if head else f".wh.{base}")
+
+
+def OPQ(directory):
+    return F(f"{directory}/.wh..wh..opq" if directory else ".wh..wh..opq")
+
+
+def make_layer(entries, compression="gzip") -> bytes:
+    raw = io.BytesIO()
+    with _tarfile.open(fileobj=raw, mode="w", format=_tarfile.PAX_FORMAT) as tar:
+        for kind, name, payload, mode, mtime, pax in entries:
+            info = _tarfile.TarInfo(name)
+            info.mode, info.mtime = mode, mtime
+            if pax:
+                info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in pax.items()}
+            if kind == "file":
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+                continue
+            info.type = {"dir": _tarfile.DIRTYPE, "symlink": _tarfile.SYMTYPE,
+                         "hardlink": _tarfile.LNKTYPE, "fifo": _tarfile.FIFOTYPE,
+                         "chr": _tarfile.CHRTYPE}[kind]
+            if kind in ("symlink", "hardlink"):
+                info.linkname = payload
+            if kind == "chr":
+                info.devmajor, info.devminor = 1, 3
+            tar.addfile(info)
+    data = raw.getvalue()
+    if compression == "gzip":
+        return _gzip.compress(data)
+    if compression == "zstd":
+        return subprocess.run(["zstd", "-q", "-c"], input=data, stdout=subprocess.PIPE,
+                              check=True).stdout
+    return data
+
+
+MT = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+      "tar": "application/vnd.oci.image.layer.v1.tar",
+      "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
+
+
+def unpack(tmp_path, *layers, as_root=None, name="rootfs"):
+    """Unpack gzip layers (lists of entries) into tmp_path/name; return the path."""
+    rootfs = tmp_path / name
+    unpacker = zr.LayerUnpacker(rootfs, as_root=as_root)
+    unpacker.unpack_layers([io.BytesIO(make_layer(entries)) for entries in layers])
+    return rootfs
+
+
+def tree(root: Path):
+    """Map each path under root to (type, mode, link target or content)."""
+    result = {}
+    for path in sorted(root.rglob("*")):
+        st = os.lstat(path)
+        rel = str(path.relative_to(root))
+        if _stat.S_ISLNK(st.st_mode):
+            result[rel] = ("l", os.readlink(path))
+        elif _stat.S_ISDIR(st.st_mode):
+            result[rel] = ("d", _stat.S_IMODE(st.st_mode))
+        elif _stat.S_ISREG(st.st_mode):
+            result[rel] = ("f", _stat.S_IMODE(st.st_mode), path.read_bytes())
+        else:
+            result[rel] = ("other", _stat.S_IFMT(st.st_mode))
+    return result
+
+
+def snapshot(directory: Path):
+    return {str(p): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+            for p in directory.rglob("*")}
+
+
+class TestUnpackEntries:
+    def test_every_entry_type_with_modes_and_mtimes(self, tmp_path):
+        rootfs = unpack(tmp_path, [
+            D("bin", 0o755), F("bin/busybox", b"BB", 0o755), S("bin/sh", "/bin/busybox"),
+            H("bin/ash", "bin/busybox"), FIFO("run.fifo"), D("ro", 0o555, mtime=1_500_000_000),
+            F("ro/file", b"x", 0o400)])
+        t = tree(rootfs)
+        assert t["bin/busybox"] == ("f", 0o755, b"BB")
+        assert t["bin/sh"] == ("l", "/bin/busybox")       # absolute targets kept as they are
+        assert os.stat(rootfs / "bin/ash").st_ino == os.stat(rootfs / "bin/busybox").st_ino
+        assert _stat.S_ISFIFO(os.lstat(rootfs / "run.fifo").st_mode)
+        assert t["ro"] == ("d", 0o555) and t["ro/file"] == ("f", 0o400, b"x")
+        assert os.stat(rootfs / "ro").st_mtime == 1_500_000_000  # set after its contents
+        assert os.stat(rootfs / "bin/busybox").st_mtime == 1_600_000_000
+
+    def test_implied_parents_and_later_writes_into_read_only_dirs(self, tmp_path):
+        rootfs = unpack(tmp_path, [D("etc", 0o555), F("a/b/c/deep", b"1")],
+                        [F("etc/new", b"2")])
+        t = tree(rootfs)
+        assert t["a"] == ("d", 0o755) and t["a/b/c/deep"][2] == b"1"
+        assert t["etc"] == ("d", 0o555) and t["etc/new"][2] == b"2"
+
+    def test_replacements_between_layers(self, tmp_path):
+        rootfs = unpack(tmp_path,
+                        [F("f2d", b"file"), D("d2f"), F("d2f/inner", b"i"), D("d2l"),
+                         F("d2l/x", b"x"), S("l2f", "/nowhere"), F("keep", b"k")],
+                        [D("f2d"), F("f2d/now", b"dir"), F("d2f", b"now a file"),
+                         S("d2l", "keep"), F("l2f", b"real")])
+        t = tree(rootfs)
+        assert t["f2d"][0] == "d" and t["f2d/now"][2] == b"dir"
+        assert t["d2f"] == ("f", 0o644, b"now a file") and "d2f/inner" not in t
+        assert t["d2l"] == ("l", "keep") and "d2l/x" not in t
+        assert t["l2f"] == ("f", 0o644, b"real")
+
+    def test_writes_follow_links_inside_the_root(self, tmp_path):
+        rootfs = unpack(tmp_path, [D("usr/lib"), S("lib", "usr/lib"), S("lib64", "/usr/lib")],
+                        [F("lib/a.so", b"a"), F("lib64/b.so", b"b")])
+        t = tree(rootfs)
+        assert t["usr/lib/a.so"][2] == b"a" and t["usr/lib/b.so"][2] == b"b"
+        assert t["lib"] == ("l", "usr/lib")
+
+    def test_setuid_kept_as_root_stripped_otherwise(self, tmp_path):
+        layer = [F("su", b"s", 0o4755), F("sg", b"g", 0o2755)]
+        assert tree(unpack(tmp_path, layer, as_root=False, name="user"))["su"][1] == 0o755
+        assert tree(unpack(tmp_path, layer, as_root=False, name="user2"))["sg"][1] == 0o755
+        if os.geteuid() == 0:
+            assert tree(unpack(tmp_path, layer, as_root=True, name="root"))["su"][1] == 0o4755
+
+    def test_device_nodes_skipped_without_root(self, tmp_path, capsys):
+        rootfs = unpack(tmp_path, [CHR("dev/null"), F("dev/ok", b"")], as_root=False)
+        assert not (rootfs / "dev/null").exists() and (rootfs / "dev/ok").exists()
+        assert "skipping device node dev/null" in capsys.readouterr().err
+
+    @pytest.mark.skipif(not hasattr(os, "setxattr") or os.geteuid() != 0, reason="needs root")
+    def test_xattrs_as_root(self, tmp_path):
+        rootfs = unpack(tmp_path, [F("cap", b"c", **{"user.zlayer": "v1"})], as_root=True)
+        assert os.getxattr(rootfs / "cap", "user.zlayer") == b"v1"
+
+
+class TestWhiteouts:
+    def test_whiteout_removes_lower_and_can_be_re_added(self, tmp_path):
+        rootfs = unpack(tmp_path,
+                        [F("etc/a", b"a"), F("etc/b", b"b"), D("var/cache"), F("var/cache/x")],
+                        [W("etc/a"), W("var/cache")],
+                        [F("var/cache/new", b"n")])
+        t = tree(rootfs)
+        assert "etc/a" not in t and t["etc/b"][2] == b"b"
+        assert "var/cache/x" not in t and t["var/cache/new"][2] == b"n"
+        assert not any(".wh." in p for p in t)
+
+    def test_whiteout_spares_what_the_same_layer_adds(self, tmp_path):
+        rootfs = unpack(tmp_path, [F("x", b"old")], [F("x", b"new"), W("x")])
+        assert tree(rootfs)["x"][2] == b"new"
+
+    @pytest.mark.parametrize("marker_first", [True, False])
+    def test_opaque_hides_lower_keeps_same_layer_in_any_order(self, tmp_path, marker_first):
+        upper = [F("d/new", b"n"), F("d/sub/added", b"s"), D("d/kept")]
+        upper = [OPQ("d")] + upper if marker_first else upper + [OPQ("d")]
+        rootfs = unpack(tmp_path,
+                        [F("d/old", b"o"), F("d/sub/lower", b"l"), D("d/kept"),
+                         F("d/kept/lower", b"l"), F("other", b"x")],
+                        upper)
+        t = tree(rootfs)
+        assert sorted(p for p in t if p.startswith("d/")) == ["d/kept", "d/new", "d/sub",
+                                                              "d/sub/added"]
+        assert t["other"][2] == b"x" and not any(".wh." in p for p in t)
+
+    def test_opaque_at_root(self, tmp_path):
+        rootfs = unpack(tmp_path, [F("a"), F("b/c")], [F("z", b"z"), OPQ("")])
+        assert list(tree(rootfs)) == ["z"]
+
+
+class TestUnpackAttacks:
+    """No entry may create, change or delete anything outside the root."""
+
+    @pytest.fixture
+    def outside(self, tmp_path):
+        directory = tmp_path / "outside"
+        directory.mkdir()
+        (directory / "victim").write_bytes(b"precious")
+        return directory
+
+    def check_untouched(self, outside):
+        assert snapshot(outside) == {str(outside / "victim"): b"precious"}
+
+    @pytest.mark.parametrize("name", ["../escape", "a/../../escape", "./../x", "a/b/../../../x"])
+    def test_dotdot_names_are_refused(self, tmp_path, outside, name):
+        with pytest.raises(zr.UnpackError) as info:
+            unpack(tmp_path, [F(name, b"evil")])
+        assert info.value.member == name and name in str(info.value)
+        assert not (tmp_path / "escape").exists() and not (tmp_path / "x").exists()
+        assert not (tmp_path / "rootfs").exists()
+        self.check_untouched(outside)
+
+    def test_absolute_names_stay_inside(self, tmp_path, outside):
+        rootfs = unpack(tmp_path, [F(f"{outside}/victim", b"evil"), F("/etc/abs", b"a")])
+        assert (rootfs / str(outside).lstrip("/") / "victim").read_bytes() == b"evil"
+        assert (rootfs / "etc/abs").read_bytes() == b"a"
+        self.check_untouched(outside)
+
+    @pytest.mark.parametrize("target", ["ABS", "../../../../../../..{outside}", "../" * 30])
+    def test_write_through_escaping_symlink_same_layer(self, tmp_path, outside, target):
+        target = str(outside) if target == "ABS" else target.format(outside=outside)
+        rootfs = unpack(tmp_path, [S("link", target), F("link/victim", b"evil"),
+                                   F("link/new", b"evil")])
+        self.check_untouched(outside)
+        assert b"evil" in [p.read_bytes() for p in rootfs.rglob("new") if p.is_file()]
+
+    def test_write_through_escaping_symlink_from_lower_layer(self, tmp_path, outside):
+        unpack(tmp_path, [S("link", str(outside))], [F("link/victim", b"evil")],
+               [D("link"), F("link/x", b"x")])
+        self.check_untouched(outside)
+
+    def test_hardlink_to_outside_file(self, tmp_path, outside):
+        with pytest.raises(zr.UnpackError, match="not a file inside the image"):
+            unpack(tmp_path, [H("stolen", f"{outside}/victim")])
+        with pytest.raises(zr.UnpackError, match="'..' in its path"):
+            unpack(tmp_path, [H("stolen", "../outside/victim")])
+        self.check_untouched(outside)
+
+    def test_hardlink_through_escaping_symlink(self, tmp_path, outside):
+        with pytest.raises(zr.UnpackError):
+            unpack(tmp_path, [S("link", str(outside)), H("stolen", "link/victim")])
+        with pytest.raises(zr.UnpackError):
+            unpack(tmp_path, [S("link", "../outside"), H("stolen", "link/victim")])
+        self.check_untouched(outside)
+        assert os.stat(outside / "victim").st_nlink == 1
+
+    def test_whiteouts_cannot_delete_outside(self, tmp_path, outside):
+        unpack(tmp_path, [S("link", str(outside))], [W("link/victim")])
+        self.check_untouched(outside)
+        unpack(tmp_path, [S("link", str(outside))], [OPQ("link")], name="r2")
+        self.check_untouched(outside)
+        with pytest.raises(zr.UnpackError):
+            unpack(tmp_path, [F("a")], [F("../.wh.outside")], name="r3")
+        self.check_untouched(outside)
+
+    def test_symlink_loop_is_refused(self, tmp_path):
+        with pytest.raises(zr.UnpackError, match="too many levels"):
+            unpack(tmp_path, [S("a", "b"), S("b", "a"), F("a/x")])
+
+    def test_chmod_through_symlink_does_not_escape(self, tmp_path, outside):
+        os.chmod(outside / "victim", 0o600)
+        unpack(tmp_path, [S("link", str(outside / "victim")), D("link", 0o777)])
+        assert _stat.S_IMODE(os.stat(outside / "victim").st_mode) == 0o600
+        self.check_untouched(outside)
+
+
+class TestUnpackFormats:
+    @pytest.mark.parametrize("compression", ["gzip", "tar", "zstd"])
+    def test_compressions(self, tmp_path, compression):
+        layer = make_layer([F("hello", b"world")], compression)
+        rootfs = tmp_path / "r"
+        zr.LayerUnpacker(rootfs).unpack_layers([])  # an empty image is an empty dir
+        assert list(rootfs.iterdir()) == []
+        zr.LayerUnpacker(rootfs).unpack_layer(io.BytesIO(layer), MT[compression])
+        assert (rootfs / "hello").read_bytes() == b"world"
+
+    def test_docker_zstd_media_type_and_path_input(self, tmp_path):
+        path = tmp_path / "layer.tar.zst"
+        path.write_bytes(make_layer([F("z", b"z")], "zstd"))
+        rootfs = tmp_path / "r"
+        rootfs.mkdir()
+        zr.LayerUnpacker(rootfs).unpack_layer(path, "application/vnd.docker.image.rootfs.diff.tar.zstd")
+        assert (rootfs / "z").read_bytes() == b"z"
+
+    def test_zstd_without_any_decoder_names_both(self, tmp_path, monkeypatch):
+        layer = make_layer([F("z")], "zstd")
+        monkeypatch.setenv("PATH", str(tmp_path))
+        with pytest.raises(zr.UnpackError, match="compression.zstd or a 'zstd' program"):
+            zr.LayerUnpacker(tmp_path / "r").unpack_layers([io.BytesIO(layer)])
+        assert os.listdir(tmp_path) == []
+
+    def test_media_type_and_magic_must_agree(self, tmp_path):
+        with pytest.raises(zr.UnpackError, match="declared as gzip"):
+            zr.LayerUnpacker(tmp_path).unpack_layer(io.BytesIO(make_layer([F("a")], "tar")),
+                                                    MT["gzip"])
+
+    @pytest.mark.parametrize("damage", ["truncate", "garbage"])
+    def test_corrupt_layers_are_errors_and_leave_nothing(self, tmp_path, damage):
+        good = make_layer([F("a", layer_bytes(1, 100_000))])
+        bad = good[:len(good) // 2] if damage == "truncate" else b"\x1f\x8b" + b"\x00" * 100
+        with pytest.raises(zr.UnpackError):
+            zr.LayerUnpacker(tmp_path / "r").unpack_layers([io.BytesIO(make_layer([F("ok")])),
+                                                            io.BytesIO(bad)])
+        assert os.listdir(tmp_path) == []  # no rootfs, no staging directory
+
+    def test_existing_non_empty_target_is_refused(self, tmp_path):
+        (tmp_path / "r").mkdir()
+        (tmp_path / "r" / "mine").write_text("keep")
+        with pytest.raises(zr.UnpackError, match="not an empty directory"):
+            zr.LayerUnpacker(tmp_path / "r").unpack_layers([io.BytesIO(make_layer([F("a")]))])
+        assert os.listdir(tmp_path / "r") == ["mine"]
+
+
+class TestUnpackImage:
+    def test_puller_unpack_and_cli(self, registry, tmp_path):
+        layers = [make_layer([F("etc/os-release", b"ID=test\n"), S("bin/sh", "/bin/busybox"),
+                              F("bin/busybox", b"BB", 0o755)]),
+                  make_layer([W("etc/os-release"), F("etc/hostname", b"h")])]
+        registry.add_image("app", "v1", layers)
+        cache = zr.BlobCache.open(tmp_path / "c")
+        result = make_puller(cache).unpack(f"{registry.host}/app:v1", tmp_path / "rootfs")
+        assert len(result.layers) == 2
+        t = tree(tmp_path / "rootfs")
+        assert t["etc/hostname"][2] == b"h" and "etc/os-release" not in t
+        assert t["bin/sh"] == ("l", "/bin/busybox")
+        out = run_cli("unpack", f"{registry.host}/app:v1", str(tmp_path / "cli"), "--cache",
+                      str(tmp_path / "c"), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert tree(tmp_path / "cli") == t
+        again = run_cli("unpack", f"{registry.host}/app:v1", str(tmp_path / "cli"), "--cache",
+                        str(tmp_path / "c"), cwd=tmp_path)
+        assert again.returncode == 1 and "not an empty directory" in again.stderr

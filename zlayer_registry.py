@@ -36,9 +36,10 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     11. REGISTRY CLIENT: manifests and blobs over the distribution API
     12. BLOB CACHES: the interface, in memory
     13. DIRECTORY CACHE: content-addressed files and a SQLite index
-    14. PULL
-    15. OCI LAYOUT: writing image layouts and WASM artifacts
-    16. CLI
+    14. UNPACK: layers into a root filesystem
+    15. PULL
+    16. OCI LAYOUT: writing image layouts and WASM artifacts
+    17. CLI
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -106,8 +107,8 @@ __all__ = [
     "RegistryAuth",
     # Caches
     "BlobCache", "DirectoryBlobCache",
-    # Pull
-    "ImagePuller", "Layer", "PullResult",
+    # Pull and unpack
+    "ImagePuller", "Layer", "PullResult", "LayerUnpacker",
     # CLI
     "main",
 ]
@@ -2469,7 +2470,480 @@ def _pid_alive(pid: int) -> bool:
 
 
 # =============================================================================
-# 14. PULL
+# 14. UNPACK: layers into a root filesystem
+# =============================================================================
+# A layer is untrusted input from the network.  Every entry's parent path is
+# resolved component by component inside the root, following symlinks the
+# way a chroot would (an absolute target or ".." stops at the root, as in
+# umoci's and containerd's extractors), so no entry can create, change or
+# delete anything outside it.  Whiteouts follow image-spec layer.md.
+
+_WHITEOUT_PREFIX = ".wh."
+_OPAQUE_WHITEOUT = ".wh..wh..opq"
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_MAX_SYMLINK_HOPS = 40
+
+
+def _layer_compression(media_type: str, head: bytes) -> str:
+    """Decide a layer's compression ('gzip', 'zstd' or 'tar') from media type and magic.
+
+    A media type that names one compression while the bytes show another is
+    refused: that layer is not what its manifest says.
+    """
+    lowered = media_type.lower()
+    declared = ("gzip" if "gzip" in lowered else "zstd" if "zstd" in lowered
+                else "tar" if lowered.endswith("tar") or "tar" in lowered.rsplit(".", 1)[-1]
+                else "")
+    actual = ("gzip" if head.startswith(_GZIP_MAGIC) else "zstd" if head.startswith(_ZSTD_MAGIC)
+              else "tar")
+    if declared and declared != actual:
+        raise UnpackError(f"layer declared as {declared} ({media_type}) but its bytes "
+                          f"are {actual if actual != 'tar' else 'not compressed'}")
+    return actual
+
+
+class _ZstdPipe:
+    """Decompresses zstd with compression.zstd (3.14+) or an installed zstd binary."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self._process = None
+        try:
+            # Python 3.14 added compression.zstd; it is imported by name so that
+            # stdlib checks run on older Pythons do not mistake it for a dependency.
+            import importlib
+            zstd = importlib.import_module("compression.zstd")
+        except ImportError:
+            zstd = None
+        if zstd is not None:
+            self.stream: Any = zstd.ZstdFile(source)
+            return
+        import shutil
+        import subprocess
+        binary = shutil.which("zstd")
+        if binary is None:
+            raise UnpackError("zstd layers need Python 3.14's compression.zstd or a "
+                              "'zstd' program on PATH; neither is available")
+        self._process = subprocess.Popen([binary, "-dc"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.stream = self._process.stdout
+        # A thread feeds the pipe: the source may be buffered (already peeked
+        # at) or not a file at all, so its descriptor cannot be handed over.
+        self._feeder = threading.Thread(target=self._feed, args=(source,), daemon=True)
+        self._feeder.start()
+
+    def _feed(self, source: BinaryIO) -> None:
+        sink = self._process.stdin
+        try:
+            for chunk in iter(lambda: source.read(_READ_CHUNK_BYTES), b""):
+                sink.write(chunk)
+        except (OSError, ValueError):
+            pass  # the reader stopped early; close() reports zstd's own error
+        finally:
+            try:
+                sink.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Close the stream and check the decompressor's exit status."""
+        if self._process is None:
+            self.stream.close()
+            return
+        while self.stream.read(_READ_CHUNK_BYTES):
+            pass
+        self.stream.close()
+        self._feeder.join()
+        error = self._process.stderr.read().decode(errors="replace").strip()
+        self._process.stderr.close()
+        if self._process.wait() != 0:
+            raise UnpackError(f"zstd failed: {error.splitlines()[-1] if error else 'no output'}")
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+class LayerUnpacker:
+    """Unpacks image layers into a root filesystem directory, safely.
+
+    ``unpack_layer`` applies one layer in place; ``unpack_layers`` builds a
+    whole image in a staging directory beside ``rootfs`` and renames it into
+    place at the end, so a failure leaves ``rootfs`` as it was.  ``as_root``
+    (default: the effective uid is 0) decides whether ownership, xattrs and
+    device nodes are applied and setuid/setgid bits kept.
+    """
+
+    def __init__(self, rootfs: Union[str, "os.PathLike[str]"], *,
+                 as_root: Optional[bool] = None) -> None:
+        self.rootfs = os.path.abspath(os.fspath(rootfs))
+        self.as_root = _is_root() if as_root is None else as_root
+        self.root = self.rootfs
+        self._dirs: Dict[str, Any] = {}
+        self._resolved: Dict[str, str] = {}
+        self._written: set = set()
+        self.skipped: List[str] = []
+
+    # -- public -----------------------------------------------------------------
+
+    def unpack_layers(self, layers: Iterable[Any]) -> str:
+        """Unpack every layer, in order, into a new ``rootfs``; return its path."""
+        import shutil
+        import tempfile
+        if os.path.lexists(self.rootfs) and (not os.path.isdir(self.rootfs)
+                                             or os.listdir(self.rootfs)):
+            raise UnpackError(f"{self.rootfs} exists and is not an empty directory")
+        parent = os.path.dirname(self.rootfs)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=f".{os.path.basename(self.rootfs)}.staging-",
+                                       dir=parent)
+        except OSError as exc:
+            raise UnpackError(f"cannot create {self.rootfs}: {exc.strerror or exc}") from exc
+        self.root = staging
+        try:
+            for layer in layers:
+                self.unpack_layer(layer)
+            self._finish_directories()
+            os.chmod(staging, 0o755)
+            os.replace(staging, self.rootfs)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            self.root = self.rootfs
+        return self.rootfs
+
+    def unpack_layer(self, layer: Any, media_type: Optional[str] = None) -> None:
+        """Apply one layer (a Layer, a path or a binary file) to the root filesystem."""
+        import tarfile
+        opened, media_type = self._open_layer(layer, media_type)
+        with opened as raw:
+            head = raw.peek(8)[:8] if hasattr(raw, "peek") else b""
+            compression = _layer_compression(media_type or "", head)
+            zstd_pipe = None
+            if compression == "zstd":
+                zstd_pipe = _ZstdPipe(raw)
+                stream = zstd_pipe.stream
+            elif compression == "gzip":
+                # GzipFile, not tarfile's "r|gz": that one re-slices its whole
+                # buffer on every 512-byte header read (quadratic, 4x slower).
+                import gzip
+                stream = gzip.GzipFile(fileobj=raw, mode="rb")
+            else:
+                stream = raw
+            self._written = set()
+            opaque: List[str] = []
+            try:
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for member in tar:
+                        self._apply(tar, member, opaque)
+            except (tarfile.TarError, EOFError, OSError, _zlib_error()) as exc:
+                raise UnpackError(f"layer is not a valid tar stream: {exc}") from exc
+            finally:
+                if zstd_pipe is not None:
+                    zstd_pipe.close()
+            for directory in opaque:
+                self._apply_opaque(directory)
+        if self.root == self.rootfs:
+            self._finish_directories()
+
+    # -- input ------------------------------------------------------------------
+
+    @staticmethod
+    def _open_layer(layer: Any, media_type: Optional[str]) -> Tuple[Any, str]:
+        import io
+        if hasattr(layer, "open") and hasattr(layer, "media_type"):  # a pulled Layer
+            return io.BufferedReader(layer.open(), _READ_CHUNK_BYTES), \
+                media_type or layer.media_type
+        if isinstance(layer, (str, os.PathLike)):
+            try:
+                return open(os.fspath(layer), "rb", buffering=_READ_CHUNK_BYTES), media_type or ""
+            except OSError as exc:
+                raise UnpackError(f"cannot read layer {os.fspath(layer)}: "
+                                  f"{exc.strerror or exc}") from exc
+        if not hasattr(layer, "peek"):
+            layer = io.BufferedReader(layer, _READ_CHUNK_BYTES)
+        return layer, media_type or ""
+
+    # -- paths --------------------------------------------------------------------
+
+    @staticmethod
+    def _split_name(name: str) -> List[str]:
+        """Split a member name into components; '..' anywhere is refused."""
+        parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise UnpackError(f"refusing member {name!r}: '..' in its path", member=name)
+        return parts
+
+    def _resolve_dir(self, parts: Sequence[str], member: str, create: bool) -> Optional[str]:
+        """Resolve directory components inside the root; return the real relative path.
+
+        Symlinks are followed as if the root were '/': an absolute target
+        restarts at the root and '..' stops there.  Missing directories are
+        created when ``create``; otherwise None is returned for them.
+        """
+        key = "/".join(parts)
+        cached = self._resolved.get(key)
+        if cached is not None:
+            return cached
+        import stat as st
+        resolved: List[str] = []
+        pending = list(parts)
+        hops = 0
+        while pending:
+            component = pending.pop(0)
+            if component in ("", "."):
+                continue
+            if component == "..":
+                if resolved:
+                    resolved.pop()
+                continue
+            candidate = resolved + [component]
+            full = os.path.join(self.root, *candidate)
+            try:
+                mode = os.lstat(full).st_mode
+            except FileNotFoundError:
+                if not create:
+                    return None
+                os.mkdir(full)
+                os.chmod(full, 0o755)  # implied parents: 0755, whatever the umask
+                self._written.add("/".join(candidate))
+                resolved = candidate
+                continue
+            if st.S_ISLNK(mode):
+                hops += 1
+                if hops > _MAX_SYMLINK_HOPS:
+                    raise UnpackError(f"refusing member {member!r}: too many levels of "
+                                      "symbolic links", member=member)
+                target = os.readlink(full)
+                if target.startswith("/"):
+                    resolved = []
+                pending = target.split("/") + pending
+                continue
+            if not st.S_ISDIR(mode):
+                raise UnpackError(f"member {member!r}: {'/'.join(candidate)} is not a "
+                                  "directory", member=member)
+            resolved = candidate
+        result = "/".join(resolved)
+        self._resolved[key] = result
+        return result
+
+    def _remove(self, relative: str) -> None:
+        """Remove whatever is at ``relative`` (never following a symlink)."""
+        import shutil
+        import stat as st
+        full = os.path.join(self.root, relative)
+        try:
+            mode = os.lstat(full).st_mode
+        except FileNotFoundError:
+            return
+        if st.S_ISDIR(mode):
+            shutil.rmtree(full)
+        else:
+            os.unlink(full)
+        if st.S_ISDIR(mode) or st.S_ISLNK(mode):
+            self._resolved.clear()  # cached resolutions may run through it
+
+    # -- entries ------------------------------------------------------------------
+
+    def _apply(self, tar: Any, member: Any, opaque: List[str]) -> None:
+        name = member.name
+        parts = self._split_name(name)
+        if not parts:
+            return  # the root itself
+        base = parts[-1]
+        if base.startswith(_WHITEOUT_PREFIX):
+            parent = self._resolve_dir(parts[:-1], name, create=False)
+            if parent is None:
+                return
+            if base == _OPAQUE_WHITEOUT:
+                opaque.append(parent)
+            else:
+                target = _join(parent, base[len(_WHITEOUT_PREFIX):])
+                if target not in self._written:  # hides lower layers only
+                    self._remove(target)
+            return
+        parent = self._resolve_dir(parts[:-1], name, create=True)
+        relative = _join(parent, base)
+        full = os.path.join(self.root, relative)
+        if member.isdir():
+            self._make_directory(full, relative, member)
+        elif member.isreg():
+            self._write_file(tar, member, full, relative)
+        elif member.issym():
+            self._replace(full, relative)
+            os.symlink(member.linkname, full)
+            self._set_metadata(full, member, is_link=True)
+        elif member.islnk():
+            self._hardlink(member, full, relative)
+        elif member.isfifo():
+            self._replace(full, relative)
+            os.mkfifo(full, 0o600)
+            self._set_metadata(full, member)
+        elif member.ischr() or member.isblk():
+            if not self.as_root:
+                self.skipped.append(name)
+                _warn(f"skipping device node {name} (needs root)")
+                return
+            import stat as st
+            self._replace(full, relative)
+            kind = st.S_IFCHR if member.ischr() else st.S_IFBLK
+            os.mknod(full, kind | 0o600, os.makedev(member.devmajor, member.devminor))
+            self._set_metadata(full, member)
+        else:
+            raise UnpackError(f"refusing member {name!r} of unsupported type "
+                              f"{member.type!r}", member=name)
+        self._written.add(relative)
+
+    def _replace(self, full: str, relative: str) -> None:
+        """Clear the way for a new non-directory entry."""
+        if os.path.lexists(full):
+            self._remove(relative)
+
+    def _make_directory(self, full: str, relative: str, member: Any) -> None:
+        import stat as st
+        try:
+            mode = os.lstat(full).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and not st.S_ISDIR(mode):
+            self._remove(relative)
+            mode = None
+        if mode is None:
+            os.mkdir(full, 0o700)
+        self._dirs[relative] = member
+        self._written.add(relative)
+
+    def _write_file(self, tar: Any, member: Any, full: str, relative: str) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) \
+            | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(full, flags, 0o600)
+        except FileExistsError:
+            self._remove(relative)
+            fd = os.open(full, flags, 0o600)
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            if member.size:
+                source = tar.extractfile(member)
+                buffer = memoryview(bytearray(min(member.size, _READ_CHUNK_BYTES)))
+                while True:
+                    count = source.readinto(buffer)
+                    if not count:
+                        break
+                    out.write(buffer[:count])
+            self._set_metadata(out.fileno(), member)
+
+    def _hardlink(self, member: Any, full: str, relative: str) -> None:
+        import stat as st
+        name, target_parts = member.name, self._split_name(member.linkname)
+        if not target_parts:
+            raise UnpackError(f"refusing hard link {name!r} to the root", member=name)
+        parent = self._resolve_dir(target_parts[:-1], name, create=False)
+        source = None if parent is None else _join(parent, target_parts[-1])
+        try:
+            mode = os.lstat(os.path.join(self.root, source)).st_mode if source else None
+        except FileNotFoundError:
+            mode = None
+        if mode is None or st.S_ISDIR(mode):
+            raise UnpackError(f"refusing hard link {name!r}: target {member.linkname!r} "
+                              "is not a file inside the image", member=name)
+        if source == relative:
+            return
+        self._replace(full, relative)
+        os.link(os.path.join(self.root, source), full, follow_symlinks=False)
+
+    def _set_metadata(self, target: Union[int, str], member: Any, is_link: bool = False) -> None:
+        """Apply ownership (root only), mode and mtime to a file descriptor or path."""
+        if self.as_root:
+            try:
+                if isinstance(target, int):
+                    os.fchown(target, member.uid, member.gid)
+                else:
+                    os.lchown(target, member.uid, member.gid)
+            except OSError as exc:
+                raise UnpackError(f"cannot set owner of {member.name!r}: {exc.strerror}",
+                                  member=member.name) from exc
+            self._set_xattrs(target, member)
+        if not is_link:
+            mode = member.mode & 0o7777
+            if not self.as_root:
+                mode &= ~0o6000  # no setuid/setgid for files an unprivileged user makes
+            os.chmod(target, mode)
+        if is_link:
+            if os.utime in getattr(os, "supports_follow_symlinks", ()):
+                os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+        else:
+            os.utime(target, (member.mtime, member.mtime))
+
+    @staticmethod
+    def _set_xattrs(target: Union[int, str], member: Any) -> None:
+        if not hasattr(os, "setxattr"):
+            return
+        for key, value in member.pax_headers.items():
+            if key.startswith("SCHILY.xattr."):
+                raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+                try:
+                    if isinstance(target, int):
+                        os.setxattr(target, key[13:], raw)
+                    else:
+                        os.setxattr(target, key[13:], raw, follow_symlinks=False)
+                except OSError as exc:
+                    _warn(f"cannot set xattr {key[13:]} on {member.name}: {exc.strerror}")
+
+    # -- whiteouts and directories --------------------------------------------------
+
+    def _apply_opaque(self, directory: str) -> None:
+        """Hide what lower layers put under ``directory``; keep this layer's entries."""
+        full = os.path.join(self.root, directory) if directory else self.root
+        prefix = f"{directory}/" if directory else ""
+        keep = set()
+        for path in self._written:
+            if path.startswith(prefix) or not directory:
+                pieces = path[len(prefix):].split("/")
+                for i in range(1, len(pieces) + 1):
+                    keep.add(prefix + "/".join(pieces[:i]))
+        self._prune_tree(full, prefix, keep)
+
+    def _prune_tree(self, full: str, prefix: str, keep: set) -> None:
+        try:
+            entries = list(os.scandir(full))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            relative = prefix + entry.name
+            if relative not in keep:
+                self._remove(relative)
+            elif entry.is_dir(follow_symlinks=False):
+                # Even a directory this layer re-declares loses its lower content.
+                self._prune_tree(entry.path, relative + "/", keep)
+
+    def _finish_directories(self) -> None:
+        """Set directory modes, owners and mtimes deepest first (after their contents)."""
+        import stat as st
+        for relative in sorted(self._dirs, key=lambda p: p.count("/"), reverse=True):
+            full = os.path.join(self.root, relative)
+            try:
+                if not st.S_ISDIR(os.lstat(full).st_mode):
+                    continue
+            except FileNotFoundError:
+                continue
+            self._set_metadata(full, self._dirs[relative])
+        self._dirs = {}
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def _zlib_error() -> type:
+    """Return zlib.error (the gzip reader raises it on corrupt data)."""
+    import zlib
+    return zlib.error
+
+
+# =============================================================================
+# 15. PULL
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -2871,6 +3345,14 @@ class ImagePuller:
         self._fetch_blobs(client, [manifest.config])
         return extract_wasm_info(manifest, self._read_config(manifest.config))
 
+    def unpack(self, reference: Union[str, Reference],
+               rootfs: Union[str, "os.PathLike[str]"],
+               auth: Optional[RegistryAuth] = None) -> PullResult:
+        """Pull what is missing and unpack the image into a new root filesystem ``rootfs``."""
+        result = self.pull_image(reference, auth)
+        LayerUnpacker(rootfs).unpack_layers(result.layers)
+        return result
+
     def inspect(self, reference: Union[str, Reference],
                 auth: Optional[RegistryAuth] = None) -> Dict[str, Any]:
         """Describe an image without downloading layers (manifest, config, platforms)."""
@@ -2937,7 +3419,7 @@ def _continues_at(response: _Response, offset: int) -> bool:
 
 
 # =============================================================================
-# 15. OCI LAYOUT: writing image layouts and WASM artifacts
+# 16. OCI LAYOUT: writing image layouts and WASM artifacts
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -3113,7 +3595,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 16. CLI
+# 17. CLI
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -3243,6 +3725,20 @@ def _cmd_inspect(args: Any) -> int:
     return 0
 
 
+def _cmd_unpack(args: Any) -> int:
+    reference = parse_reference(args.reference)
+    progress = None
+    if not args.quiet and sys.stderr.isatty():
+        progress = _Progress(sys.stderr)
+    with _cli_puller(args, _cli_cache(args), progress) as puller:
+        result = puller.unpack(reference, args.directory,
+                               RegistryAuth.from_docker_config(reference.registry))
+    if not args.quiet:
+        print(f"{result.reference}: {result.manifest.digest}: {len(result.layers)} layers "
+              f"unpacked into {os.path.abspath(args.directory)}")
+    return 0
+
+
 def _cmd_pull_wasm(args: Any) -> int:
     reference = parse_reference(args.reference)
     with _cli_puller(args, _cli_cache(args)) as puller:
@@ -3325,6 +3821,9 @@ _EXAMPLES = {
     "inspect": """examples:
   zlayer-registry inspect debian:12
   zlayer-registry inspect ghcr.io/org/app:v1 --json""",
+    "unpack": """examples:
+  zlayer-registry unpack alpine:3.20 ./rootfs
+  zlayer-registry unpack ghcr.io/org/app:v1 /srv/app/rootfs --platform linux/arm64""",
     "pull-wasm": """examples:
   zlayer-registry pull-wasm ghcr.io/org/plugin:1.0 -o plugin.wasm
   zlayer-registry pull-wasm localhost:5000/fn:latest -o fn.wasm --json""",
@@ -3370,6 +3869,15 @@ def _build_parser() -> Any:
         sub.add_argument("--insecure", action="store_true",
                          help="allow plain http to a non-loopback registry")
         sub.add_argument("--json", action="store_true", help="print one JSON object")
+    unpack = add("unpack", "pull an image and unpack it into a new root filesystem directory")
+    unpack.add_argument("reference", metavar="REF", help="image reference")
+    unpack.add_argument("directory", metavar="DIR",
+                        help="root filesystem to create (must not exist, or be empty)")
+    unpack.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                        help="platform to pick from an index (default: this host's)")
+    unpack.add_argument("--insecure", action="store_true",
+                        help="allow plain http to a non-loopback registry")
+    unpack.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     pull_wasm = add("pull-wasm", "pull a WebAssembly artifact and write the module to a file")
     pull_wasm.add_argument("reference", metavar="REF", help="artifact reference")
     pull_wasm.add_argument("-o", "--output", required=True, metavar="FILE",
@@ -3421,6 +3929,7 @@ def _suppress() -> Any:
 _COMMANDS: Dict[str, Callable[[Any], int]] = {
     "pull": _cmd_pull,
     "inspect": _cmd_inspect,
+    "unpack": _cmd_unpack,
     "pull-wasm": _cmd_pull_wasm,
     "wasm-export": _cmd_wasm_export,
     "cache": _cmd_cache,
