@@ -1705,3 +1705,181 @@ class TestUnpackImage:
         again = run_cli("unpack", f"{registry.host}/app:v1", str(tmp_path / "cli"), "--cache",
                         str(tmp_path / "c"), cwd=tmp_path)
         assert again.returncode == 1 and "not an empty directory" in again.stderr
+
+
+# -----------------------------------------------------------------------------
+# 15-16. OCI layout export and import
+# -----------------------------------------------------------------------------
+
+def _multi(registry):
+    amd = registry.add_image("multi", None, [layer_bytes(20, 5000)])
+    arm = registry.add_image("multi", None, [layer_bytes(21, 5000), layer_bytes(22, 100)])
+    digest = registry.add_index("multi", "v1", [
+        ({"os": "linux", "architecture": "amd64"}, amd),
+        ({"os": "linux", "architecture": "arm64"}, arm)])
+    return digest, amd, arm
+
+
+def _layout_files(layout: Path):
+    return {p.name for p in (layout / "blobs" / "sha256").iterdir()}
+
+
+def _check_layout_blobs(layout: Path):
+    for path in (layout / "blobs" / "sha256").iterdir():
+        assert zr.compute_digest(path.read_bytes()) == f"sha256:{path.name}"
+
+
+class TestExport:
+    def test_single_image_to_layout_hardlinks_from_cache(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(1, 5000)])
+        cache = zr.BlobCache.open(tmp_path / "c")
+        info = make_puller(cache).export_image(f"{registry.host}/app:v1",
+                                               f"oci:{tmp_path}/layout:mytag")
+        layout = tmp_path / "layout"
+        assert info.digest == image["digest"] and info.blobs == 3 and info.tag == "mytag"
+        index = json.loads((layout / "index.json").read_text())
+        assert index["manifests"][0]["digest"] == image["digest"]
+        assert index["manifests"][0]["annotations"] == {zr.ANNOTATION_REF_NAME: "mytag"}
+        assert _layout_files(layout) == {image["digest"][7:], image["config"]["digest"][7:],
+                                         image["layers"][0]["digest"][7:]}
+        _check_layout_blobs(layout)
+        layer = image["layers"][0]["digest"]
+        assert os.stat(layout / "blobs/sha256" / layer[7:]).st_ino == \
+            os.stat(cache.path(layer)).st_ino
+
+    def test_memory_cache_copies_and_second_export_adds(self, registry, tmp_path):
+        a = registry.add_image("app", "a", [layer_bytes(1, 500)])
+        b = registry.add_image("app", "b", [layer_bytes(2, 500)])
+        puller = make_puller(zr.BlobCache())
+        puller.export_image(f"{registry.host}/app:a", str(tmp_path / "l"))   # tag from the ref
+        puller.export_image(f"{registry.host}/app:b", f"oci:{tmp_path}/l")
+        index = json.loads((tmp_path / "l" / "index.json").read_text())
+        assert {(m["annotations"][zr.ANNOTATION_REF_NAME], m["digest"]) for m in
+                index["manifests"]} == {("a", a["digest"]), ("b", b["digest"])}
+        _check_layout_blobs(tmp_path / "l")
+
+    def test_index_keeps_every_platform_or_one(self, registry, tmp_path):
+        digest, amd, arm = _multi(registry)
+        puller = make_puller()
+        info = puller.export_image(f"{registry.host}/multi:v1", f"oci:{tmp_path}/all:v1")
+        assert info.digest == digest and info.media_type == zr.MEDIA_TYPE_OCI_INDEX
+        files = _layout_files(tmp_path / "all")
+        for child in (amd, arm):
+            assert {child["digest"][7:], child["config"]["digest"][7:]} <= files
+            assert {l["digest"][7:] for l in child["layers"]} <= files
+        one = puller.export_image(f"{registry.host}/multi:v1", f"oci:{tmp_path}/one:v1",
+                                  platform="linux/arm64")
+        assert one.digest == arm["digest"]
+        assert amd["layers"][0]["digest"][7:] not in _layout_files(tmp_path / "one")
+
+    def test_oci_archive_is_the_layout_as_a_tar(self, registry, tmp_path):
+        digest, _, _ = _multi(registry)
+        make_puller().export_image(f"{registry.host}/multi:v1", f"oci-archive:{tmp_path}/a.tar:v1")
+        with _tarfile.open(tmp_path / "a.tar") as tar:
+            names = set(tar.getnames())
+            index = json.loads(tar.extractfile("index.json").read())
+            for name in names:
+                if name.startswith("blobs/"):
+                    assert zr.compute_digest(tar.extractfile(name).read()) == \
+                        "sha256:" + name.rsplit("/", 1)[1]
+        assert {"oci-layout", "index.json"} <= names
+        assert index["manifests"][0]["digest"] == digest
+        assert os.listdir(tmp_path) == ["a.tar"]
+
+    def test_docker_archive(self, registry, tmp_path):
+        _, amd, _ = _multi(registry)
+        make_puller().export_image(f"{registry.host}/multi:v1", f"docker-archive:{tmp_path}/d.tar")
+        with _tarfile.open(tmp_path / "d.tar") as tar:
+            listing = json.loads(tar.extractfile("manifest.json").read())
+            repositories = json.loads(tar.extractfile("repositories").read())
+            assert zr.compute_digest(tar.extractfile(listing[0]["Config"]).read()) == \
+                amd["config"]["digest"]
+            for name, layer in zip(listing[0]["Layers"], amd["layers"]):
+                assert zr.compute_digest(tar.extractfile(name).read()) == layer["digest"]
+        assert listing[0]["RepoTags"] == [f"{registry.host}/multi:v1"]
+        assert repositories == {f"{registry.host}/multi": {"v1": amd["layers"][-1]["digest"][7:]}}
+        hub = zr.parse_reference("alpine:3.20")
+        assert zr._docker_repo_tag(hub, None) == "alpine:3.20"
+        assert zr._docker_repo_tag(zr.parse_reference("user/app"), "x") == "user/app:x"
+
+    def test_bad_destinations(self, registry, tmp_path):
+        registry.add_image("app", "v1", [layer_bytes(1, 500)])
+        with pytest.raises(zr.LayoutError, match="unknown export format 'zip'"):
+            make_puller().export_image(f"{registry.host}/app:v1", str(tmp_path / "x"),
+                                       format="zip")
+        out = run_cli("export", f"{registry.host}/app:v1", "tar:x", "--cache", str(tmp_path),
+                      cwd=tmp_path)
+        assert out.returncode == 1 and "unsupported location" in out.stderr
+        assert registry.count() == 0  # refused before any request
+
+
+class TestImport:
+    def _export(self, registry, tmp_path, transport="oci", name="layout"):
+        digest, amd, arm = _multi(registry)
+        image = registry.add_image("app", "v1", [layer_bytes(3, 700)])
+        puller = make_puller(zr.BlobCache.open(tmp_path / "src-cache"))
+        target = tmp_path / name
+        puller.export_image(f"{registry.host}/multi:v1", f"{transport}:{target}:multi")
+        puller.export_image(f"{registry.host}/app:v1", f"{transport}:{target}:app"
+                            if transport == "oci" else f"{transport}:{tmp_path}/other.tar:app")
+        return target, digest, image
+
+    def test_round_trip_with_tags(self, registry, tmp_path):
+        layout, index_digest, image = self._export(registry, tmp_path)
+        cache = zr.BlobCache.open(tmp_path / "dst")
+        infos = make_puller(cache).import_image(f"oci:{layout}")
+        assert sorted((i.reference, i.digest) for i in infos) == [
+            ("app", image["digest"]), ("multi", index_digest)]
+        assert cache.verify() == [] and len(cache.entries()) == len(_layout_files(layout))
+        assert cache.references() == {"app": image["digest"], "multi": index_digest}
+        only = make_puller(zr.BlobCache()).import_image(f"oci:{layout}:app")
+        assert [i.digest for i in only] == [image["digest"]]
+        with pytest.raises(zr.LayoutError, match="no image tagged 'nope'.*app, multi"):
+            make_puller(zr.BlobCache()).import_image(f"oci:{layout}:nope")
+
+    def test_archive_import(self, registry, tmp_path):
+        archive, index_digest, _ = self._export(registry, tmp_path, "oci-archive", "a.tar")
+        cache = zr.BlobCache()
+        infos = make_puller(cache).import_image(f"oci-archive:{archive}")
+        assert [(i.reference, i.digest) for i in infos] == [("multi", index_digest)]
+        assert cache.verify() == [] and cache.has(index_digest)
+
+    @pytest.mark.parametrize("damage, message", [
+        ("missing", "is missing"), ("corrupt", "is corrupt"), ("version", "imageLayoutVersion"),
+        ("index", "index.json in .* is not valid JSON"), ("truncated", "is corrupt")])
+    def test_bad_layouts_are_refused_and_nothing_is_cached(self, registry, tmp_path, damage,
+                                                           message):
+        layout, _, image = self._export(registry, tmp_path)
+        blob = layout / "blobs" / "sha256" / image["layers"][0]["digest"][7:]
+        if damage == "missing":
+            blob.unlink()
+        elif damage in ("corrupt", "truncated"):
+            data = blob.read_bytes()
+            blob.unlink()
+            blob.write_bytes(data[:-1] if damage == "truncated" else b"X" + data[1:])
+        elif damage == "version":
+            (layout / "oci-layout").write_text('{"imageLayoutVersion": "9.9.9"}')
+        else:
+            (layout / "index.json").write_text("{broken")
+        cache = zr.BlobCache.open(tmp_path / "dst")
+        with pytest.raises(zr.LayoutError, match=message):
+            make_puller(cache).import_image(f"oci:{layout}")
+        assert cache.entries() == [] and cache.references() == {}
+        assert os.listdir(tmp_path / "dst" / "tmp") == []
+        out = run_cli("import", f"oci:{layout}", "--cache", str(tmp_path / "cli"), cwd=tmp_path)
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+
+    def test_cli_export_import_and_pull_output(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(1, 900)])
+        out = run_cli("pull", f"{registry.host}/app:v1", "--output", f"oci:{tmp_path}/p:x",
+                      "--cache", str(tmp_path / "c"), "-q", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert json.loads((tmp_path / "p" / "index.json").read_text())["manifests"][0][
+            "digest"] == image["digest"]
+        out = run_cli("export", f"{registry.host}/app:v1", f"oci-archive:{tmp_path}/e.tar",
+                      "--json", "--cache", str(tmp_path / "c"), cwd=tmp_path)
+        assert json.loads(out.stdout)["format"] == "oci-archive"
+        out = run_cli("import", f"oci-archive:{tmp_path}/e.tar", "--json", "--cache",
+                      str(tmp_path / "c2"), cwd=tmp_path)
+        assert json.loads(out.stdout) == [{"reference": "v1", "digest": image["digest"],
+                                           "media_type": fake.OCI_MANIFEST}]

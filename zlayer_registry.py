@@ -37,9 +37,10 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     12. BLOB CACHES: the interface, in memory
     13. DIRECTORY CACHE: content-addressed files and a SQLite index
     14. UNPACK: layers into a root filesystem
-    15. PULL
-    16. OCI LAYOUT: writing image layouts and WASM artifacts
-    17. CLI
+    15. OCI LAYOUT: writing layouts, archives and WASM artifacts
+    16. OCI LAYOUT: reading and importing
+    17. PULL
+    18. CLI
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -102,7 +103,8 @@ __all__ = [
     "ArtifactType", "WasiVersion", "WasmArtifactInfo", "detect_artifact_type",
     "extract_wasm_info", "wasi_version_from_bytes", "wasm",
     # OCI layout
-    "ANNOTATION_REF_NAME", "ANNOTATION_TITLE", "export_wasm_as_oci",
+    "ANNOTATION_REF_NAME", "ANNOTATION_TITLE", "export_wasm_as_oci", "ExportInfo",
+    "ImportInfo",
     # Credentials
     "RegistryAuth",
     # Caches
@@ -1922,8 +1924,8 @@ class _BlobWriter:
         self.offset = 0
         self._sink_truncate()
 
-    def commit(self) -> None:
-        """Check size and digest, then make the blob visible in the cache."""
+    def check(self) -> None:
+        """Raise DigestMismatchError (discarding the blob) unless size and digest match."""
         if self.expected_size is not None and self.offset != self.expected_size:
             self.abort()
             raise DigestMismatchError(f"blob {self.digest} has the wrong size",
@@ -1932,6 +1934,10 @@ class _BlobWriter:
         if actual != self.digest:
             self.abort()
             raise DigestMismatchError("blob digest mismatch", self.digest, actual)
+
+    def commit(self) -> None:
+        """Check size and digest, then make the blob visible in the cache."""
+        self.check()
         self._sink_commit()
 
     def abort(self) -> None:
@@ -2204,13 +2210,23 @@ class _FileBlobWriter(_BlobWriter):
         self._file.seek(0)
         self._file.truncate()
 
+    def check(self) -> None:
+        """Verify, and close the temporary file (a checked blob waits without an fd)."""
+        super().check()
+        if self._file is not None:
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+            except OSError as exc:
+                self.abort()
+                raise CacheError(f"cannot write blob {self.digest} to cache "
+                                 f"{self._cache.root}: {exc.strerror or exc}") from exc
+            self._file = None
+
     def _sink_commit(self) -> None:
         final = self._cache._blob_path(self.digest)
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.chmod(self._tmp_path, 0o444)
             os.replace(self._tmp_path, final)
@@ -2943,7 +2959,586 @@ def _zlib_error() -> type:
 
 
 # =============================================================================
-# 15. PULL
+# 15. OCI LAYOUT: writing layouts, archives and WASM artifacts
+# =============================================================================
+# image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
+# "1.0.0"}), "index.json" (an image index whose descriptors may carry
+# "org.opencontainers.image.ref.name", skopeo's oci:DIR:TAG) and
+# blobs/<alg>/<encoded>.
+
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+ANNOTATION_TITLE = "org.opencontainers.image.title"
+_LAYOUT_VERSION = "1.0.0"
+
+
+def _atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    import tempfile
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class _LayoutWriter:
+    """Adds blobs and tagged manifests to an OCI image layout directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        marker = os.path.join(self.root, "oci-layout")
+        try:
+            os.makedirs(os.path.join(self.root, "blobs"), exist_ok=True)
+            if os.path.exists(marker):
+                version = _load_json_file(marker).get("imageLayoutVersion")
+                if version != _LAYOUT_VERSION:
+                    raise LayoutError(f"{self.root} is an OCI layout of unsupported "
+                                      f"version {version!r}")
+            else:
+                _atomic_write(marker, json.dumps(
+                    {"imageLayoutVersion": _LAYOUT_VERSION}).encode())
+        except OSError as exc:
+            raise LayoutError(f"cannot write OCI layout {self.root}: "
+                              f"{exc.strerror or exc}") from exc
+
+    def blob_path(self, digest: str) -> str:
+        """Return where a blob lives in the layout."""
+        algorithm, encoded = _validate_digest(digest).split(":", 1)
+        return os.path.join(self.root, "blobs", algorithm, encoded)
+
+    def write_bytes(self, data: bytes, media_type: str, **fields: Any) -> Descriptor:
+        """Store a small blob; return its descriptor."""
+        digest = compute_digest(data)
+        path = self.blob_path(digest)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not os.path.exists(path):
+                _atomic_write(path, data)
+        except OSError as exc:
+            raise LayoutError(f"cannot write blob {digest} to {self.root}: "
+                              f"{exc.strerror or exc}") from exc
+        return Descriptor(media_type, digest, len(data), **fields)
+
+    def tag(self, descriptor: Descriptor, ref_name: Optional[str]) -> None:
+        """Add a manifest to index.json, replacing an entry with the same ref name."""
+        path = os.path.join(self.root, "index.json")
+        index: Dict[str, Any] = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
+                                 "manifests": []}
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    index = json.loads(f.read(MAX_MANIFEST_SIZE_BYTES).decode("utf-8"))
+            except (OSError, ValueError) as exc:
+                raise LayoutError(f"{path} is not a readable JSON index: {exc}") from exc
+            if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+                raise LayoutError(f"{path} has no 'manifests' list")
+        entry = descriptor.to_json()
+        if ref_name:
+            entry["annotations"] = dict(entry.get("annotations", {}), **{ANNOTATION_REF_NAME: ref_name})
+            index["manifests"] = [m for m in index["manifests"] if not (
+                isinstance(m, dict) and (m.get("annotations") or {}).get(ANNOTATION_REF_NAME) == ref_name)]
+        index["manifests"].append(entry)
+        try:
+            _atomic_write(path, json.dumps(index, indent=2).encode())
+        except OSError as exc:
+            raise LayoutError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+_TRANSPORTS = ("oci", "oci-archive", "docker-archive")
+
+
+def _parse_transport(text: str) -> Tuple[str, str, Optional[str]]:
+    """Parse skopeo's ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``, ``docker-archive:FILE``.
+
+    Returns (transport, path, tag).
+    """
+    transport, sep, rest = text.partition(":")
+    if not sep or transport not in _TRANSPORTS:
+        raise LayoutError(f"unsupported location {text!r}: expected oci:DIR[:TAG], "
+                          "oci-archive:FILE[:TAG] or docker-archive:FILE")
+    path, tag = rest, None
+    head, sep, tail = rest.rpartition(":")
+    if sep and head and "/" not in tail and transport != "docker-archive":
+        path, tag = head, tail
+    if not path:
+        raise LayoutError(f"location {text!r} names no file or directory")
+    if tag is not None and not _TAG_RE.fullmatch(tag):
+        raise LayoutError(f"invalid tag {tag!r} in {text!r}")
+    return transport, path, tag
+
+
+def _parse_layout_target(text: str) -> Tuple[str, Optional[str]]:
+    """Parse ``oci:DIR[:TAG]`` into (directory, tag)."""
+    transport, path, tag = _parse_transport(text)
+    if transport != "oci":
+        raise LayoutError(f"unsupported destination {text!r}: expected oci:DIR[:TAG]")
+    return path, tag
+
+
+class _HashingReader:
+    """Wraps a blob stream, hashing and counting what is read, for ``check()``."""
+
+    def __init__(self, stream: BinaryIO, descriptor: Descriptor) -> None:
+        self._stream = stream
+        self._descriptor = descriptor
+        self._hasher = _hasher_for(descriptor.digest)
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._hasher.update(data)
+        self.count += len(data)
+        return data
+
+    def check(self) -> None:
+        """Raise DigestMismatchError unless everything read matches the descriptor."""
+        actual = f"{self._hasher.name}:{self._hasher.hexdigest()}"
+        if self.count != self._descriptor.size or actual != self._descriptor.digest:
+            raise DigestMismatchError(f"blob {self._descriptor.digest}",
+                                      f"{self._descriptor.digest} ({self._descriptor.size} bytes)",
+                                      f"{actual} ({self.count} bytes)")
+
+
+def _open_cached(cache: BlobCache, descriptor: Descriptor) -> BinaryIO:
+    stream = cache.open_blob(descriptor.digest)
+    if stream is None:
+        raise CacheError(f"blob {descriptor.digest} is not in the cache")
+    return stream
+
+
+def _image_closure(cache: BlobCache, top: Manifest) -> List[Descriptor]:
+    """List every descriptor an image or index reaches: manifests first, then blobs."""
+    manifests: List[Descriptor] = [top.descriptor()]
+    blobs: Dict[str, Descriptor] = {}
+    pending = [top]
+    while pending:
+        manifest = pending.pop()
+        if manifest.is_index:
+            for child in manifest.manifests:
+                raw = cache.get(child.digest)
+                if raw is None:
+                    raise CacheError(f"manifest {child.digest} is not in the cache")
+                manifests.append(child)
+                pending.append(parse_manifest(raw, child.media_type, child.digest))
+        else:
+            for descriptor in [manifest.config] + manifest.layers:
+                blobs.setdefault(descriptor.digest, descriptor)
+    return manifests + list(blobs.values())
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What ``ImagePuller.export_image`` wrote."""
+
+    reference: str
+    digest: str
+    media_type: str
+    destination: str
+    format: str
+    tag: Optional[str]
+    blobs: int
+    size_bytes: int
+
+    def to_json(self) -> Dict[str, Any]:
+        """Return the JSON form the CLI prints."""
+        return dict(self.__dict__)
+
+
+def _link_or_copy(cache: BlobCache, descriptor: Descriptor, target: str) -> None:
+    """Put a cached blob at ``target``: a hard link when possible, else a verified copy."""
+    import errno as _errno
+    if os.path.exists(target) and os.path.getsize(target) == descriptor.size:
+        return
+    source = cache.path(descriptor.digest)
+    if source is not None:
+        try:
+            os.link(source, target)
+            return
+        except FileExistsError:
+            os.unlink(target)
+            os.link(source, target)
+            return
+        except OSError as exc:
+            if exc.errno not in (_errno.EXDEV, _errno.EPERM, _errno.EMLINK, _errno.ENOTSUP):
+                raise
+    import tempfile
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "wb") as out, _open_cached(cache, descriptor) as stream:
+            reader = _HashingReader(stream, descriptor)
+            for chunk in iter(lambda: reader.read(_READ_CHUNK_BYTES), b""):
+                out.write(chunk)
+            reader.check()
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _write_layout_dir(cache: BlobCache, top: Manifest, directory: str,
+                      tag: Optional[str]) -> List[Descriptor]:
+    """Write an image (and everything it reaches) into an OCI layout directory."""
+    writer = _LayoutWriter(directory)
+    closure = _image_closure(cache, top)
+    try:
+        for descriptor in closure:
+            target = writer.blob_path(descriptor.digest)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            _link_or_copy(cache, descriptor, target)
+    except OSError as exc:
+        raise LayoutError(f"cannot write OCI layout {directory}: "
+                          f"{exc.strerror or exc}") from exc
+    writer.tag(top.descriptor(), tag)
+    return closure
+
+
+def _tar_add_bytes(tar: Any, name: str, data: bytes) -> None:
+    import io
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _tar_add_blob(tar: Any, cache: BlobCache, descriptor: Descriptor, name: str) -> None:
+    """Stream one cached blob into a tar, verifying it on the way."""
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = descriptor.size, 0o644, 0
+    with _open_cached(cache, descriptor) as stream:
+        reader = _HashingReader(stream, descriptor)
+        tar.addfile(info, reader)
+        reader.check()
+
+
+def _write_archive(path: str, fill: Callable[[Any], None]) -> None:
+    """Write a tar archive through a temporary file and a rename."""
+    import tarfile
+    import tempfile
+    path = os.path.abspath(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial",
+                                   dir=os.path.dirname(path))
+    except OSError as exc:
+        raise LayoutError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                fill(tar)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        raise LayoutError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_oci_archive(cache: BlobCache, top: Manifest, path: str,
+                       tag: Optional[str]) -> List[Descriptor]:
+    """Write the OCI layout of an image as a tar file, streamed from the cache."""
+    closure = _image_closure(cache, top)
+    entry = top.descriptor().to_json()
+    if tag:
+        entry["annotations"] = {ANNOTATION_REF_NAME: tag}
+    index = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX, "manifests": [entry]}
+
+    def fill(tar: Any) -> None:
+        _tar_add_bytes(tar, "oci-layout", json.dumps(
+            {"imageLayoutVersion": _LAYOUT_VERSION}).encode())
+        _tar_add_bytes(tar, "index.json", json.dumps(index, indent=2).encode())
+        for descriptor in closure:
+            algorithm, encoded = descriptor.digest.split(":", 1)
+            _tar_add_blob(tar, cache, descriptor, f"blobs/{algorithm}/{encoded}")
+
+    _write_archive(path, fill)
+    return closure
+
+
+def _docker_repo_tag(reference: Reference, tag: Optional[str]) -> str:
+    """Return the name ``docker load`` tags an image with (familiar form on Docker Hub)."""
+    name = reference.repository if reference.registry == _DOCKER_HUB else reference.name
+    if name.startswith("library/") and reference.registry == _DOCKER_HUB:
+        name = name[len("library/"):]
+    return f"{name}:{tag or reference.tag or 'latest'}"
+
+
+def _write_docker_archive(cache: BlobCache, manifest: Manifest, reference: Reference,
+                          path: str, tag: Optional[str]) -> List[Descriptor]:
+    """Write the ``docker save`` format (manifest.json, repositories) of one image.
+
+    Blobs sit at ``blobs/sha256/<hex>`` as docker 25 writes them; ``docker
+    load`` and ``podman load`` read manifest.json's paths and accept
+    compressed layers.
+    """
+    if manifest.is_index:
+        raise LayoutError("docker-archive holds one platform's image, not an index")
+    blobs = [manifest.config] + manifest.layers
+    names = [f"blobs/{d.digest.replace(':', '/')}" for d in blobs]
+    repo_tag = _docker_repo_tag(reference, tag)
+    listing = [{"Config": names[0], "RepoTags": [repo_tag], "Layers": names[1:]}]
+    top_layer = manifest.layers[-1].digest.split(":", 1)[1] if manifest.layers else ""
+    repo, _, tag_part = repo_tag.rpartition(":")
+
+    def fill(tar: Any) -> None:
+        seen = set()
+        for descriptor, name in zip(blobs, names):
+            if name not in seen:
+                seen.add(name)
+                _tar_add_blob(tar, cache, descriptor, name)
+        _tar_add_bytes(tar, "manifest.json", json.dumps(listing).encode())
+        _tar_add_bytes(tar, "repositories", json.dumps({repo: {tag_part: top_layer}}).encode())
+
+    _write_archive(path, fill)
+    return blobs
+
+
+def export_wasm_as_oci(wasm_path: Union[str, "os.PathLike[str]"],
+                       layout_dir: Union[str, "os.PathLike[str]"], *,
+                       tag: Optional[str] = "latest", module_name: Optional[str] = None,
+                       annotations: Optional[Mapping[str, str]] = None) -> Manifest:
+    """Write a .wasm file into an OCI layout as a CNCF "Wasm OCI Artifact".
+
+    The config is ``application/vnd.wasm.config.v0+json`` with
+    ``architecture: wasm``, ``os`` (wasip1 or wasip2, from the bytes) and
+    ``layerDigests``; the one layer is ``application/wasm`` with a title
+    annotation; ``artifactType`` names module or component.
+    """
+    path = os.fspath(wasm_path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        mtime = os.stat(path).st_mtime
+    except OSError as exc:
+        raise ZLayerError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    version = wasi_version_from_bytes(data[:8])
+    if version is None:
+        raise ZLayerError(f"{path} is not a WebAssembly module or component")
+    os_name = "wasip2" if version is WasiVersion.PREVIEW2 else "wasip1"
+    name = module_name or os.path.basename(path)
+    writer = _LayoutWriter(os.fspath(layout_dir))
+    layer = writer.write_bytes(data, WASM_LAYER_MEDIA_TYPE,
+                               annotations={ANNOTATION_TITLE: name})
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime))
+    config = {"created": created, "architecture": "wasm", "os": os_name,
+              "layerDigests": [layer.digest]}
+    config_desc = writer.write_bytes(json.dumps(config, sort_keys=True).encode(),
+                                     WASM_CONFIG_V0)
+    manifest_data: Dict[str, Any] = {
+        "schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        "artifactType": WASM_ARTIFACT_COMPONENT if version is WasiVersion.PREVIEW2
+        else WASM_ARTIFACT_MODULE,
+        "config": config_desc.to_json(), "layers": [layer.to_json()],
+        "annotations": dict({"org.opencontainers.image.created": created}, **(annotations or {}))}
+    raw = json.dumps(manifest_data, indent=2).encode()
+    manifest = parse_manifest(raw)
+    descriptor = writer.write_bytes(raw, MEDIA_TYPE_OCI_MANIFEST,
+                                    artifact_type=manifest_data["artifactType"])
+    writer.tag(descriptor, tag)
+    return manifest
+
+
+class _Namespace:
+    """A read-only bundle of names (stands in for the seed's submodules)."""
+
+    def __init__(self, doc: str, **names: Any) -> None:
+        self.__dict__.update(names)
+        self.__doc__ = doc
+
+    def __repr__(self) -> str:
+        names = sorted(n for n in self.__dict__ if not n.startswith("_"))
+        return f"<zlayer_registry namespace: {', '.join(names)}>"
+
+
+wasm = _Namespace(
+    "Hold the seed's ``zlayer_registry::wasm`` names: "
+    "``from zlayer_registry import wasm; wasm.detect_artifact_type(m)``.",
+    ArtifactType=ArtifactType, WasiVersion=WasiVersion, WasmArtifactInfo=WasmArtifactInfo,
+    detect_artifact_type=detect_artifact_type, extract_wasm_info=extract_wasm_info,
+    wasi_version_from_bytes=wasi_version_from_bytes, export_wasm_as_oci=export_wasm_as_oci)
+
+
+# =============================================================================
+# 16. OCI LAYOUT: reading and importing
+# =============================================================================
+# An imported layout is untrusted: every blob it reaches is streamed into a
+# cache writer that hashes it, and nothing is committed to the cache until
+# every blob of every selected image has checked out.
+
+
+@dataclass(frozen=True)
+class ImportInfo:
+    """One image imported from a layout: its ref name, digest and media type."""
+
+    reference: Optional[str]
+    digest: str
+    media_type: str
+
+    def to_json(self) -> Dict[str, Any]:
+        """Return the JSON form ``import --json`` prints."""
+        return {"reference": self.reference, "digest": self.digest,
+                "media_type": self.media_type}
+
+
+class _LayoutSource:
+    """Reads the files of an OCI layout from a directory or a tar archive."""
+
+    def __init__(self, path: str) -> None:
+        import tarfile
+        self.path = path
+        self._tar: Any = None
+        self._members: Dict[str, Any] = {}
+        if os.path.isdir(path):
+            return
+        try:
+            self._tar = tarfile.open(path, mode="r:*")
+            for member in self._tar:
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                self._members[name] = member
+        except (OSError, tarfile.TarError, EOFError) as exc:
+            raise LayoutError(f"cannot read OCI archive {path}: {exc}") from exc
+
+    def open(self, name: str) -> Optional[BinaryIO]:
+        """Open a file of the layout, or return None when it is absent."""
+        if self._tar is None:
+            try:
+                return open(os.path.join(self.path, name), "rb")
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return None
+        member = self._members.get(name)
+        return None if member is None or not member.isfile() else self._tar.extractfile(member)
+
+    def read_json(self, name: str) -> Any:
+        stream = self.open(name)
+        if stream is None:
+            raise LayoutError(f"{self.path} is not an OCI layout: {name} is missing")
+        with stream:
+            raw = stream.read(MAX_MANIFEST_SIZE_BYTES + 1)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise LayoutError(f"{name} in {self.path} is not valid JSON: {exc}") from exc
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+
+
+def _select_layout_entries(index: Any, source: str, tag: Optional[str]) -> List[Descriptor]:
+    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+        raise LayoutError(f"index.json in {source} has no 'manifests' list")
+    try:
+        entries = [Descriptor.from_json(item, "index.json entry") for item in index["manifests"]]
+    except ManifestError as exc:
+        raise LayoutError(f"{source}: {exc}") from exc
+    if tag is None:
+        return entries
+    chosen = [e for e in entries if e.annotations.get(ANNOTATION_REF_NAME) == tag]
+    if not chosen:
+        names = sorted({e.annotations.get(ANNOTATION_REF_NAME, "") for e in entries} - {""})
+        raise LayoutError(f"no image tagged {tag!r} in {source}; it has: "
+                          f"{', '.join(names) or 'no tags'}")
+    return chosen
+
+
+def _import_layout(cache: BlobCache, path: str, tag: Optional[str]) -> List[ImportInfo]:
+    """Import images from an OCI layout directory or archive into ``cache``."""
+    source = _LayoutSource(path)
+    writers: List[_BlobWriter] = []
+    try:
+        version = source.read_json("oci-layout")
+        if not isinstance(version, dict) or version.get("imageLayoutVersion") != _LAYOUT_VERSION:
+            found = version.get("imageLayoutVersion") if isinstance(version, dict) else version
+            raise LayoutError(f"{path} has unsupported imageLayoutVersion {found!r} "
+                              f"(expected {_LAYOUT_VERSION!r})")
+        entries = _select_layout_entries(source.read_json("index.json"), path, tag)
+        seen: set = set()
+        pending = list(entries)
+        while pending:
+            descriptor = pending.pop()
+            if descriptor.digest in seen:
+                continue
+            seen.add(descriptor.digest)
+            data = _ingest_layout_blob(cache, source, descriptor, writers)
+            if data is not None:
+                manifest = parse_manifest(data, descriptor.media_type, descriptor.digest)
+                pending.extend(manifest.manifests if manifest.is_index
+                               else [manifest.config] + manifest.layers)
+        for writer in writers:
+            writer.commit()
+        writers = []
+    except (ManifestError, DigestMismatchError) as exc:
+        raise LayoutError(f"{path}: {exc}") from exc
+    finally:
+        for writer in writers:
+            writer.abort()
+        source.close()
+    infos = []
+    for entry in entries:
+        name = entry.annotations.get(ANNOTATION_REF_NAME)
+        if name:
+            cache.record_reference(name, entry.digest, entry.media_type)
+        infos.append(ImportInfo(name, entry.digest, entry.media_type))
+    return infos
+
+
+def _ingest_layout_blob(cache: BlobCache, source: _LayoutSource, descriptor: Descriptor,
+                        writers: List[_BlobWriter]) -> Optional[bytes]:
+    """Verify one layout blob into a pending cache writer; return manifest bytes."""
+    algorithm, encoded = descriptor.digest.split(":", 1)
+    stream = source.open(f"blobs/{algorithm}/{encoded}")
+    if stream is None:
+        raise LayoutError(f"{source.path}: blob {descriptor.digest} is missing")
+    is_manifest = descriptor.media_type in _IMAGE_MANIFEST_TYPES + _INDEX_TYPES
+    if is_manifest and descriptor.size > MAX_MANIFEST_SIZE_BYTES:
+        raise LayoutError(f"{source.path}: manifest {descriptor.digest} is over the "
+                          f"{MAX_MANIFEST_SIZE_BYTES}-byte limit")
+    with stream:
+        if cache.has(descriptor.digest):
+            reader = _HashingReader(stream, descriptor)
+            chunks = [chunk for chunk in iter(lambda: reader.read(_READ_CHUNK_BYTES), b"")
+                      if is_manifest]
+            try:
+                reader.check()
+            except DigestMismatchError as exc:
+                raise LayoutError(f"{source.path}: blob {descriptor.digest} is corrupt "
+                                  f"({exc})") from exc
+            return b"".join(chunks) if is_manifest else None
+        writer = cache.begin_write(descriptor.digest, descriptor.size, descriptor.media_type)
+        writers.append(writer)
+        chunks = []
+        for chunk in iter(lambda: stream.read(_READ_CHUNK_BYTES), b""):
+            writer.write(chunk)
+            if is_manifest:
+                chunks.append(chunk)
+        try:
+            writer.check()
+        except DigestMismatchError as exc:
+            writers.remove(writer)
+            raise LayoutError(f"{source.path}: blob {descriptor.digest} is corrupt "
+                              f"({exc})") from exc
+    return b"".join(chunks) if is_manifest else None
+
+
+# =============================================================================
+# 17. PULL
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -3160,7 +3755,7 @@ class ImagePuller:
         return manifest
 
     def _resolve_platform(self, client: _RegistryClient, top: Manifest, *,
-                          prefer_wasm: bool = False
+                          prefer_wasm: bool = False, wanted: Optional[Platform] = None
                           ) -> Tuple[Manifest, Optional[Manifest], Optional[Platform]]:
         """Follow an index (nested ones too) down to this puller's platform.
 
@@ -3173,7 +3768,7 @@ class ImagePuller:
                 return manifest, index, chosen
             index = manifest
             child = (_select_wasm_child(manifest) if prefer_wasm and not self._platform_given
-                     else None) or select_platform(manifest, self.platform)
+                     else None) or select_platform(manifest, wanted or self.platform)
             chosen = _normalize_platform(child.platform) if child.platform else None
             manifest = self._manifest_by_digest(client, child.digest)
         raise ManifestError(f"index {top.digest} nests more than {_MAX_INDEX_DEPTH} levels deep")
@@ -3345,6 +3940,74 @@ class ImagePuller:
         self._fetch_blobs(client, [manifest.config])
         return extract_wasm_info(manifest, self._read_config(manifest.config))
 
+    def _fetch_index(self, client: _RegistryClient, index: Manifest) -> Tuple[int, int]:
+        """Fetch every child manifest of an index (nested too) and all their blobs."""
+        blobs: List[Descriptor] = []
+        pending = [index]
+        while pending:
+            manifest = pending.pop()
+            if manifest.is_index:
+                pending.extend(self._manifest_by_digest(client, child.digest)
+                               for child in manifest.manifests)
+            else:
+                blobs.extend([manifest.config] + manifest.layers)
+        return self._fetch_blobs(client, blobs)
+
+    def export_image(self, reference: Union[str, Reference], dest: str, *,
+                     format: Optional[str] = None,
+                     platform: Union[str, Platform, None] = None,
+                     auth: Optional[RegistryAuth] = None) -> ExportInfo:
+        """Pull an image and write it as an OCI layout, OCI archive or docker archive.
+
+        ``dest`` is ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` or
+        ``docker-archive:FILE`` (or a plain path with ``format`` "oci",
+        "oci-archive" or "docker-archive").  An index keeps every platform
+        unless ``platform`` picks one; a docker archive always holds one.
+        """
+        if ":" in dest and dest.split(":", 1)[0] in _TRANSPORTS:
+            format, path, tag = _parse_transport(dest)
+        else:
+            path, tag, format = dest, None, format or "oci"
+        if format not in _TRANSPORTS:
+            raise LayoutError(f"unknown export format {format!r}")
+        ref = parse_reference(reference) if isinstance(reference, str) else reference
+        tag = tag or ref.tag
+        client = self._client(ref, auth)
+        top = self._resolve_top(ref, client)
+        wanted = parse_platform(platform) if isinstance(platform, str) else platform
+        if top.is_index and (wanted is not None or format == "docker-archive"):
+            top = self._resolve_platform(client, top, wanted=wanted)[0]
+        if top.is_index:
+            self._fetch_index(client, top)
+        else:
+            self._fetch_blobs(client, [top.config] + top.layers)
+        if format == "oci":
+            written = _write_layout_dir(self.cache, top, path, tag)
+        elif format == "oci-archive":
+            written = _write_oci_archive(self.cache, top, path, tag)
+        else:
+            written = _write_docker_archive(self.cache, top, ref, path, tag)
+        return ExportInfo(reference=str(ref), digest=top.digest, media_type=top.media_type,
+                          destination=os.path.abspath(path), format=format, tag=tag,
+                          blobs=len(written), size_bytes=sum(d.size for d in written))
+
+    def import_image(self, src: str, *, tag: Optional[str] = None) -> List[ImportInfo]:
+        """Import images from ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` or a path.
+
+        Every blob is verified against its digest and size before any of
+        them enters the cache; ref names are recorded as references.
+        """
+        path = src
+        if ":" in src and src.split(":", 1)[0] in _TRANSPORTS:
+            transport, path, parsed_tag = _parse_transport(src)
+            if transport == "docker-archive":
+                raise LayoutError("importing docker-archive files is not supported; "
+                                  "use an OCI layout or oci-archive")
+            tag = tag or parsed_tag
+        if not os.path.exists(path):
+            raise LayoutError(f"{path} does not exist")
+        return _import_layout(self.cache, path, tag)
+
     def unpack(self, reference: Union[str, Reference],
                rootfs: Union[str, "os.PathLike[str]"],
                auth: Optional[RegistryAuth] = None) -> PullResult:
@@ -3419,183 +4082,7 @@ def _continues_at(response: _Response, offset: int) -> bool:
 
 
 # =============================================================================
-# 16. OCI LAYOUT: writing image layouts and WASM artifacts
-# =============================================================================
-# image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
-# "1.0.0"}), "index.json" (an image index whose descriptors may carry
-# "org.opencontainers.image.ref.name", skopeo's oci:DIR:TAG) and
-# blobs/<alg>/<encoded>.
-
-ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
-ANNOTATION_TITLE = "org.opencontainers.image.title"
-_LAYOUT_VERSION = "1.0.0"
-
-
-def _atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    import tempfile
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-class _LayoutWriter:
-    """Adds blobs and tagged manifests to an OCI image layout directory."""
-
-    def __init__(self, root: str) -> None:
-        self.root = os.path.abspath(root)
-        marker = os.path.join(self.root, "oci-layout")
-        try:
-            os.makedirs(os.path.join(self.root, "blobs"), exist_ok=True)
-            if os.path.exists(marker):
-                version = _load_json_file(marker).get("imageLayoutVersion")
-                if version != _LAYOUT_VERSION:
-                    raise LayoutError(f"{self.root} is an OCI layout of unsupported "
-                                      f"version {version!r}")
-            else:
-                _atomic_write(marker, json.dumps(
-                    {"imageLayoutVersion": _LAYOUT_VERSION}).encode())
-        except OSError as exc:
-            raise LayoutError(f"cannot write OCI layout {self.root}: "
-                              f"{exc.strerror or exc}") from exc
-
-    def blob_path(self, digest: str) -> str:
-        """Return where a blob lives in the layout."""
-        algorithm, encoded = _validate_digest(digest).split(":", 1)
-        return os.path.join(self.root, "blobs", algorithm, encoded)
-
-    def write_bytes(self, data: bytes, media_type: str, **fields: Any) -> Descriptor:
-        """Store a small blob; return its descriptor."""
-        digest = compute_digest(data)
-        path = self.blob_path(digest)
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if not os.path.exists(path):
-                _atomic_write(path, data)
-        except OSError as exc:
-            raise LayoutError(f"cannot write blob {digest} to {self.root}: "
-                              f"{exc.strerror or exc}") from exc
-        return Descriptor(media_type, digest, len(data), **fields)
-
-    def tag(self, descriptor: Descriptor, ref_name: Optional[str]) -> None:
-        """Add a manifest to index.json, replacing an entry with the same ref name."""
-        path = os.path.join(self.root, "index.json")
-        index: Dict[str, Any] = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
-                                 "manifests": []}
-        if os.path.exists(path):
-            try:
-                with open(path, "rb") as f:
-                    index = json.loads(f.read(MAX_MANIFEST_SIZE_BYTES).decode("utf-8"))
-            except (OSError, ValueError) as exc:
-                raise LayoutError(f"{path} is not a readable JSON index: {exc}") from exc
-            if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
-                raise LayoutError(f"{path} has no 'manifests' list")
-        entry = descriptor.to_json()
-        if ref_name:
-            entry["annotations"] = dict(entry.get("annotations", {}), **{ANNOTATION_REF_NAME: ref_name})
-            index["manifests"] = [m for m in index["manifests"] if not (
-                isinstance(m, dict) and (m.get("annotations") or {}).get(ANNOTATION_REF_NAME) == ref_name)]
-        index["manifests"].append(entry)
-        try:
-            _atomic_write(path, json.dumps(index, indent=2).encode())
-        except OSError as exc:
-            raise LayoutError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-def _parse_layout_target(text: str) -> Tuple[str, Optional[str]]:
-    """Parse skopeo's ``oci:DIR[:TAG]`` into (directory, tag)."""
-    if not text.startswith("oci:"):
-        raise LayoutError(f"unsupported destination {text!r}: expected oci:DIR[:TAG]")
-    path, tag = text[4:], None
-    head, sep, tail = path.rpartition(":")
-    if sep and head and "/" not in tail:
-        path, tag = head, tail
-    if not path:
-        raise LayoutError(f"destination {text!r} names no directory")
-    if tag is not None and not _TAG_RE.fullmatch(tag):
-        raise LayoutError(f"invalid tag {tag!r} in {text!r}")
-    return path, tag
-
-
-def export_wasm_as_oci(wasm_path: Union[str, "os.PathLike[str]"],
-                       layout_dir: Union[str, "os.PathLike[str]"], *,
-                       tag: Optional[str] = "latest", module_name: Optional[str] = None,
-                       annotations: Optional[Mapping[str, str]] = None) -> Manifest:
-    """Write a .wasm file into an OCI layout as a CNCF "Wasm OCI Artifact".
-
-    The config is ``application/vnd.wasm.config.v0+json`` with
-    ``architecture: wasm``, ``os`` (wasip1 or wasip2, from the bytes) and
-    ``layerDigests``; the one layer is ``application/wasm`` with a title
-    annotation; ``artifactType`` names module or component.
-    """
-    path = os.fspath(wasm_path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        mtime = os.stat(path).st_mtime
-    except OSError as exc:
-        raise ZLayerError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    version = wasi_version_from_bytes(data[:8])
-    if version is None:
-        raise ZLayerError(f"{path} is not a WebAssembly module or component")
-    os_name = "wasip2" if version is WasiVersion.PREVIEW2 else "wasip1"
-    name = module_name or os.path.basename(path)
-    writer = _LayoutWriter(os.fspath(layout_dir))
-    layer = writer.write_bytes(data, WASM_LAYER_MEDIA_TYPE,
-                               annotations={ANNOTATION_TITLE: name})
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime))
-    config = {"created": created, "architecture": "wasm", "os": os_name,
-              "layerDigests": [layer.digest]}
-    config_desc = writer.write_bytes(json.dumps(config, sort_keys=True).encode(),
-                                     WASM_CONFIG_V0)
-    manifest_data: Dict[str, Any] = {
-        "schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-        "artifactType": WASM_ARTIFACT_COMPONENT if version is WasiVersion.PREVIEW2
-        else WASM_ARTIFACT_MODULE,
-        "config": config_desc.to_json(), "layers": [layer.to_json()],
-        "annotations": dict({"org.opencontainers.image.created": created}, **(annotations or {}))}
-    raw = json.dumps(manifest_data, indent=2).encode()
-    manifest = parse_manifest(raw)
-    descriptor = writer.write_bytes(raw, MEDIA_TYPE_OCI_MANIFEST,
-                                    artifact_type=manifest_data["artifactType"])
-    writer.tag(descriptor, tag)
-    return manifest
-
-
-class _Namespace:
-    """A read-only bundle of names (stands in for the seed's submodules)."""
-
-    def __init__(self, doc: str, **names: Any) -> None:
-        self.__dict__.update(names)
-        self.__doc__ = doc
-
-    def __repr__(self) -> str:
-        names = sorted(n for n in self.__dict__ if not n.startswith("_"))
-        return f"<zlayer_registry namespace: {', '.join(names)}>"
-
-
-wasm = _Namespace(
-    "Hold the seed's ``zlayer_registry::wasm`` names: "
-    "``from zlayer_registry import wasm; wasm.detect_artifact_type(m)``.",
-    ArtifactType=ArtifactType, WasiVersion=WasiVersion, WasmArtifactInfo=WasmArtifactInfo,
-    detect_artifact_type=detect_artifact_type, extract_wasm_info=extract_wasm_info,
-    wasi_version_from_bytes=wasi_version_from_bytes, export_wasm_as_oci=export_wasm_as_oci)
-
-
-# =============================================================================
-# 17. CLI
+# 18. CLI
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -3684,8 +4171,16 @@ def _cmd_pull(args: Any) -> int:
     if not args.quiet and not args.json and sys.stderr.isatty():
         progress = _Progress(sys.stderr)
     cache = _cli_cache(args)
+    auth = RegistryAuth.from_docker_config(reference.registry)
+    if args.output:
+        _parse_transport(args.output)
     with _cli_puller(args, cache, progress) as puller:
-        result = puller.pull_image(reference, RegistryAuth.from_docker_config(reference.registry))
+        result = puller.pull_image(reference, auth)
+        if args.output:
+            # Only what was pulled (this platform's image) goes into the layout.
+            puller.export_image(result.reference.with_digest(result.manifest.digest)
+                                if result.index else result.reference, args.output,
+                                auth=auth)
     if args.json:
         _print_json(result.to_json())
     elif args.quiet:
@@ -3722,6 +4217,35 @@ def _cmd_inspect(args: Any) -> int:
     for layer in data["layers"]:
         print(f"  layer     {layer['digest']} {_format_bytes(layer['size']):>10} "
               f"{layer['media_type']}")
+    return 0
+
+
+def _cmd_export(args: Any) -> int:
+    reference = parse_reference(args.reference)
+    _parse_transport(args.destination)  # a bad destination fails before any download
+    progress = None
+    if not args.json and sys.stderr.isatty():
+        progress = _Progress(sys.stderr)
+    with _cli_puller(args, _cli_cache(args), progress) as puller:
+        info = puller.export_image(reference, args.destination, platform=args.platform,
+                                   auth=RegistryAuth.from_docker_config(reference.registry))
+    if args.json:
+        _print_json(info.to_json())
+    else:
+        print(f"{info.reference}: {info.digest} -> {info.format}:{info.destination}"
+              f"{':' + info.tag if info.tag and info.format != 'docker-archive' else ''} "
+              f"({info.blobs} blobs, {_format_bytes(info.size_bytes)})")
+    return 0
+
+
+def _cmd_import(args: Any) -> int:
+    with _cli_puller(args, _cli_cache(args)) as puller:
+        infos = puller.import_image(args.source)
+    if args.json:
+        _print_json([info.to_json() for info in infos])
+    else:
+        for info in infos:
+            print(f"{info.reference or '(untagged)'}: {info.digest} ({info.media_type})")
     return 0
 
 
@@ -3821,6 +4345,13 @@ _EXAMPLES = {
     "inspect": """examples:
   zlayer-registry inspect debian:12
   zlayer-registry inspect ghcr.io/org/app:v1 --json""",
+    "export": """examples:
+  zlayer-registry export alpine:3.20 oci:./alpine-layout:3.20
+  zlayer-registry export ghcr.io/org/app:v1 oci-archive:app.tar:v1 --platform linux/amd64
+  zlayer-registry export debian:12 docker-archive:debian.tar     # then: docker load -i debian.tar""",
+    "import": """examples:
+  zlayer-registry import oci:./alpine-layout:3.20
+  zlayer-registry import oci-archive:app.tar --json""",
     "unpack": """examples:
   zlayer-registry unpack alpine:3.20 ./rootfs
   zlayer-registry unpack ghcr.io/org/app:v1 /srv/app/rootfs --platform linux/arm64""",
@@ -3869,6 +4400,19 @@ def _build_parser() -> Any:
         sub.add_argument("--insecure", action="store_true",
                          help="allow plain http to a non-loopback registry")
         sub.add_argument("--json", action="store_true", help="print one JSON object")
+    export = add("export", "pull an image and write it as an OCI layout or archive")
+    export.add_argument("reference", metavar="REF", help="image reference")
+    export.add_argument("destination", metavar="DEST",
+                        help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
+    export.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                        help="export only this platform of an index (default: all)")
+    export.add_argument("--insecure", action="store_true",
+                        help="allow plain http to a non-loopback registry")
+    export.add_argument("--json", action="store_true", help="print one JSON object")
+    importer = add("import", "verify an OCI layout or archive and add its images to the cache")
+    importer.add_argument("source", metavar="SRC", help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
+    importer.add_argument("--json", action="store_true",
+                          help="print a list of {reference, digest, media_type}")
     unpack = add("unpack", "pull an image and unpack it into a new root filesystem directory")
     unpack.add_argument("reference", metavar="REF", help="image reference")
     unpack.add_argument("directory", metavar="DIR",
@@ -3896,6 +4440,9 @@ def _build_parser() -> Any:
     export.add_argument("--name", help="module name (default: the file name)")
     export.add_argument("--json", action="store_true", help="print one JSON object")
     pull = commands.choices["pull"]
+    pull.add_argument("--output", metavar="DEST",
+                      help="also write the pulled image to oci:DIR[:TAG], "
+                           "oci-archive:FILE[:TAG] or docker-archive:FILE")
     pull.add_argument("-q", "--quiet", action="store_true",
                       help="no progress; print only the manifest digest")
     pull.add_argument("--max-workers", type=int, default=DEFAULT_MAX_WORKERS, metavar="N",
@@ -3929,6 +4476,8 @@ def _suppress() -> Any:
 _COMMANDS: Dict[str, Callable[[Any], int]] = {
     "pull": _cmd_pull,
     "inspect": _cmd_inspect,
+    "export": _cmd_export,
+    "import": _cmd_import,
     "unpack": _cmd_unpack,
     "pull-wasm": _cmd_pull_wasm,
     "wasm-export": _cmd_wasm_export,
