@@ -990,6 +990,9 @@ class TestCaches:
         cache = zr.BlobCache.open(tmp_path)
         assert cache.verify() == [] and os.listdir(tmp_path / "tmp") == []
         assert len(cache.entries()) == 6
+        for blob in image["layers"] + [image["config"]]:  # one download per blob: a lock
+            assert sum(r["path"].endswith(blob["digest"]) for r in registry.requests) == 1
+        assert os.listdir(tmp_path / "locks") == []
 
     def test_default_path(self):
         assert zr.BlobCache.default_path({"ZLAYER_REGISTRY_CACHE": "/x"}) == "/x"

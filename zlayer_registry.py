@@ -1997,6 +1997,7 @@ class BlobCache:
         self._meta: Dict[str, Dict[str, Any]] = {}
         self._references: Dict[str, Tuple[str, str]] = {}
         self._lock = threading.Lock()
+        self._blob_locks: Dict[str, Any] = {}
 
     @staticmethod
     def open(path: Union[str, "os.PathLike[str]"]) -> "DirectoryBlobCache":
@@ -2070,6 +2071,11 @@ class BlobCache:
             for digest in digests:
                 if digest in self._meta:
                     self._meta[digest]["last_used_at"] = now
+
+    def lock(self, digest: str) -> Any:
+        """Return a context manager held while one writer downloads ``digest``."""
+        with self._lock:
+            return self._blob_locks.setdefault(digest, threading.Lock())
 
     # -- references -----------------------------------------------------------
 
@@ -2269,9 +2275,11 @@ class DirectoryBlobCache(BlobCache):
         self.root = os.path.abspath(root)
         self._blobs_dir = os.path.join(self.root, "blobs")
         self._tmp_dir = os.path.join(self.root, "tmp")
+        self._locks_dir = os.path.join(self.root, "locks")
         try:
             os.makedirs(self._blobs_dir, exist_ok=True)
             os.makedirs(self._tmp_dir, exist_ok=True)
+            os.makedirs(self._locks_dir, exist_ok=True)
         except OSError as exc:
             raise CacheError(f"cannot create cache directory {self.root}: "
                              f"{exc.strerror or exc}") from exc
@@ -2290,17 +2298,41 @@ class DirectoryBlobCache(BlobCache):
             return None
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def _connect(self) -> Any:
+        """Open the index, set WAL mode and create tables, retrying while busy.
+
+        Switching to WAL takes an exclusive lock and SQLite does not run the
+        busy handler for it, so processes opening a new cache at the same
+        moment can get "database is locked": they retry for up to 30 s.
+        """
+        deadline = time.monotonic() + 30.0
+        delay_s = 0.005
+        while True:
             try:
                 conn = self._sqlite.connect(self._db_path, timeout=30.0,
                                             isolation_level=None)
-                conn.execute("PRAGMA busy_timeout = 30000")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
-                conn.executescript(_SCHEMA)
+                try:
+                    conn.execute("PRAGMA busy_timeout = 30000")
+                    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                        conn.execute("PRAGMA journal_mode = WAL")
+                    conn.execute("PRAGMA synchronous = NORMAL")
+                    conn.executescript(_SCHEMA)
+                except BaseException:
+                    conn.close()
+                    raise
+                return conn
+            except self._sqlite.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) \
+                        or time.monotonic() > deadline:
+                    raise CacheError(f"cannot open cache index {self._db_path}: {exc}") from exc
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, 0.2)
             except self._sqlite.Error as exc:
                 raise CacheError(f"cannot open cache index {self._db_path}: {exc}") from exc
-            self._local.conn = conn
-        return conn
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
         db = self._db()
@@ -2390,6 +2422,12 @@ class DirectoryBlobCache(BlobCache):
         """Start writing a blob into a temporary file inside the cache."""
         return _FileBlobWriter(self, digest, size, media_type)
 
+    def lock(self, digest: str) -> Any:
+        """Return an exclusive per-blob lock shared by every process using this cache."""
+        algorithm, encoded = _validate_digest(digest).split(":", 1)
+        return _BlobFileLock(self, digest, os.path.join(self._locks_dir,
+                                                        f"{algorithm}-{encoded}.lock"))
+
     def delete(self, digest: str) -> bool:
         """Remove a blob file and its index row."""
         self._execute("DELETE FROM blobs WHERE digest = ?", (digest,))
@@ -2470,6 +2508,44 @@ class DirectoryBlobCache(BlobCache):
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+class _BlobFileLock:
+    """flock() on ``locks/<alg>-<hex>.lock``: one downloader per blob across processes.
+
+    The holder removes the lock file once the blob is stored; a process
+    still waiting on the old file then finds the blob present, so the worst
+    case of that race is a second download, never a corrupt blob.
+    """
+
+    def __init__(self, cache: "DirectoryBlobCache", digest: str, path: str) -> None:
+        self._cache, self._digest, self._path = cache, digest, path
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "_BlobFileLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: atomic renames still keep blobs whole
+            return self
+        try:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                               0o644)
+        except OSError as exc:
+            raise CacheError(f"cannot create lock in cache {self._cache.root}: "
+                             f"{exc.strerror or exc}") from exc
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._fd is None:
+            return
+        if self._cache.has(self._digest):
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass
+        os.close(self._fd)  # closing releases the flock
+        self._fd = None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -3819,12 +3895,23 @@ class ImagePuller:
                           and f.exception() is not None
                           and not isinstance(f.exception(), _Cancelled)]
                 raise errors[0]
-            downloaded = sum(f.result() for f in futures)
+            received = [f.result() for f in futures]
+            downloaded = sum(n for n in received if n is not None)
+            # None: another process stored the blob while this one waited.
+            from_cache += sum(d.size for d, n in zip(missing, received) if n is None)
         self.cache.touch(unique)
         return downloaded, from_cache
 
     def _download_blob(self, client: _RegistryClient, descriptor: Descriptor,
-                       cancel: threading.Event) -> int:
+                       cancel: threading.Event) -> Optional[int]:
+        """Download a blob unless another process does; return bytes received or None."""
+        with self.cache.lock(descriptor.digest):
+            if self.cache.has(descriptor.digest):
+                return None
+            return self._stream_blob(client, descriptor, cancel)
+
+    def _stream_blob(self, client: _RegistryClient, descriptor: Descriptor,
+                     cancel: threading.Event) -> int:
         """Stream one blob into the cache, resuming with Range after interruptions."""
         buffer = memoryview(bytearray(_READ_CHUNK_BYTES))
         received = interruptions = 0
