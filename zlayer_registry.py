@@ -3873,7 +3873,6 @@ class ImagePuller:
     def _fetch_blobs(self, client: _RegistryClient, descriptors: Sequence[Descriptor]
                      ) -> Tuple[int, int]:
         """Make every blob present and verified in the cache; return (downloaded, cached) bytes."""
-        from concurrent.futures import FIRST_EXCEPTION, wait
         unique: Dict[str, Descriptor] = {}
         for descriptor in descriptors:
             unique.setdefault(descriptor.digest, descriptor)
@@ -3881,6 +3880,7 @@ class ImagePuller:
         from_cache = sum(d.size for d in unique.values() if d not in missing)
         downloaded = 0
         if missing:
+            from concurrent.futures import FIRST_EXCEPTION, wait
             cancel = threading.Event()
             futures = [self._pool().submit(self._download_blob, client, d, cancel)
                        for d in missing]
