@@ -42,6 +42,9 @@ class _Server(http.server.ThreadingHTTPServer):
         self.connections = 0
         super().__init__(("127.0.0.1", 0), handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet when a client drops a connection (tests do that on purpose)."""
+
     def get_request(self) -> Tuple[socket.socket, Any]:
         sock, addr = super().get_request()
         self.connections += 1

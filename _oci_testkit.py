@@ -922,6 +922,39 @@ def runwasi_image(module: bytes, os_name: str, layer_media_type: str,
                      platform={"architecture": "wasm", "os": os_name})
 
 
+def docker_wasi_image(module: bytes, os_name: str = "wasi", path: str = "app.wasm") -> RawArtifact:
+    """Builds an image as ``docker buildx build --platform wasi/wasm`` writes it.
+
+    ``FROM scratch``, ``COPY app.wasm /``: an ordinary OCI image whose config says
+    ``os: wasi``, ``architecture: wasm`` and whose one layer is a gzip tar
+    (``application/vnd.oci.image.layer.v1.tar+gzip``) holding the module as ``/app.wasm``.
+    ``module`` is left None: no layer is the module itself.
+    """
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_tarinfo(path, len(module)), io.BytesIO(module))
+    stored = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=stored, mtime=_EPOCH_S) as gz:
+        gz.write(plain.getvalue())
+    layer = stored.getvalue()
+    config_obj = {
+        "created": _CREATED, "architecture": "wasm", "os": os_name,
+        "config": {"Entrypoint": ["/" + path]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256_bytes(plain.getvalue())]},
+    }
+    config = _canonical_json(config_obj)
+    body = {
+        "schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+        "config": {"mediaType": MEDIA_TYPE_OCI_CONFIG, "digest": sha256_bytes(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": MEDIA_TYPE_OCI_LAYER_GZIP, "digest": sha256_bytes(layer),
+                    "size": len(layer)}],
+    }
+    return RawArtifact(manifest=_pretty_json(body), media_type=MEDIA_TYPE_OCI_MANIFEST,
+                       blobs={sha256_bytes(config): config, sha256_bytes(layer): layer},
+                       platform={"architecture": "wasm", "os": os_name})
+
+
 def raw_image_from_layout(layout: Path, info: ImageInfo) -> RawArtifact:
     """Returns an image written by build_image() as a RawArtifact (its blobs read back)."""
     blobs = {b.digest: read_blob(layout, b.digest) for b in (info.config,) + info.layers}
@@ -978,7 +1011,8 @@ def push_raw(registry: "DistributionRegistry", repo: str, tag: str, blobs: Dict[
     digest, _content_type, stored = registry.manifest(
         repo, tag, accept=(media_type, MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_OCI_INDEX))
     if digest != expected or stored != manifest_bytes:
-        raise RuntimeError("%s:%s is served as %s, not the %s pushed" % (repo, tag, digest, expected))
+        raise RuntimeError("%s:%s is served as %s, not the %s pushed" % (
+            repo, tag, digest, expected))
     return digest
 
 
@@ -1004,6 +1038,349 @@ def write_raw_to_layout(layout: Path, tag: str, artifact: RawArtifact) -> Blob:
     blob = write(artifact)
     _tag_in_index_json(layout, blob, tag)
     return blob
+
+
+# =============================================================================
+# 5. FILESYSTEM LAYERS: hand-written tar entries, gzip/zstd/plain layers, trees
+# =============================================================================
+# The unpack interop tests need layers with every entry type and every whiteout form
+# (image-spec layer.md), in each layer media type, and a way to compare two unpacked
+# root filesystems (ours, umoci's, tar's) entry by entry.
+
+MEDIA_TYPE_OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_TYPE_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+LAYER_MEDIA_TYPES = {"gzip": MEDIA_TYPE_OCI_LAYER_GZIP, "tar": MEDIA_TYPE_OCI_LAYER_TAR,
+                     "zstd": MEDIA_TYPE_OCI_LAYER_ZSTD}
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
+_ENTRY_KINDS = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+                "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE,
+                "char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE}
+
+
+@dataclasses.dataclass(frozen=True)
+class TarEntry:
+    """Is one tar member of a hand-written layer.
+
+    ``kind`` is file, dir, symlink, hardlink, fifo, char or block; ``linkname`` the target
+    of a link. A file holds ``data``, or ``size`` pseudo-random bytes from ``seed`` when a
+    seed is given (streamed, so large files cost no memory). ``xattrs`` are (name, text)
+    pairs written as PAX ``SCHILY.xattr.NAME`` records, as docker and buildah write them.
+    """
+
+    name: str
+    kind: str = "file"
+    data: bytes = b""
+    mode: int = 0o644
+    linkname: str = ""
+    uid: int = 0
+    gid: int = 0
+    mtime: int = _EPOCH_S
+    size: int = 0
+    seed: Optional[int] = None
+    xattrs: Tuple[Tuple[str, str], ...] = ()
+    devmajor: int = 0
+    devminor: int = 0
+
+    def tarinfo(self) -> tarfile.TarInfo:
+        """Returns the tar header of this entry."""
+        info = tarfile.TarInfo(self.name)
+        info.type = _ENTRY_KINDS[self.kind]
+        info.mode = self.mode
+        info.uid, info.gid = self.uid, self.gid
+        info.uname = info.gname = ""
+        info.mtime = self.mtime
+        info.linkname = self.linkname
+        info.devmajor, info.devminor = self.devmajor, self.devminor
+        if self.xattrs:
+            info.pax_headers = {"SCHILY.xattr." + name: value for name, value in self.xattrs}
+        if self.kind == "file":
+            info.size = self.size if self.seed is not None else len(self.data)
+        return info
+
+    def content(self):
+        """Returns a reader of the file's bytes, None for other kinds."""
+        if self.kind != "file":
+            return None
+        if self.seed is not None:
+            return _RandomReader(self.seed, self.size)
+        return io.BytesIO(self.data)
+
+
+def file_entry(name: str, data: bytes = b"", mode: int = 0o644, **extra) -> TarEntry:
+    """Returns a regular file entry."""
+    return TarEntry(name, "file", data=data, mode=mode, **extra)
+
+
+def random_file_entry(name: str, size: int, seed: int, mode: int = 0o644) -> TarEntry:
+    """Returns a file of ``size`` incompressible bytes derived from ``seed``."""
+    return TarEntry(name, "file", mode=mode, size=size, seed=seed)
+
+
+def dir_entry(name: str, mode: int = 0o755, **extra) -> TarEntry:
+    """Returns a directory entry (the name gets its trailing slash)."""
+    return TarEntry(name.rstrip("/") + "/", "dir", mode=mode, **extra)
+
+
+def symlink_entry(name: str, target: str) -> TarEntry:
+    """Returns a symbolic link ``name -> target``."""
+    return TarEntry(name, "symlink", mode=0o777, linkname=target)
+
+
+def hardlink_entry(name: str, target: str) -> TarEntry:
+    """Returns a hard link to ``target``, a path relative to the root of the image."""
+    return TarEntry(name, "hardlink", mode=0o644, linkname=target)
+
+
+def fifo_entry(name: str, mode: int = 0o644) -> TarEntry:
+    """Returns a named pipe."""
+    return TarEntry(name, "fifo", mode=mode)
+
+
+def device_entry(name: str, kind: str, major: int, minor: int, mode: int = 0o666) -> TarEntry:
+    """Returns a character (``kind="char"``) or block (``kind="block"``) device node."""
+    return TarEntry(name, kind, mode=mode, devmajor=major, devminor=minor)
+
+
+def whiteout_entry(path: str) -> TarEntry:
+    """Returns the whiteout that deletes ``path`` of lower layers (``dir/.wh.name``)."""
+    parent, _, base = path.rstrip("/").rpartition("/")
+    return file_entry((parent + "/" if parent else "") + WHITEOUT_PREFIX + base, mode=0o600)
+
+
+def opaque_entry(directory: str) -> TarEntry:
+    """Returns the opaque whiteout that hides everything lower layers put in ``directory``."""
+    directory = directory.strip("/")
+    return file_entry((directory + "/" if directory else "") + OPAQUE_WHITEOUT, mode=0o600)
+
+
+def write_tar(fileobj, entries: Iterable[TarEntry]) -> None:
+    """Writes ``entries`` in order as a PAX tar stream into a binary file object."""
+    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for entry in entries:
+            tar.addfile(entry.tarinfo(), entry.content())
+
+
+def tar_bytes(entries: Iterable[TarEntry]) -> bytes:
+    """Returns ``entries`` as an uncompressed tar archive, for small layers."""
+    buf = io.BytesIO()
+    write_tar(buf, entries)
+    return buf.getvalue()
+
+
+def write_entries_layer(layout: Path, entries: Iterable[TarEntry], compression: str = "gzip",
+                        compresslevel: int = 6) -> Tuple[Blob, str]:
+    """Writes a layer of ``entries`` into the layout; returns the blob and its diff_id.
+
+    ``compression`` is gzip (deterministic header), tar (stored as is) or zstd (the
+    ``zstd`` program, level 3). The tar is streamed to a temporary file in
+    ``blobs/sha256``, so file sizes cost disk, not memory.
+    """
+    if compression not in LAYER_MEDIA_TYPES:
+        raise ValueError("compression %r is not one of %s" % (compression, sorted(LAYER_MEDIA_TYPES)))
+    zstd = require_tool("zstd") if compression == "zstd" else None
+    blobs = _blobs_dir(Path(layout))
+    temporaries = []
+    try:
+        fd, tar_name = tempfile.mkstemp(dir=str(blobs), prefix=".tmp-")
+        temporaries.append(tar_name)
+        with os.fdopen(fd, "wb") as raw:
+            stored = _HashingWriter(raw)
+            if compression == "gzip":
+                with gzip.GzipFile(filename="", mode="wb", fileobj=stored, mtime=_EPOCH_S,
+                                   compresslevel=compresslevel) as gz:
+                    plain = _HashingWriter(gz)
+                    write_tar(plain, entries)
+            else:
+                plain = _HashingWriter(raw)
+                write_tar(plain, entries)
+        diff_id = "sha256:" + plain.sha256.hexdigest()
+        blob_name = tar_name
+        if compression == "zstd":
+            blob_name = tar_name + ".zst"
+            temporaries.append(blob_name)
+            subprocess.run([zstd, "-q", "-3", "--no-progress", "-f", tar_name, "-o", blob_name],
+                           check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=600)
+        digest = sha256_file(Path(blob_name))
+        size = os.path.getsize(blob_name)
+        os.chmod(blob_name, 0o644)
+        os.replace(blob_name, str(blobs / digest[7:]))
+    finally:
+        for name in temporaries:
+            if os.path.exists(name):
+                os.unlink(name)
+    return Blob(digest, size, LAYER_MEDIA_TYPES[compression]), diff_id
+
+
+def build_image_from_layers(layout: Path, tag: str, layers: Sequence[Tuple[Blob, str]],
+                            platform: str = "linux/amd64") -> ImageInfo:
+    """Writes config and manifest for already written ``(blob, diff_id)`` layers, under ``tag``."""
+    layout = init_layout(Path(layout))
+    os_name, architecture, variant = parse_platform(platform)
+    config = {
+        "created": _CREATED, "architecture": architecture, "os": os_name,
+        "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id for _, diff_id in layers]},
+        "history": [{"created": _CREATED, "created_by": "_oci_testkit layer %d" % i}
+                    for i in range(len(layers))],
+    }
+    if variant:
+        config["variant"] = variant
+    config_blob = write_blob(layout, _canonical_json(config), MEDIA_TYPE_OCI_CONFIG)
+    manifest = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+                "config": config_blob.descriptor(),
+                "layers": [blob.descriptor() for blob, _ in layers]}
+    manifest_blob = write_blob(layout, _canonical_json(manifest), MEDIA_TYPE_OCI_MANIFEST)
+    _tag_in_index_json(layout, manifest_blob, tag)
+    return ImageInfo(manifest_blob, config_blob, tuple(blob for blob, _ in layers),
+                     tuple(diff_id for _, diff_id in layers), os_name, architecture, variant)
+
+
+def layer_blob_paths(layout: Path, info: ImageInfo) -> List[Path]:
+    """Returns the files of an image's layers in the layout, lowest layer first."""
+    return [Path(layout) / "blobs" / "sha256" / blob.digest[7:] for blob in info.layers]
+
+
+def umoci_unpack(layout: Path, tag: str, bundle: Path, rootless: bool = True) -> Path:
+    """Runs ``umoci unpack [--rootless] --image LAYOUT:TAG BUNDLE``; returns BUNDLE/rootfs."""
+    cmd = [require_tool("umoci"), "unpack"] + (["--rootless"] if rootless else [])
+    cmd += ["--image", "%s:%s" % (layout, tag), str(bundle)]
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError("umoci unpack failed (exit %d): %s" % (
+            proc.returncode, proc.stderr.decode(errors="replace").strip()[-2000:]))
+    return Path(bundle) / "rootfs"
+
+
+def push_exact(registry: DistributionRegistry, layout_dir: Path, tag: str, repo: str) -> str:
+    """Copies ``oci:layout_dir:tag`` to ``repo:tag`` byte for byte; returns the digest stored.
+
+    ``skopeo copy`` to a registry gzips uncompressed layers on the way (skopeo 1.9), which
+    changes the manifest; ``--preserve-digests`` makes it push every blob as it is, so a
+    plain-tar or zstd layer reaches the registry under its own media type.
+    """
+    return _skopeo_copy(registry, "oci:%s:%s" % (layout_dir, tag),
+                        "docker://%s/%s:%s" % (registry.host, repo, tag), dest=True)
+
+
+def skopeo_to_layout(registry: DistributionRegistry, repository: str, tag: str,
+                     layout: Path) -> str:
+    """Copies ``repository:tag`` into the OCI layout ``layout`` unchanged; returns its digest."""
+    return _skopeo_copy(registry, "docker://%s/%s:%s" % (registry.host, repository, tag),
+                        "oci:%s:%s" % (layout, tag), dest=False)
+
+
+def _skopeo_copy(registry: DistributionRegistry, source: str, destination: str, dest: bool) -> str:
+    side = "--dest" if dest else "--src"
+    cmd = [registry._skopeo_bin, "--insecure-policy", "copy", "--retry-times", "0",
+           "--preserve-digests", side + "-tls-verify=false"]
+    cmd += [side + "-creds", registry.creds] if registry.creds else [side + "-no-creds"]
+    digest_file = Path(tempfile.mkdtemp(dir=str(registry.root))) / "digest"
+    registry._run(cmd + ["--digestfile", str(digest_file), source, destination])
+    return digest_file.read_text().strip()
+
+
+def _entry_type(mode: int) -> str:
+    import stat
+    for test, name in ((stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"),
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "char"), (stat.S_ISBLK, "block"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "unknown"
+
+
+def snapshot_tree(root: Path) -> Dict[str, dict]:
+    """Describes every entry under ``root`` (the root itself is ``"."``), never following links.
+
+    Each value has ``type``, ``mode`` (permission bits with setuid/setgid/sticky),
+    ``uid``, ``gid``, ``mtime`` (whole seconds), ``nlink``, ``inode`` (device, number),
+    ``xattrs`` (names under ``user.`` and ``trusted.`` to their values); files add ``size``
+    and ``sha256``, symlinks ``target``, device nodes ``rdev`` (major, minor).
+    """
+    import stat
+    root = Path(root)
+    out: Dict[str, dict] = {}
+
+    def describe(path: str, relative: str) -> None:
+        st = os.lstat(path)
+        item = {"type": _entry_type(st.st_mode), "mode": stat.S_IMODE(st.st_mode),
+                "uid": st.st_uid, "gid": st.st_gid, "mtime": int(st.st_mtime),
+                "nlink": st.st_nlink, "inode": (st.st_dev, st.st_ino)}
+        if item["type"] == "file":
+            item["size"] = st.st_size
+            item["sha256"] = sha256_file(Path(path))
+        elif item["type"] == "symlink":
+            item["target"] = os.readlink(path)
+        elif item["type"] in ("char", "block"):
+            item["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        item["xattrs"] = _user_xattrs(path)
+        out[relative] = item
+
+    describe(str(root), ".")
+    for dirpath, dirnames, filenames in os.walk(str(root)):
+        base = os.path.relpath(dirpath, str(root))
+        for name in sorted(dirnames + filenames):
+            relative = name if base == "." else base + "/" + name
+            describe(os.path.join(dirpath, name), relative)
+    return out
+
+
+def _user_xattrs(path: str) -> Dict[str, bytes]:
+    # security.* (SELinux labels, capabilities) depends on the host policy, not the image.
+    if not hasattr(os, "listxattr"):
+        return {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    return {name: os.getxattr(path, name, follow_symlinks=False)
+            for name in sorted(names) if name.startswith(("user.", "trusted."))}
+
+
+def hardlink_groups(snapshot: Dict[str, dict]) -> List[Tuple[str, ...]]:
+    """Returns the sets of paths of a snapshot that share an inode, sorted (groups of 2+)."""
+    by_inode: Dict[tuple, List[str]] = {}
+    for path, item in snapshot.items():
+        if item["type"] != "dir":
+            by_inode.setdefault(item["inode"], []).append(path)
+    return sorted(tuple(sorted(paths)) for paths in by_inode.values() if len(paths) > 1)
+
+
+def comparable(snapshot: Dict[str, dict],
+               fields: Sequence[str] = ("type", "mode", "size", "sha256", "target", "rdev"),
+               ) -> Dict[str, dict]:
+    """Returns the snapshot reduced to ``fields`` (no inodes, owners or times by default)."""
+    return {path: {k: item[k] for k in fields if k in item} for path, item in snapshot.items()}
+
+
+def tree_differences(ours: Dict[str, dict], theirs: Dict[str, dict]) -> List[str]:
+    """Returns one line per path that differs between two comparable snapshots, empty if equal."""
+    lines = []
+    for path in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(path), theirs.get(path)
+        if a != b:
+            lines.append("%s: ours=%s theirs=%s" % (path, a, b))
+    return lines
+
+
+def rmtree(path: Path) -> None:
+    """Removes a tree, first making its directories writable (an image may make them 0555)."""
+    path = Path(path)
+    if not os.path.lexists(str(path)):
+        return
+    if path.is_dir() and not path.is_symlink():
+        os.chmod(str(path), 0o700)
+        for dirpath, dirnames, _ in os.walk(str(path)):
+            for name in dirnames:
+                child = os.path.join(dirpath, name)
+                if not os.path.islink(child):
+                    os.chmod(child, 0o700)
+        shutil.rmtree(str(path))
+    else:
+        os.unlink(str(path))
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

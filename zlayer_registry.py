@@ -807,7 +807,8 @@ def _index_platforms(index: Manifest) -> List[Dict[str, str]]:
 #   4. the config's os/architecture (what containerd's runwasi relies on)
 #      and the CNCF config's "component" field;
 #   5. the module bytes: "\0asm" then version 1 (core module) or the
-#      component-model version/layer word.
+#      component-model version/layer word.  Where verified bytes are at
+#      hand they decide the WASI level, whatever the manifest says.
 
 WASM_ARTIFACT_COMPONENT = "application/vnd.wasm.component.v1+wasm"
 WASM_ARTIFACT_MODULE = "application/vnd.wasm.module.v1+wasm"
@@ -979,10 +980,9 @@ def extract_wasm_info(manifest: Union[Manifest, Mapping[str, Any]],
     if not kind.is_wasm():
         return None
     data = _as_manifest_data(manifest)
+    # Only a layer typed as WASM is the module: Docker's wasi/wasm images keep
+    # theirs inside an ordinary filesystem layer, which is no module.
     layer = _wasm_layer(data)
-    if layer is None:
-        layers = [x for x in data.get("layers") or [] if isinstance(x, dict)]
-        layer = layers[0] if len(layers) == 1 else None
     digest = size = name = None
     if layer is not None:
         digest = layer.get("digest") if isinstance(layer.get("digest"), str) else None
@@ -3121,8 +3121,17 @@ class _LayoutWriter:
         entry = descriptor.to_json()
         if ref_name:
             entry["annotations"] = dict(entry.get("annotations", {}), **{ANNOTATION_REF_NAME: ref_name})
-            index["manifests"] = [m for m in index["manifests"] if not (
-                isinstance(m, dict) and (m.get("annotations") or {}).get(ANNOTATION_REF_NAME) == ref_name)]
+
+        def replaced(item: Any) -> bool:
+            # One entry per ref name; untagged, one per digest (as skopeo does:
+            # it refuses a layout listing one untagged image twice).
+            if not isinstance(item, dict):
+                return False
+            name = (item.get("annotations") or {}).get(ANNOTATION_REF_NAME)
+            return name == ref_name if ref_name else (
+                name is None and item.get("digest") == descriptor.digest)
+
+        index["manifests"] = [m for m in index["manifests"] if not replaced(m)]
         index["manifests"].append(entry)
         try:
             _atomic_write(path, json.dumps(index, indent=2).encode())
@@ -3233,15 +3242,21 @@ class ExportInfo:
 def _link_or_copy(cache: BlobCache, descriptor: Descriptor, target: str) -> None:
     """Put a cached blob at ``target``: a hard link when possible, else a verified copy."""
     import errno as _errno
-    if os.path.exists(target) and os.path.getsize(target) == descriptor.size:
-        return
     source = cache.path(descriptor.digest)
+    if os.path.exists(target):
+        if source is not None and os.path.samefile(source, target):
+            return
+        with open(target, "rb") as existing:  # a layout's own blob is verified, not trusted
+            reader = _HashingReader(existing, descriptor)
+            while reader.read(_READ_CHUNK_BYTES):
+                pass
+        try:
+            reader.check()
+            return
+        except DigestMismatchError:
+            os.unlink(target)
     if source is not None:
         try:
-            os.link(source, target)
-            return
-        except FileExistsError:
-            os.unlink(target)
             os.link(source, target)
             return
         except OSError as exc:
@@ -3726,7 +3741,9 @@ def _verified_wasm_info(manifest: Manifest, config_data: Mapping[str, Any],
     if from_bytes is None:
         raise ManifestError(f"layer {info.wasm_layer_digest} of {manifest.digest} is "
                             "declared as WebAssembly but its bytes are not")
-    if info.wasi_version is WasiVersion.UNKNOWN:
+    # Verified bytes are the surest signal: runwasi, for one, writes os wasip1
+    # into the config of component images.
+    if from_bytes is not WasiVersion.UNKNOWN and from_bytes is not info.wasi_version:
         info = WasmArtifactInfo(from_bytes, info.wasm_layer_digest, info.wasm_size,
                                 info.module_name)
     return info
@@ -4009,9 +4026,12 @@ class ImagePuller:
         """
         result = self.pull_image(reference, auth, prefer_wasm=True)
         info = result.wasm_info()
-        if info is None or info.wasm_layer_digest is None:
+        if info is None:
             raise ManifestError(f"{result.reference} is a container image, "
                                 "not a WebAssembly artifact")
+        if info.wasm_layer_digest is None:
+            raise ManifestError(f"{result.reference} is a WASM image whose module sits inside "
+                                "a filesystem layer (Docker wasi/wasm style); unpack it instead")
         data = self.cache.get(info.wasm_layer_digest)
         if data is None:
             raise CacheError(f"layer {info.wasm_layer_digest} vanished from the cache")
@@ -4131,10 +4151,9 @@ class ImagePuller:
         if manifest.artifact_type:
             data["manifest_artifact_type"] = manifest.artifact_type
         info = extract_wasm_info(manifest, config_data)
-        if info is not None and info.wasi_version is WasiVersion.UNKNOWN \
-                and info.wasm_layer_digest and info.wasm_size is not None:
-            # The manifest does not say: fetch the module itself (it is the
-            # artifact, usually small) and read its preamble.
+        if info is not None and info.wasm_layer_digest and info.wasm_size is not None:
+            # The module is the artifact (usually small): fetch and verify it,
+            # so that its bytes settle the WASI level as they do for pull.
             wasm_layer = next(d for d in manifest.layers if d.digest == info.wasm_layer_digest)
             self._fetch_blobs(client, [wasm_layer])
             info = _verified_wasm_info(manifest, config_data, self.cache)

@@ -92,11 +92,19 @@ class BenchError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ChildRun:
-    """Is one finished child process: wall time, its peak RSS and what it printed."""
+    """Is one finished child process: wall and CPU time, peak RSS and what it printed."""
 
     wall_s: float
+    cpu_s: float  # user + system, of the tool and anything it waited for
     max_rss_bytes: int
     stdout: str
+
+
+def _exit_code(status: int) -> int:
+    # os.waitstatus_to_exitcode is 3.9+; the macros work on 3.8.
+    if hasattr(os, "waitstatus_to_exitcode"):
+        return os.waitstatus_to_exitcode(status)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
 
 
 class _HighWaterPoller:
@@ -168,8 +176,11 @@ class Runner:
                                     start_new_session=True)
             self._live = proc
             poller = None if self.time_bin else _HighWaterPoller(proc.pid)
-            proc.wait()
+            # wait4 for the CPU times: they include what the child waited for (the tool
+            # behind /usr/bin/time), and unlike ru_maxrss they start at zero at exec.
+            _pid, status, usage = os.wait4(proc.pid, 0)
             wall_s = time.perf_counter() - start_s
+            proc.returncode = _exit_code(status)
             self._live = None
         if proc.returncode != 0:
             tail = err_path.read_text(errors="replace")[-1500:].strip()
@@ -179,7 +190,8 @@ class Runner:
         else:
             # GNU time writes "Command exited with..." first when the status is not 0.
             rss_bytes = int(rss_path.read_text().split()[-1]) * 1024
-        return ChildRun(wall_s, rss_bytes, out_path.read_text(errors="replace"))
+        return ChildRun(wall_s, usage.ru_utime + usage.ru_stime, rss_bytes,
+                        out_path.read_text(errors="replace"))
 
     def output(self, cmd: Sequence[str], cwd: Optional[Path] = None) -> str:
         """Runs a short untimed command and returns stdout and stderr together."""
@@ -329,8 +341,8 @@ def _timed_with_requests(bench: Bench, name: str, cmd: Sequence[str],
     before = len(bench.registry.requests_logged())
     run = bench.runner.run(name, cmd, cwd)
     requests = bench.registry.requests_since(before)
-    return {"wall_s": run.wall_s, "rss_bytes": run.max_rss_bytes, "stdout": run.stdout,
-            "requests": requests}
+    return {"wall_s": run.wall_s, "cpu_s": run.cpu_s, "rss_bytes": run.max_rss_bytes,
+            "stdout": run.stdout, "requests": requests}
 
 
 def pull_ours(bench: Bench, label: str) -> Dict[str, Any]:
@@ -352,7 +364,8 @@ def pull_ours(bench: Bench, label: str) -> Dict[str, Any]:
             bench.digest_reference, "--cache", str(cache), "-q"], bench.source_dir)
     finally:
         shutil.rmtree(str(cache), ignore_errors=True)
-    return {"ours_cold_s": cold["wall_s"], "ours_rss_bytes": cold["rss_bytes"],
+    return {"ours_cold_s": cold["wall_s"], "ours_cpu_s": cold["cpu_s"],
+            "ours_rss_bytes": cold["rss_bytes"],
             "ours_cold_requests": len(cold["requests"]),
             "warm_tag_s": by_tag["wall_s"], "warm_tag_requests": by_tag["requests"],
             "warm_digest_s": by_digest["wall_s"], "warm_digest_requests": by_digest["requests"]}
@@ -376,7 +389,8 @@ def pull_skopeo(bench: Bench, label: str) -> Dict[str, Any]:
         _check_blobs(bench, dest / "blobs" / "sha256", "skopeo")
     finally:
         shutil.rmtree(str(dest), ignore_errors=True)
-    return {"skopeo_cold_s": cold["wall_s"], "skopeo_rss_bytes": cold["rss_bytes"],
+    return {"skopeo_cold_s": cold["wall_s"], "skopeo_cpu_s": cold["cpu_s"],
+            "skopeo_rss_bytes": cold["rss_bytes"],
             "skopeo_cold_requests": len(cold["requests"])}
 
 
@@ -436,13 +450,39 @@ def hash_blobs_s(bench: Bench) -> float:
     return total_s
 
 
+def write_blobs_s(bench: Bench) -> float:
+    """Returns the time to write every blob once into a new file (page cache, no fsync).
+
+    Not part of the floor the targets use; both tools must store what they pull, and on a
+    small machine that copy costs as much as reading or hashing.
+    """
+    scratch = bench.work / "floor-write"
+    scratch.mkdir(exist_ok=True)
+    total_s = 0.0
+    try:
+        for blob in bench.blobs:
+            data = memoryview((bench.layout / "blobs" / "sha256" / _hex(blob.digest)).read_bytes())
+            start_s = time.perf_counter()
+            with open(str(scratch / _hex(blob.digest)), "wb", buffering=0) as f:
+                for offset in range(0, len(data), _READ_CHUNK_BYTES):
+                    f.write(data[offset:offset + _READ_CHUNK_BYTES])
+            total_s += time.perf_counter() - start_s
+    finally:
+        shutil.rmtree(str(scratch), ignore_errors=True)
+    return total_s
+
+
 _IMPORTTIME_LINE = re.compile(r"^import time:\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(.*)$")
 
 
-def import_time_s(bench: Bench) -> float:
-    """Returns the cumulative ``-X importtime`` of zlayer_registry, in seconds."""
-    text = bench.runner.output([bench.python, "-X", "importtime", "-c",
-                                "import zlayer_registry"], bench.source_dir)
+def import_time_s(bench: Bench, compiled: bool = True) -> float:
+    """Returns the cumulative ``-X importtime`` of zlayer_registry, in seconds.
+
+    ``compiled=False`` imports the copy that has no .pyc (-B: and never gets one).
+    """
+    directory = bench.source_dir if compiled else bench.source_dir / "nopyc"
+    text = bench.runner.output([bench.python, "-B", "-X", "importtime", "-c",
+                                "import zlayer_registry"], directory)
     for line in text.splitlines():
         match = _IMPORTTIME_LINE.match(line)
         if match and match.group(3).strip() == "zlayer_registry":
@@ -452,13 +492,15 @@ def import_time_s(bench: Bench) -> float:
 
 def measure_startup(bench: Bench) -> Dict[str, Any]:
     """Returns lists of ``-c pass``, ``--help`` and import times for one round."""
-    out: Dict[str, List[float]] = {"pass_s": [], "help_s": [], "import_s": []}
+    out: Dict[str, List[float]] = {"pass_s": [], "help_s": [], "import_s": [],
+                                   "import_nopyc_s": []}
     for _ in range(STARTUP_SAMPLES_PER_ROUND):
         out["pass_s"].append(bench.runner.run("python-pass", [bench.python, "-c", "pass"],
                                               bench.source_dir).wall_s)
         out["help_s"].append(bench.runner.run("ours-help", [
             bench.python, "-m", "zlayer_registry", "--help"], bench.source_dir).wall_s)
         out["import_s"].append(import_time_s(bench))
+        out["import_nopyc_s"].append(import_time_s(bench, compiled=False))
     return out
 
 
@@ -471,6 +513,7 @@ def measure_round(bench: Bench, number: int) -> Dict[str, Any]:
         sample.update(pull(bench, label))
     sample["read_s"] = read_blobs_s(bench)
     sample["hash_s"] = hash_blobs_s(bench)
+    sample["write_s"] = write_blobs_s(bench)
     sample.update(measure_startup(bench))
     return sample
 
@@ -548,6 +591,12 @@ def build_rows(samples: List[Dict[str, Any]]) -> List[Row]:
             TARGET_FLOOR_RATIO),
         Row("cold: ours / max(read, hash)", _per_round(
             samples, lambda s: s["ours_cold_s"] / max(s["read_s"], s["hash_s"])), "x"),
+        Row("floor extra: write blobs (1 thread)", col("write_s"), "s"),
+        Row("cold: ours / (read + hash + write)", _per_round(
+            samples, lambda s: s["ours_cold_s"] / (s["read_s"] + s["hash_s"] + s["write_s"])),
+            "x"),
+        Row("CPU user+sys, ours (cold)", col("ours_cpu_s"), "s"),
+        Row("CPU user+sys, skopeo (cold)", col("skopeo_cpu_s"), "s"),
         Row("peak RSS, ours (cold)", col("ours_rss_bytes"), "MiB", TARGET_RSS_BYTES),
         Row("peak RSS, skopeo (cold)", col("skopeo_rss_bytes"), "MiB"),
         Row("requests, ours (cold)", col("ours_cold_requests"), "n"),
@@ -565,6 +614,7 @@ def build_rows(samples: List[Dict[str, Any]]) -> List[Row]:
             samples, lambda s: len(s["warm_digest_requests"])), "n",
             TARGET_WARM_DIGEST_REQUESTS),
         Row("import zlayer_registry (importtime)", flat("import_s"), "ms", TARGET_IMPORT_S),
+        Row("import, no .pyc (source compiled)", flat("import_nopyc_s"), "ms"),
         Row("-m zlayer_registry --help", flat("help_s"), "ms"),
         Row("--help - python -c pass", over_pass_flat(samples, "help_s"), "ms"),
     ]
@@ -597,7 +647,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(bench: Bench) -> Dict[str, Any]:
+def machine_info(bench: Bench, loadavg_before: Sequence[float]) -> Dict[str, Any]:
     """Returns the machine, tools and date the numbers belong to."""
     python_version = bench.runner.output([bench.python, "-c", "import sys; print(sys.version)"])
     return {
@@ -611,7 +661,8 @@ def machine_info(bench: Bench) -> Dict[str, Any]:
         "skopeo_version": bench.runner.output([bench.skopeo, "--version"]).strip(),
         "registry_version": bench.runner.output(
             [bench.registry._registry_bin, "--version"]).strip(),
-        "loadavg": list(os.getloadavg()),
+        "loadavg_before": list(loadavg_before),
+        "loadavg_after": list(os.getloadavg()),
         "source": describe_source(bench.source_dir / "zlayer_registry.py"),
     }
 
@@ -640,8 +691,9 @@ def format_report(bench: Bench, machine: Dict[str, Any], samples: List[Dict[str,
     head = [
         "zlayer_registry pull benchmark, %s" % machine["date"],
         "machine:  %s CPUs, %s, Linux %s" % (machine["nproc"], machine["cpu"], machine["kernel"]),
-        "load:     %s (1, 5, 15 min, after the rounds)" % ", ".join(
-            "%.2f" % x for x in machine["loadavg"]),
+        "load:     %s before the rounds, %s after (1/5/15 min; other work skews the times)" % (
+            "/".join("%.2f" % x for x in machine["loadavg_before"]),
+            "/".join("%.2f" % x for x in machine["loadavg_after"])),
         "python:   %s (%s)" % (machine["python_version"], machine["python"]),
         "source:   %s" % machine["source"],
         "peers:    %s; %s" % (machine["skopeo_version"], machine["registry_version"]),
@@ -726,10 +778,15 @@ def prepare(args: argparse.Namespace, work: Path, runner: Runner) -> Bench:
           file=sys.stderr, flush=True)
     image = build_image(layout, TAG, layers=layers)
     # Every run imports one snapshot, so an edit to the checkout in the middle of a run
-    # cannot mix two versions into one set of numbers.
+    # cannot mix two versions into one set of numbers.  It is byte-compiled up front, as
+    # the first run on a host leaves it: with PYTHONDONTWRITEBYTECODE set (or a read-only
+    # directory) every run would compile the source again.  `nopyc` keeps a copy that is
+    # never compiled, for the first-run import row.
     source_dir = work / "source"
-    source_dir.mkdir()
-    shutil.copy2(str(REPO_ROOT / "zlayer_registry.py"), str(source_dir / "zlayer_registry.py"))
+    for directory in (source_dir, source_dir / "nopyc"):
+        directory.mkdir()
+        shutil.copy2(str(REPO_ROOT / "zlayer_registry.py"), str(directory / "zlayer_registry.py"))
+    runner.output([args.python, "-m", "py_compile", str(source_dir / "zlayer_registry.py")])
     registry = LoggedRegistry(work / "registry")
     return Bench(python=args.python, skopeo=registry._skopeo_bin, runner=runner,
                  registry=registry, work=work, layout=layout, repository=repository,
@@ -790,8 +847,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         bench = prepare(args, work, runner)
         publish(bench)
+        loadavg_before = os.getloadavg()
         samples = run_rounds(bench, args.rounds)
-        machine = machine_info(bench)
+        machine = machine_info(bench, loadavg_before)
         rows = build_rows(samples)
         print(format_report(bench, machine, samples, rows))
         if args.json:
