@@ -27,9 +27,6 @@ Blocks:
     PUBLISHER       wasm-export, skopeo copy, pull back
     ERRORS          layers declared as WebAssembly whose bytes are not
     DOCKER WASI     ``docker buildx --platform wasi/wasm`` images: the module in a tar layer
-
-Known module bugs are strict xfails (they turn into failures once fixed): see
-_XFAIL_OS_WINS_OVER_BYTES and _XFAIL_TAR_LAYER_IS_NOT_THE_MODULE.
 """
 
 from __future__ import annotations
@@ -192,22 +189,10 @@ def cases(modules) -> Dict[str, Case]:
     }
 
 
-_XFAIL_OS_WINS_OVER_BYTES = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="module bug: a config saying os wasip1 wins over verified component bytes (and "
-           "over the component layer type), so a runwasi component image is reported as wasip1")
-
-
-def _ids(*xfail_ids: str) -> list:
-    ids = ["cncf-module-at", "cncf-component-at", "cncf-module", "cncf-component", "cncf-add",
-           "wasm-to-oci-module", "wasm-to-oci-component", "runwasi-module",
-           "runwasi-module-layer", "runwasi-component-os-wasi", "runwasi-component"]
-    return [pytest.param(i, marks=_XFAIL_OS_WINS_OVER_BYTES) if i in xfail_ids else i
-            for i in ids]
-
-
-ALL_CASES = _ids()
-BYTES_CASES = _ids()  # tests whose answer comes from the pulled bytes
+ALL_CASES = ["cncf-module-at", "cncf-component-at", "cncf-module", "cncf-component", "cncf-add",
+             "wasm-to-oci-module", "wasm-to-oci-component", "runwasi-module",
+             "runwasi-module-layer", "runwasi-component-os-wasi", "runwasi-component"]
+BYTES_CASES = ALL_CASES  # tests whose answer comes from the pulled bytes
 
 
 def _pushed_ns(registry, repository: str, artifact: kit.RawArtifact, digest: str):
@@ -702,13 +687,6 @@ def docker_wasi(wasm_registry, modules):
     image = kit.docker_wasi_image(modules["runwasi-module"])
     digest = kit.push_artifact(wasm_registry, "wasm/docker-wasi", TAG, image)
     return _pushed_ns(wasm_registry, "wasm/docker-wasi", image, digest)
-
-
-_XFAIL_TAR_LAYER_IS_NOT_THE_MODULE = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="module bug: extract_wasm_info takes the only layer of an os wasi/wasm image as "
-           "the module even when it is a tar+gzip layer, then _verified_wasm_info raises "
-           "ManifestError for a valid image")
 
 
 class TestDockerWasiImage:
