@@ -1515,6 +1515,12 @@ class TestUnpackEntries:
         assert t["usr/lib/a.so"][2] == b"a" and t["usr/lib/b.so"][2] == b"b"
         assert t["lib"] == ("l", "usr/lib")
 
+    def test_root_entry_and_backslash_names(self, tmp_path):
+        rootfs = unpack(tmp_path, [D("./", 0o750, mtime=1_400_000_000), F("back\\slash", b"b")])
+        assert _stat.S_IMODE(os.stat(rootfs).st_mode) == 0o750
+        assert os.stat(rootfs).st_mtime == 1_400_000_000
+        assert (rootfs / "back\\slash").read_bytes() == b"b"
+
     def test_setuid_kept_as_root_stripped_otherwise(self, tmp_path):
         layer = [F("su", b"s", 0o4755), F("sg", b"g", 0o2755)]
         assert tree(unpack(tmp_path, layer, as_root=False, name="user"))["su"][1] == 0o755
@@ -1560,6 +1566,15 @@ class TestWhiteouts:
         assert sorted(p for p in t if p.startswith("d/")) == ["d/kept", "d/new", "d/sub",
                                                               "d/sub/added"]
         assert t["other"][2] == b"x" and not any(".wh." in p for p in t)
+
+    def test_whiteout_after_the_layers_own_child_spares_it(self, tmp_path):
+        rootfs = unpack(tmp_path, [F("d/old", b"o")], [F("d/new", b"n"), W("d")])
+        assert sorted(p for p in tree(rootfs) if p.startswith("d")) == ["d", "d/new"]
+
+    def test_directory_re_implied_after_whiteout_is_new(self, tmp_path):
+        rootfs = unpack(tmp_path, [D("d", 0o700, mtime=1000), F("d/old")],
+                        [W("d"), F("d/new", b"n")])
+        assert tree(rootfs)["d"] == ("d", 0o755) and os.stat(rootfs / "d").st_mtime != 1000
 
     def test_opaque_at_root(self, tmp_path):
         rootfs = unpack(tmp_path, [F("a"), F("b/c")], [F("z", b"z"), OPQ("")])
@@ -1629,6 +1644,31 @@ class TestUnpackAttacks:
         self.check_untouched(outside)
         with pytest.raises(zr.UnpackError):
             unpack(tmp_path, [F("a")], [F("../.wh.outside")], name="r3")
+        self.check_untouched(outside)
+
+    @pytest.mark.parametrize("name", [".wh...", ".wh..", ".wh.", "a/.wh..."])
+    def test_whiteouts_naming_no_entry_are_refused(self, tmp_path, outside, name):
+        canary = tmp_path / "canary"
+        canary.write_text("sibling of the rootfs")
+        with pytest.raises(zr.UnpackError) as info:
+            unpack(tmp_path, [F("a/f", b"x")], [F(name)])
+        assert info.value.member == name
+        assert canary.read_text() == "sibling of the rootfs" and not (tmp_path / "rootfs").exists()
+        self.check_untouched(outside)
+
+    @pytest.mark.parametrize("split", [False, True])
+    def test_deferred_directory_metadata_never_follows_a_later_symlink(self, tmp_path, outside,
+                                                                       split):
+        (outside / "etc").mkdir()
+        os.chmod(outside / "etc", 0o700)
+        entries = [D("d"), D("d/etc", 0o777, mtime=1234567890), S("d", str(outside))]
+        layers = [entries[:2], entries[2:]] if split else [entries]
+        unpack(tmp_path, *layers)
+        assert _stat.S_IMODE(os.stat(outside / "etc").st_mode) == 0o700
+        assert os.stat(outside / "etc").st_mtime != 1234567890
+
+    def test_deferred_opaque_whiteout_never_follows_a_later_symlink(self, tmp_path, outside):
+        unpack(tmp_path, [D("x"), OPQ("x"), S("x", str(outside))])
         self.check_untouched(outside)
 
     def test_symlink_loop_is_refused(self, tmp_path):

@@ -2672,6 +2672,7 @@ class LayerUnpacker:
         self.as_root = _is_root() if as_root is None else as_root
         self.root = self.rootfs
         self._dirs: Dict[str, Any] = {}
+        self._restore: Dict[str, Tuple[int, float]] = {}
         self._resolved: Dict[str, str] = {}
         self._written: set = set()
         self.skipped: List[str] = []
@@ -2694,10 +2695,10 @@ class LayerUnpacker:
             raise UnpackError(f"cannot create {self.rootfs}: {exc.strerror or exc}") from exc
         self.root = staging
         try:
+            os.chmod(staging, 0o755)  # unless a "./" entry says otherwise
             for layer in layers:
                 self.unpack_layer(layer)
             self._finish_directories()
-            os.chmod(staging, 0o755)
             os.replace(staging, self.rootfs)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -2726,11 +2727,18 @@ class LayerUnpacker:
                 stream = raw
             self._written = set()
             opaque: List[str] = []
+            stream_errors = _stream_errors()
             try:
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for member in tar:
-                        self._apply(tar, member, opaque)
-            except (tarfile.TarError, EOFError, OSError, _zlib_error()) as exc:
+                        try:
+                            self._apply(tar, member, opaque)
+                        except stream_errors:
+                            raise
+                        except OSError as exc:
+                            raise UnpackError(f"cannot unpack member {member.name!r}: "
+                                              f"{exc.strerror or exc}", member=member.name) from exc
+            except stream_errors as exc:
                 raise UnpackError(f"layer is not a valid tar stream: {exc}") from exc
             finally:
                 if zstd_pipe is not None:
@@ -2763,7 +2771,7 @@ class LayerUnpacker:
     @staticmethod
     def _split_name(name: str) -> List[str]:
         """Split a member name into components; '..' anywhere is refused."""
-        parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+        parts = [p for p in name.split("/") if p not in ("", ".")]
         if ".." in parts:
             raise UnpackError(f"refusing member {name!r}: '..' in its path", member=name)
         return parts
@@ -2798,7 +2806,12 @@ class LayerUnpacker:
             except FileNotFoundError:
                 if not create:
                     return None
-                os.mkdir(full)
+                try:
+                    os.mkdir(full)
+                except PermissionError:
+                    if self.as_root or not self._make_writable("/".join(resolved)):
+                        raise
+                    os.mkdir(full)
                 os.chmod(full, 0o755)  # implied parents: 0755, whatever the umask
                 self._written.add("/".join(candidate))
                 resolved = candidate
@@ -2832,6 +2845,10 @@ class LayerUnpacker:
             return
         if st.S_ISDIR(mode):
             shutil.rmtree(full)
+            prefix = relative + "/"
+            for table in (self._dirs, self._restore):
+                for key in [k for k in table if k == relative or k.startswith(prefix)]:
+                    del table[key]  # a directory made later here starts afresh
         else:
             os.unlink(full)
         if st.S_ISDIR(mode) or st.S_ISLNK(mode):
@@ -2843,18 +2860,48 @@ class LayerUnpacker:
         name = member.name
         parts = self._split_name(name)
         if not parts:
-            return  # the root itself
+            if member.isdir():
+                self._dirs[""] = member  # "./": its mode and times are the root's
+            return
+        try:
+            self._apply_entry(tar, member, parts, opaque)
+        except PermissionError:
+            # Unprivileged: a lower layer may have made the directory read-only;
+            # open it up for this entry and restore its mode at the end.
+            if self.as_root:
+                raise
+            parent = self._resolve_dir(parts[:-1], name, create=False)
+            if parent is None or not self._make_writable(parent):
+                raise
+            self._apply_entry(tar, member, parts, opaque)
+
+    def _whiteout(self, parts: Sequence[str], name: str, opaque: List[str]) -> None:
+        """Apply ``.wh.NAME`` (hide NAME of lower layers) or record an opaque marker."""
+        base = parts[-1]
+        hidden = base[len(_WHITEOUT_PREFIX):]
+        if base != _OPAQUE_WHITEOUT and hidden in ("", ".", ".."):
+            raise UnpackError(f"refusing whiteout {name!r}: it names no entry", member=name)
+        parent = self._resolve_dir(parts[:-1], name, create=False)
+        if parent is None:
+            return
+        if base == _OPAQUE_WHITEOUT:
+            opaque.append(parent)  # applied after the layer: order inside it does not matter
+            return
+        target = _join(parent, hidden)
+        if target in self._written:
+            return  # a whiteout hides lower layers only
+        prefix = target + "/"
+        if any(path.startswith(prefix) for path in self._written):
+            self._apply_opaque(target)  # keep what this layer already put inside
+        else:
+            self._remove(target)
+
+    def _apply_entry(self, tar: Any, member: Any, parts: Sequence[str],
+                     opaque: List[str]) -> None:
+        name = member.name
         base = parts[-1]
         if base.startswith(_WHITEOUT_PREFIX):
-            parent = self._resolve_dir(parts[:-1], name, create=False)
-            if parent is None:
-                return
-            if base == _OPAQUE_WHITEOUT:
-                opaque.append(parent)
-            else:
-                target = _join(parent, base[len(_WHITEOUT_PREFIX):])
-                if target not in self._written:  # hides lower layers only
-                    self._remove(target)
+            self._whiteout(parts, name, opaque)
             return
         parent = self._resolve_dir(parts[:-1], name, create=True)
         relative = _join(parent, base)
@@ -2985,8 +3032,42 @@ class LayerUnpacker:
 
     # -- whiteouts and directories --------------------------------------------------
 
+    def _is_real_dir(self, relative: str) -> bool:
+        """Tell whether ``relative`` is a directory reached without any symlink.
+
+        Deferred work (opaque whiteouts, directory modes) is done by path
+        after later entries may have replaced a directory with a symlink; it
+        must never follow one out of the root.
+        """
+        import stat as st
+        path = self.root
+        for component in relative.split("/") if relative else ():
+            path = os.path.join(path, component)
+            try:
+                if not st.S_ISDIR(os.lstat(path).st_mode):
+                    return False
+            except FileNotFoundError:
+                return False
+        return True
+
+    def _make_writable(self, relative: str) -> bool:
+        """Give the owner write access to a directory; False if it already had it."""
+        import stat as st
+        full = os.path.join(self.root, relative) if relative else self.root
+        if not self._is_real_dir(relative):
+            return False
+        info = os.lstat(full)
+        if info.st_mode & 0o300 == 0o300:
+            return False
+        if relative not in self._dirs and relative not in self._restore:
+            self._restore[relative] = (st.S_IMODE(info.st_mode), info.st_mtime)
+        os.chmod(full, st.S_IMODE(info.st_mode) | 0o700)
+        return True
+
     def _apply_opaque(self, directory: str) -> None:
         """Hide what lower layers put under ``directory``; keep this layer's entries."""
+        if not self._is_real_dir(directory):
+            return  # replaced later in the layer: nothing of the lower layers is left
         full = os.path.join(self.root, directory) if directory else self.root
         prefix = f"{directory}/" if directory else ""
         keep = set()
@@ -3012,26 +3093,31 @@ class LayerUnpacker:
 
     def _finish_directories(self) -> None:
         """Set directory modes, owners and mtimes deepest first (after their contents)."""
-        import stat as st
-        for relative in sorted(self._dirs, key=lambda p: p.count("/"), reverse=True):
-            full = os.path.join(self.root, relative)
-            try:
-                if not st.S_ISDIR(os.lstat(full).st_mode):
-                    continue
-            except FileNotFoundError:
+        pending = set(self._dirs) | set(self._restore)
+        for relative in sorted(pending, key=lambda p: (p.count("/") + bool(p), p), reverse=True):
+            if not self._is_real_dir(relative):
                 continue
-            self._set_metadata(full, self._dirs[relative])
+            full = os.path.join(self.root, relative) if relative else self.root
+            if relative in self._dirs:
+                self._set_metadata(full, self._dirs[relative])
+            else:
+                mode, mtime = self._restore[relative]
+                os.chmod(full, mode)
+                os.utime(full, (mtime, mtime))
         self._dirs = {}
+        self._restore = {}
 
 
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
-def _zlib_error() -> type:
-    """Return zlib.error (the gzip reader raises it on corrupt data)."""
+def _stream_errors() -> Tuple[type, ...]:
+    """Return the exceptions that mean a corrupt or truncated layer stream."""
+    import gzip
+    import tarfile
     import zlib
-    return zlib.error
+    return (tarfile.TarError, EOFError, zlib.error, getattr(gzip, "BadGzipFile", zlib.error))
 
 
 # =============================================================================

@@ -145,7 +145,8 @@ class Step:
     """Is one timed step: wall and CPU seconds, and what its last process printed."""
 
     wall_s: float
-    cpu_s: float
+    cpu_s: float  # user + system
+    sys_s: float  # system alone: file creation, page cache, writeback
     stdout: str = ""
 
 
@@ -174,7 +175,8 @@ class Runner:
             raise BenchError("%s failed (%d): %s\n%s" % (
                 name, proc.returncode, " ".join(cmd),
                 err_path.read_text(errors="replace")[-1500:].strip()))
-        return Step(wall_s, usage.ru_utime + usage.ru_stime, out_path.read_text(errors="replace"))
+        return Step(wall_s, usage.ru_utime + usage.ru_stime, usage.ru_stime,
+                    out_path.read_text(errors="replace"))
 
     def output(self, cmd: Sequence[str]) -> str:
         """Runs a short untimed command; returns its stdout and stderr."""
@@ -231,12 +233,13 @@ def unpack_ours(bench: Bench) -> Step:
 def unpack_tar(bench: Bench) -> Step:
     dest = _fresh(bench, "tar")
     dest.mkdir()
-    wall_s = cpu_s = 0.0
+    total = Step(0.0, 0.0, 0.0)
     for n, layer in enumerate(bench.layers):
         step = bench.runner.run("tar-%d" % n, [bench.tar, "-xzf", str(layer), "-C", str(dest)])
-        wall_s += step.wall_s
-        cpu_s += step.cpu_s
-    return Step(wall_s, cpu_s)
+        total.wall_s += step.wall_s
+        total.cpu_s += step.cpu_s
+        total.sys_s += step.sys_s
+    return total
 
 
 def unpack_umoci(bench: Bench) -> Step:
@@ -325,6 +328,21 @@ def machine_info(bench: Bench, loadavg_before: Sequence[float]) -> Dict[str, Any
     }
 
 
+def _filesystem(path: Path) -> str:
+    """Returns the type of the filesystem ``path`` is on, from /proc/mounts."""
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                mount = fields[1]
+                if str(path).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+                    best, kind = mount, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
@@ -336,7 +354,8 @@ def summarize(samples: List[Dict[str, Step]]) -> Dict[str, Any]:
         walls = [s[name].wall_s for s in samples]
         cpus = [s[name].cpu_s for s in samples]
         out[name] = {"wall_median_s": _median(walls), "wall_min_s": min(walls),
-                     "cpu_median_s": _median(cpus), "walls_s": walls}
+                     "cpu_median_s": _median(cpus),
+                     "sys_median_s": _median([s[name].sys_s for s in samples]), "walls_s": walls}
     inside = [float(s["ours"].stdout) for s in samples]
     out["ours"]["inside_median_s"] = _median(inside)
     for other in ("tar", "umoci"):
@@ -371,14 +390,16 @@ def format_report(bench: Bench, machine: Dict[str, Any], shape: Shape, level: in
         "tar:      tar -xzf LAYER -C DEST, per layer, in order",
         "umoci:    umoci unpack --rootless --image LAYOUT:%s BUNDLE" % TAG,
         "rounds:   %d timed after 1 warm-up; wall includes process start" % rounds,
+        "workdir:  %s (%s)" % (bench.work, _filesystem(bench.work)),
         "",
-        "%-34s %10s %10s %10s" % ("step", "median", "min", "cpu med"),
-        "-" * 67,
+        "%-34s %10s %10s %10s %10s" % ("step", "median", "min", "cpu med", "sys med"),
+        "-" * 78,
     ]
     for name, _fn in TOOLS:
         row = summary[name]
-        lines.append("%-34s %9.3fs %9.3fs %9.3fs" % (
-            name, row["wall_median_s"], row["wall_min_s"], row["cpu_median_s"]))
+        lines.append("%-34s %9.3fs %9.3fs %9.3fs %9.3fs" % (
+            name, row["wall_median_s"], row["wall_min_s"], row["cpu_median_s"],
+            row["sys_median_s"]))
     lines.append("%-34s %9.3fs" % ("ours, inside unpack_layers", summary["ours"]["inside_median_s"]))
     lines.append("")
     for other in ("tar", "umoci"):
@@ -410,6 +431,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also run ours once under cProfile and print the top entries")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the temporary directory goes (default: the system's; "
+                             "/dev/shm takes the disk out of the numbers)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -451,7 +475,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     shape = SMALL if args.small else FULL
-    work = Path(tempfile.mkdtemp(prefix="zlayer-bench-unpack-"))
+    work = Path(tempfile.mkdtemp(prefix="zlayer-bench-unpack-",
+                                 dir=None if args.workdir is None else str(args.workdir)))
     (work / "logs").mkdir()
     runner = Runner(_child_env(work), work / "logs")
     try:
