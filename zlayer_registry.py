@@ -579,6 +579,9 @@ def _split_domain(text: str, name: str) -> Tuple[str, str]:
     else:
         if not _DOMAIN_RE.fullmatch(first):
             raise InvalidReferenceError(text, f"invalid registry host {first!r}")
+        port = _split_host_port(first)[1]
+        if port is not None and not 0 < port < 65536:
+            raise InvalidReferenceError(text, f"port {port} is out of range")
         registry, path = first, rest
     if registry in ("index.docker.io", "registry-1.docker.io"):
         registry = _DOCKER_HUB
@@ -1097,12 +1100,13 @@ class _Response:
             self._finish()
         return data
 
-    def readinto(self, buffer: Any) -> int:
-        """Read body bytes into ``buffer``; 0 at end of body."""
-        count = self._raw.readinto(buffer)
-        if not count:
+    def read1(self, amount: int) -> bytes:
+        """Read what one socket read brings (at most ``amount``); b"" at end of body."""
+        data = self._raw.read1(amount) if hasattr(self._raw, "read1") \
+            else self._raw.read(min(amount, 65536))
+        if not data:
             self._finish()
-        return count
+        return data
 
     def _finish(self) -> None:
         """Return the connection to the pool when the body is fully read."""
@@ -1114,15 +1118,14 @@ class _Response:
     def close(self) -> None:
         """Discard the rest of the body; the connection is closed unless reusable."""
         if self._connection is None:
+            self._raw.close()
             return
-        if not self._raw.isclosed():
-            # Draining small leftovers keeps the connection; large bodies are
-            # not worth reading just to save a handshake.
-            self._connection.close()
-            self._connection = None
-            return
-        self._finish()
+        if self._raw.isclosed():
+            self._finish()
         if self._connection is not None:
+            # Not worth draining a body to save a handshake.  A response
+            # without Content-Length owns the socket, so close it as well.
+            self._raw.close()
             self._connection.close()
             self._connection = None
 
@@ -1813,6 +1816,17 @@ class _RegistryClient:
                 continue
             raise self._error(response)
 
+    def _redact(self, text: str) -> str:
+        """Remove credentials a registry may echo back in an error message."""
+        auth = self.auth
+        secrets = [auth.password, auth.token, auth.identity_token]
+        if auth.password:
+            secrets.append(auth.basic_header()[6:])
+        for secret in secrets:
+            if secret and len(secret) >= 4:
+                text = text.replace(secret, "<redacted>")
+        return re.sub(r"(?i)\b(basic|bearer)\s+[A-Za-z0-9._~+/=-]+", r"\1 <redacted>", text)
+
     def _error(self, response: _Response, cls: Optional[type] = None,
                subject: str = "") -> RegistryError:
         """Build the error for a failed response (body read capped at 64 KiB)."""
@@ -1820,6 +1834,7 @@ class _RegistryClient:
         body = b"" if response.method == "HEAD" else _read_capped(response, MAX_ERROR_BODY_BYTES)
         response.close()
         codes, message = _error_details(body)
+        message = self._redact(message)
         if cls is None:
             cls = {401: AuthError, 403: AuthError, 404: NotFoundError,
                    429: RateLimitedError}.get(status, RegistryError)
@@ -4016,7 +4031,6 @@ class ImagePuller:
     def _stream_blob(self, client: _RegistryClient, descriptor: Descriptor,
                      cancel: threading.Event) -> int:
         """Stream one blob into the cache, resuming with Range after interruptions."""
-        buffer = memoryview(bytearray(_READ_CHUNK_BYTES))
         received = interruptions = 0
         with self.cache.begin_write(descriptor.digest, descriptor.size,
                                     descriptor.media_type) as writer:
@@ -4026,10 +4040,10 @@ class ImagePuller:
                 response = client.open_blob(descriptor.digest, writer.offset)
                 with response:
                     if not _continues_at(response, writer.offset):
+                        writer.restart()
                         if response.status != 200:
-                            # A 206 for some other range: its bytes are of no
-                            # use here, so ask again for the whole blob.
-                            writer.restart()
+                            # A 206 for some other range: its bytes are of no use
+                            # here, so ask again for the whole blob.
                             interruptions += 1
                             if interruptions > self.retries:
                                 raise RegistryError(
@@ -4037,33 +4051,51 @@ class ImagePuller:
                                     "with a Content-Range that does not match the request",
                                     method="GET", url=_redact_url(response.url))
                             continue
-                        writer.restart()  # 200: the server ignored Range
-                    try:
-                        while True:
-                            if cancel.is_set():
-                                raise _Cancelled()
-                            count = response.readinto(buffer)
-                            if not count:
-                                break
-                            writer.write(buffer[:count])
-                            received += count
-                            if self.progress is not None:
-                                self.progress(descriptor, writer.offset, descriptor.size)
-                    except _CONNECTION_ERRORS as exc:
-                        interruptions += 1
-                        if interruptions > self.retries:
-                            raise RegistryError(
-                                f"download of blob {descriptor.digest} from {client.registry} "
-                                f"kept failing ({exc.__class__.__name__}) after "
-                                f"{interruptions - 1} resumptions", temporary=True,
-                                method="GET", url=_redact_url(response.url)) from exc
+                    count, error = self._copy_body(response, writer, descriptor, cancel)
+                    received += count
+                if error is not None or writer.offset < descriptor.size:
+                    interruptions += 1  # dropped, stalled or ended early: resume
+                    if interruptions > self.retries:
+                        if error is None:
+                            break  # commit() reports the short blob
+                        raise RegistryError(
+                            f"download of blob {descriptor.digest} from {client.registry} "
+                            f"kept failing ({error.__class__.__name__}) after "
+                            f"{interruptions - 1} resumptions", temporary=True,
+                            method="GET", url=_redact_url(response.url)) from error
+                    if error is not None:
                         client._backoff(interruptions - 1, None)
-                        continue
-                if writer.offset < descriptor.size and interruptions < self.retries:
-                    interruptions += 1  # body ended early without an error: resume
                     continue
-                writer.commit()
-                return received
+                break
+            writer.commit()
+            return received
+
+    def _copy_body(self, response: _Response, writer: _BlobWriter, descriptor: Descriptor,
+                   cancel: threading.Event) -> Tuple[int, Optional[BaseException]]:
+        """Copy a response body into a writer; return (bytes, the network error if any).
+
+        ``read1`` returns what one socket read brings, so a reset or a stall
+        loses nothing already received and the resume starts exactly there.
+        Cache write failures are not network errors and propagate.
+        """
+        count = 0
+        while True:
+            if cancel.is_set():
+                raise _Cancelled()
+            try:
+                chunk = response.read1(_READ_CHUNK_BYTES)
+            except _CONNECTION_ERRORS as exc:
+                return count, exc
+            if not chunk:
+                return count, None
+            try:
+                writer.write(chunk)
+            except OSError as exc:
+                raise CacheError(f"cannot write blob {descriptor.digest} to the cache: "
+                                 f"{exc.strerror or exc}") from exc
+            count += len(chunk)
+            if self.progress is not None:
+                self.progress(descriptor, writer.offset, descriptor.size)
 
     def _read_config(self, descriptor: Descriptor) -> Dict[str, Any]:
         """Parse a JSON config blob from the cache ({} when it is not JSON)."""
@@ -4520,6 +4552,18 @@ def _cmd_cache(args: Any) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """Parse a whole number of at least 1 (argparse type)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _parse_size(text: str) -> int:
     """Parse ``500M``, ``2G``, ``1024`` into bytes (binary units)."""
     match = re.fullmatch(r"(\d+)\s*([kmgt]?)(i?b?)", text.strip().lower())
@@ -4637,7 +4681,8 @@ def _build_parser() -> Any:
                            "oci-archive:FILE[:TAG] or docker-archive:FILE")
     pull.add_argument("-q", "--quiet", action="store_true",
                       help="no progress; print only the manifest digest")
-    pull.add_argument("--max-workers", type=int, default=DEFAULT_MAX_WORKERS, metavar="N",
+    pull.add_argument("--max-workers", type=_positive_int, default=DEFAULT_MAX_WORKERS,
+                      metavar="N",
                       help=f"parallel blob downloads (default {DEFAULT_MAX_WORKERS})")
     cache = add("cache", "list, verify, prune or garbage-collect the cache")
     cache_actions = cache.add_subparsers(dest="action", metavar="ACTION")
