@@ -1105,6 +1105,10 @@ class _Response:
         data = self._raw.read1(amount) if hasattr(self._raw, "read1") \
             else self._raw.read(min(amount, 65536))
         if not data:
+            # read1 does not mark a fully read Content-Length body as closed
+            # (read does); without this the connection would not be reused.
+            if getattr(self._raw, "length", None) == 0:
+                self._raw.close()
             self._finish()
         return data
 
