@@ -12,7 +12,10 @@ upstream HTTP server (usually ``_fake_registry.FakeRegistry``)::
 Requests (method, path, headers, body) are forwarded upstream on a fresh
 connection; responses are streamed back over HTTP/1.1 keep-alive.  Each
 request is matched against the rules in order; the first rule that matches
-(method, path, ``nth`` match, not used up) applies to it.  Actions:
+applies to it.  A rule matches ``method`` (None: any) and ``path`` (a regular
+expression searched in the request target, or a callable taking it); with
+``nth`` it skips the first nth-1 matches; ``times`` is how often it applies
+(default once, None: every time).  Actions:
 
     reset           close with a TCP RST before sending any header
     reset_body      send the body up to ``offset``, then RST
