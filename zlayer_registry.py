@@ -2306,6 +2306,8 @@ class DirectoryBlobCache(BlobCache):
             raise CacheError(f"cache directory {self.root} is not writable")
         self._sqlite = _import_sqlite3()
         self._local = threading.local()
+        self._connections: List[Any] = []
+        self._connections_lock = threading.Lock()
         self._db_path = os.path.join(self.root, "index.sqlite")
         self._clean_stale_temporaries()
 
@@ -2319,6 +2321,8 @@ class DirectoryBlobCache(BlobCache):
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
         return conn
 
     def _connect(self) -> Any:
@@ -2332,8 +2336,10 @@ class DirectoryBlobCache(BlobCache):
         delay_s = 0.005
         while True:
             try:
+                # Each connection serves one thread; check_same_thread=False only
+                # lets close() shut the worker threads' connections too.
                 conn = self._sqlite.connect(self._db_path, timeout=30.0,
-                                            isolation_level=None)
+                                            isolation_level=None, check_same_thread=False)
                 try:
                     conn.execute("PRAGMA busy_timeout = 30000")
                     if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
@@ -2522,11 +2528,12 @@ class DirectoryBlobCache(BlobCache):
         return removed
 
     def close(self) -> None:
-        """Close this thread's SQLite connection."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Close every SQLite connection this cache opened (call when no thread uses it)."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
             conn.close()
-            self._local.conn = None
+        self._local = threading.local()
 
 
 class _BlobFileLock:
