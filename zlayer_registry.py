@@ -1748,8 +1748,11 @@ class _RegistryClient:
             except _CONNECTION_ERRORS as exc:
                 # A name that does not resolve will not resolve in a second.
                 if attempt >= self.retries or _is_name_error(exc):
+                    host = _origin(url)[1]
+                    where = self.registry if host == self.registry else \
+                        f"{self.registry} ({host})"
                     raise RegistryError(
-                        f"cannot reach {self.registry}: {exc.__class__.__name__}: {exc}",
+                        f"cannot reach {where}: {exc.__class__.__name__}: {exc}",
                         method=method, url=_redact_url(url), temporary=True) from exc
                 self._backoff(attempt, None)
                 attempt += 1
@@ -1869,6 +1872,11 @@ class _RegistryClient:
         try:
             response = self.request("HEAD", f"/v2/{self.repository}/manifests/{identifier}",
                                     headers={"Accept": _MANIFEST_ACCEPT})
+        except NotFoundError as exc:
+            # A HEAD answer has no body to quote, so say what was missing.
+            raise NotFoundError(f"{self.registry}/{self.repository}:{identifier} not found "
+                                f"({exc.status} to HEAD {exc.url})", status=exc.status,
+                                method=exc.method, url=exc.url) from exc
         except RegistryError as exc:
             # Some registries answer 405 (or 400) to HEAD; a GET will do.
             if type(exc) is RegistryError and exc.status in (400, 405, 406, 501):
