@@ -161,6 +161,9 @@ RETRY_AFTER_MAX_S = 60.0
 # token spec: "defaults to 60 seconds").
 DEFAULT_TOKEN_LIFETIME_S = 60.0
 _READ_CHUNK_BYTES = 1024 * 1024
+# Network reads return what one recv() brings, rarely more than a few
+# hundred KiB; a smaller cap keeps four workers' peak memory down.
+_NETWORK_READ_BYTES = 256 * 1024
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _DOCKER_HUB = "docker.io"
 _DOCKER_HUB_API_HOST = "registry-1.docker.io"
@@ -2279,6 +2282,9 @@ class _FileBlobWriter(_BlobWriter):
             pass
 
 
+_UPSERT_BLOB = ("INSERT INTO blobs VALUES (?, ?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE SET "
+                "last_used_at = excluded.last_used_at, media_type = CASE WHEN "
+                "excluded.media_type != '' THEN excluded.media_type ELSE blobs.media_type END")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, media_type TEXT NOT NULL,
@@ -2316,6 +2322,7 @@ class DirectoryBlobCache(BlobCache):
         self._local = threading.local()
         self._connections: List[Any] = []
         self._connections_lock = threading.Lock()
+        self._pending_rows: List[Tuple[str, int, str, float]] = []
         self._db_path = os.path.join(self.root, "index.sqlite")
         self._clean_stale_temporaries()
 
@@ -2371,14 +2378,19 @@ class DirectoryBlobCache(BlobCache):
         db = self._db()
         if db is None:
             return []
+        self._flush_rows()
         try:
             return db.execute(sql, params).fetchall()
         except self._sqlite.Error as exc:
             raise CacheError(f"cache index {self._db_path}: {exc}") from exc
 
-    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]], flush: bool = True) -> None:
         db = self._db()
-        if db is None or not rows:
+        if db is None:
+            return
+        if flush:
+            self._flush_rows()
+        if not rows:
             return
         try:
             with db:  # one transaction for the whole batch
@@ -2388,12 +2400,22 @@ class DirectoryBlobCache(BlobCache):
             raise CacheError(f"cache index {self._db_path}: {exc}") from exc
 
     def _index_blob(self, digest: str, size: int, media_type: str) -> None:
-        now = time.time()
-        self._execute("INSERT INTO blobs VALUES (?, ?, ?, ?, ?) ON CONFLICT(digest) DO "
-                      "UPDATE SET last_used_at = excluded.last_used_at, media_type = "
-                      "CASE WHEN excluded.media_type != '' THEN excluded.media_type "
-                      "ELSE blobs.media_type END",
-                      (digest, size, media_type, now, now))
+        """Queue an index row for a stored blob (written in one batch by the next query).
+
+        Workers only append here, so they never wait on SQLite's lock; a
+        crash before the batch is harmless, since the files are the truth.
+        """
+        if self._sqlite is None:
+            return
+        with self._connections_lock:
+            self._pending_rows.append((digest, size, media_type, time.time()))
+
+    def _flush_rows(self) -> None:
+        with self._connections_lock:
+            rows, self._pending_rows = self._pending_rows, []
+        if rows:
+            self._executemany(_UPSERT_BLOB, [(d, n, m, t, t) for d, n, m, t in rows],
+                              flush=False)
 
     # -- files ------------------------------------------------------------------
 
@@ -2537,6 +2559,8 @@ class DirectoryBlobCache(BlobCache):
 
     def close(self) -> None:
         """Close every SQLite connection this cache opened (call when no thread uses it)."""
+        if self._db() is not None:
+            self._flush_rows()
         with self._connections_lock:
             connections, self._connections = self._connections, []
         for conn in connections:
@@ -4102,7 +4126,7 @@ class ImagePuller:
             if cancel.is_set():
                 raise _Cancelled()
             try:
-                chunk = response.read1(_READ_CHUNK_BYTES)
+                chunk = response.read1(_NETWORK_READ_BYTES)
             except _CONNECTION_ERRORS as exc:
                 return count, exc
             if not chunk:
