@@ -3020,16 +3020,27 @@ class LayerUnpacker:
         except FileExistsError:
             self._remove(relative)
             fd = os.open(full, flags, 0o600)
-        with os.fdopen(fd, "wb", buffering=0) as out:
-            if member.size:
+        try:
+            if member.sparse is not None:
                 source = tar.extractfile(member)
-                buffer = memoryview(bytearray(min(member.size, _READ_CHUNK_BYTES)))
-                while True:
-                    count = source.readinto(buffer)
-                    if not count:
-                        break
-                    out.write(buffer[:count])
-            self._set_metadata(out.fileno(), member)
+                for chunk in iter(lambda: source.read(_READ_CHUNK_BYTES), b""):
+                    _write_all(fd, chunk)
+            else:
+                # Read the member's data straight from the stream, which sits at
+                # its first byte: extractfile() costs more than a small file does.
+                stream = tar.fileobj
+                if stream.tell() != member.offset_data:
+                    stream.seek(member.offset_data)
+                remaining = member.size
+                while remaining:
+                    chunk = stream.read(min(remaining, _READ_CHUNK_BYTES))
+                    if not chunk:
+                        raise EOFError(f"layer ends inside member {member.name!r}")
+                    _write_all(fd, chunk)
+                    remaining -= len(chunk)
+            self._set_metadata(fd, member)
+        finally:
+            os.close(fd)
 
     def _hardlink(self, member: Any, full: str, relative: str) -> None:
         import stat as st
@@ -3164,6 +3175,13 @@ class LayerUnpacker:
                 os.utime(full, (mtime, mtime))
         self._dirs = {}
         self._restore = {}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a file descriptor."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _join(parent: str, name: str) -> str:
