@@ -2710,6 +2710,72 @@ class _ZstdPipe:
             raise UnpackError(f"zstd failed: {error.splitlines()[-1] if error else 'no output'}")
 
 
+class _PrefetchReader:
+    """Reads a stream ahead in a background thread, at most ``depth`` chunks ahead.
+
+    Errors of the source are raised to the reader; ``close()`` stops the
+    thread even when the reader gave up half way.
+    """
+
+    def __init__(self, source: Any, chunk_bytes: int = _READ_CHUNK_BYTES, depth: int = 4) -> None:
+        import queue
+        self._queue: Any = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._buffer = b""
+        self._position = 0
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, args=(source, chunk_bytes),
+                                        name="zlayer-inflate", daemon=True)
+        self._thread.start()
+
+    def _run(self, source: Any, chunk_bytes: int) -> None:
+        import queue
+        while not self._stop.is_set():
+            try:
+                item: Any = source.read(chunk_bytes)
+            except BaseException as exc:  # handed to the reader, raised there
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(item, bytes) or not item:
+                return
+
+    def read(self, size: int = -1) -> bytes:
+        """Read up to ``size`` bytes (all that is left when negative)."""
+        parts = []
+        while size != 0 and not self._ended:
+            if self._position >= len(self._buffer):
+                item = self._queue.get()
+                if isinstance(item, BaseException):
+                    self._ended = True
+                    raise item
+                if not item:
+                    self._ended = True
+                    break
+                self._buffer, self._position = item, 0
+            end = len(self._buffer) if size < 0 else min(len(self._buffer), self._position + size)
+            parts.append(self._buffer[self._position:end])
+            if size > 0:
+                size -= end - self._position
+            self._position = end
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Stop the background thread."""
+        import queue
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
 def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -2772,15 +2838,18 @@ class LayerUnpacker:
         with opened as raw:
             head = raw.peek(8)[:8] if hasattr(raw, "peek") else b""
             compression = _layer_compression(media_type or "", head)
-            zstd_pipe = None
+            zstd_pipe = prefetch = None
             if compression == "zstd":
                 zstd_pipe = _ZstdPipe(raw)
                 stream = zstd_pipe.stream
             elif compression == "gzip":
                 # GzipFile, not tarfile's "r|gz": that one re-slices its whole
                 # buffer on every 512-byte header read (quadratic, 4x slower).
+                # A second thread inflates ahead (zlib releases the GIL), as
+                # tar -z does with a gzip process.
                 import gzip
-                stream = gzip.GzipFile(fileobj=raw, mode="rb")
+                prefetch = _PrefetchReader(gzip.GzipFile(fileobj=raw, mode="rb"))
+                stream = prefetch
             else:
                 stream = raw
             self._written = set()
@@ -2799,6 +2868,8 @@ class LayerUnpacker:
             except stream_errors as exc:
                 raise UnpackError(f"layer is not a valid tar stream: {exc}") from exc
             finally:
+                if prefetch is not None:
+                    prefetch.close()
                 if zstd_pipe is not None:
                     zstd_pipe.close()
             for directory in opaque:
