@@ -4737,6 +4737,10 @@ _EXAMPLES = {
 }
 
 
+_HOST_PLATFORM_HELP = "platform to pick from an index (default: this host's)"
+_JSON_HELP = "print one JSON object"
+
+
 def _build_parser() -> Any:
     parser = _ArgumentParser.make(
         prog=_PROG, description="Pull container images and WebAssembly artifacts "
@@ -4749,74 +4753,60 @@ def _build_parser() -> Any:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, help_text: str) -> Any:
+    def add(name: str, help_text: str, *, cache: bool = True, reference: bool = True,
+            platform: Optional[str] = _HOST_PLATFORM_HELP, json_help: Optional[str] = _JSON_HELP
+            ) -> Any:
+        """Add a subcommand with the options most commands share."""
         sub = commands.add_parser(name, help=help_text, description=help_text,
                                   epilog=_EXAMPLES.get(name, ""),
                                   formatter_class=parser.formatter_class)
-        sub.add_argument("--cache", metavar="DIR", help="cache directory")
         sub.add_argument("--debug", action="store_true", default=_suppress(),
                          help="show tracebacks on errors")
+        if cache:
+            sub.add_argument("--cache", metavar="DIR", help="cache directory")
+        if reference:
+            sub.add_argument("reference", metavar="REF", help="image reference, e.g. alpine:3.20")
+            sub.add_argument("--insecure", action="store_true",
+                             help="allow plain http to a non-loopback registry")
+        if platform:
+            sub.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help=platform)
+        if json_help:
+            sub.add_argument("--json", action="store_true", help=json_help)
         return sub
 
-    for name, help_text in (("pull", "pull an image into the cache"),
-                            ("inspect", "show manifest, config and platforms "
-                                        "without downloading layers")):
-        sub = add(name, help_text)
-        sub.add_argument("reference", metavar="REF", help="image reference, e.g. alpine:3.20")
-        sub.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                         help="platform to pick from an index (default: this host's)")
-        sub.add_argument("--insecure", action="store_true",
-                         help="allow plain http to a non-loopback registry")
-        sub.add_argument("--json", action="store_true", help="print one JSON object")
-    export = add("export", "pull an image and write it as an OCI layout or archive")
-    export.add_argument("reference", metavar="REF", help="image reference")
-    export.add_argument("destination", metavar="DEST",
-                        help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
-    export.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                        help="export only this platform of an index (default: all)")
-    export.add_argument("--insecure", action="store_true",
-                        help="allow plain http to a non-loopback registry")
-    export.add_argument("--json", action="store_true", help="print one JSON object")
-    importer = add("import", "verify an OCI layout or archive and add its images to the cache")
-    importer.add_argument("source", metavar="SRC", help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
-    importer.add_argument("--json", action="store_true",
-                          help="print a list of {reference, digest, media_type}")
-    unpack = add("unpack", "pull an image and unpack it into a new root filesystem directory")
-    unpack.add_argument("reference", metavar="REF", help="image reference")
-    unpack.add_argument("directory", metavar="DIR",
-                        help="root filesystem to create (must not exist, or be empty)")
-    unpack.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                        help="platform to pick from an index (default: this host's)")
-    unpack.add_argument("--insecure", action="store_true",
-                        help="allow plain http to a non-loopback registry")
-    unpack.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    pull_wasm = add("pull-wasm", "pull a WebAssembly artifact and write the module to a file")
-    pull_wasm.add_argument("reference", metavar="REF", help="artifact reference")
-    pull_wasm.add_argument("-o", "--output", required=True, metavar="FILE",
-                           help="where to write the verified .wasm")
-    pull_wasm.add_argument("--platform", metavar="OS/ARCH",
-                           help="index entry to pick (default: wasip2, wasip1, then wasi)")
-    pull_wasm.add_argument("--insecure", action="store_true",
-                           help="allow plain http to a non-loopback registry")
-    pull_wasm.add_argument("--json", action="store_true", help="print one JSON object")
-    export = commands.add_parser(
-        "wasm-export", help="write a .wasm file as an OCI artifact (CNCF Wasm layout)",
-        description="write a .wasm file as an OCI artifact (CNCF Wasm layout)",
-        epilog=_EXAMPLES["wasm-export"], formatter_class=parser.formatter_class)
-    export.add_argument("file", metavar="FILE", help="the .wasm module or component")
-    export.add_argument("destination", metavar="oci:DIR[:TAG]", help="OCI layout to write")
-    export.add_argument("--name", help="module name (default: the file name)")
-    export.add_argument("--json", action="store_true", help="print one JSON object")
-    pull = commands.choices["pull"]
+    pull = add("pull", "pull an image into the cache")
     pull.add_argument("--output", metavar="DEST",
                       help="also write the pulled image to oci:DIR[:TAG], "
                            "oci-archive:FILE[:TAG] or docker-archive:FILE")
     pull.add_argument("-q", "--quiet", action="store_true",
                       help="no progress; print only the manifest digest")
     pull.add_argument("--max-workers", type=_positive_int, default=DEFAULT_MAX_WORKERS,
-                      metavar="N",
-                      help=f"parallel blob downloads (default {DEFAULT_MAX_WORKERS})")
-    cache = add("cache", "list, verify, prune or garbage-collect the cache")
+                      metavar="N", help=f"parallel blob downloads (default {DEFAULT_MAX_WORKERS})")
+    add("inspect", "show manifest, config and platforms without downloading layers")
+    export = add("export", "pull an image and write it as an OCI layout or archive",
+                 platform="export only this platform of an index (default: all)")
+    export.add_argument("destination", metavar="DEST",
+                        help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
+    importer = add("import", "verify an OCI layout or archive and add its images to the cache",
+                   reference=False, platform=None,
+                   json_help="print a list of {reference, digest, media_type}")
+    importer.add_argument("source", metavar="SRC", help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
+    unpack = add("unpack", "pull an image and unpack it into a new root filesystem directory",
+                 json_help=None)
+    unpack.add_argument("directory", metavar="DIR",
+                        help="root filesystem to create (must not exist, or be empty)")
+    unpack.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    pull_wasm = add("pull-wasm", "pull a WebAssembly artifact and write the module to a file",
+                    platform="index entry to pick (default: wasip2, wasip1, then wasi)")
+    pull_wasm.add_argument("-o", "--output", required=True, metavar="FILE",
+                           help="where to write the verified .wasm")
+    wasm_export = add("wasm-export", "write a .wasm file as an OCI artifact (CNCF Wasm layout)",
+                      cache=False, reference=False, platform=None)
+    wasm_export.add_argument("file", metavar="FILE", help="the .wasm module or component")
+    wasm_export.add_argument("destination", metavar="oci:DIR[:TAG]", help="OCI layout to write")
+    wasm_export.add_argument("--name", help="module name (default: the file name)")
+    cache = add("cache", "list, verify, prune or garbage-collect the cache", reference=False,
+                platform=None, json_help=None)
     cache_actions = cache.add_subparsers(dest="action", metavar="ACTION")
     for name, help_text in (("ls", "list blobs and references"),
                             ("verify", "re-hash every blob; exit 1 if any is corrupt"),
