@@ -438,6 +438,14 @@ def _describe_descriptor(layout: Path, descriptor: dict) -> dict:
 # =============================================================================
 
 
+def unavailable(reason: str) -> None:
+    """Skips the test, or fails it when CI demands that interop tests run."""
+    import pytest
+    if os.environ.get("ZLAYER_REQUIRE_INTEROP") == "1":
+        pytest.fail("%s (ZLAYER_REQUIRE_INTEROP=1 forbids skipping)" % reason, pytrace=False)
+    pytest.skip(reason)
+
+
 class ToolMissing(Exception):
     """Says that an external program the interop tests need is not installed."""
 

@@ -18,7 +18,6 @@ Blocks:
 from __future__ import annotations
 
 import base64
-import importlib
 import json
 import os
 import shutil
@@ -40,26 +39,12 @@ pytestmark = pytest.mark.interop
 USERNAME, PASSWORD = "zlayer", "s3cret-interop"
 
 
-def _unavailable(reason: str) -> None:
-    """Skips the test, or fails it when CI demands that interop tests run."""
-    if os.environ.get("ZLAYER_REQUIRE_INTEROP") == "1":
-        pytest.fail("%s (ZLAYER_REQUIRE_INTEROP=1 forbids skipping)" % reason, pytrace=False)
-    pytest.skip(reason)
+_unavailable = kit.unavailable  # skip, or fail under ZLAYER_REQUIRE_INTEROP=1
 
 
 # =============================================================================
 # FIXTURES
 # =============================================================================
-
-
-@pytest.fixture(scope="session")
-def zr() -> types.ModuleType:
-    """Imports zlayer_registry from this checkout, never from site-packages."""
-    if not (HERE / "zlayer_registry.py").exists():
-        _unavailable("zlayer_registry.py is not in %s" % HERE)
-    module = importlib.import_module("zlayer_registry")
-    assert Path(module.__file__).resolve() == HERE / "zlayer_registry.py", module.__file__
-    return module
 
 
 def _start_registry(root: Path, **auth: str) -> kit.DistributionRegistry:

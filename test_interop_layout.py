@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib
 import io
 import json
 import os
@@ -46,11 +45,7 @@ pytestmark = pytest.mark.interop
 PLATFORMS = kit.DEFAULT_INDEX_PLATFORMS
 
 
-def _unavailable(reason: str) -> None:
-    """Skips the test, or fails it when CI demands that interop tests run."""
-    if os.environ.get("ZLAYER_REQUIRE_INTEROP") == "1":
-        pytest.fail("%s (ZLAYER_REQUIRE_INTEROP=1 forbids skipping)" % reason, pytrace=False)
-    pytest.skip(reason)
+_unavailable = kit.unavailable  # skip, or fail under ZLAYER_REQUIRE_INTEROP=1
 
 
 def _tool(name: str) -> str:
@@ -64,16 +59,6 @@ def _tool(name: str) -> str:
 # =============================================================================
 # FIXTURES
 # =============================================================================
-
-
-@pytest.fixture(scope="session")
-def zr() -> types.ModuleType:
-    """Imports zlayer_registry from this checkout, never from site-packages."""
-    if not (HERE / "zlayer_registry.py").exists():
-        _unavailable("zlayer_registry.py is not in %s" % HERE)
-    module = importlib.import_module("zlayer_registry")
-    assert Path(module.__file__).resolve() == HERE / "zlayer_registry.py", module.__file__
-    return module
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,6 @@ Blocks:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import io
 import json
 import os
@@ -72,11 +71,7 @@ W, O = kit.whiteout_entry, kit.opaque_entry
 NOBODY = 65534
 
 
-def _unavailable(reason: str) -> None:
-    """Skips the test, or fails it when CI demands that interop tests run."""
-    if os.environ.get("ZLAYER_REQUIRE_INTEROP") == "1":
-        pytest.fail("%s (ZLAYER_REQUIRE_INTEROP=1 forbids skipping)" % reason, pytrace=False)
-    pytest.skip(reason)
+_unavailable = kit.unavailable  # skip, or fail under ZLAYER_REQUIRE_INTEROP=1
 
 
 def _require(*tools: str) -> None:
@@ -238,16 +233,6 @@ def _assert_scenario(tree: dict, as_root: bool = True) -> None:
 # =============================================================================
 # FIXTURES
 # =============================================================================
-
-
-@pytest.fixture(scope="session")
-def zr() -> types.ModuleType:
-    """Imports zlayer_registry from this checkout, never from site-packages."""
-    if not (HERE / "zlayer_registry.py").exists():
-        _unavailable("zlayer_registry.py is not in %s" % HERE)
-    module = importlib.import_module("zlayer_registry")
-    assert Path(module.__file__).resolve() == HERE / "zlayer_registry.py", module.__file__
-    return module
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -1360,7 +1359,7 @@ class TestWasmExport:
         assert out.returncode == 1 and "not a WebAssembly module" in out.stderr
         assert not (tmp_path / "l").exists()
         (tmp_path / "y.wasm").write_bytes(CORE_MODULE)
-        out = run_cli("wasm-export", str(tmp_path / "y.wasm"), f"docker://x/y", cwd=tmp_path)
+        out = run_cli("wasm-export", str(tmp_path / "y.wasm"), "docker://x/y", cwd=tmp_path)
         assert out.returncode == 1 and "expected oci:DIR[:TAG]" in out.stderr
         out = run_cli("wasm-export", str(tmp_path / "y.wasm"), f"oci:{tmp_path}/l:v9", "--json",
                       cwd=tmp_path)

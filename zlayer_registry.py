@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import base64
 import enum
-import errno
 import hashlib
 import json
 import os
@@ -73,7 +72,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
+from typing import (Any, BinaryIO, Callable, Dict, Iterable, List,
                     Mapping, Optional, Sequence, Tuple, Union)
 
 __version__ = "0.1.0"
