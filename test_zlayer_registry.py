@@ -123,12 +123,18 @@ class TestModuleShape:
                 modules |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 modules.add(node.module.split(".")[0])
-        stdlib = getattr(sys, "stdlib_module_names", None)
-        if stdlib is None:  # Python < 3.10: compare with a known list
-            stdlib = {"argparse", "base64", "concurrent", "dataclasses", "email", "enum",
-                      "errno", "hashlib", "http", "io", "json", "os", "platform", "random",
-                      "re", "socket", "sqlite3", "ssl", "subprocess", "sys", "tempfile",
-                      "threading", "time", "traceback", "typing", "urllib", "__future__"}
+        stdlib = getattr(sys, "stdlib_module_names", None)  # Python 3.10+
+        if stdlib is None:
+            import sysconfig
+            roots = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}
+
+            def in_stdlib(name):
+                spec = importlib.util.find_spec(name)
+                origin = (spec.origin or "") if spec else ""
+                return name in sys.builtin_module_names or origin in ("built-in", "frozen") or (
+                    any(origin.startswith(root) for root in roots)
+                    and "site-packages" not in origin)
+            stdlib = {name for name in modules if in_stdlib(name)}
         assert modules - set(stdlib) - {"__future__"} == set()
 
     def test_import_has_no_side_effects(self):

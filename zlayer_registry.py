@@ -36,11 +36,14 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     11. REGISTRY CLIENT: manifests and blobs over the distribution API
     12. BLOB CACHES: the interface, in memory
     13. DIRECTORY CACHE: content-addressed files and a SQLite index
-    14. UNPACK: layers into a root filesystem
-    15. OCI LAYOUT: writing layouts, archives and WASM artifacts
-    16. OCI LAYOUT: reading and importing
-    17. PULL
-    18. CLI
+    14. UNPACK: layer streams (compression, prefetch)
+    15. UNPACK: the root filesystem tree
+    16. UNPACK: LayerUnpacker, applying tar entries
+    17. OCI LAYOUT: writing layouts, archives and WASM artifacts
+    18. OCI LAYOUT: reading and importing
+    19. PULL: resolving references and fetching blobs
+    20. PULL: the ImagePuller API
+    21. CLI
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -2619,7 +2622,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 # =============================================================================
-# 14. UNPACK: layers into a root filesystem
+# 14. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -2779,122 +2782,43 @@ def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-class LayerUnpacker:
-    """Unpacks image layers into a root filesystem directory, safely.
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a file descriptor."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
-    ``unpack_layer`` applies one layer in place; ``unpack_layers`` builds a
-    whole image in a staging directory beside ``rootfs`` and renames it into
-    place at the end, so a failure leaves ``rootfs`` as it was.  ``as_root``
-    (default: the effective uid is 0) decides whether ownership, xattrs and
-    device nodes are applied and setuid/setgid bits kept.
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def _stream_errors() -> Tuple[type, ...]:
+    """Return the exceptions that mean a corrupt or truncated layer stream."""
+    import gzip
+    import tarfile
+    import zlib
+    return (tarfile.TarError, EOFError, zlib.error, getattr(gzip, "BadGzipFile", zlib.error))
+
+
+# =============================================================================
+# 15. UNPACK: the root filesystem tree
+# =============================================================================
+
+class _RootTree:
+    """A root filesystem being built: safe path resolution, removal, deferred metadata.
+
+    ``_written`` holds what the current layer added (whiteouts spare it);
+    ``_dirs`` the directory entries whose mode and times are set at the end.
     """
 
-    def __init__(self, rootfs: Union[str, "os.PathLike[str]"], *,
-                 as_root: Optional[bool] = None) -> None:
-        self.rootfs = os.path.abspath(os.fspath(rootfs))
-        self.as_root = _is_root() if as_root is None else as_root
-        self.root = self.rootfs
+    def __init__(self, root: str, as_root: bool) -> None:
+        self.root = root
+        self.as_root = as_root
         self._dirs: Dict[str, Any] = {}
         self._restore: Dict[str, Tuple[int, float]] = {}
         self._resolved: Dict[str, str] = {}
         self._written: set = set()
-        self.skipped: List[str] = []
-
-    # -- public -----------------------------------------------------------------
-
-    def unpack_layers(self, layers: Iterable[Any]) -> str:
-        """Unpack every layer, in order, into a new ``rootfs``; return its path."""
-        import shutil
-        import tempfile
-        if os.path.lexists(self.rootfs) and (not os.path.isdir(self.rootfs)
-                                             or os.listdir(self.rootfs)):
-            raise UnpackError(f"{self.rootfs} exists and is not an empty directory")
-        parent = os.path.dirname(self.rootfs)
-        try:
-            os.makedirs(parent, exist_ok=True)
-            staging = tempfile.mkdtemp(prefix=f".{os.path.basename(self.rootfs)}.staging-",
-                                       dir=parent)
-        except OSError as exc:
-            raise UnpackError(f"cannot create {self.rootfs}: {exc.strerror or exc}") from exc
-        self.root = staging
-        try:
-            os.chmod(staging, 0o755)  # unless a "./" entry says otherwise
-            for layer in layers:
-                self.unpack_layer(layer)
-            self._finish_directories()
-            os.replace(staging, self.rootfs)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            self.root = self.rootfs
-        return self.rootfs
-
-    def unpack_layer(self, layer: Any, media_type: Optional[str] = None) -> None:
-        """Apply one layer (a Layer, a path or a binary file) to the root filesystem."""
-        import tarfile
-        opened, media_type = self._open_layer(layer, media_type)
-        with opened as raw:
-            head = raw.peek(8)[:8] if hasattr(raw, "peek") else b""
-            compression = _layer_compression(media_type or "", head)
-            zstd_pipe = prefetch = None
-            if compression == "zstd":
-                zstd_pipe = _ZstdPipe(raw)
-                stream = zstd_pipe.stream
-            elif compression == "gzip":
-                # GzipFile, not tarfile's "r|gz": that one re-slices its whole
-                # buffer on every 512-byte header read (quadratic, 4x slower).
-                # A second thread inflates ahead (zlib releases the GIL), as
-                # tar -z does with a gzip process.
-                import gzip
-                prefetch = _PrefetchReader(gzip.GzipFile(fileobj=raw, mode="rb"))
-                stream = prefetch
-            else:
-                stream = raw
-            self._written = set()
-            opaque: List[str] = []
-            stream_errors = _stream_errors()
-            try:
-                with tarfile.open(fileobj=stream, mode="r|") as tar:
-                    for member in tar:
-                        try:
-                            self._apply(tar, member, opaque)
-                        except stream_errors:
-                            raise
-                        except OSError as exc:
-                            raise UnpackError(f"cannot unpack member {member.name!r}: "
-                                              f"{exc.strerror or exc}", member=member.name) from exc
-            except stream_errors as exc:
-                raise UnpackError(f"layer is not a valid tar stream: {exc}") from exc
-            finally:
-                if prefetch is not None:
-                    prefetch.close()
-                if zstd_pipe is not None:
-                    zstd_pipe.close()
-            for directory in opaque:
-                self._apply_opaque(directory)
-        if self.root == self.rootfs:
-            self._finish_directories()
-
-    # -- input ------------------------------------------------------------------
-
-    @staticmethod
-    def _open_layer(layer: Any, media_type: Optional[str]) -> Tuple[Any, str]:
-        import io
-        if hasattr(layer, "open") and hasattr(layer, "media_type"):  # a pulled Layer
-            return io.BufferedReader(layer.open(), _READ_CHUNK_BYTES), \
-                media_type or layer.media_type
-        if isinstance(layer, (str, os.PathLike)):
-            try:
-                return open(os.fspath(layer), "rb", buffering=_READ_CHUNK_BYTES), media_type or ""
-            except OSError as exc:
-                raise UnpackError(f"cannot read layer {os.fspath(layer)}: "
-                                  f"{exc.strerror or exc}") from exc
-        if not hasattr(layer, "peek"):
-            layer = io.BufferedReader(layer, _READ_CHUNK_BYTES)
-        return layer, media_type or ""
-
-    # -- paths --------------------------------------------------------------------
 
     @staticmethod
     def _split_name(name: str) -> List[str]:
@@ -2982,7 +2906,229 @@ class LayerUnpacker:
         if st.S_ISDIR(mode) or st.S_ISLNK(mode):
             self._resolved.clear()  # cached resolutions may run through it
 
-    # -- entries ------------------------------------------------------------------
+    def _is_real_dir(self, relative: str) -> bool:
+        """Tell whether ``relative`` is a directory reached without any symlink.
+
+        Deferred work (opaque whiteouts, directory modes) is done by path
+        after later entries may have replaced a directory with a symlink; it
+        must never follow one out of the root.
+        """
+        import stat as st
+        path = self.root
+        for component in relative.split("/") if relative else ():
+            path = os.path.join(path, component)
+            try:
+                if not st.S_ISDIR(os.lstat(path).st_mode):
+                    return False
+            except FileNotFoundError:
+                return False
+        return True
+
+    def _make_writable(self, relative: str) -> bool:
+        """Give the owner write access to a directory; False if it already had it."""
+        import stat as st
+        full = os.path.join(self.root, relative) if relative else self.root
+        if not self._is_real_dir(relative):
+            return False
+        info = os.lstat(full)
+        if info.st_mode & 0o300 == 0o300:
+            return False
+        if relative not in self._dirs and relative not in self._restore:
+            self._restore[relative] = (st.S_IMODE(info.st_mode), info.st_mtime)
+        os.chmod(full, st.S_IMODE(info.st_mode) | 0o700)
+        return True
+
+    def _apply_opaque(self, directory: str) -> None:
+        """Hide what lower layers put under ``directory``; keep this layer's entries."""
+        if not self._is_real_dir(directory):
+            return  # replaced later in the layer: nothing of the lower layers is left
+        full = os.path.join(self.root, directory) if directory else self.root
+        prefix = f"{directory}/" if directory else ""
+        keep = set()
+        for path in self._written:
+            if path.startswith(prefix) or not directory:
+                pieces = path[len(prefix):].split("/")
+                for i in range(1, len(pieces) + 1):
+                    keep.add(prefix + "/".join(pieces[:i]))
+        self._prune_tree(full, prefix, keep)
+
+    def _prune_tree(self, full: str, prefix: str, keep: set) -> None:
+        try:
+            entries = list(os.scandir(full))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            relative = prefix + entry.name
+            if relative not in keep:
+                self._remove(relative)
+            elif entry.is_dir(follow_symlinks=False):
+                # Even a directory this layer re-declares loses its lower content.
+                self._prune_tree(entry.path, relative + "/", keep)
+
+    def _finish_directories(self) -> None:
+        """Set directory modes, owners and mtimes deepest first (after their contents)."""
+        pending = set(self._dirs) | set(self._restore)
+        for relative in sorted(pending, key=lambda p: (p.count("/") + bool(p), p), reverse=True):
+            if not self._is_real_dir(relative):
+                continue
+            full = os.path.join(self.root, relative) if relative else self.root
+            if relative in self._dirs:
+                self._set_metadata(full, self._dirs[relative])
+            else:
+                mode, mtime = self._restore[relative]
+                os.chmod(full, mode)
+                os.utime(full, (mtime, mtime))
+        self._dirs = {}
+        self._restore = {}
+
+    def _set_metadata(self, target: Union[int, str], member: Any, is_link: bool = False) -> None:
+        """Apply ownership (root only), mode and mtime to a file descriptor or path."""
+        if self.as_root:
+            try:
+                if isinstance(target, int):
+                    os.fchown(target, member.uid, member.gid)
+                else:
+                    os.lchown(target, member.uid, member.gid)
+            except OSError as exc:
+                raise UnpackError(f"cannot set owner of {member.name!r}: {exc.strerror}",
+                                  member=member.name) from exc
+            self._set_xattrs(target, member)
+        if not is_link:
+            mode = member.mode & 0o7777
+            if not self.as_root:
+                mode &= ~0o6000  # no setuid/setgid for files an unprivileged user makes
+            os.chmod(target, mode)
+        if is_link:
+            if os.utime in getattr(os, "supports_follow_symlinks", ()):
+                os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+        else:
+            os.utime(target, (member.mtime, member.mtime))
+
+    @staticmethod
+    def _set_xattrs(target: Union[int, str], member: Any) -> None:
+        if not hasattr(os, "setxattr"):
+            return
+        for key, value in member.pax_headers.items():
+            if key.startswith("SCHILY.xattr."):
+                raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+                try:
+                    if isinstance(target, int):
+                        os.setxattr(target, key[13:], raw)
+                    else:
+                        os.setxattr(target, key[13:], raw, follow_symlinks=False)
+                except OSError as exc:
+                    _warn(f"cannot set xattr {key[13:]} on {member.name}: {exc.strerror}")
+
+
+# =============================================================================
+# 16. UNPACK: LayerUnpacker, applying tar entries
+# =============================================================================
+
+class LayerUnpacker(_RootTree):
+    """Unpacks image layers into a root filesystem directory, safely.
+
+    ``unpack_layer`` applies one layer in place; ``unpack_layers`` builds a
+    whole image in a staging directory beside ``rootfs`` and renames it into
+    place at the end, so a failure leaves ``rootfs`` as it was.  ``as_root``
+    (default: the effective uid is 0) decides whether ownership, xattrs and
+    device nodes are applied and setuid/setgid bits kept.
+    """
+
+    def __init__(self, rootfs: Union[str, "os.PathLike[str]"], *,
+                 as_root: Optional[bool] = None) -> None:
+        self.rootfs = os.path.abspath(os.fspath(rootfs))
+        super().__init__(self.rootfs, _is_root() if as_root is None else as_root)
+        self.skipped: List[str] = []
+
+    def unpack_layers(self, layers: Iterable[Any]) -> str:
+        """Unpack every layer, in order, into a new ``rootfs``; return its path."""
+        import shutil
+        import tempfile
+        if os.path.lexists(self.rootfs) and (not os.path.isdir(self.rootfs)
+                                             or os.listdir(self.rootfs)):
+            raise UnpackError(f"{self.rootfs} exists and is not an empty directory")
+        parent = os.path.dirname(self.rootfs)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=f".{os.path.basename(self.rootfs)}.staging-",
+                                       dir=parent)
+        except OSError as exc:
+            raise UnpackError(f"cannot create {self.rootfs}: {exc.strerror or exc}") from exc
+        self.root = staging
+        try:
+            os.chmod(staging, 0o755)  # unless a "./" entry says otherwise
+            for layer in layers:
+                self.unpack_layer(layer)
+            self._finish_directories()
+            os.replace(staging, self.rootfs)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            self.root = self.rootfs
+        return self.rootfs
+
+    def unpack_layer(self, layer: Any, media_type: Optional[str] = None) -> None:
+        """Apply one layer (a Layer, a path or a binary file) to the root filesystem."""
+        import tarfile
+        opened, media_type = self._open_layer(layer, media_type)
+        with opened as raw:
+            head = raw.peek(8)[:8] if hasattr(raw, "peek") else b""
+            compression = _layer_compression(media_type or "", head)
+            zstd_pipe = prefetch = None
+            if compression == "zstd":
+                zstd_pipe = _ZstdPipe(raw)
+                stream = zstd_pipe.stream
+            elif compression == "gzip":
+                # GzipFile, not tarfile's "r|gz": that one re-slices its whole
+                # buffer on every 512-byte header read (quadratic, 4x slower).
+                # A second thread inflates ahead (zlib releases the GIL), as
+                # tar -z does with a gzip process.
+                import gzip
+                prefetch = _PrefetchReader(gzip.GzipFile(fileobj=raw, mode="rb"))
+                stream = prefetch
+            else:
+                stream = raw
+            self._written = set()
+            opaque: List[str] = []
+            stream_errors = _stream_errors()
+            try:
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for member in tar:
+                        try:
+                            self._apply(tar, member, opaque)
+                        except stream_errors:
+                            raise
+                        except OSError as exc:
+                            raise UnpackError(f"cannot unpack member {member.name!r}: "
+                                              f"{exc.strerror or exc}", member=member.name) from exc
+            except stream_errors as exc:
+                raise UnpackError(f"layer is not a valid tar stream: {exc}") from exc
+            finally:
+                if prefetch is not None:
+                    prefetch.close()
+                if zstd_pipe is not None:
+                    zstd_pipe.close()
+            for directory in opaque:
+                self._apply_opaque(directory)
+        if self.root == self.rootfs:
+            self._finish_directories()
+
+    @staticmethod
+    def _open_layer(layer: Any, media_type: Optional[str]) -> Tuple[Any, str]:
+        import io
+        if hasattr(layer, "open") and hasattr(layer, "media_type"):  # a pulled Layer
+            return io.BufferedReader(layer.open(), _READ_CHUNK_BYTES), \
+                media_type or layer.media_type
+        if isinstance(layer, (str, os.PathLike)):
+            try:
+                return open(os.fspath(layer), "rb", buffering=_READ_CHUNK_BYTES), media_type or ""
+            except OSError as exc:
+                raise UnpackError(f"cannot read layer {os.fspath(layer)}: "
+                                  f"{exc.strerror or exc}") from exc
+        if not hasattr(layer, "peek"):
+            layer = io.BufferedReader(layer, _READ_CHUNK_BYTES)
+        return layer, media_type or ""
 
     def _apply(self, tar: Any, member: Any, opaque: List[str]) -> None:
         name = member.name
@@ -3131,143 +3277,9 @@ class LayerUnpacker:
         self._replace(full, relative)
         os.link(os.path.join(self.root, source), full, follow_symlinks=False)
 
-    def _set_metadata(self, target: Union[int, str], member: Any, is_link: bool = False) -> None:
-        """Apply ownership (root only), mode and mtime to a file descriptor or path."""
-        if self.as_root:
-            try:
-                if isinstance(target, int):
-                    os.fchown(target, member.uid, member.gid)
-                else:
-                    os.lchown(target, member.uid, member.gid)
-            except OSError as exc:
-                raise UnpackError(f"cannot set owner of {member.name!r}: {exc.strerror}",
-                                  member=member.name) from exc
-            self._set_xattrs(target, member)
-        if not is_link:
-            mode = member.mode & 0o7777
-            if not self.as_root:
-                mode &= ~0o6000  # no setuid/setgid for files an unprivileged user makes
-            os.chmod(target, mode)
-        if is_link:
-            if os.utime in getattr(os, "supports_follow_symlinks", ()):
-                os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
-        else:
-            os.utime(target, (member.mtime, member.mtime))
-
-    @staticmethod
-    def _set_xattrs(target: Union[int, str], member: Any) -> None:
-        if not hasattr(os, "setxattr"):
-            return
-        for key, value in member.pax_headers.items():
-            if key.startswith("SCHILY.xattr."):
-                raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-                try:
-                    if isinstance(target, int):
-                        os.setxattr(target, key[13:], raw)
-                    else:
-                        os.setxattr(target, key[13:], raw, follow_symlinks=False)
-                except OSError as exc:
-                    _warn(f"cannot set xattr {key[13:]} on {member.name}: {exc.strerror}")
-
-    # -- whiteouts and directories --------------------------------------------------
-
-    def _is_real_dir(self, relative: str) -> bool:
-        """Tell whether ``relative`` is a directory reached without any symlink.
-
-        Deferred work (opaque whiteouts, directory modes) is done by path
-        after later entries may have replaced a directory with a symlink; it
-        must never follow one out of the root.
-        """
-        import stat as st
-        path = self.root
-        for component in relative.split("/") if relative else ():
-            path = os.path.join(path, component)
-            try:
-                if not st.S_ISDIR(os.lstat(path).st_mode):
-                    return False
-            except FileNotFoundError:
-                return False
-        return True
-
-    def _make_writable(self, relative: str) -> bool:
-        """Give the owner write access to a directory; False if it already had it."""
-        import stat as st
-        full = os.path.join(self.root, relative) if relative else self.root
-        if not self._is_real_dir(relative):
-            return False
-        info = os.lstat(full)
-        if info.st_mode & 0o300 == 0o300:
-            return False
-        if relative not in self._dirs and relative not in self._restore:
-            self._restore[relative] = (st.S_IMODE(info.st_mode), info.st_mtime)
-        os.chmod(full, st.S_IMODE(info.st_mode) | 0o700)
-        return True
-
-    def _apply_opaque(self, directory: str) -> None:
-        """Hide what lower layers put under ``directory``; keep this layer's entries."""
-        if not self._is_real_dir(directory):
-            return  # replaced later in the layer: nothing of the lower layers is left
-        full = os.path.join(self.root, directory) if directory else self.root
-        prefix = f"{directory}/" if directory else ""
-        keep = set()
-        for path in self._written:
-            if path.startswith(prefix) or not directory:
-                pieces = path[len(prefix):].split("/")
-                for i in range(1, len(pieces) + 1):
-                    keep.add(prefix + "/".join(pieces[:i]))
-        self._prune_tree(full, prefix, keep)
-
-    def _prune_tree(self, full: str, prefix: str, keep: set) -> None:
-        try:
-            entries = list(os.scandir(full))
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        for entry in entries:
-            relative = prefix + entry.name
-            if relative not in keep:
-                self._remove(relative)
-            elif entry.is_dir(follow_symlinks=False):
-                # Even a directory this layer re-declares loses its lower content.
-                self._prune_tree(entry.path, relative + "/", keep)
-
-    def _finish_directories(self) -> None:
-        """Set directory modes, owners and mtimes deepest first (after their contents)."""
-        pending = set(self._dirs) | set(self._restore)
-        for relative in sorted(pending, key=lambda p: (p.count("/") + bool(p), p), reverse=True):
-            if not self._is_real_dir(relative):
-                continue
-            full = os.path.join(self.root, relative) if relative else self.root
-            if relative in self._dirs:
-                self._set_metadata(full, self._dirs[relative])
-            else:
-                mode, mtime = self._restore[relative]
-                os.chmod(full, mode)
-                os.utime(full, (mtime, mtime))
-        self._dirs = {}
-        self._restore = {}
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to a file descriptor."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _join(parent: str, name: str) -> str:
-    return f"{parent}/{name}" if parent else name
-
-
-def _stream_errors() -> Tuple[type, ...]:
-    """Return the exceptions that mean a corrupt or truncated layer stream."""
-    import gzip
-    import tarfile
-    import zlib
-    return (tarfile.TarError, EOFError, zlib.error, getattr(gzip, "BadGzipFile", zlib.error))
-
 
 # =============================================================================
-# 15. OCI LAYOUT: writing layouts, archives and WASM artifacts
+# 17. OCI LAYOUT: writing layouts, archives and WASM artifacts
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -3699,7 +3711,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 16. OCI LAYOUT: reading and importing
+# 18. OCI LAYOUT: reading and importing
 # =============================================================================
 # An imported layout is untrusted: every blob it reaches is streamed into a
 # cache writer that hashes it, and nothing is committed to the cache until
@@ -3861,7 +3873,7 @@ def _ingest_layout_blob(cache: BlobCache, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 17. PULL
+# 19. PULL: resolving references and fetching blobs
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -3990,14 +4002,8 @@ class _Cancelled(Exception):
     """Internal: another worker failed, so this download stops."""
 
 
-class ImagePuller:
-    """Pulls images and WASM artifacts into a blob cache.
-
-    ``platform`` (``"linux/arm64"`` or a :class:`Platform`) picks the image
-    from an index; the default is this host's.  ``insecure`` allows plain
-    http to non-loopback registries.  ``sleep``, ``clock`` and ``environ``
-    are injectable for tests.
-    """
+class _PullerCore:
+    """The machinery of ImagePuller: clients, manifests, parallel verified blob downloads."""
 
     def __init__(self, cache: Optional[BlobCache] = None, *,
                  max_workers: int = DEFAULT_MAX_WORKERS,
@@ -4097,18 +4103,6 @@ class ImagePuller:
             chosen = _normalize_platform(child.platform) if child.platform else None
             manifest = self._manifest_by_digest(client, child.digest)
         raise ManifestError(f"index {top.digest} nests more than {_MAX_INDEX_DEPTH} levels deep")
-
-    def fetch_manifest(self, reference: Union[str, Reference],
-                       auth: Optional[RegistryAuth] = None, *,
-                       resolve_index: bool = True) -> Manifest:
-        """Fetch the image manifest for ``reference`` (an index is resolved to the platform's).
-
-        With ``resolve_index=False`` an index is returned as it is.
-        """
-        ref = parse_reference(reference) if isinstance(reference, str) else reference
-        client = self._client(ref, auth)
-        top = self._resolve_top(ref, client)
-        return self._resolve_platform(client, top)[0] if resolve_index else top
 
     # -- blobs ----------------------------------------------------------------
 
@@ -4240,7 +4234,68 @@ class ImagePuller:
             return {}
         return data if isinstance(data, dict) else {}
 
-    # -- public pulls -----------------------------------------------------------
+    def _fetch_index(self, client: _RegistryClient, index: Manifest) -> Tuple[int, int]:
+        """Fetch every child manifest of an index (nested too) and all their blobs."""
+        blobs: List[Descriptor] = []
+        pending = [index]
+        while pending:
+            manifest = pending.pop()
+            if manifest.is_index:
+                pending.extend(self._manifest_by_digest(client, child.digest)
+                               for child in manifest.manifests)
+            else:
+                blobs.extend([manifest.config] + manifest.layers)
+        return self._fetch_blobs(client, blobs)
+
+
+_WASM_PLATFORM_PREFERENCE = ("wasip2", "wasip1", "wasi")
+
+
+def _select_wasm_child(index: Manifest) -> Optional[Descriptor]:
+    """Pick the WASM entry of a mixed index (os wasip2/wasip1/wasi, architecture wasm)."""
+    children = [c for c in index.manifests if c.platform is not None
+                and c.platform.architecture == "wasm"
+                and c.platform.os in _WASM_PLATFORM_PREFERENCE]
+    children.sort(key=lambda c: _WASM_PLATFORM_PREFERENCE.index(c.platform.os))
+    return children[0] if children else None
+
+
+def _continues_at(response: _Response, offset: int) -> bool:
+    """Tell whether a blob response's body starts at byte ``offset``.
+
+    Only a 206 whose Content-Range starts at the offset continues a partial
+    download; a 200 means the server ignored Range and sends everything.
+    """
+    if response.status == 200:
+        return offset == 0
+    match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", response.header("Content-Range"))
+    return bool(match) and int(match.group(1)) == offset
+
+
+# =============================================================================
+# 20. PULL: the ImagePuller API
+# =============================================================================
+
+class ImagePuller(_PullerCore):
+    """Pulls images and WASM artifacts into a blob cache.
+
+    ``platform`` (``"linux/arm64"`` or a :class:`Platform`) picks the image
+    from an index; the default is this host's.  ``insecure`` allows plain
+    http to non-loopback registries.  ``sleep``, ``clock`` and ``environ``
+    are injectable for tests.
+    """
+
+    def fetch_manifest(self, reference: Union[str, Reference],
+                       auth: Optional[RegistryAuth] = None, *,
+                       resolve_index: bool = True) -> Manifest:
+        """Fetch the image manifest for ``reference`` (an index is resolved to the platform's).
+
+        With ``resolve_index=False`` an index is returned as it is.
+        """
+        ref = parse_reference(reference) if isinstance(reference, str) else reference
+        client = self._client(ref, auth)
+        top = self._resolve_top(ref, client)
+        return self._resolve_platform(client, top)[0] if resolve_index else top
 
     def pull_image(self, reference: Union[str, Reference],
                    auth: Optional[RegistryAuth] = None, *,
@@ -4295,19 +4350,6 @@ class ImagePuller:
         manifest = self._resolve_platform(client, top, prefer_wasm=True)[0]
         self._fetch_blobs(client, [manifest.config])
         return extract_wasm_info(manifest, self._read_config(manifest.config))
-
-    def _fetch_index(self, client: _RegistryClient, index: Manifest) -> Tuple[int, int]:
-        """Fetch every child manifest of an index (nested too) and all their blobs."""
-        blobs: List[Descriptor] = []
-        pending = [index]
-        while pending:
-            manifest = pending.pop()
-            if manifest.is_index:
-                pending.extend(self._manifest_by_digest(client, child.digest)
-                               for child in manifest.manifests)
-            else:
-                blobs.extend([manifest.config] + manifest.layers)
-        return self._fetch_blobs(client, blobs)
 
     def export_image(self, reference: Union[str, Reference], dest: str, *,
                      format: Optional[str] = None,
@@ -4412,32 +4454,8 @@ class ImagePuller:
         return data
 
 
-_WASM_PLATFORM_PREFERENCE = ("wasip2", "wasip1", "wasi")
-
-
-def _select_wasm_child(index: Manifest) -> Optional[Descriptor]:
-    """Pick the WASM entry of a mixed index (os wasip2/wasip1/wasi, architecture wasm)."""
-    children = [c for c in index.manifests if c.platform is not None
-                and c.platform.architecture == "wasm"
-                and c.platform.os in _WASM_PLATFORM_PREFERENCE]
-    children.sort(key=lambda c: _WASM_PLATFORM_PREFERENCE.index(c.platform.os))
-    return children[0] if children else None
-
-
-def _continues_at(response: _Response, offset: int) -> bool:
-    """Tell whether a blob response's body starts at byte ``offset``.
-
-    Only a 206 whose Content-Range starts at the offset continues a partial
-    download; a 200 means the server ignored Range and sends everything.
-    """
-    if response.status == 200:
-        return offset == 0
-    match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", response.header("Content-Range"))
-    return bool(match) and int(match.group(1)) == offset
-
-
 # =============================================================================
-# 18. CLI
+# 21. CLI
 # =============================================================================
 
 _PROG = "zlayer-registry"
