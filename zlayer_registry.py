@@ -2624,11 +2624,8 @@ def _pid_alive(pid: int) -> bool:
 # =============================================================================
 # 14. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
-# A layer is untrusted input from the network.  Every entry's parent path is
-# resolved component by component inside the root, following symlinks the
-# way a chroot would (an absolute target or ".." stops at the root, as in
-# umoci's and containerd's extractors), so no entry can create, change or
-# delete anything outside it.  Whiteouts follow image-spec layer.md.
+# Layers are gzip, zstd or plain tar, decided by media type and confirmed by
+# the magic bytes; every layer is streamed, none is held in memory.
 
 _WHITEOUT_PREFIX = ".wh."
 _OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -2804,6 +2801,13 @@ def _stream_errors() -> Tuple[type, ...]:
 # =============================================================================
 # 15. UNPACK: the root filesystem tree
 # =============================================================================
+# A layer is untrusted input from the network.  Every entry's parent path is
+# resolved component by component inside the root, following symlinks the
+# way a chroot would (an absolute target or ".." stops at the root, as in
+# umoci's and containerd's extractors), so no entry can create, change or
+# delete anything outside it.  Work deferred to the end of a layer or image
+# (opaque whiteouts, directory modes) re-checks that its path holds no
+# symlink.  Whiteouts follow image-spec layer.md.
 
 class _RootTree:
     """A root filesystem being built: safe path resolution, removal, deferred metadata.
