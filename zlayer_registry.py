@@ -320,20 +320,6 @@ def _format_bytes(size_bytes: float) -> str:
     return f"{size_bytes:.1f} GiB"
 
 
-def _fsync_dir(path: str) -> None:
-    """Flush a directory entry so a rename survives a crash (POSIX only)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _read_capped(stream: Any, limit_bytes: int) -> bytes:
     """Read at most ``limit_bytes`` from ``stream`` (error bodies, tokens)."""
     chunks = []
