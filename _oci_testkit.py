@@ -446,6 +446,25 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def running_registry(root: Path, **auth: str):
+    """Yields a started DistributionRegistry, stopped by PID afterwards (a fixture body).
+
+    A missing tool skips the test, or fails it under ZLAYER_REQUIRE_INTEROP=1.
+    """
+    try:
+        registry = DistributionRegistry(root, **auth)
+    except ToolMissing as exc:
+        missing = str(exc)
+    else:
+        registry.start()
+        try:
+            yield registry
+        finally:
+            registry.stop()
+        return
+    unavailable(missing)  # outside the except block: no chained traceback in the report
+
+
 class ToolMissing(Exception):
     """Says that an external program the interop tests need is not installed."""
 

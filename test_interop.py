@@ -47,16 +47,6 @@ _unavailable = kit.unavailable  # skip, or fail under ZLAYER_REQUIRE_INTEROP=1
 # =============================================================================
 
 
-def _start_registry(root: Path, **auth: str) -> kit.DistributionRegistry:
-    try:
-        registry = kit.DistributionRegistry(root, **auth)
-    except kit.ToolMissing as exc:
-        missing = str(exc)
-    else:
-        return registry.start()
-    _unavailable(missing)  # outside the except block: no chained traceback in the report
-
-
 @pytest.fixture(scope="session")
 def distribution_registry(tmp_path_factory):
     """Runs an open ``docker-registry serve`` on 127.0.0.1 for the session.
@@ -64,22 +54,14 @@ def distribution_registry(tmp_path_factory):
     The object has ``.host`` (``127.0.0.1:PORT``) and ``.push(layout_dir, tag, repo,
     fmt=None)``; the process is terminated by PID at teardown.
     """
-    registry = _start_registry(tmp_path_factory.mktemp("distribution"))
-    try:
-        yield registry
-    finally:
-        registry.stop()
+    yield from kit.running_registry(tmp_path_factory.mktemp("distribution"))
 
 
 @pytest.fixture(scope="session")
 def distribution_registry_basic_auth(tmp_path_factory):
     """Runs ``docker-registry serve`` with htpasswd (bcrypt) basic auth for the session."""
-    registry = _start_registry(tmp_path_factory.mktemp("distribution-auth"),
+    yield from kit.running_registry(tmp_path_factory.mktemp("distribution-auth"),
                                username=USERNAME, password=PASSWORD)
-    try:
-        yield registry
-    finally:
-        registry.stop()
 
 
 @pytest.fixture(scope="session")

@@ -67,18 +67,7 @@ def layout_registry(tmp_path_factory):
 
     The process is terminated by its PID at teardown.
     """
-    try:
-        registry = kit.DistributionRegistry(tmp_path_factory.mktemp("distribution-layout"))
-    except kit.ToolMissing as exc:
-        missing = str(exc)
-    else:
-        registry.start()
-        try:
-            yield registry
-        finally:
-            registry.stop()
-        return
-    _unavailable(missing)  # outside the except block: no chained traceback in the report
+    yield from kit.running_registry(tmp_path_factory.mktemp("distribution-layout"))
 
 
 def _pushed(registry, layout, info, tag, repository):

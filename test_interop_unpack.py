@@ -238,18 +238,7 @@ def _assert_scenario(tree: dict, as_root: bool = True) -> None:
 @pytest.fixture(scope="session")
 def distribution_registry(tmp_path_factory):
     """Runs an open ``docker-registry serve`` on 127.0.0.1; stopped by PID at teardown."""
-    try:
-        registry = kit.DistributionRegistry(tmp_path_factory.mktemp("distribution"))
-    except kit.ToolMissing as exc:
-        missing = str(exc)
-    else:
-        registry.start()
-        try:
-            yield registry
-        finally:
-            registry.stop()
-        return
-    _unavailable(missing)
+    yield from kit.running_registry(tmp_path_factory.mktemp("distribution"))
 
 
 @pytest.fixture(scope="session")

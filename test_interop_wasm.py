@@ -75,18 +75,7 @@ def _require(tool: str) -> str:
 @pytest.fixture(scope="session")
 def wasm_registry(tmp_path_factory):
     """Runs an open ``docker-registry serve`` on 127.0.0.1 for the WASM tests."""
-    try:
-        registry = kit.DistributionRegistry(tmp_path_factory.mktemp("distribution-wasm"))
-    except kit.ToolMissing as exc:
-        missing = str(exc)
-    else:
-        registry.start()
-        try:
-            yield registry
-        finally:
-            registry.stop()
-        return
-    _unavailable(missing)
+    yield from kit.running_registry(tmp_path_factory.mktemp("distribution-wasm"))
 
 
 @pytest.fixture(scope="session")

@@ -3281,14 +3281,22 @@ ANNOTATION_TITLE = "org.opencontainers.image.title"
 _LAYOUT_VERSION = "1.0.0"
 
 
-def _atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+def _atomic_write(path: str, data: Union[bytes, Callable[[BinaryIO], None]],
+                  mode: int = 0o644) -> None:
+    """Write ``data`` (bytes, or a function filling the file) via a temporary file and a rename.
+
+    Nobody ever sees a half-written file at ``path``; the temporary file is
+    removed on any failure.
+    """
     import tempfile
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".partial", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -3496,22 +3504,15 @@ def _link_or_copy(cache: BlobCache, descriptor: Descriptor, target: str) -> None
         except OSError as exc:
             if exc.errno not in (_errno.EXDEV, _errno.EPERM, _errno.EMLINK, _errno.ENOTSUP):
                 raise
-    import tempfile
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(target))
-    try:
-        with os.fdopen(fd, "wb") as out, _open_cached(cache, descriptor) as stream:
+
+    def copy_verified(out: BinaryIO) -> None:
+        with _open_cached(cache, descriptor) as stream:
             reader = _HashingReader(stream, descriptor)
             for chunk in iter(lambda: reader.read(_READ_CHUNK_BYTES), b""):
                 out.write(chunk)
             reader.check()
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    _atomic_write(target, copy_verified, 0o444)
 
 
 def _write_layout_dir(cache: BlobCache, top: Manifest, directory: str,
@@ -3553,27 +3554,15 @@ def _tar_add_blob(tar: Any, cache: BlobCache, descriptor: Descriptor, name: str)
 def _write_archive(path: str, fill: Callable[[Any], None]) -> None:
     """Write a tar archive through a temporary file and a rename."""
     import tarfile
-    import tempfile
-    path = os.path.abspath(path)
+
+    def write_tar(raw: BinaryIO) -> None:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            fill(tar)
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial",
-                                   dir=os.path.dirname(path))
+        _atomic_write(os.path.abspath(path), write_tar)
     except OSError as exc:
         raise LayoutError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                fill(tar)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        os.unlink(tmp)
-        raise LayoutError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _write_oci_archive(cache: BlobCache, top: Manifest, path: str,
