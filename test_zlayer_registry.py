@@ -1931,3 +1931,165 @@ class TestImport:
                       str(tmp_path / "c2"), cwd=tmp_path)
         assert json.loads(out.stdout) == [{"reference": "v1", "digest": image["digest"],
                                            "media_type": fake.OCI_MANIFEST}]
+
+
+# -----------------------------------------------------------------------------
+# regressions found in review
+# -----------------------------------------------------------------------------
+
+class TestReviewRegressions:
+    def test_tokens_are_not_shared_between_credentials(self, registry):
+        registry.auth = "bearer"
+        registry.add_image("private", "v1", [layer_bytes(1, 500)])
+        puller = make_puller()
+        puller.fetch_manifest(f"{registry.host}/private:v1", zr.RegistryAuth.basic("user", "secret"))
+        assert len(registry.token_requests) == 1
+        puller.fetch_manifest(f"{registry.host}/private:v1", zr.RegistryAuth.anonymous())
+        assert len(registry.token_requests) == 2  # the anonymous call got its own token
+        assert registry.token_requests[1]["authorization"] is None
+
+    def test_a_huge_cached_blob_named_as_config_or_child_is_not_read(self, registry, tmp_path):
+        big = registry.add_image("app", "big", [layer_bytes(1, 5 * 1024 * 1024)])
+        cache = zr.BlobCache.open(tmp_path)
+        make_puller(cache).pull(f"{registry.host}/app:big")
+        layer = big["layers"][0]
+        hostile = {"schemaVersion": 2, "mediaType": fake.OCI_MANIFEST,
+                   "config": {"mediaType": fake.OCI_CONFIG, "digest": layer["digest"], "size": 2},
+                   "layers": []}
+        registry.add_manifest("app", "hostile", hostile)
+        with pytest.raises(zr.DigestMismatchError, match="wrong size"):
+            make_puller(cache).pull(f"{registry.host}/app:hostile")
+        assert cache.read_small(layer["digest"], 1024) is None
+        index = {"schemaVersion": 2, "mediaType": fake.OCI_INDEX, "manifests": [
+            {"mediaType": fake.OCI_MANIFEST, "digest": layer["digest"], "size": layer["size"],
+             "platform": {"os": "linux", "architecture": "amd64"}}]}
+        registry.add_manifest("app", "hostile-index", index)
+        with pytest.raises(zr.ManifestError, match="no manifest"):
+            make_puller(cache).pull(f"{registry.host}/app:hostile-index")
+
+    def test_an_index_listing_children_many_times_is_walked_once(self, registry, tmp_path):
+        child = registry.add_image("fan", None, [layer_bytes(1, 100)])
+        entry = {"mediaType": child["mediaType"], "digest": child["digest"], "size": child["size"],
+                 "platform": {"os": "linux", "architecture": "amd64"}}
+        inner = registry.add_manifest("fan", None, {"schemaVersion": 2, "mediaType": fake.OCI_INDEX,
+                                                    "manifests": [entry] * 300})
+        inner_size = len(registry.manifests[("fan", inner)][0])
+        registry.add_manifest("fan", "v1", {"schemaVersion": 2, "mediaType": fake.OCI_INDEX,
+                                            "manifests": [{"mediaType": fake.OCI_INDEX,
+                                                           "digest": inner, "size": inner_size}] * 300})
+        info = make_puller().export_image(f"{registry.host}/fan:v1", f"oci-archive:{tmp_path}/a.tar")
+        assert info.blobs == 5  # outer, inner, child, config, layer
+        with _tarfile.open(tmp_path / "a.tar") as tar:
+            names = tar.getnames()
+        assert len(names) == len(set(names))
+
+    def test_partial_files_locked_by_a_writer_survive_cleanup(self, tmp_path):
+        cache = zr.BlobCache.open(tmp_path)
+        writer = cache.begin_write(SHA_A, 10)
+        writer.write(b"12345")
+        partial = next((tmp_path / "tmp").iterdir())
+        # The same name, but as another PID namespace would see it: a dead PID.
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()
+        parts = partial.name.split(".")
+        foreign = partial.with_name(".".join([parts[0], dead] + parts[2:]))
+        os.rename(partial, foreign)
+        writer._tmp_path = str(foreign)
+        zr.BlobCache.open(tmp_path)  # cleanup runs: the file is locked, so it stays
+        assert foreign.exists()
+        writer.abort()
+        assert list((tmp_path / "tmp").iterdir()) == []
+
+    def test_multiple_www_authenticate_headers(self, registry):
+        registry.auth = "bearer"
+        registry.add_image("app", "v1", [layer_bytes(1, 100)])
+        original = registry._challenge
+        # A Basic challenge first, on its own header line, then the Bearer one.
+        handler_send = fake._Base.send_body
+
+        def send_body(h, status, body, headers=None, content_type="application/json"):
+            if status == 401:
+                h.send_response(401)
+                h.send_header("WWW-Authenticate", 'Basic realm="reg"')
+                h.send_header("WWW-Authenticate", original())
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
+            handler_send(h, status, body, headers, content_type)
+        fake._Base.send_body = send_body
+        try:
+            manifest, _ = make_puller().pull(f"{registry.host}/app:v1")  # anonymous bearer works
+        finally:
+            fake._Base.send_body = handler_send
+        assert manifest.media_type == fake.OCI_MANIFEST
+
+    @pytest.mark.parametrize("location", ["http://127.0.0.1:99999/x", "http://[::1/x",
+                                          "http://[::1]:abc/x"])
+    def test_malformed_redirect_locations_are_registry_errors(self, registry, location):
+        image = registry.add_image("app", "v1", [layer_bytes(1, 100)])
+        digest = image["layers"][0]["digest"]
+        registry.faults.append(lambda m, p, h: {"status": 302, "body": b"", "headers": {
+            "Location": location}} if p.endswith(digest) else None)
+        with pytest.raises(zr.RegistryError):
+            make_puller(retries=0).pull(f"{registry.host}/app:v1")
+
+    def test_a_token_with_control_characters_is_refused(self, registry):
+        registry.auth = "bearer"
+        registry.add_image("app", "v1", [layer_bytes(1, 100)])
+        original = registry._token
+
+        def evil(h, body):
+            h.send_body(200, json.dumps({"token": "abc\r\nX-Evil: 1"}).encode())
+        registry._token = evil
+        try:
+            with pytest.raises(zr.AuthError, match="malformed token"):
+                make_puller().pull(f"{registry.host}/app:v1")
+        finally:
+            registry._token = original
+
+    def test_remote_registry_cannot_redirect_to_loopback_http(self):
+        client = zr._RegistryClient(zr.parse_reference("registry.example/app"),
+                                    zr.RegistryAuth.anonymous(), zr._Transport(),
+                                    zr._TokenCache())
+
+        class Redirecting:
+            status, url, method = 302, "https://registry.example/v2/app/blobs/x", "GET"
+            headers = {}
+
+            def header(self, name, default=""):
+                return "http://127.0.0.1:6379/" if name == "Location" else default
+
+            def close(self):
+                pass
+        client.transport.send = lambda method, url, headers, body=None: Redirecting()
+        with pytest.raises(zr.RegistryError, match="refusing plain http to 127.0.0.1"):
+            client._send_following_redirects("GET", "https://registry.example/v2/app/blobs/x", {})
+
+    def test_layouts_with_odd_index_or_corrupt_blobs_are_handled(self, tmp_path):
+        layout = tmp_path / "l"
+        (tmp_path / "m.wasm").write_bytes(CORE_MODULE)
+        zr.export_wasm_as_oci(tmp_path / "m.wasm", layout, tag="a")
+        index = json.loads((layout / "index.json").read_text())
+        index["manifests"].append({"mediaType": "x", "digest": SHA_A, "size": 1,
+                                   "annotations": ["not", "a", "dict"]})
+        (layout / "index.json").write_text(json.dumps(index))
+        wasm_blob = layout / "blobs" / "sha256" / zr.compute_digest(CORE_MODULE)[7:]
+        wasm_blob.chmod(0o644)
+        wasm_blob.write_bytes(b"garbage!")
+        zr.export_wasm_as_oci(tmp_path / "m.wasm", layout, tag="b")
+        assert wasm_blob.read_bytes() == CORE_MODULE  # rewritten, not trusted
+
+    def test_layout_blobs_must_be_regular_files(self, registry, tmp_path):
+        registry.add_image("app", "v1", [layer_bytes(1, 100)])
+        make_puller().export_image(f"{registry.host}/app:v1", f"oci:{tmp_path}/l:v1")
+        blobs = sorted((tmp_path / "l" / "blobs" / "sha256").iterdir(),
+                       key=lambda p: p.stat().st_size)
+        victim = blobs[-1]
+        victim.unlink()
+        os.mkfifo(victim)  # would hang a reader that opens it blindly
+        with pytest.raises(zr.LayoutError, match="is missing"):
+            make_puller(zr.BlobCache()).import_image(f"oci:{tmp_path}/l")
+        victim.unlink()
+        victim.symlink_to("/dev/zero")
+        with pytest.raises(zr.LayoutError, match="is missing"):
+            make_puller(zr.BlobCache()).import_image(f"oci:{tmp_path}/l")

@@ -293,7 +293,11 @@ def _split_host_port(host: str) -> Tuple[str, Optional[int]]:
     """Split ``host[:port]`` (IPv6 in brackets) into host and port."""
     if host.startswith("["):
         end = host.find("]")
+        if end < 0:
+            raise ValueError(f"unterminated IPv6 address in {host!r}")
         name, rest = host[1:end], host[end + 1:]
+        if rest.startswith(":") and not rest[1:].isdigit():
+            raise ValueError(f"invalid port in {host!r}")
         return name, int(rest[1:]) if rest.startswith(":") else None
     name, sep, port = host.rpartition(":")
     if sep and port.isdigit():
@@ -318,6 +322,22 @@ def _format_bytes(size_bytes: float) -> str:
             return f"{size_bytes:.0f} {unit}" if unit == "B" else f"{size_bytes:.1f} {unit}"
         size_bytes /= 1024
     return f"{size_bytes:.1f} GiB"
+
+
+def _read_regular_file(path: str, limit_bytes: int) -> Optional[bytes]:
+    """Read at most ``limit_bytes`` of a regular file, never through a symlink or a FIFO.
+
+    Returns None when there is no regular file at ``path``.
+    """
+    import stat as st
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not st.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return _read_capped(f, limit_bytes)
 
 
 def _read_capped(stream: Any, limit_bytes: int) -> bytes:
@@ -1018,9 +1038,12 @@ def _split_url(url: str) -> Tuple[str, str, int, str]:
                             url=_redact_url(url))
     authority, slash, path = rest.partition("/")
     authority = authority.rpartition("@")[2]
-    host, port = _split_host_port(authority)
-    if not host:
-        raise RegistryError(f"URL without a host: {_redact_url(url)}")
+    try:
+        host, port = _split_host_port(authority)
+    except ValueError as exc:
+        raise RegistryError(f"malformed URL {_redact_url(url)}: {exc}") from exc
+    if not host or (port is not None and not 0 < port < 65536):
+        raise RegistryError(f"URL without a valid host and port: {_redact_url(url)}")
     return scheme, host, port or (443 if scheme == "https" else 80), "/" + path
 
 
@@ -1613,6 +1636,11 @@ class _RegistryClient:
         self.origin = _origin(self.base_url)
         self.scope = f"repository:{self.repository}:pull"
         self.auth = auth
+        # Tokens are cached per registry *and* credentials: a puller serving
+        # several callers must not hand one caller's token to another.
+        identity = "\0".join((auth.kind, auth.username, auth.password, auth.token,
+                               auth.identity_token))
+        self._token_key = f"{self.registry}#{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
         self.transport = transport
         self.tokens = tokens
         self.retries = retries
@@ -1640,18 +1668,18 @@ class _RegistryClient:
         if challenge.scheme != "bearer":
             return None
         scope = challenge.params.get("scope") or self.scope
-        token = self.tokens.get(self.registry, scope)
+        token = self.tokens.get(self._token_key, scope)
         if token is None:
             with self._auth_lock:  # one token request, not one per worker
-                token = self.tokens.get(self.registry, scope)
+                token = self.tokens.get(self._token_key, scope)
                 if token is None:
                     token, lifetime_s = self._fetch_token(challenge, scope)
-                    self.tokens.put(self.registry, scope, token, lifetime_s)
+                    self.tokens.put(self._token_key, scope, token, lifetime_s)
         return f"Bearer {token}"
 
     def _on_unauthorized(self, response: _Response, sent: Optional[str]) -> None:
         """Learn the challenge of a 401 and forget the token it refused."""
-        header = response.header("WWW-Authenticate")
+        header = ", ".join(response.headers.get_all("WWW-Authenticate") or [])
         challenges = _parse_www_authenticate(header)
         chosen = next((c for c in challenges if c.scheme == "bearer"), None) or \
             next((c for c in challenges if c.scheme == "basic"), None)
@@ -1665,7 +1693,7 @@ class _RegistryClient:
                             method=response.method, url=_redact_url(response.url))
         if sent and sent.startswith("Bearer "):
             scope = chosen.params.get("scope") or self.scope
-            self.tokens.drop(self.registry, scope, sent[7:])
+            self.tokens.drop(self._token_key, scope, sent[7:])
         self._challenge = chosen
 
     def _fetch_token(self, challenge: _Challenge, scope: str) -> Tuple[str, float]:
@@ -1711,6 +1739,9 @@ class _RegistryClient:
             token, data = None, {}
         if not isinstance(token, str) or not token:
             raise AuthError(f"token endpoint for {self.registry} returned no token",
+                            method=method, url=_redact_url(realm))
+        if not re.fullmatch(r"[\x21-\x7e]+", token):  # no header injection, no odd bytes
+            raise AuthError(f"token endpoint for {self.registry} returned a malformed token",
                             method=method, url=_redact_url(realm))
         lifetime = data.get("expires_in")
         if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or lifetime <= 0:
@@ -1768,7 +1799,10 @@ class _RegistryClient:
         sent: Optional[str] = None
         for _ in range(MAX_REDIRECTS + 1):
             scheme, host, _ = _origin(url)
-            if scheme == "http" and not (_is_loopback_host(host) or self.insecure):
+            # Plain http: to loopback only from a loopback registry (a remote one
+            # must not steer us at local services), elsewhere only if insecure.
+            if scheme == "http" and not ((self.loopback and _is_loopback_host(host))
+                                         or self.insecure):
                 raise RegistryError(f"refusing plain http to {host} "
                                     "(use --insecure to allow it)",
                                     method=method, url=_redact_url(url))
@@ -1784,7 +1818,13 @@ class _RegistryClient:
             if response.status not in _REDIRECT_STATUSES or not location:
                 return response, sent
             response.close()
-            url = urljoin(url, location)
+            try:
+                url = urljoin(url, location)
+                _origin(url)
+            except ValueError as exc:
+                raise RegistryError(f"{self.registry} redirected to a malformed location "
+                                    f"({exc})", method=method,
+                                    url=_redact_url(response.url)) from exc
             if response.status == 303 and method != "HEAD":
                 method = "GET"
         raise RegistryError(f"{self.registry} redirected more than {MAX_REDIRECTS} times",
@@ -2046,6 +2086,24 @@ class BlobCache:
         """Return the blob's file path, or None (always None in memory)."""
         return None
 
+    def read_small(self, digest: str, limit_bytes: int) -> Optional[bytes]:
+        """Return a blob's bytes if it has at most ``limit_bytes``, else None.
+
+        For manifests and configs: a hostile manifest may name a huge cached
+        layer as its config, and that must not be read into memory.
+        """
+        stream = self.open_blob(digest)
+        if stream is None:
+            return None
+        with stream:
+            data = _read_capped(stream, limit_bytes + 1)
+        return data if len(data) <= limit_bytes else None
+
+    def size(self, digest: str) -> Optional[int]:
+        """Return a stored blob's size in bytes, or None when it is absent."""
+        data = self._blobs.get(digest)
+        return None if data is None else len(data)
+
     def open_blob(self, digest: str) -> Optional[BinaryIO]:
         """Open a blob for reading, or return None when it is absent."""
         import io
@@ -2172,7 +2230,7 @@ class BlobCache:
             if digest in seen:
                 continue
             seen.add(digest)
-            raw = self.get(digest) if self.media_type(digest) in (
+            raw = self.read_small(digest, MAX_MANIFEST_SIZE_BYTES) if self.media_type(digest) in (
                 _IMAGE_MANIFEST_TYPES + _INDEX_TYPES) else None
             if raw is None:
                 continue
@@ -2220,6 +2278,9 @@ class _FileBlobWriter(_BlobWriter):
                 suffix=".partial", dir=cache._tmp_dir)
         except OSError as exc:
             raise CacheError(f"cannot write to cache {cache.root}: {exc.strerror or exc}") from exc
+        # Locked while written: a process in another PID namespace (a
+        # container sharing the cache) sees our PID as dead, but not this lock.
+        _try_flock(fd)
         self._file: Optional[BinaryIO] = os.fdopen(fd, "wb")
 
     def _sink_write(self, data: Any) -> None:
@@ -2270,9 +2331,11 @@ class _FileBlobWriter(_BlobWriter):
             pass
 
 
-_UPSERT_BLOB = ("INSERT INTO blobs VALUES (?, ?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE SET "
-                "last_used_at = excluded.last_used_at, media_type = CASE WHEN "
-                "excluded.media_type != '' THEN excluded.media_type ELSE blobs.media_type END")
+# Two statements rather than an UPSERT, which needs SQLite 3.24 (older than
+# some Python 3.8 builds link against).
+_INSERT_BLOB = "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?)"
+_UPDATE_BLOB = ("UPDATE blobs SET last_used_at = ?, media_type = CASE WHEN ? != '' THEN ? "
+                "ELSE media_type END WHERE digest = ?")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, media_type TEXT NOT NULL,
@@ -2372,7 +2435,9 @@ class DirectoryBlobCache(BlobCache):
         except self._sqlite.Error as exc:
             raise CacheError(f"cache index {self._db_path}: {exc}") from exc
 
-    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]], flush: bool = True) -> None:
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]], flush: bool = True,
+                     then: Optional[Tuple[str, Sequence[Sequence[Any]]]] = None) -> None:
+        """Run ``sql`` for every row (and ``then``'s statement) in one transaction."""
         db = self._db()
         if db is None:
             return
@@ -2384,6 +2449,8 @@ class DirectoryBlobCache(BlobCache):
             with db:  # one transaction for the whole batch
                 db.execute("BEGIN")
                 db.executemany(sql, rows)
+                if then is not None:
+                    db.executemany(*then)
         except self._sqlite.Error as exc:
             raise CacheError(f"cache index {self._db_path}: {exc}") from exc
 
@@ -2402,8 +2469,8 @@ class DirectoryBlobCache(BlobCache):
         with self._connections_lock:
             rows, self._pending_rows = self._pending_rows, []
         if rows:
-            self._executemany(_UPSERT_BLOB, [(d, n, m, t, t) for d, n, m, t in rows],
-                              flush=False)
+            self._executemany(_INSERT_BLOB, [(d, n, m, t, t) for d, n, m, t in rows],
+                              flush=False, then=(_UPDATE_BLOB, [(t, m, m, d) for d, n, m, t in rows]))
 
     # -- files ------------------------------------------------------------------
 
@@ -2420,14 +2487,20 @@ class DirectoryBlobCache(BlobCache):
         for name in names:
             parts = name.split(".")
             pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
-            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            if pid == os.getpid() or (pid is not None and _pid_alive(pid)):
                 continue
-            if pid == os.getpid():
+            path = os.path.join(self._tmp_dir, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
                 continue
             try:
-                os.unlink(os.path.join(self._tmp_dir, name))
+                if _try_flock(fd):  # nobody is writing it: a crash leftover
+                    os.unlink(path)
             except OSError:
                 pass
+            finally:
+                os.close(fd)
 
     def has(self, digest: str) -> bool:
         """Tell whether a verified blob file is present."""
@@ -2439,6 +2512,13 @@ class DirectoryBlobCache(BlobCache):
     def path(self, digest: str) -> Optional[str]:
         """Return the blob's file path, or None when absent."""
         return self._blob_path(digest) if self.has(digest) else None
+
+    def size(self, digest: str) -> Optional[int]:
+        """Return a stored blob's size in bytes, or None when it is absent."""
+        try:
+            return os.path.getsize(self._blob_path(digest))
+        except (OSError, InvalidDigestError):
+            return None
 
     def get(self, digest: str) -> Optional[bytes]:
         """Return a blob's bytes, or None (use ``open_blob`` for large blobs)."""
@@ -2592,6 +2672,19 @@ class _BlobFileLock:
                 pass
         os.close(self._fd)  # closing releases the flock
         self._fd = None
+
+
+def _try_flock(fd: int) -> bool:
+    """Take an exclusive flock without waiting; True when taken (or flock is absent)."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def _pid_alive(pid: int) -> bool:
@@ -3340,7 +3433,10 @@ class _LayoutWriter:
         path = self.blob_path(digest)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            if not os.path.exists(path):
+            existing = _read_regular_file(path, len(data) + 1)
+            if existing != data:  # missing, or not what its name says: (re)write
+                if existing is not None:
+                    os.unlink(path)
                 _atomic_write(path, data)
         except OSError as exc:
             raise LayoutError(f"cannot write blob {digest} to {self.root}: "
@@ -3369,7 +3465,8 @@ class _LayoutWriter:
             # it refuses a layout listing one untagged image twice).
             if not isinstance(item, dict):
                 return False
-            name = (item.get("annotations") or {}).get(ANNOTATION_REF_NAME)
+            annotations = item.get("annotations")
+            name = annotations.get(ANNOTATION_REF_NAME) if isinstance(annotations, dict) else None
             return name == ref_name if ref_name else (
                 name is None and item.get("digest") == descriptor.digest)
 
@@ -3447,14 +3544,19 @@ def _image_closure(cache: BlobCache, top: Manifest) -> List[Descriptor]:
     """List every descriptor an image or index reaches: manifests first, then blobs."""
     manifests: List[Descriptor] = [top.descriptor()]
     blobs: Dict[str, Descriptor] = {}
+    seen = {top.digest}  # an index may list a child many times: visit it once
     pending = [top]
     while pending:
         manifest = pending.pop()
         if manifest.is_index:
             for child in manifest.manifests:
-                raw = cache.get(child.digest)
+                if child.digest in seen:
+                    continue
+                seen.add(child.digest)
+                raw = cache.read_small(child.digest, MAX_MANIFEST_SIZE_BYTES)
                 if raw is None:
-                    raise CacheError(f"manifest {child.digest} is not in the cache")
+                    raise CacheError(f"manifest {child.digest} is not in the cache "
+                                     "(or is larger than a manifest may be)")
                 manifests.append(child)
                 pending.append(parse_manifest(raw, child.media_type, child.digest))
         else:
@@ -3732,10 +3834,16 @@ class _LayoutSource:
     def open(self, name: str) -> Optional[BinaryIO]:
         """Open a file of the layout, or return None when it is absent."""
         if self._tar is None:
+            import stat as st
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
             try:
-                return open(os.path.join(self.path, name), "rb")
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                fd = os.open(os.path.join(self.path, name), flags)
+            except OSError:
+                return None  # missing, a symlink (ELOOP), or unreadable
+            if not st.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device would hang or flood
+                os.close(fd)
                 return None
+            return os.fdopen(fd, "rb")
         member = self._members.get(name)
         return None if member is None or not member.isfile() else self._tar.extractfile(member)
 
@@ -4040,9 +4148,12 @@ class _PullerCore:
 
     def _manifest_by_digest(self, client: _RegistryClient, digest: str) -> Manifest:
         """Return a manifest from the cache, else GET it by digest and cache it."""
-        raw = self.cache.get(digest)
+        raw = self.cache.read_small(digest, MAX_MANIFEST_SIZE_BYTES)
         if raw is not None:
             return parse_manifest(raw, self.cache.media_type(digest), digest)
+        if self.cache.has(digest):
+            raise ManifestError(f"{digest} is over the {MAX_MANIFEST_SIZE_BYTES}-byte "
+                                "manifest limit: it is no manifest")
         manifest = client.get_manifest(digest)
         self.cache.put(manifest.digest, manifest.raw, manifest.media_type)
         return manifest
@@ -4098,6 +4209,12 @@ class _PullerCore:
         unique: Dict[str, Descriptor] = {}
         for descriptor in descriptors:
             unique.setdefault(descriptor.digest, descriptor)
+        for descriptor in unique.values():
+            size = self.cache.size(descriptor.digest)
+            if size is not None and size != descriptor.size:
+                raise DigestMismatchError(f"blob {descriptor.digest} is described with the "
+                                          "wrong size", f"{descriptor.size} bytes",
+                                          f"{size} bytes")
         missing = [d for d in unique.values() if not self.cache.has(d.digest)]
         from_cache = sum(d.size for d in unique.values() if d not in missing)
         downloaded = 0
@@ -4206,7 +4323,7 @@ class _PullerCore:
         if descriptor.size > _MAX_CONFIG_BYTES or not (
                 descriptor.media_type.endswith("json") or not descriptor.media_type):
             return {}
-        raw = self.cache.get(descriptor.digest)
+        raw = self.cache.read_small(descriptor.digest, _MAX_CONFIG_BYTES)
         try:
             data = json.loads(raw.decode("utf-8")) if raw else {}
         except (UnicodeDecodeError, ValueError):
@@ -4216,14 +4333,17 @@ class _PullerCore:
     def _fetch_index(self, client: _RegistryClient, index: Manifest) -> Tuple[int, int]:
         """Fetch every child manifest of an index (nested too) and all their blobs."""
         blobs: List[Descriptor] = []
+        seen = {index.digest}
         pending = [index]
         while pending:
             manifest = pending.pop()
-            if manifest.is_index:
-                pending.extend(self._manifest_by_digest(client, child.digest)
-                               for child in manifest.manifests)
-            else:
+            if not manifest.is_index:
                 blobs.extend([manifest.config] + manifest.layers)
+                continue
+            for child in manifest.manifests:
+                if child.digest not in seen:  # listed twice, fetched once
+                    seen.add(child.digest)
+                    pending.append(self._manifest_by_digest(client, child.digest))
         return self._fetch_blobs(client, blobs)
 
 
