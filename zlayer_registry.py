@@ -2773,18 +2773,24 @@ class _ZstdPipe:
             except OSError:
                 pass
 
-    def close(self) -> None:
-        """Close the stream and check the decompressor's exit status."""
+    def close(self, check: bool = True) -> None:
+        """Close the stream; with ``check``, raise if the decompressor failed.
+
+        Without ``check`` (another error is already on its way) the process
+        is stopped quietly, so its failure cannot hide the first error.
+        """
         if self._process is None:
             self.stream.close()
             return
+        if not check:
+            self._process.kill()
         while self.stream.read(_READ_CHUNK_BYTES):
             pass
         self.stream.close()
         self._feeder.join()
         error = self._process.stderr.read().decode(errors="replace").strip()
         self._process.stderr.close()
-        if self._process.wait() != 0:
+        if self._process.wait() != 0 and check:
             raise UnpackError(f"zstd failed: {error.splitlines()[-1] if error else 'no output'}")
 
 
@@ -3191,7 +3197,7 @@ class LayerUnpacker(_RootTree):
                 if prefetch is not None:
                     prefetch.close()
                 if zstd_pipe is not None:
-                    zstd_pipe.close()
+                    zstd_pipe.close(check=sys.exc_info()[0] is None)
             for directory in opaque:
                 self._apply_opaque(directory)
         if self.root == self.rootfs:
@@ -4921,8 +4927,13 @@ def _build_parser() -> Any:
     wasm_export.add_argument("file", metavar="FILE", help="the .wasm module or component")
     wasm_export.add_argument("destination", metavar="oci:DIR[:TAG]", help="OCI layout to write")
     wasm_export.add_argument("--name", help="module name (default: the file name)")
-    cache = add("cache", "list, verify, prune or garbage-collect the cache", reference=False,
-                platform=None, json_help=None)
+    _add_cache_actions(add("cache", "list, verify, prune or garbage-collect the cache",
+                           reference=False, platform=None, json_help=None))
+    return parser
+
+
+def _add_cache_actions(cache: Any) -> None:
+    """Add the ``cache ls | verify | prune | gc`` actions."""
     cache_actions = cache.add_subparsers(dest="action", metavar="ACTION")
     for name, help_text in (("ls", "list blobs and references"),
                             ("verify", "re-hash every blob; exit 1 if any is corrupt"),
@@ -4939,7 +4950,6 @@ def _build_parser() -> Any:
         if name == "prune":
             action.add_argument("--max-bytes", type=_parse_size, required=True, metavar="N",
                                 help="size to prune down to (e.g. 2G, 500M, 1048576)")
-    return parser
 
 
 def _suppress() -> Any:
