@@ -2035,6 +2035,15 @@ class TestReviewRegressions:
         with pytest.raises(zr.RegistryError):
             make_puller(retries=0).pull(f"{registry.host}/app:v1")
 
+    def test_several_scopes_are_separate_parameters(self, registry):
+        registry.auth = "bearer"
+        registry.add_image("app", "v1", [layer_bytes(1, 100)])
+        original = registry._challenge
+        registry._challenge = lambda: original() + ',scope="repository:app:pull repository:base:pull"'
+        make_puller().pull(f"{registry.host}/app:v1")
+        assert registry.token_requests[0]["query"]["scope"] == ["repository:app:pull",
+                                                                "repository:base:pull"]
+
     def test_a_token_with_control_characters_is_refused(self, registry):
         registry.auth = "bearer"
         registry.add_image("app", "v1", [layer_bytes(1, 100)])

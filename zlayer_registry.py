@@ -1723,8 +1723,12 @@ class _RegistryClient:
             if self.auth.kind == "basic" and self.auth.password:
                 headers["Authorization"] = self.auth.basic_header()
                 params["account"] = self.auth.username
+            # Docker token spec: one scope parameter per scope on GET (the
+            # OAuth2 POST above takes them space-separated in one).
+            query = [(k, v) for k, v in params.items() if k != "scope"]
+            query += [("scope", item) for item in scope.split()]
             sep = "&" if "?" in realm else "?"
-            method, url, body = "GET", realm + sep + urlencode(params), None
+            method, url, body = "GET", realm + sep + urlencode(query), None
         response = self._send_with_retries(lambda: self.transport.send(method, url, headers, body),
                                            method, realm)
         with response:
