@@ -51,6 +51,14 @@ class _Server(http.server.ThreadingHTTPServer):
         return sock, addr
 
 
+def _serve(handler: type, owner: Any) -> Tuple["_Server", threading.Thread]:
+    """Start a server for ``handler`` on 127.0.0.1:0 in a daemon thread."""
+    server = _Server(handler, owner)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread
+
+
 class _Base(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -91,9 +99,7 @@ class ObjectStore:
                     return
                 self.send_body(200, data, content_type="application/octet-stream")
 
-        self.server = _Server(Handler, self)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.thread = _serve(Handler, self)
 
     @property
     def url(self) -> str:
@@ -141,9 +147,7 @@ class FakeRegistry:
             def do_POST(self) -> None:
                 registry._handle(self)
 
-        self.server = _Server(Handler, self)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.thread = _serve(Handler, self)
 
     # -- content ----------------------------------------------------------------
 
@@ -419,9 +423,7 @@ class ForwardProxy:
                     self.wfile.write(body)
                 target.close()
 
-        self.server = _Server(Handler, self)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.thread = _serve(Handler, self)
 
     @property
     def url(self) -> str:

@@ -191,16 +191,6 @@ class Bounded:
         assert self.elapsed_s < self.limit_s, f"took {self.elapsed_s:.1f}s"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 _PARTIAL_RE = re.compile(r"^[0-9a-f]{16}\.(\d+)\..+\.partial$")
 
 
@@ -571,7 +561,7 @@ class TestCrashes:
             for name in leftovers:
                 match = _PARTIAL_RE.match(name)
                 assert match, name
-                assert not _pid_alive(int(match.group(1))), name
+                assert not zr._pid_alive(int(match.group(1))), name
             verify = run_cli("cache", "verify", "--cache", str(cache_dir), cwd=tmp_path)
             assert verify.returncode == 0 and " 0 corrupt" in verify.stdout, verify
             assert tmp_files(cache_dir) == []  # that open removed them

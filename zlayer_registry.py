@@ -972,8 +972,9 @@ def detect_artifact_type(manifest: Union[Manifest, Mapping[str, Any]],
     if artifact_type == WASM_ARTIFACT_MODULE:
         return ArtifactType.wasm(WasiVersion.PREVIEW1)
     config_wasi = _wasi_from_config(config)
-    config_type = (data.get("config") or {}).get("mediaType") \
-        if isinstance(data.get("config"), dict) else None
+    config_descriptor = data.get("config")
+    config_type = (config_descriptor.get("mediaType")
+                   if isinstance(config_descriptor, dict) else None)
     layer = _wasm_layer(data)
     is_wasm = (config_type in _WASM_CONFIG_TYPES or artifact_type in _WASM_CONFIG_TYPES
                or layer is not None or config_wasi is not None)
@@ -4219,14 +4220,16 @@ class _PullerCore:
         unique: Dict[str, Descriptor] = {}
         for descriptor in descriptors:
             unique.setdefault(descriptor.digest, descriptor)
+        missing = []
         for descriptor in unique.values():
             size = self.cache.size(descriptor.digest)
-            if size is not None and size != descriptor.size:
+            if size is None:
+                missing.append(descriptor)
+            elif size != descriptor.size:
                 raise DigestMismatchError(f"blob {descriptor.digest} is described with the "
                                           "wrong size", f"{descriptor.size} bytes",
                                           f"{size} bytes")
-        missing = [d for d in unique.values() if not self.cache.has(d.digest)]
-        from_cache = sum(d.size for d in unique.values() if d not in missing)
+        from_cache = sum(d.size for d in unique.values()) - sum(d.size for d in missing)
         downloaded = 0
         if missing:
             from concurrent.futures import FIRST_EXCEPTION, wait
