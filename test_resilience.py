@@ -654,13 +654,23 @@ class _FullDiskWriter:
     def offset(self) -> int:
         return self._inner.offset
 
-    def write(self, data: Any) -> None:
+    def _use(self, count: int) -> None:
         with self._disk.lock_:
-            if self._disk.free_bytes < len(data):
+            if self._disk.free_bytes < count:
                 self._disk.refusals += 1
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self._disk.free_bytes -= len(data)
+            self._disk.free_bytes -= count
+
+    def write(self, data: Any) -> None:
+        self._use(len(data))
         self._inner.write(data)
+
+    def buffer(self) -> memoryview:
+        return self._inner.buffer()
+
+    def filled(self, count: int) -> None:
+        self._use(count)
+        self._inner.filled(count)
 
     def restart(self) -> None:
         self._inner.restart()

@@ -1011,6 +1011,110 @@ class TestCaches:
 # 14. CLI
 # -----------------------------------------------------------------------------
 
+class TestDirectIoWriter:
+    """Large blobs go through a staging buffer, written with O_DIRECT where the file system
+    allows it; every path must store exactly the bytes received."""
+
+    # More than one stage, and a tail that is not a multiple of the alignment.
+    SIZE = zr._DIRECT_IO_MIN_BYTES + 3 * zr._DIRECT_IO_STAGE_BYTES // 2 + 1234
+    PIECES = (1, 4095, 4097, 65536, zr._DIRECT_IO_STAGE_BYTES, 7, 300_001)
+
+    @staticmethod
+    def _receive(writer, data: bytes, pieces) -> None:
+        """Feed ``data`` the way the puller does: into ``buffer()``, then ``filled(n)``."""
+        position, turn = 0, 0
+        while position < len(data):
+            view = writer.buffer()
+            count = min(pieces[turn % len(pieces)], len(view), len(data) - position)
+            view[:count] = data[position:position + count]
+            writer.filled(count)
+            position, turn = position + count, turn + 1
+
+    @staticmethod
+    def _direct_flag(writer) -> bool:
+        import fcntl
+        return bool(fcntl.fcntl(writer._fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+    def _store(self, tmp_path, pieces=PIECES, restart_after: int = 0, faked: bool = False):
+        data = layer_bytes(11, self.SIZE)
+        digest = zr.compute_digest(data)
+        cache = zr.BlobCache.open(tmp_path / "c")
+        writer = cache.begin_write(digest, len(data), "application/octet-stream")
+        staged = writer._stage is not None
+        if hasattr(os, "O_DIRECT") and not faked:
+            assert self._direct_flag(writer) == staged
+        if restart_after:
+            self._receive(writer, layer_bytes(12, restart_after), pieces)
+            writer.restart()
+        self._receive(writer, data, pieces)
+        writer.commit()
+        assert Path(cache.path(digest)).read_bytes() == data
+        assert list((tmp_path / "c" / "tmp").iterdir()) == []
+        return staged
+
+    def test_uneven_pieces_and_an_unaligned_tail(self, tmp_path):
+        self._store(tmp_path)
+
+    def test_restart_in_the_middle_of_a_stage(self, tmp_path):
+        self._store(tmp_path, restart_after=zr._DIRECT_IO_STAGE_BYTES + 5000)
+
+    def test_plain_write_of_a_large_blob(self, tmp_path):
+        data = layer_bytes(13, self.SIZE)
+        cache = zr.BlobCache.open(tmp_path / "c")
+        cache.put(zr.compute_digest(data), data)
+        assert cache.get(zr.compute_digest(data)) == data
+
+    def test_small_blobs_and_the_opt_out_are_not_staged(self, tmp_path, monkeypatch):
+        cache = zr.BlobCache.open(tmp_path / "c")
+        small = cache.begin_write(SHA_A, zr._DIRECT_IO_MIN_BYTES - 1)
+        assert small._stage is None
+        small.abort()
+        monkeypatch.setenv("ZLAYER_NO_DIRECT_IO", "1")
+        assert self._store(tmp_path / "off") is False
+
+    def test_a_refused_direct_write_falls_back_to_buffered(self, tmp_path, monkeypatch):
+        """A file system that takes the flag but refuses the write (EINVAL) still gets the blob."""
+        import errno
+        monkeypatch.setattr(zr, "_set_direct_io", lambda fd, enable: True)
+        real_write, refused = os.write, []
+
+        def write(fd, data):
+            if len(data) >= zr._DIRECT_IO_ALIGN_BYTES and not refused:
+                refused.append(len(data))
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(zr.os, "write", write)
+        assert self._store(tmp_path, faked=True) is True
+        assert refused == [zr._DIRECT_IO_STAGE_BYTES]
+
+    def test_short_direct_write_falls_back_to_buffered(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(zr, "_set_direct_io", lambda fd, enable: True)
+        real_write, shortened = os.write, []
+
+        def write(fd, data):
+            if len(data) == zr._DIRECT_IO_STAGE_BYTES and not shortened:
+                shortened.append(fd)
+                return real_write(fd, data[:zr._DIRECT_IO_ALIGN_BYTES * 3])
+            return real_write(fd, data)
+
+        monkeypatch.setattr(zr.os, "write", write)
+        assert self._store(tmp_path, faked=True) is True and len(shortened) == 1
+
+    def test_dropped_connection_in_the_middle_of_a_stage_resumes_there(self, registry, sleeps,
+                                                                        tmp_path):
+        data = layer_bytes(14, self.SIZE)
+        image = registry.add_image("app", "v1", [data])
+        digest = image["layers"][0]["digest"]
+        cut = zr._DIRECT_IO_STAGE_BYTES * 2 + 100_001
+        registry.faults.append(lambda m, p, h: {"drop_after": cut} if p.endswith(digest) else None)
+        cache = zr.BlobCache.open(tmp_path)
+        result = make_puller(cache, sleeps=sleeps).pull_image(f"{registry.host}/app:v1")
+        blob_gets = [r for r in registry.requests if r["path"].endswith(digest)]
+        assert [r["headers"].get("Range") for r in blob_gets] == [None, f"bytes={cut}-"]
+        assert Path(result.layers[0].path).read_bytes() == data
+
+
 class TestCli:
     def test_pull_json(self, registry, tmp_path):
         image = registry.add_image("app", "v1", [layer_bytes(1)])

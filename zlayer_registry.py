@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import errno
 import hashlib
 import json
 import os
@@ -166,6 +167,12 @@ _READ_CHUNK_BYTES = 1024 * 1024
 # Network reads return what one recv() brings, rarely more than a few
 # hundred KiB; a smaller cap keeps four workers' peak memory down.
 _NETWORK_READ_BYTES = 256 * 1024
+# Cache blobs at least this large are written with O_DIRECT, through a staging
+# buffer of this size, in multiples of the alignment (the largest logical
+# block size in common use).
+_DIRECT_IO_MIN_BYTES = 4 * 1024 * 1024
+_DIRECT_IO_STAGE_BYTES = 1024 * 1024
+_DIRECT_IO_ALIGN_BYTES = 4096
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _DOCKER_HUB = "docker.io"
 _DOCKER_HUB_API_HOST = "registry-1.docker.io"
@@ -1127,6 +1134,30 @@ class _Response:
             self._finish()
         return data
 
+    def readinto1(self, view: memoryview) -> int:
+        """Receive into ``view`` what one socket read brings; 0 at end of body.
+
+        A Content-Length body is read from http.client's buffered socket
+        file straight into the caller's buffer (no bytes object per read);
+        chunked bodies go through ``read1``.
+        """
+        raw = self._raw
+        source = getattr(raw, "fp", None)
+        length = getattr(raw, "length", None)
+        if getattr(raw, "chunked", True) or length is None \
+                or not hasattr(source, "readinto1"):
+            data = self.read1(len(view))
+            view[:len(data)] = data
+            return len(data)
+        count = source.readinto1(view[:length]) if length and len(view) else 0
+        raw.length = length - count
+        if not count:
+            # The end of the body, or the server closed early (the caller
+            # sees the short count); either way this response is done.
+            raw.close()
+            self._finish()
+        return count
+
     def _finish(self) -> None:
         """Return the connection to the pool when the body is fully read."""
         if self._connection is not None and self._raw.isclosed() \
@@ -1969,17 +2000,41 @@ class _BlobWriter:
         self.expected_size = size
         self.offset = 0
         self._hasher = _hasher_for(digest)
+        self._scratch: Optional[memoryview] = None
 
     def write(self, data: Any) -> None:
         """Append bytes (any buffer); refuses more than the announced size."""
+        self._take(data)
+        self._sink_write(data)
+
+    def _take(self, data: Any) -> None:
+        """Count and hash bytes about to be stored."""
         count = len(data)
         if self.expected_size is not None and self.offset + count > self.expected_size:
             raise DigestMismatchError(f"blob {self.digest} is larger than announced",
                                       f"{self.expected_size} bytes",
                                       f"at least {self.offset + count} bytes")
         self._hasher.update(data)
-        self._sink_write(data)
         self.offset += count
+
+    def buffer(self) -> memoryview:
+        """Return a buffer to receive the next bytes into; ``filled(n)`` takes them.
+
+        At most one byte more than the announced size fits, so an overlong
+        blob is caught without reading it all.
+        """
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_NETWORK_READ_BYTES))
+        return self._limit(self._scratch)
+
+    def filled(self, count: int) -> None:
+        """Take the first ``count`` bytes of the last ``buffer()``."""
+        self.write(self._scratch[:count])
+
+    def _limit(self, view: memoryview) -> memoryview:
+        if self.expected_size is None:
+            return view
+        return view[:max(self.expected_size - self.offset + 1, 1)]
 
     def restart(self) -> None:
         """Drop what was written (the server ignored a Range request)."""
@@ -2270,7 +2325,15 @@ class BlobCache:
 # =============================================================================
 
 class _FileBlobWriter(_BlobWriter):
-    """Streams into ``tmp/`` inside the cache, then renames into ``blobs/``."""
+    """Streams into ``tmp/`` inside the cache, then renames into ``blobs/``.
+
+    Blobs of ``_DIRECT_IO_MIN_BYTES`` or more are written with ``O_DIRECT``
+    where the file system allows it: whole aligned chunks go from one staging
+    buffer straight to the disk, past the page cache.  The blob is fsynced
+    before it becomes visible either way, so the page cache would only be a
+    detour; on VMs that return freed memory to the host it is a slow one (a
+    fresh page costs a host fault).  The unaligned tail is written buffered.
+    """
 
     def __init__(self, cache: "DirectoryBlobCache", digest: str, size: Optional[int],
                  media_type: str) -> None:
@@ -2286,33 +2349,91 @@ class _FileBlobWriter(_BlobWriter):
         # Locked while written: a process in another PID namespace (a
         # container sharing the cache) sees our PID as dead, but not this lock.
         _try_flock(fd)
-        self._file: Optional[BinaryIO] = os.fdopen(fd, "wb")
+        self._fd: Optional[int] = fd
+        self._stage: Optional[memoryview] = None
+        self._staged = 0
+        if size is not None and size >= _DIRECT_IO_MIN_BYTES and _set_direct_io(fd, True):
+            import mmap
+            self._stage = memoryview(mmap.mmap(-1, _DIRECT_IO_STAGE_BYTES))
 
     def _sink_write(self, data: Any) -> None:
         try:
-            self._file.write(data)
+            view = memoryview(data)
+            while view and self._stage is not None:
+                count = min(len(view), _DIRECT_IO_STAGE_BYTES - self._staged)
+                self._stage[self._staged:self._staged + count] = view[:count]
+                self._staged += count
+                view = view[count:]
+                if self._staged == _DIRECT_IO_STAGE_BYTES:
+                    self._flush_stage()
+            if view:
+                _write_all(self._fd, view)
         except OSError as exc:
             self.abort()
             raise CacheError(f"cannot write blob {self.digest} to cache "
                              f"{self._cache.root}: {exc.strerror or exc}") from exc
 
-    def _sink_truncate(self) -> None:
-        self._file.seek(0)
-        self._file.truncate()
+    def buffer(self) -> memoryview:
+        """The free end of the staging buffer (received into, never copied)."""
+        if self._stage is None:
+            return super().buffer()
+        return self._limit(self._stage[self._staged:])
 
-    def check(self) -> None:
-        """Verify, and close the temporary file (a checked blob waits without an fd)."""
-        super().check()
-        if self._file is not None:
+    def filled(self, count: int) -> None:
+        if self._stage is None:
+            super().filled(count)
+            return
+        self._take(self._stage[self._staged:self._staged + count])
+        self._staged += count
+        if self._staged == _DIRECT_IO_STAGE_BYTES:
             try:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
+                self._flush_stage()
             except OSError as exc:
                 self.abort()
                 raise CacheError(f"cannot write blob {self.digest} to cache "
                                  f"{self._cache.root}: {exc.strerror or exc}") from exc
-            self._file = None
+
+    def _flush_stage(self) -> None:
+        """Write the staged bytes; an unaligned tail or a short write ends direct I/O."""
+        staged = self._stage[:self._staged]
+        aligned = len(staged) - len(staged) % _DIRECT_IO_ALIGN_BYTES
+        done = 0
+        if aligned:
+            try:
+                done = os.write(self._fd, staged[:aligned])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: alignment refused
+                    raise
+        self._staged = 0
+        if done < len(staged):
+            _set_direct_io(self._fd, False)
+            _write_all(self._fd, staged[done:])
+            self._stage = None
+
+    def _sink_truncate(self) -> None:
+        self._staged = 0
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        os.ftruncate(self._fd, 0)
+
+    def check(self) -> None:
+        """Verify, and close the temporary file (a checked blob waits without an fd)."""
+        super().check()
+        if self._fd is not None:
+            try:
+                if self._stage is not None:
+                    self._flush_stage()
+                os.fsync(self._fd)
+            except OSError as exc:
+                self.abort()
+                raise CacheError(f"cannot write blob {self.digest} to cache "
+                                 f"{self._cache.root}: {exc.strerror or exc}") from exc
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._stage = None
 
     def _sink_commit(self) -> None:
         final = self._cache._blob_path(self.digest)
@@ -2327,13 +2448,25 @@ class _FileBlobWriter(_BlobWriter):
         self._cache._index_blob(self.digest, self.offset, self._media_type)
 
     def _sink_abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close()
         try:
             os.unlink(self._tmp_path)
         except FileNotFoundError:
             pass
+
+
+def _set_direct_io(fd: int, enable: bool) -> bool:
+    """Turn O_DIRECT on or off for a file; False where unsupported (tmpfs, non-Linux)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag or os.environ.get("ZLAYER_NO_DIRECT_IO"):
+        return False
+    import fcntl
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | flag if enable else flags & ~flag)
+    except OSError:
+        return False
+    return True
 
 
 # Two statements rather than an UPSERT, which needs SQLite 3.24 (older than
@@ -4308,8 +4441,9 @@ class _PullerCore:
                    cancel: threading.Event) -> Tuple[int, Optional[BaseException]]:
         """Copy a response body into a writer; return (bytes, the network error if any).
 
-        ``read1`` returns what one socket read brings, so a reset or a stall
-        loses nothing already received and the resume starts exactly there.
+        ``readinto1`` receives what one socket read brings, straight into the
+        writer's buffer, so a reset or a stall loses nothing already received
+        and the resume starts exactly there.
         Cache write failures are not network errors and propagate.
         """
         count = 0
@@ -4317,17 +4451,17 @@ class _PullerCore:
             if cancel.is_set():
                 raise _Cancelled()
             try:
-                chunk = response.read1(_NETWORK_READ_BYTES)
+                received = response.readinto1(writer.buffer())
             except _CONNECTION_ERRORS as exc:
                 return count, exc
-            if not chunk:
+            if not received:
                 return count, None
             try:
-                writer.write(chunk)
+                writer.filled(received)
             except OSError as exc:
                 raise CacheError(f"cannot write blob {descriptor.digest} to the cache: "
                                  f"{exc.strerror or exc}") from exc
-            count += len(chunk)
+            count += received
             if self.progress is not None:
                 self.progress(descriptor, writer.offset, descriptor.size)
 
