@@ -1011,6 +1011,88 @@ class TestCaches:
 # 14. CLI
 # -----------------------------------------------------------------------------
 
+class TestWorkerPool:
+    """The puller's own thread pool: results in order, first error wins, Ctrl-C cancels."""
+
+    @staticmethod
+    def _pool(size=3):
+        import threading
+        exits = []
+        pool = zr._WorkerPool(size, "test-pool", lambda: exits.append(threading.current_thread().name))
+        return pool, exits
+
+    def test_results_in_order_and_threads_kept_between_batches(self):
+        import threading
+        pool, exits = self._pool()
+        names = set()
+
+        def work(n):
+            names.add(threading.current_thread().name)
+            return n * n
+
+        assert pool.run(work, list(range(20)), threading.Event()) == [n * n for n in range(20)]
+        first = set(pool._threads)
+        assert pool.run(work, [5], threading.Event()) == [25]
+        assert set(pool._threads) == first and len(first) <= 3
+        assert names <= {t.name for t in first}
+        pool.close()
+        assert sorted(exits) == sorted(t.name for t in first)
+        assert not any(t.is_alive() for t in first)
+
+    def test_first_error_cancels_running_and_queued_tasks(self):
+        import threading
+        pool, _ = self._pool(size=2)
+        cancel, started, stopped = threading.Event(), [], []
+
+        def work(n):
+            started.append(n)
+            if n == 1:
+                raise zr.RegistryError("boom")
+            if n == 0:  # a running download: stops once cancelled
+                assert cancel.wait(10)
+                stopped.append(n)
+                raise zr._Cancelled()
+            return n
+
+        with pytest.raises(zr.RegistryError, match="boom"):
+            pool.run(work, list(range(10)), cancel)
+        assert cancel.is_set() and stopped == [0]
+        assert sorted(started) == [0, 1] and pool._queue == []
+        assert pool.run(lambda n: n + 1, [1, 2], threading.Event()) == [2, 3]
+        pool.close()
+
+    def test_interrupted_caller_cancels_and_drops_the_queue(self):
+        """Ctrl-C while waiting: the caller raises at once; nothing else starts."""
+        import signal
+        import threading
+        pool, _ = self._pool(size=1)
+        caller = threading.main_thread().ident
+        cancel, release, started = threading.Event(), threading.Event(), []
+
+        def work(n):
+            started.append(n)
+            if n == 1:
+                signal.pthread_kill(caller, signal.SIGINT)  # Ctrl-C
+                release.wait(10)
+            return n
+
+        with pytest.raises(KeyboardInterrupt):
+            pool.run(work, [1, 2, 3], cancel)
+        assert cancel.is_set() and pool._queue == []
+        release.set()
+        pool.close()
+        assert started == [1]
+
+    def test_puller_close_ends_its_workers(self, registry):
+        registry.add_image("app", "v1", [layer_bytes(1), layer_bytes(2)])
+        puller = make_puller()
+        puller.pull(f"{registry.host}/app:v1")
+        threads = list(puller._workers._threads)
+        assert threads and all(t.is_alive() for t in threads)
+        puller.close()
+        assert not any(t.is_alive() for t in threads) and puller._workers is None
+
+
 class TestDirectIoWriter:
     """Large blobs go through a staging buffer, written with O_DIRECT where the file system
     allows it; every path must store exactly the bytes received."""

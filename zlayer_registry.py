@@ -59,7 +59,7 @@ Specifications followed:
 # 1. IMPORTS AND COMPATIBILITY
 # =============================================================================
 # Only cheap modules are imported here; sqlite3, ssl, http.client, tarfile,
-# concurrent.futures and subprocess are imported where first used, so that
+# tempfile and subprocess are imported where first used, so that
 # `import zlayer_registry` stays fast and never fails on a Python built without
 # sqlite3 or ssl (Debian's python3-minimal has no sqlite3).
 
@@ -763,8 +763,7 @@ def _normalize_platform(platform: Platform) -> Platform:
 
 def host_platform() -> Platform:
     """Return the platform images for this host are built for (OS is linux)."""
-    import platform as _platform
-    machine = _platform.machine().lower() or "amd64"
+    machine = (os.uname().machine if hasattr(os, "uname") else "").lower() or "amd64"
     variant = ""
     if machine.startswith("armv") and machine[4:5].isdigit():
         variant, machine = f"v{machine[4]}", "arm"
@@ -2024,7 +2023,9 @@ class _BlobWriter:
         blob is caught without reading it all.
         """
         if self._scratch is None:
-            self._scratch = memoryview(bytearray(_NETWORK_READ_BYTES))
+            size = _NETWORK_READ_BYTES if self.expected_size is None \
+                else min(_NETWORK_READ_BYTES, self.expected_size + 1)
+            self._scratch = memoryview(bytearray(size))
         return self._limit(self._scratch)
 
     def filled(self, count: int) -> None:
@@ -2339,11 +2340,14 @@ class _FileBlobWriter(_BlobWriter):
                  media_type: str) -> None:
         super().__init__(digest, size)
         self._cache, self._media_type = cache, media_type
-        import tempfile
+        # A unique name as tempfile.mkstemp makes one (importing tempfile
+        # costs a cold CLI run about 3 ms): random, created exclusively.
+        self._tmp_path = os.path.join(
+            cache._tmp_dir, f"{digest.split(':', 1)[1][:16]}.{os.getpid()}."
+                            f"{os.urandom(6).hex()}.partial")
         try:
-            fd, self._tmp_path = tempfile.mkstemp(
-                prefix=f"{digest.split(':', 1)[1][:16]}.{os.getpid()}.",
-                suffix=".partial", dir=cache._tmp_dir)
+            fd = os.open(self._tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_CLOEXEC", 0), 0o600)
         except OSError as exc:
             raise CacheError(f"cannot write to cache {cache.root}: {exc.strerror or exc}") from exc
         # Locked while written: a process in another PID namespace (a
@@ -2353,8 +2357,7 @@ class _FileBlobWriter(_BlobWriter):
         self._stage: Optional[memoryview] = None
         self._staged = 0
         if size is not None and size >= _DIRECT_IO_MIN_BYTES and _set_direct_io(fd, True):
-            import mmap
-            self._stage = memoryview(mmap.mmap(-1, _DIRECT_IO_STAGE_BYTES))
+            self._stage = _take_stage()
 
     def _sink_write(self, data: Any) -> None:
         try:
@@ -2408,7 +2411,8 @@ class _FileBlobWriter(_BlobWriter):
         if done < len(staged):
             _set_direct_io(self._fd, False)
             _write_all(self._fd, staged[done:])
-            self._stage = None
+            staged.release()
+            self._drop_stage()
 
     def _sink_truncate(self) -> None:
         self._staged = 0
@@ -2433,7 +2437,12 @@ class _FileBlobWriter(_BlobWriter):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self._stage = None
+        self._drop_stage()
+
+    def _drop_stage(self) -> None:
+        if self._stage is not None:
+            _return_stage(self._stage)
+            self._stage = None
 
     def _sink_commit(self) -> None:
         final = self._cache._blob_path(self.digest)
@@ -2453,6 +2462,27 @@ class _FileBlobWriter(_BlobWriter):
             os.unlink(self._tmp_path)
         except FileNotFoundError:
             pass
+
+
+# Staging buffers of finished writers, reused by the next ones: fresh pages
+# are the expensive kind in a VM that returns freed memory to its host.
+_SPARE_STAGES: List[memoryview] = []
+_SPARE_STAGES_MAX = 4
+_SPARE_STAGES_LOCK = threading.Lock()
+
+
+def _take_stage() -> memoryview:
+    with _SPARE_STAGES_LOCK:
+        if _SPARE_STAGES:
+            return _SPARE_STAGES.pop()
+    import mmap  # page-aligned, as O_DIRECT needs
+    return memoryview(mmap.mmap(-1, _DIRECT_IO_STAGE_BYTES))
+
+
+def _return_stage(stage: memoryview) -> None:
+    with _SPARE_STAGES_LOCK:
+        if len(_SPARE_STAGES) < _SPARE_STAGES_MAX:
+            _SPARE_STAGES.append(stage)
 
 
 def _set_direct_io(fd: int, enable: bool) -> bool:
@@ -4233,6 +4263,114 @@ class _Cancelled(Exception):
     """Internal: another worker failed, so this download stops."""
 
 
+class _Batch:
+    """The tasks of one ``_WorkerPool.run`` call: results, errors and how many are left."""
+
+    def __init__(self, count: int, cancel: threading.Event) -> None:
+        self.results: List[Any] = [None] * count
+        self.errors: List[Optional[BaseException]] = [None] * count
+        self.pending = count
+        self.cancel = cancel
+
+
+class _WorkerPool:
+    """Worker threads kept between batches, so each keeps its keep-alive connections.
+
+    Lighter than concurrent.futures (whose import alone costs a cold CLI run
+    about 5 ms) and stricter on failure: the first error sets the batch's
+    cancel event (running tasks stop at their next read), drops the tasks not
+    yet started, and is raised once the running ones have stopped.  An
+    interrupt of the waiting caller (Ctrl-C) cancels the same way without
+    waiting.  Threads are daemons; ``close()`` ends them, each running
+    ``on_exit`` (closing its connections) first.
+    """
+
+    def __init__(self, size: int, name: str, on_exit: Callable[[], None]) -> None:
+        self._size, self._name, self._on_exit = size, name, on_exit
+        self._cond = threading.Condition()
+        self._queue: List[Tuple[_Batch, int, Callable[[Any], Any], Any]] = []
+        self._threads: List[threading.Thread] = []
+        self._idle = 0
+        self._closed = False
+
+    def run(self, fn: Callable[[Any], Any], items: Sequence[Any],
+            cancel: threading.Event) -> List[Any]:
+        """Return ``[fn(item) for item in items]``, computed in parallel."""
+        batch = _Batch(len(items), cancel)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the puller is closed")
+            self._queue.extend((batch, index, fn, item) for index, item in enumerate(items))
+            wanted = min(self._size - len(self._threads), len(self._queue) - self._idle)
+            for _ in range(max(wanted, 0)):
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name=f"{self._name}_{len(self._threads)}")
+                thread.start()
+                self._threads.append(thread)
+            self._cond.notify_all()
+        try:
+            with self._cond:
+                while batch.pending:
+                    if cancel.is_set():
+                        self._drop(batch)
+                        if not batch.pending:
+                            break
+                    # Woken by every finished task; the timeout only bounds
+                    # how long a signal delivered to another thread waits.
+                    self._cond.wait(0.25)
+        except BaseException:
+            cancel.set()
+            with self._cond:
+                self._drop(batch)
+            raise
+        errors = [e for e in batch.errors if e is not None]
+        if errors:
+            raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+        return batch.results
+
+    def _drop(self, batch: _Batch) -> None:
+        """Remove the batch's tasks that no worker has started (lock held)."""
+        kept = [task for task in self._queue if task[0] is not batch]
+        batch.pending -= len(self._queue) - len(kept)
+        self._queue = kept
+
+    def _work(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._closed:
+                        self._idle += 1
+                        self._cond.wait()
+                        self._idle -= 1
+                    if self._closed:
+                        return
+                    batch, index, fn, item = self._queue.pop(0)
+                    if batch.cancel.is_set():  # the batch failed: not started
+                        batch.pending -= 1
+                        self._cond.notify_all()
+                        continue
+                try:
+                    batch.results[index] = fn(item)
+                except BaseException as exc:  # handed to the caller
+                    batch.errors[index] = exc
+                    batch.cancel.set()
+                with self._cond:
+                    batch.pending -= 1
+                    self._cond.notify_all()
+        finally:
+            self._on_exit()
+
+    def close(self) -> None:
+        """End the worker threads (after their current task)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
+        self._threads = []
+
+
 class _PullerCore:
     """The machinery of ImagePuller: clients, manifests, parallel verified blob downloads."""
 
@@ -4263,7 +4401,7 @@ class _PullerCore:
                                      proxies=_ProxySettings.from_environ(env),
                                      ssl_context=ssl_context)
         self._tokens = _TokenCache(clock)
-        self._executor: Any = None
+        self._workers: Optional[_WorkerPool] = None
 
     @property
     def request_count(self) -> int:
@@ -4272,9 +4410,9 @@ class _PullerCore:
 
     def close(self) -> None:
         """Stop worker threads and close connections."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
         self._transport.close()
 
     def __enter__(self) -> "ImagePuller":
@@ -4340,12 +4478,10 @@ class _PullerCore:
 
     # -- blobs ----------------------------------------------------------------
 
-    def _pool(self) -> Any:
-        if self._executor is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._executor = ThreadPoolExecutor(self.max_workers,
-                                                thread_name_prefix="zlayer-pull")
-        return self._executor
+    def _pool(self) -> _WorkerPool:
+        if self._workers is None:
+            self._workers = _WorkerPool(self.max_workers, "zlayer-pull", self._transport.close)
+        return self._workers
 
     def _fetch_blobs(self, client: _RegistryClient, descriptors: Sequence[Descriptor]
                      ) -> Tuple[int, int]:
@@ -4365,22 +4501,9 @@ class _PullerCore:
         from_cache = sum(d.size for d in unique.values()) - sum(d.size for d in missing)
         downloaded = 0
         if missing:
-            from concurrent.futures import FIRST_EXCEPTION, wait
             cancel = threading.Event()
-            futures = [self._pool().submit(self._download_blob, client, d, cancel)
-                       for d in missing]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
-                cancel.set()
-                for future in pending:
-                    future.cancel()
-                wait(futures)
-                errors = [f.exception() for f in futures if not f.cancelled()
-                          and f.exception() is not None
-                          and not isinstance(f.exception(), _Cancelled)]
-                raise errors[0]
-            received = [f.result() for f in futures]
+            received = self._pool().run(lambda d: self._download_blob(client, d, cancel),
+                                        missing, cancel)
             downloaded = sum(n for n in received if n is not None)
             # None: another process stored the blob while this one waited.
             from_cache += sum(d.size for d, n in zip(missing, received) if n is None)
