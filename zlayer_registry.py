@@ -154,7 +154,8 @@ MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024
 # Descriptor sizes above this are refused before any byte is downloaded.
 MAX_BLOB_SIZE_BYTES = 1 << 40
 MAX_REDIRECTS = 10
-DEFAULT_MAX_WORKERS = 4
+# Parallel blob downloads: skopeo's (containers/image's) number.
+DEFAULT_MAX_WORKERS = 6
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RETRIES = 4
 RETRY_BACKOFF_BASE_S = 0.25
@@ -171,7 +172,7 @@ _NETWORK_READ_BYTES = 256 * 1024
 # buffer of this size, in multiples of the alignment (the largest logical
 # block size in common use).
 _DIRECT_IO_MIN_BYTES = 4 * 1024 * 1024
-_DIRECT_IO_STAGE_BYTES = 1024 * 1024
+_DIRECT_IO_STAGE_BYTES = 512 * 1024
 _DIRECT_IO_ALIGN_BYTES = 4096
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _DOCKER_HUB = "docker.io"
@@ -2467,7 +2468,7 @@ class _FileBlobWriter(_BlobWriter):
 # Staging buffers of finished writers, reused by the next ones: fresh pages
 # are the expensive kind in a VM that returns freed memory to its host.
 _SPARE_STAGES: List[memoryview] = []
-_SPARE_STAGES_MAX = 4
+_SPARE_STAGES_MAX = DEFAULT_MAX_WORKERS
 _SPARE_STAGES_LOCK = threading.Lock()
 
 
