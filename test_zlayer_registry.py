@@ -1213,6 +1213,21 @@ class TestCli:
         assert data["bytes_downloaded"] > 0 and data["bytes_from_cache"] == 0
         assert out.stderr == ""  # not a tty: no progress
 
+    def test_exit_skips_teardown_but_closes_the_index_and_flushes(self, registry, tmp_path):
+        """The CLI ends with os._exit: the cache index must be closed (its WAL checkpointed
+        away) and every line of output written first."""
+        image = registry.add_image("app", "v1", [layer_bytes(1), layer_bytes(2)])
+        cache = tmp_path / "c"
+        out = run_cli("pull", f"{registry.host}/app:v1", "--cache", str(cache), "--json",
+                      cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["digest"] == image["digest"]
+        assert (cache / "index.sqlite").exists()
+        assert not (cache / "index.sqlite-wal").exists()
+        listing = run_cli("cache", "ls", "--cache", str(cache), cwd=tmp_path)
+        assert listing.returncode == 0 and image["digest"] in listing.stdout
+        assert sum(d["digest"] in listing.stdout for d in image["layers"]) == 2
+
     def test_quiet_pull_and_env_cache(self, registry, tmp_path):
         image = registry.add_image("app", "v1", [layer_bytes(1)])
         out = run_cli("pull", "-q", f"{registry.host}/app:v1", cwd=tmp_path,

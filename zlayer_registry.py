@@ -4892,8 +4892,22 @@ class _Progress:
         self._lines_drawn = len(self._active)
 
 
+# Caches the running command opened; main() closes them when it ends.
+_CLI_CACHES: List[DirectoryBlobCache] = []
+
+
 def _cli_cache(args: Any) -> DirectoryBlobCache:
-    return BlobCache.open(args.cache or BlobCache.default_path())
+    cache = BlobCache.open(args.cache or BlobCache.default_path())
+    _CLI_CACHES.append(cache)
+    return cache
+
+
+def _close_cli_caches() -> None:
+    while _CLI_CACHES:
+        try:
+            _CLI_CACHES.pop().close()
+        except (ZLayerError, OSError):
+            pass  # the index only speeds things up; the next open rebuilds it
 
 
 def _cli_puller(args: Any, cache: BlobCache, progress: Optional[_ProgressCallback] = None
@@ -5248,7 +5262,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "cache" and args.action is None:
             raise _UsageError("cache needs an action: ls, verify, prune or gc "
                               f"(see '{_PROG} cache --help')")
-        return _COMMANDS[args.command](args)
+        try:
+            return _COMMANDS[args.command](args)
+        finally:
+            _close_cli_caches()
     except _UsageError as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -5271,5 +5288,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
+def _console_main() -> None:
+    """Entry point of ``python -m zlayer_registry`` and the console script.
+
+    Ends with ``os._exit`` once the output is flushed: the interpreter's
+    teardown (module and object cleanup, about 12 ms measured after a pull)
+    does nothing a finished command needs, as main() has closed the cache
+    and no download is left running.
+    """
+    status = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        status = status or 120  # as Python itself exits when the final flush fails
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _console_main()
