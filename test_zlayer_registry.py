@@ -148,6 +148,24 @@ class TestModuleShape:
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "[]"
 
+    def test_a_pull_imports_only_what_it_needs(self, registry, tmp_path):
+        """Cold CLI runs pay for every import: the pull path leaves these out, and sqlite3
+        waits until downloads run.  The reference is still in the index afterwards."""
+        image = registry.add_image("app", "v1", [layer_bytes(1), layer_bytes(2)])
+        # Site hooks may have imported some already: only what the pull adds counts.
+        code = (f"import sys; before = set(sys.modules); sys.path.insert(0, {str(HERE)!r});"
+                f"import zlayer_registry as zr; c = zr.BlobCache.open({str(tmp_path / 'c')!r});"
+                "print('sqlite3' in set(sys.modules) - before);"
+                f"zr.ImagePuller(c, environ={{}}).pull('{registry.host}/app:v1');"
+                "print(sorted({'concurrent.futures', 'tempfile', 'platform', 'tarfile'}"
+                " & (set(sys.modules) - before)))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={"PATH": os.environ.get("PATH", "")})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split("\n")[:2] == ["False", "[]"]
+        assert zr.BlobCache.open(tmp_path / "c").references() == {
+            f"{registry.host}/app:v1": image["digest"]}
+
     def test_import_works_without_sqlite3_and_ssl(self, registry, tmp_path):
         image = registry.add_image("app", "v1", [layer_bytes(1)])
         code = ("import sys; sys.modules['sqlite3'] = None; sys.modules['ssl'] = None;"

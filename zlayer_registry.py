@@ -119,6 +119,9 @@ __all__ = [
 ]
 
 
+_NOT_IMPORTED = object()
+
+
 def _import_sqlite3() -> Any:
     """Return the sqlite3 module, or None on a Python built without it."""
     try:
@@ -2217,6 +2220,9 @@ class BlobCache:
 
     # -- references -----------------------------------------------------------
 
+    def _warm_up(self) -> None:
+        """Prepare for the queries that end a pull (the directory cache opens its index)."""
+
     def record_reference(self, reference: str, digest: str, media_type: str) -> None:
         """Remember which manifest ``reference`` resolved to."""
         with self._lock:
@@ -2538,15 +2544,36 @@ class DirectoryBlobCache(BlobCache):
                              f"{exc.strerror or exc}") from exc
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise CacheError(f"cache directory {self.root} is not writable")
-        self._sqlite = _import_sqlite3()
+        self._sqlite_module: Any = _NOT_IMPORTED
         self._local = threading.local()
         self._connections: List[Any] = []
         self._connections_lock = threading.Lock()
         self._pending_rows: List[Tuple[str, int, str, float]] = []
+        self._pending_refs: List[Tuple[str, str, str, float]] = []
         self._db_path = os.path.join(self.root, "index.sqlite")
         self._clean_stale_temporaries()
 
     # -- SQLite index -----------------------------------------------------------
+
+    @property
+    def _sqlite(self) -> Any:
+        """The sqlite3 module (None without it), imported at first use: a pull
+        imports it while its downloads run (see ``_warm_up``)."""
+        if self._sqlite_module is _NOT_IMPORTED:
+            self._sqlite_module = _import_sqlite3()
+        return self._sqlite_module
+
+    @_sqlite.setter
+    def _sqlite(self, module: Any) -> None:
+        self._sqlite_module = module
+
+    def _warm_up(self) -> None:
+        """Open this thread's index connection now (called while downloads run)."""
+        try:
+            self._db()
+        except CacheError:
+            pass  # reported by the query that needs it
+
 
     def _db(self) -> Any:
         """Return this thread's SQLite connection, or None without sqlite3."""
@@ -2637,9 +2664,13 @@ class DirectoryBlobCache(BlobCache):
     def _flush_rows(self) -> None:
         with self._connections_lock:
             rows, self._pending_rows = self._pending_rows, []
+            refs, self._pending_refs = self._pending_refs, []
         if rows:
             self._executemany(_INSERT_BLOB, [(d, n, m, t, t) for d, n, m, t in rows],
                               flush=False, then=(_UPDATE_BLOB, [(t, m, m, d) for d, n, m, t in rows]))
+        if refs:
+            self._executemany("INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?)", refs,
+                              flush=False)
 
     # -- files ------------------------------------------------------------------
 
@@ -2743,9 +2774,11 @@ class DirectoryBlobCache(BlobCache):
                           [(now, d) for d in digests])
 
     def record_reference(self, reference: str, digest: str, media_type: str) -> None:
-        """Remember which manifest ``reference`` resolved to."""
-        self._execute("INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?)",
-                      (reference, digest, media_type, time.time()))
+        """Remember which manifest ``reference`` resolved to (written with the next query)."""
+        if self._sqlite_module is None:
+            return
+        with self._connections_lock:
+            self._pending_refs.append((reference, digest, media_type, time.time()))
 
     def lookup_reference(self, reference: str) -> Optional[str]:
         """Return the manifest digest last recorded for ``reference``."""
@@ -4294,9 +4327,12 @@ class _WorkerPool:
         self._idle = 0
         self._closed = False
 
-    def run(self, fn: Callable[[Any], Any], items: Sequence[Any],
-            cancel: threading.Event) -> List[Any]:
-        """Return ``[fn(item) for item in items]``, computed in parallel."""
+    def run(self, fn: Callable[[Any], Any], items: Sequence[Any], cancel: threading.Event,
+            meanwhile: Optional[Callable[[], None]] = None) -> List[Any]:
+        """Return ``[fn(item) for item in items]``, computed in parallel.
+
+        The caller runs ``meanwhile()`` (if given) while the workers start.
+        """
         batch = _Batch(len(items), cancel)
         with self._cond:
             if self._closed:
@@ -4310,6 +4346,8 @@ class _WorkerPool:
                 self._threads.append(thread)
             self._cond.notify_all()
         try:
+            if meanwhile is not None:
+                meanwhile()
             with self._cond:
                 while batch.pending:
                     if cancel.is_set():
@@ -4504,7 +4542,7 @@ class _PullerCore:
         if missing:
             cancel = threading.Event()
             received = self._pool().run(lambda d: self._download_blob(client, d, cancel),
-                                        missing, cancel)
+                                        missing, cancel, meanwhile=self.cache._warm_up)
             downloaded = sum(n for n in received if n is not None)
             # None: another process stored the blob while this one waited.
             from_cache += sum(d.size for d, n in zip(missing, received) if n is None)
