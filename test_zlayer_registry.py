@@ -515,8 +515,8 @@ class TestProxies:
         transport = zr._Transport(proxies=zr._ProxySettings(https="http://user:pw@127.0.0.1:3128"))
         conn, absolute = transport._connect("https", "ghcr.io", 443)
         assert (conn.host, conn.port, absolute) == ("127.0.0.1", 3128, False)
-        assert conn._tunnel_host == "ghcr.io" and conn._tunnel_port == 443
-        assert conn._tunnel_headers["Proxy-Authorization"] == "Basic " + _b64("user:pw")
+        assert conn.tunnel == ("ghcr.io", 443, {"Proxy-Authorization": "Basic " + _b64("user:pw")})
+        assert conn.context is not None and conn.proxy_headers == {}
 
     def test_plain_http_through_forward_proxy(self, registry):
         proxy = fake.ForwardProxy()

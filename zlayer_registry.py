@@ -31,19 +31,20 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     6. REFERENCES: parsing and normalising image references
     7. MANIFESTS AND PLATFORMS
     8. WASM DETECTION
-    9. TRANSPORT: keep-alive HTTP connections and proxies
-    10. CREDENTIALS AND TOKEN AUTH
-    11. REGISTRY CLIENT: manifests and blobs over the distribution API
-    12. BLOB CACHES: the interface, in memory
-    13. DIRECTORY CACHE: content-addressed files and a SQLite index
-    14. UNPACK: layer streams (compression, prefetch)
-    15. UNPACK: the root filesystem tree
-    16. UNPACK: LayerUnpacker, applying tar entries
-    17. OCI LAYOUT: writing layouts, archives and WASM artifacts
-    18. OCI LAYOUT: reading and importing
-    19. PULL: resolving references and fetching blobs
-    20. PULL: the ImagePuller API
-    21. CLI
+    9. HTTP/1.1: connections and responses
+    10. TRANSPORT: keep-alive pooling and proxies
+    11. CREDENTIALS AND TOKEN AUTH
+    12. REGISTRY CLIENT: manifests and blobs over the distribution API
+    13. BLOB CACHES: the interface, in memory
+    14. DIRECTORY CACHE: content-addressed files and a SQLite index
+    15. UNPACK: layer streams (compression, prefetch)
+    16. UNPACK: the root filesystem tree
+    17. UNPACK: LayerUnpacker, applying tar entries
+    18. OCI LAYOUT: writing layouts, archives and WASM artifacts
+    19. OCI LAYOUT: reading and importing
+    20. PULL: resolving references and fetching blobs
+    21. PULL: the ImagePuller API
+    22. CLI
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -58,8 +59,9 @@ Specifications followed:
 # =============================================================================
 # 1. IMPORTS AND COMPATIBILITY
 # =============================================================================
-# Only cheap modules are imported here; sqlite3, ssl, http.client, tarfile,
-# tempfile and subprocess are imported where first used, so that
+# Only cheap modules are imported here; sqlite3, ssl, socket, tarfile,
+# tempfile and subprocess are imported where first used (http.client never:
+# section 9 has the HTTP/1.1 it needs), so that
 # `import zlayer_registry` stays fast and never fails on a Python built without
 # sqlite3 or ssl (Debian's python3-minimal has no sqlite3).
 
@@ -1022,23 +1024,339 @@ def extract_wasm_info(manifest: Union[Manifest, Mapping[str, Any]],
 
 
 # =============================================================================
-# 9. TRANSPORT: keep-alive HTTP connections and proxies
+# 9. HTTP/1.1: connections and responses
 # =============================================================================
-# urllib.request opens a new connection (and TLS handshake) per request, so
-# requests go through http.client with one pooled connection per (thread,
-# scheme, host, port).  Redirects, auth and retries are the registry
-# client's job (section 11); this layer only sends one request.
+# The part of http.client a registry client uses, written out: importing
+# http.client (and with it the email package and ssl) costs every cold CLI
+# run about 11 ms.  One request at a time per connection, bodies framed by
+# Content-Length, chunked coding (RFC 9112 section 7.1) or the end of the
+# connection.  Framing errors are _HttpError, a connection error like a reset,
+# so the registry client retries or resumes; response bodies are verified by
+# size and digest above this layer.
 
-_CONNECTION_ERRORS: Tuple[type, ...] = (OSError,)
+class _HttpError(Exception):
+    """The server broke HTTP/1.1: a malformed status line, header or chunk."""
 
 
-def _http_client() -> Any:
-    """Import http.client lazily (it pulls in the email package)."""
-    import http.client
-    global _CONNECTION_ERRORS
-    _CONNECTION_ERRORS = (OSError, http.client.HTTPException)
-    return http.client
+class _RemoteDisconnected(ConnectionResetError):
+    """The server closed the connection without answering (a stale keep-alive)."""
 
+
+_CONNECTION_ERRORS: Tuple[type, ...] = (OSError, _HttpError)
+# What a server may send before the body (http.client's limits).
+_MAX_HEADER_LINE_BYTES = 65536
+_MAX_HEADERS = 100
+# Request targets and header values must not smuggle a second request.
+_UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
+_UNSAFE_HEADER_VALUE = re.compile(r"[\r\n\x00]")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class _Headers:
+    """Response headers: case-insensitive lookup, repeated names kept in order."""
+
+    def __init__(self, items: Sequence[Tuple[str, str]] = ()) -> None:
+        self._items = list(items)
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        """Return the first value of a header, or ``default``."""
+        name = name.lower()
+        return next((v for k, v in self._items if k.lower() == name), default)
+
+    def get_all(self, name: str) -> List[str]:
+        """Return every value of a header, in order (empty when absent)."""
+        name = name.lower()
+        return [v for k, v in self._items if k.lower() == name]
+
+    def items(self) -> List[Tuple[str, str]]:
+        return list(self._items)
+
+
+def _header_tokens(headers: _Headers, name: str) -> List[str]:
+    """Return the comma-separated tokens of a header, lowercase (Connection, Transfer-Encoding)."""
+    return [t.strip().lower() for v in headers.get_all(name) for t in v.split(",") if t.strip()]
+
+
+def _host_header(scheme: str, host: str, port: int) -> str:
+    """Return the Host header value for a URL's host and port (default ports left out)."""
+    name = f"[{host}]" if ":" in host else host
+    return name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
+
+
+class _RawResponse:
+    """The status, headers and body stream of one response on a connection."""
+
+    def __init__(self, reader: Any, method: str) -> None:
+        self.fp: Any = reader       # None once the body is fully read (or abandoned)
+        self.method = method
+        self.status = 0
+        self.reason = ""
+        self.headers = _Headers()
+        self.length: Optional[int] = None   # body bytes left; None: chunked or until close
+        self.chunked = False
+        self.will_close = True
+        self._chunk_left = 0
+
+    def begin(self) -> None:
+        """Read the status line and headers, skipping interim 1xx answers."""
+        while True:
+            version, self.status, self.reason = self._status_line()
+            items = self._header_lines()
+            if not 100 <= self.status < 200:
+                break
+        self.headers = _Headers(items)
+        connection = _header_tokens(self.headers, "Connection")
+        self.will_close = ("keep-alive" not in connection if version == "HTTP/1.0"
+                           else "close" in connection)
+        if self.method in ("HEAD", "CONNECT") or self.status in (204, 304):
+            self.length = 0
+        elif "chunked" in _header_tokens(self.headers, "Transfer-Encoding"):
+            self.chunked = True
+        else:
+            self.length = self._content_length()
+            if self.length is None:
+                self.will_close = True  # the body ends when the connection does
+        if self.length == 0:
+            self.fp = None
+
+    def _line(self, what: str) -> bytes:
+        line = self.fp.readline(_MAX_HEADER_LINE_BYTES + 1)
+        if len(line) > _MAX_HEADER_LINE_BYTES:
+            raise _HttpError(f"{what} longer than {_MAX_HEADER_LINE_BYTES} bytes")
+        return line
+
+    def _status_line(self) -> Tuple[str, int, str]:
+        line = self._line("status line")
+        if not line:
+            raise _RemoteDisconnected("the server closed the connection without answering")
+        text = line.decode("latin-1").rstrip("\r\n")
+        version, _, rest = text.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+            raise _HttpError(f"malformed status line {text[:60]!r}")
+        return version, int(code), reason.strip()
+
+    def _header_lines(self) -> List[Tuple[str, str]]:
+        items: List[List[str]] = []
+        while True:
+            line = self._line("header line")
+            if line in (b"\r\n", b"\n", b""):
+                return [(name, value) for name, value in items]
+            text = line.decode("latin-1").rstrip("\r\n")
+            if text[:1] in (" ", "\t") and items:  # obsolete line folding (RFC 9112 5.2)
+                items[-1][1] = f"{items[-1][1]} {text.strip()}".strip()
+                continue
+            name, colon, value = text.partition(":")
+            if not colon or not _HEADER_NAME.fullmatch(name):
+                raise _HttpError(f"malformed header line {text[:60]!r}")
+            if len(items) >= _MAX_HEADERS:
+                raise _HttpError(f"more than {_MAX_HEADERS} headers")
+            items.append([name, value.strip()])
+
+    def _content_length(self) -> Optional[int]:
+        values = {v.strip() for v in ",".join(self.headers.get_all("Content-Length")).split(",")
+                  if v.strip()}
+        if not values:
+            return None
+        # Differing lengths are how responses get smuggled (RFC 9112 6.3).
+        if len(values) > 1 or not next(iter(values)).isdigit():
+            raise _HttpError(f"invalid Content-Length {sorted(values)!r:.60}")
+        return int(values.pop())
+
+    def isclosed(self) -> bool:
+        """Tell whether the body is fully read (or abandoned)."""
+        return self.fp is None
+
+    def close(self) -> None:
+        """Stop reading this body (the connection, not the response, owns the socket)."""
+        if self.fp is not None:
+            self.will_close = True
+            self.fp = None
+
+    def read(self, amount: Optional[int] = None) -> bytes:
+        """Read the whole body, or until ``amount`` bytes; less when it ends early."""
+        parts = []
+        while amount is None or amount > 0:
+            try:
+                data = self.read1(65536 if amount is None else min(amount, 1 << 20))
+            except _HttpError:
+                self.close()  # broken framing ends the body here; callers check sizes
+                break
+            if not data:
+                break
+            parts.append(data)
+            if amount is not None:
+                amount -= len(data)
+        return b"".join(parts)
+
+    def read1(self, amount: int) -> bytes:
+        """Read what one socket read brings, at most ``amount`` bytes; b"" at the end."""
+        view = memoryview(bytearray(max(amount, 0)))
+        count = self.readinto1(view)
+        return bytes(view[:count])
+
+    def readinto1(self, view: memoryview) -> int:
+        """Receive into ``view`` what one socket read brings; 0 at the end of the body."""
+        if self.fp is None or not len(view):
+            return 0
+        if self.chunked:
+            if not self._chunk_left and not self._next_chunk():
+                return 0
+            view = view[:self._chunk_left]
+        elif self.length is not None:
+            view = view[:self.length]
+        count = self.fp.readinto1(view)
+        if not count:
+            self.close()  # the server closed early (or ended an until-close body)
+            if self.chunked:
+                raise _HttpError("the connection closed in the middle of a chunk")
+            return 0
+        if self.chunked:
+            self._chunk_left -= count
+            if not self._chunk_left and self._line("chunk end") not in (b"\r\n", b"\n"):
+                self.close()
+                raise _HttpError("chunk data longer than its size")
+        elif self.length is not None:
+            self.length -= count
+            if not self.length:
+                self.fp = None
+        return count
+
+    def _next_chunk(self) -> bool:
+        """Read a chunk-size line; at the last chunk, the trailers too (False then)."""
+        line = self._line("chunk size")
+        size_text = line.split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            self.close()
+            raise _HttpError(f"malformed chunk size {line[:40]!r}") from None
+        if size < 0:
+            self.close()
+            raise _HttpError(f"malformed chunk size {line[:40]!r}")
+        if size:
+            self._chunk_left = size
+            return True
+        while self._line("trailer") not in (b"\r\n", b"\n", b""):
+            pass
+        self.fp = None
+        return False
+
+
+class _Connection:
+    """One HTTP/1.1 connection: plain, TLS, or TLS through a proxy's CONNECT tunnel.
+
+    ``tunnel`` is (host, port, proxy headers) of the registry when this
+    connects to a proxy; TLS then runs end to end with the registry.
+    """
+
+    def __init__(self, host: str, port: int, timeout_s: float, *, context: Any = None,
+                 tunnel: Optional[Tuple[str, int, Mapping[str, str]]] = None) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+        self.context, self.tunnel = context, tunnel
+        self.proxy_headers: Dict[str, str] = {}  # sent with every request (forward proxy)
+        self._sock: Any = None
+        self._reader: Any = None
+        self._method = "GET"
+
+    def request(self, method: str, target: str, *, host: str,
+                headers: Mapping[str, str], body: Optional[bytes] = None) -> None:
+        """Send one request, connecting first if this connection is new."""
+        if _UNSAFE_TARGET.search(target):
+            raise _HttpError(f"request target with control characters or spaces: {target[:60]!r}")
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
+        for name, value in {**headers, **self.proxy_headers}.items():
+            if not _HEADER_NAME.fullmatch(name) or _UNSAFE_HEADER_VALUE.search(str(value)):
+                raise ValueError(f"invalid header {name!r}")
+            lines.append(f"{name}: {value}")
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(body or b'')}")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+        if self._sock is None:
+            self._open()
+        self._method = method
+        self._sock.sendall(data)
+
+    def getresponse(self) -> _RawResponse:
+        """Read the status line and headers of the answer to the last request."""
+        response = _RawResponse(self._reader, self._method)
+        try:
+            response.begin()
+        except BaseException:
+            self.close()
+            raise
+        return response
+
+    def _open(self) -> None:
+        import socket
+        # A bytes host skips the idna codec's import (names are ASCII by the
+        # reference grammar).
+        address = (self.host.encode("ascii") if self.host.isascii() else self.host, self.port)
+        sock = socket.create_connection(address, self.timeout_s)
+        try:
+            tls_host = self.host
+            if self.tunnel is not None:
+                tls_host = self.tunnel[0]
+                self._connect_tunnel(sock)
+            if self.context is not None:
+                sock = self.context.wrap_socket(sock, server_hostname=tls_host)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock, self._reader = sock, sock.makefile("rb")
+
+    def _connect_tunnel(self, sock: Any) -> None:
+        """Ask the proxy for a tunnel to the registry (RFC 9110 9.3.6)."""
+        t_host, t_port, t_headers = self.tunnel
+        authority = f"[{t_host}]:{t_port}" if ":" in t_host else f"{t_host}:{t_port}"
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+        for name, value in t_headers.items():
+            if not _HEADER_NAME.fullmatch(name) or _UNSAFE_HEADER_VALUE.search(str(value)):
+                raise ValueError(f"invalid header {name!r}")
+            lines.append(f"{name}: {value}")
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        # Unbuffered: not a byte of what follows (the TLS handshake) may be read ahead.
+        reader = sock.makefile("rb", buffering=0)
+        response = _RawResponse(_UnbufferedLines(reader), "CONNECT")
+        response.begin()
+        if not 200 <= response.status < 300:
+            raise OSError(f"proxy refused the tunnel to {authority}: "
+                          f"{response.status} {response.reason}")
+
+    def close(self) -> None:
+        """Close the socket (a later request reconnects)."""
+        for closable in (self._reader, self._sock):
+            if closable is not None:
+                try:
+                    closable.close()
+                except OSError:
+                    pass
+        self._sock = self._reader = None
+
+
+class _UnbufferedLines:
+    """readline() over a raw socket file one byte at a time (the CONNECT answer only)."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def readline(self, limit: int) -> bytes:
+        line = bytearray()
+        while len(line) < limit and not line.endswith(b"\n"):
+            byte = self._raw.read(1)
+            if not byte:
+                break
+            line += byte
+        return bytes(line)
+
+
+# =============================================================================
+# 10. TRANSPORT: keep-alive pooling and proxies
+# =============================================================================
+# urllib.request opens a new connection (and TLS handshake) per request;
+# here each (thread, scheme, host, port) keeps one pooled connection.
+# Redirects, auth and retries are the registry client's job (section 12);
+# this layer only sends one request.
 
 def _split_url(url: str) -> Tuple[str, str, int, str]:
     """Split an absolute http(s) URL into (scheme, host, port, path+query)."""
@@ -1127,37 +1445,15 @@ class _Response:
 
     def read1(self, amount: int) -> bytes:
         """Read what one socket read brings (at most ``amount``); b"" at end of body."""
-        data = self._raw.read1(amount) if hasattr(self._raw, "read1") \
-            else self._raw.read(min(amount, 65536))
-        if not data:
-            # read1 does not mark a fully read Content-Length body as closed
-            # (read does); without this the connection would not be reused.
-            if getattr(self._raw, "length", None) == 0:
-                self._raw.close()
+        data = self._raw.read1(amount)
+        if self._raw.isclosed():
             self._finish()
         return data
 
     def readinto1(self, view: memoryview) -> int:
-        """Receive into ``view`` what one socket read brings; 0 at end of body.
-
-        A Content-Length body is read from http.client's buffered socket
-        file straight into the caller's buffer (no bytes object per read);
-        chunked bodies go through ``read1``.
-        """
-        raw = self._raw
-        source = getattr(raw, "fp", None)
-        length = getattr(raw, "length", None)
-        if getattr(raw, "chunked", True) or length is None \
-                or not hasattr(source, "readinto1"):
-            data = self.read1(len(view))
-            view[:len(data)] = data
-            return len(data)
-        count = source.readinto1(view[:length]) if length and len(view) else 0
-        raw.length = length - count
-        if not count:
-            # The end of the body, or the server closed early (the caller
-            # sees the short count); either way this response is done.
-            raw.close()
+        """Receive into ``view`` what one socket read brings; 0 at end of body."""
+        count = self._raw.readinto1(view)
+        if self._raw.isclosed():
             self._finish()
         return count
 
@@ -1219,17 +1515,13 @@ class _Transport:
             self._ssl_context = ssl.create_default_context()
         return self._ssl_context
 
-    def _connect(self, scheme: str, host: str, port: int) -> Tuple[Any, bool]:
-        """Open a connection; returns it and whether requests need absolute URLs."""
-        client = _http_client()
-        # Without ssl, http.client has no HTTPSConnection: say why first.
+    def _connect(self, scheme: str, host: str, port: int) -> Tuple[_Connection, bool]:
+        """Make a connection (it connects on first use); returns it and whether
+        requests need absolute URLs."""
         context = self._context() if scheme == "https" else None
         proxy = self.proxies.proxy_for(scheme, host, port)
         if not proxy:
-            if scheme == "https":
-                return client.HTTPSConnection(host, port, timeout=self.timeout_s,
-                                              context=context), False
-            return client.HTTPConnection(host, port, timeout=self.timeout_s), False
+            return _Connection(host, port, self.timeout_s, context=context), False
         _, p_host, p_port, _ = _split_url(proxy)
         userinfo = proxy.partition("://")[2].partition("/")[0].rpartition("@")[0]
         proxy_headers = {}
@@ -1240,12 +1532,10 @@ class _Transport:
         if scheme == "https":
             # CONNECT tunnel: TLS runs end to end to the registry, so the
             # proxy sees neither the Authorization header nor the blobs.
-            conn = client.HTTPSConnection(p_host, p_port, timeout=self.timeout_s,
-                                          context=context)
-            conn.set_tunnel(host, port, headers=proxy_headers)
-            return conn, False
-        conn = client.HTTPConnection(p_host, p_port, timeout=self.timeout_s)
-        conn._zlayer_proxy_headers = proxy_headers
+            return _Connection(p_host, p_port, self.timeout_s, context=context,
+                               tunnel=(host, port, proxy_headers)), False
+        conn = _Connection(p_host, p_port, self.timeout_s)
+        conn.proxy_headers = proxy_headers
         return conn, True
 
     def send(self, method: str, url: str, headers: Mapping[str, str],
@@ -1258,12 +1548,11 @@ class _Transport:
             reused = key in pool
             connection, absolute = pool.pop(key) if reused else self._connect(scheme, host, port)
             target = url if absolute else path
-            all_headers = dict(headers)
-            all_headers.update(getattr(connection, "_zlayer_proxy_headers", {}))
             with self._count_lock:
                 self.request_count += 1
             try:
-                connection.request(method, target, body=body, headers=all_headers)
+                connection.request(method, target, host=_host_header(scheme, host, port),
+                                   headers=headers, body=body)
                 raw = connection.getresponse()
             except _CONNECTION_ERRORS:
                 connection.close()
@@ -1294,7 +1583,7 @@ class _Transport:
 
 
 # =============================================================================
-# 10. CREDENTIALS AND TOKEN AUTH
+# 11. CREDENTIALS AND TOKEN AUTH
 # =============================================================================
 
 class RegistryAuth:
@@ -1604,7 +1893,7 @@ class _TokenCache:
 
 
 # =============================================================================
-# 11. REGISTRY CLIENT: manifests and blobs over the distribution API
+# 12. REGISTRY CLIENT: manifests and blobs over the distribution API
 # =============================================================================
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -1987,7 +2276,7 @@ class _RegistryClient:
 
 
 # =============================================================================
-# 12. BLOB CACHES: the interface, in memory
+# 13. BLOB CACHES: the interface, in memory
 # =============================================================================
 # Every write goes through a _BlobWriter, which hashes while it writes and
 # makes the blob visible only once digest and size check out.  The directory
@@ -2329,7 +2618,7 @@ class BlobCache:
 
 
 # =============================================================================
-# 13. DIRECTORY CACHE: content-addressed files and a SQLite index
+# 14. DIRECTORY CACHE: content-addressed files and a SQLite index
 # =============================================================================
 
 class _FileBlobWriter(_BlobWriter):
@@ -2903,7 +3192,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 # =============================================================================
-# 14. UNPACK: layer streams (compression, prefetch)
+# 15. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -3086,7 +3375,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 15. UNPACK: the root filesystem tree
+# 16. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -3312,7 +3601,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 16. UNPACK: LayerUnpacker, applying tar entries
+# 17. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 class LayerUnpacker(_RootTree):
@@ -3570,7 +3859,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 17. OCI LAYOUT: writing layouts, archives and WASM artifacts
+# 18. OCI LAYOUT: writing layouts, archives and WASM artifacts
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -4000,7 +4289,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 18. OCI LAYOUT: reading and importing
+# 19. OCI LAYOUT: reading and importing
 # =============================================================================
 # An imported layout is untrusted: every blob it reaches is streamed into a
 # cache writer that hashes it, and nothing is committed to the cache until
@@ -4168,7 +4457,7 @@ def _ingest_layout_blob(cache: BlobCache, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 19. PULL: resolving references and fetching blobs
+# 20. PULL: resolving references and fetching blobs
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -4298,13 +4587,28 @@ class _Cancelled(Exception):
 
 
 class _Batch:
-    """The tasks of one ``_WorkerPool.run`` call: results, errors and how many are left."""
+    """The tasks of one ``_WorkerPool.run`` call: results, errors and how many are left.
+
+    ``done`` is held until the last task ends; the caller waits by acquiring
+    it.  A plain lock, because a Ctrl-C landing inside Condition.wait can
+    leave the condition's lock held and the workers stuck.
+    """
 
     def __init__(self, count: int, cancel: threading.Event) -> None:
         self.results: List[Any] = [None] * count
         self.errors: List[Optional[BaseException]] = [None] * count
         self.pending = count
         self.cancel = cancel
+        self.done = threading.Lock()
+        if count:
+            self.done.acquire()
+
+    def finish(self, count: int = 1) -> None:
+        """Count tasks as ended (pool lock held); the last one releases ``done``."""
+        if count:
+            self.pending -= count
+            if not self.pending:
+                self.done.release()
 
 
 class _WorkerPool:
@@ -4321,7 +4625,7 @@ class _WorkerPool:
 
     def __init__(self, size: int, name: str, on_exit: Callable[[], None]) -> None:
         self._size, self._name, self._on_exit = size, name, on_exit
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._queue: List[Tuple[_Batch, int, Callable[[Any], Any], Any]] = []
         self._threads: List[threading.Thread] = []
         self._idle = 0
@@ -4348,15 +4652,10 @@ class _WorkerPool:
         try:
             if meanwhile is not None:
                 meanwhile()
-            with self._cond:
-                while batch.pending:
-                    if cancel.is_set():
-                        self._drop(batch)
-                        if not batch.pending:
-                            break
-                    # Woken by every finished task; the timeout only bounds
-                    # how long a signal delivered to another thread waits.
-                    self._cond.wait(0.25)
+            # The timeout only bounds how long a signal delivered to another
+            # thread waits to be handled here.
+            while items and not batch.done.acquire(timeout=0.25):
+                pass
         except BaseException:
             cancel.set()
             with self._cond:
@@ -4368,10 +4667,11 @@ class _WorkerPool:
         return batch.results
 
     def _drop(self, batch: _Batch) -> None:
-        """Remove the batch's tasks that no worker has started (lock held)."""
+        """Remove the batch's tasks that no worker has started (pool lock held)."""
         kept = [task for task in self._queue if task[0] is not batch]
-        batch.pending -= len(self._queue) - len(kept)
+        dropped = len(self._queue) - len(kept)
         self._queue = kept
+        batch.finish(dropped)
 
     def _work(self) -> None:
         try:
@@ -4384,18 +4684,15 @@ class _WorkerPool:
                     if self._closed:
                         return
                     batch, index, fn, item = self._queue.pop(0)
-                    if batch.cancel.is_set():  # the batch failed: not started
-                        batch.pending -= 1
-                        self._cond.notify_all()
-                        continue
                 try:
                     batch.results[index] = fn(item)
                 except BaseException as exc:  # handed to the caller
                     batch.errors[index] = exc
                     batch.cancel.set()
                 with self._cond:
-                    batch.pending -= 1
-                    self._cond.notify_all()
+                    if batch.cancel.is_set():
+                        self._drop(batch)  # nothing more of a failed batch starts
+                    batch.finish()
         finally:
             self._on_exit()
 
@@ -4681,7 +4978,7 @@ def _continues_at(response: _Response, offset: int) -> bool:
 
 
 # =============================================================================
-# 20. PULL: the ImagePuller API
+# 21. PULL: the ImagePuller API
 # =============================================================================
 
 class ImagePuller(_PullerCore):
@@ -4863,7 +5160,7 @@ class ImagePuller(_PullerCore):
 
 
 # =============================================================================
-# 21. CLI
+# 22. CLI
 # =============================================================================
 
 _PROG = "zlayer-registry"
