@@ -496,6 +496,305 @@ class TestCredentials:
 # 9. transport and 11. registry client, against the fake registry
 # -----------------------------------------------------------------------------
 
+# -----------------------------------------------------------------------------
+# 9. HTTP/1.1: our own client, against scripted servers, TLS and a CONNECT proxy
+# -----------------------------------------------------------------------------
+
+import socket as _socket  # noqa: E402
+import ssl as _ssl  # noqa: E402
+import threading as _threading  # noqa: E402
+
+
+def _pipe(a, b) -> None:
+    """Copy bytes both ways between two sockets until either side closes."""
+    def pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(_socket.SHUT_RDWR)
+                except OSError:
+                    pass
+    for args in ((a, b), (b, a)):
+        _threading.Thread(target=pump, args=args, daemon=True).start()
+
+
+class _Listener:
+    """A TCP listener on 127.0.0.1:0 handing each connection to ``handle`` in a thread."""
+
+    def __init__(self, handle) -> None:
+        self.sock = _socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._handle = handle
+        _threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            _threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(_socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _read_head(reader):
+    """Read a request head: (request line, {lowercase name: value}), or None at EOF."""
+    line = reader.readline()
+    if not line:
+        return None
+    headers = {}
+    while True:
+        header = reader.readline()
+        if header in (b"\r\n", b""):
+            break
+        name, _, value = header.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return line.decode("latin-1").rstrip("\r\n"), headers
+
+
+class _Scripted(_Listener):
+    """Answers request N with ``replies[N]`` (bytes; a (bytes, True) pair closes after it)."""
+
+    def __init__(self, replies) -> None:
+        self.replies = list(replies)
+        self.requests = []
+        super().__init__(self._serve)
+
+    def _serve(self, conn) -> None:
+        reader = conn.makefile("rb")
+        with conn:
+            while self.replies:
+                head = _read_head(reader)
+                if head is None:
+                    return
+                self.requests.append(head)
+                reply = self.replies.pop(0)
+                data, close = reply if isinstance(reply, tuple) else (reply, False)
+                conn.sendall(data)
+                if close:
+                    return
+
+    def url(self, path: str = "/x") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for registry.test and 127.0.0.1 (made with openssl)."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=registry.test",
+                    "-addext", "subjectAltName=DNS:registry.test,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+class _TlsFront(_Listener):
+    """Terminates TLS and pipes the plain bytes to a test server on ``port``."""
+
+    def __init__(self, port: int, cert, key) -> None:
+        self.context = _ssl.SSLContext(_ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(cert), str(key))
+        self.target = port
+        super().__init__(self._serve)
+
+    def _serve(self, conn) -> None:
+        try:
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except OSError:
+            conn.close()
+            return
+        _pipe(tls, _socket.create_connection(("127.0.0.1", self.target)))
+
+
+class _ConnectProxy(_Listener):
+    """An HTTP proxy that only tunnels (CONNECT), recording each request head."""
+
+    def __init__(self, hosts) -> None:
+        self.hosts = hosts
+        self.requests = []
+        super().__init__(self._serve)
+
+    def _serve(self, conn) -> None:
+        head = _read_head(conn.makefile("rb", buffering=0))
+        if head is None:
+            conn.close()
+            return
+        self.requests.append(head)
+        host, _, port = head[0].split()[1].rpartition(":")
+        upstream = _socket.create_connection((self.hosts.get(host, host), int(port)))
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        _pipe(conn, upstream)
+
+
+class TestHttp:
+    def _body(self, response, size=65536) -> bytes:
+        out, view = bytearray(), memoryview(bytearray(size))
+        while True:
+            count = response.readinto1(view)
+            if not count:
+                return bytes(out)
+            out += view[:count]
+
+    def test_chunked_body_with_extensions_and_trailers_then_reuse(self):
+        server = _Scripted([
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+        transport = zr._Transport()
+        with transport.send("GET", server.url(), {}) as response:
+            assert self._body(response, size=3) == b"hello world"
+        with transport.send("GET", server.url(), {}) as response:
+            assert response.read() == b"ok"
+        assert server.connections == 1
+        server.close()
+
+    def test_interim_answer_folded_header_and_repeated_headers(self):
+        server = _Scripted([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 401 Unauthorized\r\n"
+                            b"WWW-Authenticate: Basic realm=a\r\nWWW-Authenticate: Bearer\r\n"
+                            b"X-Long: first\r\n  second\r\nContent-Length: 3\r\n\r\nabc"])
+        with zr._Transport().send("GET", server.url(), {}) as response:
+            assert response.status == 401
+            assert response.header("x-long") == "first second"
+            assert response.headers.get_all("www-authenticate") == ["Basic realm=a", "Bearer"]
+            assert response.read() == b"abc"
+        server.close()
+
+    def test_body_until_close_and_connection_close_are_not_reused(self):
+        server = _Scripted([(b"HTTP/1.1 200 OK\r\n\r\nto the end", True),
+                            (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx",
+                             True),
+                            b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\ny"])
+        transport = zr._Transport()
+        bodies = []
+        for _ in range(3):
+            with transport.send("GET", server.url(), {}) as response:
+                bodies.append(response.read())
+        assert bodies == [b"to the end", b"x", b"y"] and server.connections == 3
+        server.close()
+
+    def test_head_answer_has_no_body_and_the_connection_is_reused(self):
+        server = _Scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n"
+                            b"Docker-Content-Digest: sha256:abc\r\n\r\n",
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"])
+        transport = zr._Transport()
+        with transport.send("HEAD", server.url(), {}) as response:
+            assert response.header("Docker-Content-Digest") == "sha256:abc"
+        with transport.send("GET", server.url(), {}) as response:
+            assert response.read() == b"hi"
+        assert server.connections == 1 and [r[0].split()[0] for r in server.requests] == [
+            "HEAD", "GET"]
+        server.close()
+
+    def test_a_stale_keep_alive_connection_is_replaced_once(self):
+        server = _Scripted([(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", True),
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"])
+        transport = zr._Transport()
+        with transport.send("GET", server.url(), {}) as response:
+            assert response.read() == b"a"
+        with transport.send("GET", server.url(), {}) as response:
+            assert response.read() == b"b"
+        assert server.connections == 2
+        server.close()
+
+    @pytest.mark.parametrize("reply", [
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 101 + b"\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+    ], ids=["status", "code", "header", "two-lengths", "negative-length", "101-headers",
+            "long-line"])
+    def test_malformed_answers_are_connection_errors(self, reply):
+        server = _Scripted([(reply, True)])
+        with pytest.raises(zr._HttpError):
+            zr._Transport().send("GET", server.url(), {})
+        server.close()
+
+    def test_broken_chunk_framing_is_an_error_while_streaming(self):
+        server = _Scripted([(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"zz\r\nhello\r\n0\r\n\r\n", True)])
+        with zr._Transport().send("GET", server.url(), {}) as response:
+            with pytest.raises(zr._HttpError, match="chunk size"):
+                response.readinto1(memoryview(bytearray(10)))
+        server.close()
+
+    def test_header_and_target_injection_are_refused_before_sending(self):
+        server = _Scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
+        transport = zr._Transport()
+        with pytest.raises(ValueError):
+            transport.send("GET", server.url(), {"X-Token": "a\r\nEvil: 1"})
+        with pytest.raises(zr._HttpError):
+            transport.send("GET", server.url("/v2/a b"), {})
+        assert server.requests == []
+        server.close()
+
+    def test_tls_keep_alive_and_a_streamed_blob(self, registry, tls_files):
+        data = layer_bytes(5, 300_000)
+        digest = registry.add_image("app", "v1", [data])["layers"][0]["digest"]
+        front = _TlsFront(int(registry.host.split(":")[1]), *tls_files)
+        transport = zr._Transport(ssl_context=_ssl.create_default_context(cafile=str(tls_files[0])))
+        base = f"https://127.0.0.1:{front.port}/v2/app/blobs/{digest}"
+        with transport.send("GET", base, {}) as response:
+            assert response.status == 200 and self._body(response) == data
+        with transport.send("HEAD", base, {}) as response:
+            assert response.header("Content-Length") == str(len(data))
+        assert front.connections == 1
+        front.close()
+
+    def test_pull_over_tls_through_a_connect_tunnel(self, registry, tls_files):
+        image = registry.add_image("app", "v1", [layer_bytes(6), layer_bytes(7)])
+        front = _TlsFront(int(registry.host.split(":")[1]), *tls_files)
+        proxy = _ConnectProxy({"registry.test": "127.0.0.1"})
+        environ = {"HTTPS_PROXY": f"http://user:pw@127.0.0.1:{proxy.port}"}
+        context = _ssl.create_default_context(cafile=str(tls_files[0]))
+        manifest, layers = make_puller(environ=environ, ssl_context=context).pull(
+            f"registry.test:{front.port}/app:v1")
+        assert manifest.digest == image["digest"] and len(layers) == 2
+        assert proxy.requests and {line for line, _ in proxy.requests} == {
+            f"CONNECT registry.test:{front.port} HTTP/1.1"}
+        assert {h.get("proxy-authorization") for _, h in proxy.requests} == {
+            "Basic " + _b64("user:pw")}
+        # The registry saw the requests through the tunnel, Host naming it, not the proxy.
+        assert registry.requests and all(
+            r["headers"].get("Host") == f"registry.test:{front.port}" for r in registry.requests)
+        front.close()
+        proxy.close()
+
+    def test_untrusted_certificate_is_one_clear_error(self, registry, tls_files, sleeps):
+        registry.add_image("app", "v1", [layer_bytes(8)])
+        front = _TlsFront(int(registry.host.split(":")[1]), *tls_files)
+        proxy = _ConnectProxy({"registry.test": "127.0.0.1"})
+        puller = make_puller(environ={"HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}"},
+                             sleeps=sleeps, retries=1)
+        with pytest.raises(zr.RegistryError, match="cannot reach registry.test") as info:
+            puller.pull(f"registry.test:{front.port}/app:v1")
+        assert "CERTIFICATE_VERIFY_FAILED" in str(info.value) and registry.requests == []
+        front.close()
+        proxy.close()
+
+
 class TestProxies:
     def test_proxy_selection(self):
         settings = zr._ProxySettings.from_environ({
