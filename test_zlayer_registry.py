@@ -860,6 +860,32 @@ class TestPull:
                                fake.DOCKER_LIST):
                 assert media_type in accept
 
+    def test_single_platform_image_for_another_platform_is_refused_before_its_layers(
+            self, registry):
+        image = registry.add_image("app", "v1", [layer_bytes(1)])
+        with pytest.raises(zr.ManifestError, match="single linux/amd64 image, not linux/arm64"):
+            make_puller(platform="linux/arm64").pull(f"{registry.host}/app:v1")
+        assert not any(r["path"].endswith(image["layers"][0]["digest"]) for r in registry.requests)
+        wasm = registry.add_image("plugin", "v1", [layer_bytes(2)], config={"name": "no platform"})
+        assert make_puller(platform="linux/arm64").pull(f"{registry.host}/plugin:v1")[0].digest \
+            == wasm["digest"]
+
+    def test_prune_keeps_the_manifests_of_recently_used_images(self, registry, tmp_path):
+        config = {"architecture": "amd64", "os": "linux"}
+        old = registry.add_image("old", "v1", [layer_bytes(1, 5000)], config={**config, "n": 1})
+        new = registry.add_image("new", "v1", [layer_bytes(2, 5000)], config={**config, "n": 2})
+        cache = zr.BlobCache.open(tmp_path)
+        make_puller(cache).pull(f"{registry.host}/new:v1")
+        make_puller(cache).pull(f"{registry.host}/old:v1")
+        make_puller(cache).pull(f"{registry.host}/new:v1")  # from the cache: a use all the same
+        used = {e["digest"]: e["last_used_at"] for e in cache.entries()}
+        assert used[new["digest"]] == used[new["config"]["digest"]] > used[old["digest"]]
+        new_bytes = new["size"] + new["config"]["size"] + sum(l["size"] for l in new["layers"])
+        removed = cache.prune(new_bytes)
+        assert sorted(removed) == sorted([old["digest"], old["config"]["digest"],
+                                          old["layers"][0]["digest"]])
+        assert cache.gc() == [] and cache.has(new["digest"])
+
     def test_warm_pull_costs_one_request_and_by_digest_none(self, registry, tmp_path):
         image = registry.add_image("app", "v1", [layer_bytes(1), layer_bytes(2)])
         cache = zr.BlobCache.open(tmp_path)
@@ -2274,6 +2300,26 @@ class TestUnpackImage:
                         str(tmp_path / "c"), cwd=tmp_path)
         assert again.returncode == 1 and "not an empty directory" in again.stderr
 
+    def test_a_cached_layer_changed_since_its_pull_is_not_unpacked(self, registry, tmp_path):
+        """The gzip header's mtime bytes change the digest, not the files: only the digest
+        check made while streaming can notice."""
+        image = registry.add_image("app", "v1", [make_layer([F("etc/hostname", b"h")])])
+        cache = zr.BlobCache.open(tmp_path / "c")
+        make_puller(cache).pull(f"{registry.host}/app:v1")
+        digest = image["layers"][0]["digest"]
+        path = Path(cache.path(digest))
+        path.chmod(0o644)
+        data = bytearray(path.read_bytes())
+        data[4] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with pytest.raises(zr.DigestMismatchError, match=f"cached layer {digest} is corrupt"):
+            make_puller(cache).unpack(f"{registry.host}/app:v1", tmp_path / "rootfs")
+        assert sorted(os.listdir(tmp_path)) == ["c"]  # no rootfs, no staging directory
+        out = run_cli("unpack", f"{registry.host}/app:v1", str(tmp_path / "cli"), "--cache",
+                      str(tmp_path / "c"), cwd=tmp_path)
+        assert out.returncode == 1 and "cache verify --remove" in out.stderr
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
 
 # -----------------------------------------------------------------------------
 # 15-16. OCI layout export and import
@@ -2392,6 +2438,23 @@ class TestImport:
                             if transport == "oci" else f"{transport}:{tmp_path}/other.tar:app")
         return target, digest, image
 
+    def test_same_tag_in_two_layouts_and_untagged_images_survive_gc(self, tmp_path):
+        (tmp_path / "a.wasm").write_bytes(CORE_MODULE)
+        (tmp_path / "b.wasm").write_bytes(COMPONENT)
+        first = zr.export_wasm_as_oci(tmp_path / "a.wasm", tmp_path / "one", tag="t1")
+        second = zr.export_wasm_as_oci(tmp_path / "b.wasm", tmp_path / "two", tag="t1")
+        untagged = zr.export_wasm_as_oci(tmp_path / "a.wasm", tmp_path / "three", tag=None,
+                                         module_name="other")
+        cache = zr.BlobCache.open(tmp_path / "c")
+        puller = make_puller(cache)
+        for name in ("one", "two", "three"):
+            puller.import_image(f"oci:{tmp_path / name}")
+        assert cache.references() == {
+            f"oci:{tmp_path / 'one'}:t1": first.digest,
+            f"oci:{tmp_path / 'two'}:t1": second.digest,
+            f"oci:{tmp_path / 'three'}@{untagged.digest}": untagged.digest}
+        assert cache.gc() == [] and cache.verify() == []
+
     def test_round_trip_with_tags(self, registry, tmp_path):
         layout, index_digest, image = self._export(registry, tmp_path)
         cache = zr.BlobCache.open(tmp_path / "dst")
@@ -2399,7 +2462,8 @@ class TestImport:
         assert sorted((i.reference, i.digest) for i in infos) == [
             ("app", image["digest"]), ("multi", index_digest)]
         assert cache.verify() == [] and len(cache.entries()) == len(_layout_files(layout))
-        assert cache.references() == {"app": image["digest"], "multi": index_digest}
+        assert cache.references() == {f"oci:{layout}:app": image["digest"],
+                                      f"oci:{layout}:multi": index_digest}
         only = make_puller(zr.BlobCache()).import_image(f"oci:{layout}:app")
         assert [i.digest for i in only] == [image["digest"]]
         with pytest.raises(zr.LayoutError, match="no image tagged 'nope'.*app, multi"):

@@ -71,6 +71,7 @@ import base64
 import enum
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -562,8 +563,9 @@ def parse_reference(text: str) -> Reference:
     if text != text.strip() or any(c.isspace() for c in text):
         raise InvalidReferenceError(text, "contains whitespace")
     if "://" in text:
+        scheme = text.split("://", 1)[0]
         raise InvalidReferenceError(text, "a reference has no URL scheme "
-                                          "(drop the 'https://')")
+                                          f"(drop the '{scheme[:16]}://')")
     remainder, digest = text, None
     if "@" in remainder:
         remainder, digest = remainder.split("@", 1)
@@ -3351,6 +3353,38 @@ class _PrefetchReader:
         self._thread.join()
 
 
+class _DigestCheckingRaw(io.RawIOBase):
+    """A raw binary stream over a cached layer that hashes what is read; ``check()`` verifies."""
+
+    def __init__(self, stream: BinaryIO, digest: str, size: int) -> None:
+        super().__init__()
+        self._stream, self.digest, self.size = stream, digest, size
+        self._hasher = _hasher_for(digest)
+        self._count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._stream.readinto(buffer)
+        if count:
+            self._hasher.update(memoryview(buffer)[:count])
+            self._count += count
+        return count
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
+
+    def check(self) -> None:
+        """Raise DigestMismatchError if the layer read is not the one the manifest names."""
+        actual = f"{self._hasher.name}:{self._hasher.hexdigest()}"
+        if self._count != self.size or actual != self.digest:
+            raise DigestMismatchError(
+                f"cached layer {self.digest} is corrupt (run 'cache verify --remove', "
+                "then pull again)", f"{self.size} bytes", f"{self._count} bytes, {actual}")
+
+
 def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -3691,6 +3725,11 @@ class LayerUnpacker(_RootTree):
                     zstd_pipe.close(check=sys.exc_info()[0] is None)
             for directory in opaque:
                 self._apply_opaque(directory)
+            checking = getattr(raw, "raw", None)
+            if isinstance(checking, _DigestCheckingRaw):
+                while raw.read(_READ_CHUNK_BYTES):  # bytes after the end of the tar
+                    pass
+                checking.check()
         if self.root == self.rootfs:
             self._finish_directories()
 
@@ -3698,8 +3737,10 @@ class LayerUnpacker(_RootTree):
     def _open_layer(layer: Any, media_type: Optional[str]) -> Tuple[Any, str]:
         import io
         if hasattr(layer, "open") and hasattr(layer, "media_type"):  # a pulled Layer
-            return io.BufferedReader(layer.open(), _READ_CHUNK_BYTES), \
-                media_type or layer.media_type
+            # Hashed as it is read (by the inflating thread for gzip): a cache
+            # file changed since it was verified is caught, not unpacked.
+            raw = _DigestCheckingRaw(layer.open(), layer.digest, layer.size)
+            return io.BufferedReader(raw, _READ_CHUNK_BYTES), media_type or layer.media_type
         if isinstance(layer, (str, os.PathLike)):
             try:
                 return open(os.fspath(layer), "rb", buffering=_READ_CHUNK_BYTES), media_type or ""
@@ -4409,11 +4450,15 @@ def _import_layout(cache: BlobCache, path: str, tag: Optional[str]) -> List[Impo
         for writer in writers:
             writer.abort()
         source.close()
+    # References are recorded with the layout they came from ("oci:/abs/dir:tag",
+    # untagged ones by digest): a bare ref.name such as "latest" would make the
+    # next layout with the same tag replace it, and gc then drop the first image.
+    origin = f"{'oci' if os.path.isdir(path) else 'oci-archive'}:{os.path.abspath(path)}"
     infos = []
     for entry in entries:
         name = entry.annotations.get(ANNOTATION_REF_NAME)
-        if name:
-            cache.record_reference(name, entry.digest, entry.media_type)
+        cache.record_reference(f"{origin}:{name}" if name else f"{origin}@{entry.digest}",
+                               entry.digest, entry.media_type)
         infos.append(ImportInfo(name, entry.digest, entry.media_type))
     return infos
 
@@ -4819,9 +4864,14 @@ class _PullerCore:
             self._workers = _WorkerPool(self.max_workers, "zlayer-pull", self._transport.close)
         return self._workers
 
-    def _fetch_blobs(self, client: _RegistryClient, descriptors: Sequence[Descriptor]
-                     ) -> Tuple[int, int]:
-        """Make every blob present and verified in the cache; return (downloaded, cached) bytes."""
+    def _fetch_blobs(self, client: _RegistryClient, descriptors: Sequence[Descriptor],
+                     manifests: Sequence[str] = ()) -> Tuple[int, int]:
+        """Make every blob present and verified in the cache; return (downloaded, cached) bytes.
+
+        The blobs and the ``manifests`` digests (already cached) are marked
+        used, so ``cache prune`` (least recently used first) keeps an image's
+        manifests as long as its layers.
+        """
         unique: Dict[str, Descriptor] = {}
         for descriptor in descriptors:
             unique.setdefault(descriptor.digest, descriptor)
@@ -4843,7 +4893,7 @@ class _PullerCore:
             downloaded = sum(n for n in received if n is not None)
             # None: another process stored the blob while this one waited.
             from_cache += sum(d.size for d, n in zip(missing, received) if n is None)
-        self.cache.touch(unique)
+        self.cache.touch(list(unique) + [d for d in manifests if d not in unique])
         return downloaded, from_cache
 
     def _download_blob(self, client: _RegistryClient, descriptor: Descriptor,
@@ -4924,6 +4974,17 @@ class _PullerCore:
             if self.progress is not None:
                 self.progress(descriptor, writer.offset, descriptor.size)
 
+    def _check_platform(self, reference: Reference, config_data: Mapping[str, Any]) -> None:
+        """Refuse a single-platform image built for another platform than the one asked for."""
+        os_name, architecture = config_data.get("os"), config_data.get("architecture")
+        if not isinstance(os_name, str) or not isinstance(architecture, str):
+            return  # artifacts without a platform: nothing to compare
+        variant = config_data.get("variant")
+        offered = Platform(os_name, architecture, variant if isinstance(variant, str) else "")
+        if _platform_rank(self.platform, offered) is None:
+            raise ManifestError(f"{reference} is a single {offered} image, "
+                                f"not {self.platform} as asked")
+
     def _read_config(self, descriptor: Descriptor) -> Dict[str, Any]:
         """Parse a JSON config blob from the cache ({} when it is not JSON)."""
         if descriptor.size > _MAX_CONFIG_BYTES or not (
@@ -4950,7 +5011,7 @@ class _PullerCore:
                 if child.digest not in seen:  # listed twice, fetched once
                     seen.add(child.digest)
                     pending.append(self._manifest_by_digest(client, child.digest))
-        return self._fetch_blobs(client, blobs)
+        return self._fetch_blobs(client, blobs, manifests=sorted(seen))
 
 
 _WASM_PLATFORM_PREFERENCE = ("wasip2", "wasip1", "wasi")
@@ -5013,7 +5074,14 @@ class ImagePuller(_PullerCore):
                                                            prefer_wasm=prefer_wasm)
         config = manifest.config
         layers = manifest.layers
-        downloaded, from_cache = self._fetch_blobs(client, [config] + layers)
+        used = [top.digest] + ([manifest.digest] if manifest is not top else [])
+        early = 0
+        if self._platform_given and not top.is_index:
+            # One image, no index to choose from: its config must still match.
+            early = self._fetch_blobs(client, [config], manifests=used)[0]
+            self._check_platform(ref, self._read_config(config))
+        downloaded, from_cache = self._fetch_blobs(client, [config] + layers, manifests=used)
+        downloaded, from_cache = downloaded + early, from_cache - early
         return PullResult(reference=ref, manifest=manifest, config=config,
                           layers=[Layer(d, self.cache) for d in layers],
                           config_data=self._read_config(config), index=index,
@@ -5098,7 +5166,9 @@ class ImagePuller(_PullerCore):
         """Import images from ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` or a path.
 
         Every blob is verified against its digest and size before any of
-        them enters the cache; ref names are recorded as references.
+        them enters the cache; each image is recorded as a reference named
+        after the layout (``oci:/abs/dir:tag``, or ``oci:/abs/dir@digest``
+        when untagged), so ``cache gc`` keeps it.
         """
         path = src
         if ":" in src and src.split(":", 1)[0] in _TRANSPORTS:
