@@ -1062,7 +1062,7 @@ class TestCliInput:
         (["pull", "app", "--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--frobnicate"], "unrecognized arguments"),
         (["pull"], "required"),
-        (["pull", "app", "--max-workers", "many"], "invalid int value"),
+        (["pull", "app", "--max-workers", "many"], "at least 1, got 'many'"),
         (["pull", "app", "--cache"], "expected one argument"),
         (["cache", "verify", "--bogus"], "unrecognized arguments"),
         (["cache", "prune", "--max-bytes", "-5"], "invalid size"),

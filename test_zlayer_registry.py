@@ -1612,7 +1612,10 @@ class TestCli:
         (["cache", "prune", "--max-bytes", "lots"], 2, "invalid size"),
         (["pull", "Bad/Name:tag"], 1, "repository names must be lowercase"),
         (["pull", "app:-x"], 1, "invalid tag"),
-        (["pull", "127.0.0.1:9/app", "--platform", "linux"], 1, "invalid platform"),
+        (["pull", "127.0.0.1:9/app", "--platform", "linux"], 2, "invalid platform"),
+        (["export", "127.0.0.1:9/app", "bogus:dest"], 2, "unsupported location"),
+        (["pull", "127.0.0.1:9/app", "--max-workers", "abc"], 2, "at least 1, got 'abc'"),
+        (["pull", "--bogus", "127.0.0.1:9/app"], 2, "see 'zlayer-registry pull --help'"),
     ])
     def test_bad_input_is_one_line_and_exit_code(self, args, code, text, tmp_path):
         out = run_cli(*args, "--cache", str(tmp_path), cwd=tmp_path) if args[0] == "pull" \
@@ -2423,7 +2426,7 @@ class TestExport:
                                        format="zip")
         out = run_cli("export", f"{registry.host}/app:v1", "tar:x", "--cache", str(tmp_path),
                       cwd=tmp_path)
-        assert out.returncode == 1 and "unsupported location" in out.stderr
+        assert out.returncode == 2 and "unsupported location" in out.stderr
         assert registry.count() == 0  # refused before any request
 
 

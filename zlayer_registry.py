@@ -5496,10 +5496,30 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return value
+
+
+def _platform_arg(text: str) -> str:
+    """Check an OS/ARCH[/VARIANT] option (argparse type: a bad one is a usage error)."""
+    import argparse
+    try:
+        parse_platform(text)
+    except ZLayerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _location_arg(text: str) -> str:
+    """Check an oci:/oci-archive:/docker-archive: location (argparse type)."""
+    import argparse
+    try:
+        _parse_transport(text)
+    except LayoutError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _parse_size(text: str) -> int:
@@ -5551,7 +5571,8 @@ def _build_parser() -> Any:
     parser = _ArgumentParser.make(
         prog=_PROG, description="Pull container images and WebAssembly artifacts "
         "from OCI/Docker registries into a verified local cache.",
-        epilog="\n\n".join(_EXAMPLES.values()) +
+        epilog="examples (COMMAND --help shows more):\n" + "\n".join(
+            block.splitlines()[1] for block in _EXAMPLES.values()) +
         "\n\nCredentials come from ~/.docker/config.json (and credential helpers) "
         "or podman's auth.json.\nThe cache defaults to $ZLAYER_REGISTRY_CACHE, "
         "else $XDG_CACHE_HOME/zlayer-registry.")
@@ -5560,8 +5581,8 @@ def _build_parser() -> Any:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, help_text: str, *, cache: bool = True, reference: bool = True,
-            platform: Optional[str] = _HOST_PLATFORM_HELP, json_help: Optional[str] = _JSON_HELP
-            ) -> Any:
+            platform: Optional[str] = _HOST_PLATFORM_HELP, json_help: Optional[str] = _JSON_HELP,
+            example: str = "alpine:3.20") -> Any:
         """Add a subcommand with the options most commands share."""
         sub = commands.add_parser(name, help=help_text, description=help_text,
                                   epilog=_EXAMPLES.get(name, ""),
@@ -5571,17 +5592,18 @@ def _build_parser() -> Any:
         if cache:
             sub.add_argument("--cache", metavar="DIR", help="cache directory")
         if reference:
-            sub.add_argument("reference", metavar="REF", help="image reference, e.g. alpine:3.20")
+            sub.add_argument("reference", metavar="REF", help=f"image reference, e.g. {example}")
             sub.add_argument("--insecure", action="store_true",
                              help="allow plain http to a non-loopback registry")
         if platform:
-            sub.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help=platform)
+            sub.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", type=_platform_arg,
+                             help=platform)
         if json_help:
             sub.add_argument("--json", action="store_true", help=json_help)
         return sub
 
     pull = add("pull", "pull an image into the cache")
-    pull.add_argument("--output", metavar="DEST",
+    pull.add_argument("--output", metavar="DEST", type=_location_arg,
                       help="also write the pulled image to oci:DIR[:TAG], "
                            "oci-archive:FILE[:TAG] or docker-archive:FILE")
     pull.add_argument("-q", "--quiet", action="store_true",
@@ -5591,19 +5613,20 @@ def _build_parser() -> Any:
     add("inspect", "show manifest, config and platforms without downloading layers")
     export = add("export", "pull an image and write it as an OCI layout or archive",
                  platform="export only this platform of an index (default: all)")
-    export.add_argument("destination", metavar="DEST",
+    export.add_argument("destination", metavar="DEST", type=_location_arg,
                         help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
     importer = add("import", "verify an OCI layout or archive and add its images to the cache",
                    reference=False, platform=None,
                    json_help="print a list of {reference, digest, media_type}")
-    importer.add_argument("source", metavar="SRC", help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
+    importer.add_argument("source", metavar="SRC", type=_location_arg, help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
     unpack = add("unpack", "pull an image and unpack it into a new root filesystem directory",
                  json_help=None)
     unpack.add_argument("directory", metavar="DIR",
                         help="root filesystem to create (must not exist, or be empty)")
     unpack.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     pull_wasm = add("pull-wasm", "pull a WebAssembly artifact and write the module to a file",
-                    platform="index entry to pick (default: wasip2, wasip1, then wasi)")
+                    platform="index entry to pick (default: wasip2, wasip1, then wasi)",
+                    example="ghcr.io/org/plugin:1.0")
     pull_wasm.add_argument("-o", "--output", required=True, metavar="FILE",
                            help="where to write the verified .wasm")
     wasm_export = add("wasm-export", "write a .wasm file as an OCI artifact (CNCF Wasm layout)",
@@ -5660,7 +5683,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
     try:
-        args = parser.parse_args(args_list)
+        args, extras = parser.parse_known_args(args_list)
+        if extras:
+            where = f"{_PROG} {args.command}" if args.command else _PROG
+            raise _UsageError(f"unrecognized arguments: {' '.join(extras)} "
+                              f"(see '{where} --help')")
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
