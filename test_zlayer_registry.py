@@ -2303,6 +2303,35 @@ class TestUnpackImage:
                         str(tmp_path / "c"), cwd=tmp_path)
         assert again.returncode == 1 and "not an empty directory" in again.stderr
 
+    def test_leftovers_of_a_killed_unpack_or_export_are_swept_live_ones_kept(self, registry,
+                                                                              tmp_path):
+        import fcntl
+        registry.add_image("app", "v1", [make_layer([F("etc/hostname", b"h")])])
+        old = 1_600_000_000
+        dead_dir = tmp_path / ".rootfs.staging-dead1234"
+        (dead_dir / "usr").mkdir(parents=True)
+        live_dir = tmp_path / ".rootfs.staging-live1234"
+        live_dir.mkdir()
+        layout = tmp_path / "layout"
+        layout.mkdir()
+        dead_file = layout / ".tmp-dead1234.partial"
+        dead_file.write_bytes(b"x" * 100)
+        young_file = layout / ".tmp-young123.partial"  # made a moment ago: maybe not locked yet
+        young_file.write_bytes(b"y")
+        for path in (dead_dir, live_dir, dead_file):
+            os.utime(path, (old, old))
+        live_fd = os.open(live_dir, os.O_RDONLY)
+        fcntl.flock(live_fd, fcntl.LOCK_EX)  # another process still unpacking
+        try:
+            puller = make_puller(zr.BlobCache.open(tmp_path / "c"))
+            puller.unpack(f"{registry.host}/app:v1", tmp_path / "rootfs")
+            puller.export_image(f"{registry.host}/app:v1", f"oci:{layout}:v1")
+        finally:
+            os.close(live_fd)
+        assert not dead_dir.exists() and not dead_file.exists()
+        assert live_dir.exists() and young_file.exists()
+        assert (tmp_path / "rootfs" / "etc" / "hostname").read_bytes() == b"h"
+
     def test_a_cached_layer_changed_since_its_pull_is_not_unpacked(self, registry, tmp_path):
         """The gzip header's mtime bytes change the digest, not the files: only the digest
         check made while streaming can notice."""

@@ -3180,6 +3180,52 @@ def _try_flock(fd: int) -> bool:
     return True
 
 
+# A temporary file or directory of ours is a crash leftover when nobody holds
+# its flock and it is older than this (the gap between creating and locking).
+_LEFTOVER_AGE_S = 60.0
+_SWEPT_DIRECTORIES: set = set()
+_SWEPT_LOCK = threading.Lock()
+
+
+def _sweep_leftovers(directory: str, prefix: str, suffix: str = "") -> None:
+    """Remove what a killed process left in ``directory`` (once per directory and process).
+
+    Our unpack staging directories and layout/archive temporaries are named
+    ``prefix...suffix`` and flocked while in use, like the cache's partial
+    files.
+    """
+    import shutil
+    import stat as st
+    key = (os.path.abspath(directory), prefix, suffix)
+    with _SWEPT_LOCK:
+        if key in _SWEPT_DIRECTORIES:
+            return
+        _SWEPT_DIRECTORIES.add(key)
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(suffix)]
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if now - info.st_mtime < _LEFTOVER_AGE_S or not _try_flock(fd):
+                continue
+            if st.S_ISDIR(info.st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def _pid_alive(pid: int) -> bool:
     """Tell whether a process with ``pid`` exists."""
     try:
@@ -3662,12 +3708,15 @@ class LayerUnpacker(_RootTree):
                                              or os.listdir(self.rootfs)):
             raise UnpackError(f"{self.rootfs} exists and is not an empty directory")
         parent = os.path.dirname(self.rootfs)
+        prefix = f".{os.path.basename(self.rootfs)}.staging-"
         try:
             os.makedirs(parent, exist_ok=True)
-            staging = tempfile.mkdtemp(prefix=f".{os.path.basename(self.rootfs)}.staging-",
-                                       dir=parent)
+            _sweep_leftovers(parent, prefix)
+            staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+            lock_fd = os.open(staging, os.O_RDONLY)
         except OSError as exc:
             raise UnpackError(f"cannot create {self.rootfs}: {exc.strerror or exc}") from exc
+        _try_flock(lock_fd)  # in use: not a leftover for _sweep_leftovers
         self.root = staging
         try:
             os.chmod(staging, 0o755)  # unless a "./" entry says otherwise
@@ -3679,6 +3728,7 @@ class LayerUnpacker(_RootTree):
             shutil.rmtree(staging, ignore_errors=True)
             raise
         finally:
+            os.close(lock_fd)
             self.root = self.rootfs
         return self.rootfs
 
@@ -3921,8 +3971,10 @@ def _atomic_write(path: str, data: Union[bytes, Callable[[BinaryIO], None]],
     """
     import tempfile
     directory = os.path.dirname(os.path.abspath(path))
+    _sweep_leftovers(directory, ".tmp-", ".partial")
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".partial", dir=directory)
     try:
+        _try_flock(fd)  # in use: not a leftover for _sweep_leftovers
         with os.fdopen(fd, "wb") as f:
             if isinstance(data, bytes):
                 f.write(data)
