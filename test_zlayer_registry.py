@@ -1166,6 +1166,11 @@ class TestAuthFlows:
         assert registry.requests[-1]["headers"]["Authorization"] == "Basic " + _b64("user:secret")
         with pytest.raises(zr.AuthError, match="requires credentials"):
             make_puller().pull(f"{registry.host}/app:v1")
+        wrong = zr.RegistryAuth("basic", username="user", password="nope", source="config.json")
+        with pytest.raises(zr.AuthError, match="rejected the credentials of 'user' "
+                                               r"\(from config.json\)") as info:
+            make_puller().pull(f"{registry.host}/app:v1", wrong)
+        assert info.value.status == 401 and "nope" not in str(info.value)
 
     def test_configured_bearer_token_sent_directly(self, registry):
         registry.add_image("app", "v1", [layer_bytes(1)])

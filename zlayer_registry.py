@@ -2182,6 +2182,13 @@ class _RegistryClient:
                 self._on_unauthorized(response, sent_box[0])
                 reauthenticated = True
                 continue
+            if response.status == 401 and self.auth.kind != "anonymous":
+                error = self._error(response)
+                who = f" of {self.auth.username!r}" if self.auth.username else ""
+                where = f" (from {self.auth.source})" if self.auth.source else ""
+                raise AuthError(f"{self.registry} rejected the credentials{who}{where}: {error}",
+                                status=401, codes=error.codes, method=error.method,
+                                url=error.url)
             raise self._error(response)
 
     def _redact(self, text: str) -> str:
