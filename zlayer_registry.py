@@ -5561,24 +5561,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _platform_arg(text: str) -> str:
-    """Check an OS/ARCH[/VARIANT] option (argparse type: a bad one is a usage error)."""
-    import argparse
-    try:
-        parse_platform(text)
-    except ZLayerError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _checked_argument(check: Callable[[str], Any]) -> Callable[[str], str]:
+    """Make an argparse type that keeps the text ``check`` accepts: a value it
+    refuses is a usage error (exit 2), not a failure."""
+    def argument(text: str) -> str:
+        import argparse
+        try:
+            check(text)
+        except ZLayerError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return argument
 
 
-def _location_arg(text: str) -> str:
-    """Check an oci:/oci-archive:/docker-archive: location (argparse type)."""
-    import argparse
-    try:
-        _parse_transport(text)
-    except LayoutError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+_platform_arg = _checked_argument(parse_platform)            # OS/ARCH[/VARIANT]
+_location_arg = _checked_argument(_parse_transport)          # oci:DIR[:TAG] and the like
 
 
 def _parse_size(text: str) -> int:
