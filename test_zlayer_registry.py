@@ -362,7 +362,7 @@ class TestManifests:
 
 
 # -----------------------------------------------------------------------------
-# 10. credentials and token auth
+# 11. credentials and token auth
 # -----------------------------------------------------------------------------
 
 def _write_json(path: Path, data) -> Path:
@@ -491,10 +491,6 @@ class TestCredentials:
         now[0] += 2  # within 30 s of expiry: refreshed early
         assert cache.get("r", "s") is None
 
-
-# -----------------------------------------------------------------------------
-# 9. transport and 11. registry client, against the fake registry
-# -----------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
 # 9. HTTP/1.1: our own client, against scripted servers, TLS and a CONNECT proxy
@@ -794,6 +790,10 @@ class TestHttp:
         front.close()
         proxy.close()
 
+
+# -----------------------------------------------------------------------------
+# 10. transport and 12. registry client, against the fake registry
+# -----------------------------------------------------------------------------
 
 class TestProxies:
     def test_proxy_selection(self):
@@ -1229,7 +1229,7 @@ class TestAuthFlows:
 
 
 # -----------------------------------------------------------------------------
-# 12. blob caches
+# 13-15. blob caches, cache files, the directory cache
 # -----------------------------------------------------------------------------
 
 class TestCaches:
@@ -1356,7 +1356,7 @@ class TestCaches:
 
 
 # -----------------------------------------------------------------------------
-# 14. CLI
+# 24. CLI
 # -----------------------------------------------------------------------------
 
 class TestWorkerPool:
@@ -1927,7 +1927,7 @@ class TestWasmExport:
 
 
 # -----------------------------------------------------------------------------
-# 14. unpack
+# 16-18. unpack
 # -----------------------------------------------------------------------------
 
 import stat as _stat  # noqa: E402
@@ -2359,7 +2359,7 @@ class TestUnpackImage:
 
 
 # -----------------------------------------------------------------------------
-# 15-16. OCI layout export and import
+# 19-20. OCI layout export and import
 # -----------------------------------------------------------------------------
 
 def _multi(registry):

@@ -36,15 +36,17 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     11. CREDENTIALS AND TOKEN AUTH
     12. REGISTRY CLIENT: manifests and blobs over the distribution API
     13. BLOB CACHES: the interface, in memory
-    14. DIRECTORY CACHE: content-addressed files and a SQLite index
-    15. UNPACK: layer streams (compression, prefetch)
-    16. UNPACK: the root filesystem tree
-    17. UNPACK: LayerUnpacker, applying tar entries
-    18. OCI LAYOUT: writing layouts, archives and WASM artifacts
-    19. OCI LAYOUT: reading and importing
-    20. PULL: resolving references and fetching blobs
-    21. PULL: the ImagePuller API
-    22. CLI
+    14. CACHE FILES: blob writers (direct I/O), file locks, crash leftovers
+    15. DIRECTORY CACHE: content-addressed files and a SQLite index
+    16. UNPACK: layer streams (compression, prefetch)
+    17. UNPACK: the root filesystem tree
+    18. UNPACK: LayerUnpacker, applying tar entries
+    19. OCI LAYOUT: writing layouts, archives and WASM artifacts
+    20. OCI LAYOUT: reading and importing
+    21. PULL: worker threads
+    22. PULL: resolving references and fetching blobs
+    23. PULL: the ImagePuller API
+    24. CLI
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -2627,7 +2629,7 @@ class BlobCache:
 
 
 # =============================================================================
-# 14. DIRECTORY CACHE: content-addressed files and a SQLite index
+# 14. CACHE FILES: blob writers (direct I/O), file locks, crash leftovers
 # =============================================================================
 
 class _FileBlobWriter(_BlobWriter):
@@ -2803,6 +2805,120 @@ def _set_direct_io(fd: int, enable: bool) -> bool:
         return False
     return True
 
+
+class _BlobFileLock:
+    """flock() on ``locks/<alg>-<hex>.lock``: one downloader per blob across processes.
+
+    The holder removes the lock file once the blob is stored; a process
+    still waiting on the old file then finds the blob present, so the worst
+    case of that race is a second download, never a corrupt blob.
+    """
+
+    def __init__(self, cache: "DirectoryBlobCache", digest: str, path: str) -> None:
+        self._cache, self._digest, self._path = cache, digest, path
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "_BlobFileLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: atomic renames still keep blobs whole
+            return self
+        try:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                               0o644)
+        except OSError as exc:
+            raise CacheError(f"cannot create lock in cache {self._cache.root}: "
+                             f"{exc.strerror or exc}") from exc
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._fd is None:
+            return
+        if self._cache.has(self._digest):
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass
+        os.close(self._fd)  # closing releases the flock
+        self._fd = None
+
+
+def _try_flock(fd: int) -> bool:
+    """Take an exclusive flock without waiting; True when taken (or flock is absent)."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+# A temporary file or directory of ours is a crash leftover when nobody holds
+# its flock and it is older than this (the gap between creating and locking).
+_LEFTOVER_AGE_S = 60.0
+_SWEPT_DIRECTORIES: set = set()
+_SWEPT_LOCK = threading.Lock()
+
+
+def _sweep_leftovers(directory: str, prefix: str, suffix: str = "") -> None:
+    """Remove what a killed process left in ``directory`` (once per directory and process).
+
+    Our unpack staging directories and layout/archive temporaries are named
+    ``prefix...suffix`` and flocked while in use, like the cache's partial
+    files.
+    """
+    import shutil
+    import stat as st
+    key = (os.path.abspath(directory), prefix, suffix)
+    with _SWEPT_LOCK:
+        if key in _SWEPT_DIRECTORIES:
+            return
+        _SWEPT_DIRECTORIES.add(key)
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(suffix)]
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if now - info.st_mtime < _LEFTOVER_AGE_S or not _try_flock(fd):
+                continue
+            if st.S_ISDIR(info.st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Tell whether a process with ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+# =============================================================================
+# 15. DIRECTORY CACHE: content-addressed files and a SQLite index
+# =============================================================================
 
 # Two statements rather than an UPSERT, which needs SQLite 3.24 (older than
 # some Python 3.8 builds link against).
@@ -3136,118 +3252,8 @@ class DirectoryBlobCache(BlobCache):
         self._local = threading.local()
 
 
-class _BlobFileLock:
-    """flock() on ``locks/<alg>-<hex>.lock``: one downloader per blob across processes.
-
-    The holder removes the lock file once the blob is stored; a process
-    still waiting on the old file then finds the blob present, so the worst
-    case of that race is a second download, never a corrupt blob.
-    """
-
-    def __init__(self, cache: "DirectoryBlobCache", digest: str, path: str) -> None:
-        self._cache, self._digest, self._path = cache, digest, path
-        self._fd: Optional[int] = None
-
-    def __enter__(self) -> "_BlobFileLock":
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: atomic renames still keep blobs whole
-            return self
-        try:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
-                               0o644)
-        except OSError as exc:
-            raise CacheError(f"cannot create lock in cache {self._cache.root}: "
-                             f"{exc.strerror or exc}") from exc
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self._fd is None:
-            return
-        if self._cache.has(self._digest):
-            try:
-                os.unlink(self._path)
-            except OSError:
-                pass
-        os.close(self._fd)  # closing releases the flock
-        self._fd = None
-
-
-def _try_flock(fd: int) -> bool:
-    """Take an exclusive flock without waiting; True when taken (or flock is absent)."""
-    try:
-        import fcntl
-    except ImportError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
-
-
-# A temporary file or directory of ours is a crash leftover when nobody holds
-# its flock and it is older than this (the gap between creating and locking).
-_LEFTOVER_AGE_S = 60.0
-_SWEPT_DIRECTORIES: set = set()
-_SWEPT_LOCK = threading.Lock()
-
-
-def _sweep_leftovers(directory: str, prefix: str, suffix: str = "") -> None:
-    """Remove what a killed process left in ``directory`` (once per directory and process).
-
-    Our unpack staging directories and layout/archive temporaries are named
-    ``prefix...suffix`` and flocked while in use, like the cache's partial
-    files.
-    """
-    import shutil
-    import stat as st
-    key = (os.path.abspath(directory), prefix, suffix)
-    with _SWEPT_LOCK:
-        if key in _SWEPT_DIRECTORIES:
-            return
-        _SWEPT_DIRECTORIES.add(key)
-    try:
-        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(suffix)]
-    except OSError:
-        return
-    now = time.time()
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue
-        try:
-            info = os.fstat(fd)
-            if now - info.st_mtime < _LEFTOVER_AGE_S or not _try_flock(fd):
-                continue
-            if st.S_ISDIR(info.st_mode):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    """Tell whether a process with ``pid`` exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
 # =============================================================================
-# 15. UNPACK: layer streams (compression, prefetch)
+# 16. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -3462,7 +3468,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 16. UNPACK: the root filesystem tree
+# 17. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -3688,7 +3694,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 17. UNPACK: LayerUnpacker, applying tar entries
+# 18. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 class LayerUnpacker(_RootTree):
@@ -3957,7 +3963,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 18. OCI LAYOUT: writing layouts, archives and WASM artifacts
+# 19. OCI LAYOUT: writing layouts, archives and WASM artifacts
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -4389,7 +4395,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 19. OCI LAYOUT: reading and importing
+# 20. OCI LAYOUT: reading and importing
 # =============================================================================
 # An imported layout is untrusted: every blob it reaches is streamed into a
 # cache writer that hashes it, and nothing is committed to the cache until
@@ -4561,130 +4567,8 @@ def _ingest_layout_blob(cache: BlobCache, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 20. PULL: resolving references and fetching blobs
+# 21. PULL: worker threads
 # =============================================================================
-
-_MAX_INDEX_DEPTH = 4
-_MAX_CONFIG_BYTES = 16 * 1024 * 1024
-_ProgressCallback = Callable[[Descriptor, int, int], None]
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A pulled, verified layer: its descriptor and where the cache keeps it."""
-
-    descriptor: Descriptor
-    cache: BlobCache = field(repr=False, compare=False)
-
-    @property
-    def digest(self) -> str:
-        """Return the layer's digest (of the blob as stored)."""
-        return self.descriptor.digest
-
-    @property
-    def size(self) -> int:
-        """Return the layer's size in bytes."""
-        return self.descriptor.size
-
-    @property
-    def media_type(self) -> str:
-        """Return the layer's media type."""
-        return self.descriptor.media_type
-
-    @property
-    def path(self) -> Optional[str]:
-        """Return the layer's file in the cache (None for an in-memory cache)."""
-        return self.cache.path(self.digest)
-
-    def open(self) -> BinaryIO:
-        """Open the verified layer blob for reading."""
-        stream = self.cache.open_blob(self.digest)
-        if stream is None:
-            raise CacheError(f"layer {self.digest} is no longer in the cache")
-        return stream
-
-    def read_bytes(self) -> bytes:
-        """Return the whole layer (only for small layers: it is held in memory)."""
-        with self.open() as stream:
-            return stream.read()
-
-
-@dataclass(frozen=True)
-class PullResult:
-    """Everything a pull resolved and fetched."""
-
-    reference: Reference
-    manifest: Manifest
-    config: Descriptor
-    layers: List[Layer]
-    config_data: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    index: Optional[Manifest] = None
-    platform: Optional[Platform] = None
-    bytes_downloaded: int = 0
-    bytes_from_cache: int = 0
-
-    @property
-    def artifact_type(self) -> ArtifactType:
-        """Return whether this is a container image or a WASM artifact."""
-        return detect_artifact_type(self.manifest, self.config_data)
-
-    def to_json(self) -> Dict[str, Any]:
-        """Return the JSON object ``pull --json`` prints."""
-        kind = self.artifact_type
-        data: Dict[str, Any] = {
-            "reference": str(self.reference),
-            "digest": self.manifest.digest,
-            "media_type": self.manifest.media_type,
-            "platform": str(self.platform) if self.platform else None,
-            "index_digest": self.index.digest if self.index else None,
-            "config": _descriptor_summary(self.config),
-            "layers": [_descriptor_summary(layer.descriptor) for layer in self.layers],
-            "artifact_type": str(kind),
-            "bytes_downloaded": self.bytes_downloaded,
-            "bytes_from_cache": self.bytes_from_cache,
-        }
-        info = self.wasm_info()
-        if info is not None:
-            data["artifact_type"] = "wasm"
-            data.update(info.to_json())
-        return data
-
-    def wasm_info(self) -> Optional[WasmArtifactInfo]:
-        """Return WASM metadata (WASI level completed from the verified bytes), or None."""
-        return _verified_wasm_info(self.manifest, self.config_data,
-                                   self.layers[0].cache if self.layers else None)
-
-
-def _verified_wasm_info(manifest: Manifest, config_data: Mapping[str, Any],
-                        cache: Optional[BlobCache]) -> Optional[WasmArtifactInfo]:
-    """Return the WASM info of a manifest, checked against the layer's bytes when cached.
-
-    The bytes settle a WASI level the manifest leaves unknown; a layer
-    declared as WASM whose bytes are not WebAssembly is an error.
-    """
-    info = extract_wasm_info(manifest, config_data)
-    if info is None or info.wasm_layer_digest is None or cache is None:
-        return info
-    stream = cache.open_blob(info.wasm_layer_digest)
-    if stream is None:
-        return info
-    with stream:
-        from_bytes = wasi_version_from_bytes(stream.read(8))
-    if from_bytes is None:
-        raise ManifestError(f"layer {info.wasm_layer_digest} of {manifest.digest} is "
-                            "declared as WebAssembly but its bytes are not")
-    # Verified bytes are the surest signal: runwasi, for one, writes os wasip1
-    # into the config of component images.
-    if from_bytes is not WasiVersion.UNKNOWN and from_bytes is not info.wasi_version:
-        info = WasmArtifactInfo(from_bytes, info.wasm_layer_digest, info.wasm_size,
-                                info.module_name)
-    return info
-
-
-def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
-    return {"digest": descriptor.digest, "size": descriptor.size,
-            "media_type": descriptor.media_type}
-
 
 class _Cancelled(Exception):
     """Internal: another worker failed, so this download stops."""
@@ -4809,6 +4693,132 @@ class _WorkerPool:
             if thread is not threading.current_thread():
                 thread.join()
         self._threads = []
+
+
+# =============================================================================
+# 22. PULL: resolving references and fetching blobs
+# =============================================================================
+
+_MAX_INDEX_DEPTH = 4
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024
+_ProgressCallback = Callable[[Descriptor, int, int], None]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A pulled, verified layer: its descriptor and where the cache keeps it."""
+
+    descriptor: Descriptor
+    cache: BlobCache = field(repr=False, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """Return the layer's digest (of the blob as stored)."""
+        return self.descriptor.digest
+
+    @property
+    def size(self) -> int:
+        """Return the layer's size in bytes."""
+        return self.descriptor.size
+
+    @property
+    def media_type(self) -> str:
+        """Return the layer's media type."""
+        return self.descriptor.media_type
+
+    @property
+    def path(self) -> Optional[str]:
+        """Return the layer's file in the cache (None for an in-memory cache)."""
+        return self.cache.path(self.digest)
+
+    def open(self) -> BinaryIO:
+        """Open the verified layer blob for reading."""
+        stream = self.cache.open_blob(self.digest)
+        if stream is None:
+            raise CacheError(f"layer {self.digest} is no longer in the cache")
+        return stream
+
+    def read_bytes(self) -> bytes:
+        """Return the whole layer (only for small layers: it is held in memory)."""
+        with self.open() as stream:
+            return stream.read()
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """Everything a pull resolved and fetched."""
+
+    reference: Reference
+    manifest: Manifest
+    config: Descriptor
+    layers: List[Layer]
+    config_data: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    index: Optional[Manifest] = None
+    platform: Optional[Platform] = None
+    bytes_downloaded: int = 0
+    bytes_from_cache: int = 0
+
+    @property
+    def artifact_type(self) -> ArtifactType:
+        """Return whether this is a container image or a WASM artifact."""
+        return detect_artifact_type(self.manifest, self.config_data)
+
+    def to_json(self) -> Dict[str, Any]:
+        """Return the JSON object ``pull --json`` prints."""
+        kind = self.artifact_type
+        data: Dict[str, Any] = {
+            "reference": str(self.reference),
+            "digest": self.manifest.digest,
+            "media_type": self.manifest.media_type,
+            "platform": str(self.platform) if self.platform else None,
+            "index_digest": self.index.digest if self.index else None,
+            "config": _descriptor_summary(self.config),
+            "layers": [_descriptor_summary(layer.descriptor) for layer in self.layers],
+            "artifact_type": str(kind),
+            "bytes_downloaded": self.bytes_downloaded,
+            "bytes_from_cache": self.bytes_from_cache,
+        }
+        info = self.wasm_info()
+        if info is not None:
+            data["artifact_type"] = "wasm"
+            data.update(info.to_json())
+        return data
+
+    def wasm_info(self) -> Optional[WasmArtifactInfo]:
+        """Return WASM metadata (WASI level completed from the verified bytes), or None."""
+        return _verified_wasm_info(self.manifest, self.config_data,
+                                   self.layers[0].cache if self.layers else None)
+
+
+def _verified_wasm_info(manifest: Manifest, config_data: Mapping[str, Any],
+                        cache: Optional[BlobCache]) -> Optional[WasmArtifactInfo]:
+    """Return the WASM info of a manifest, checked against the layer's bytes when cached.
+
+    The bytes settle a WASI level the manifest leaves unknown; a layer
+    declared as WASM whose bytes are not WebAssembly is an error.
+    """
+    info = extract_wasm_info(manifest, config_data)
+    if info is None or info.wasm_layer_digest is None or cache is None:
+        return info
+    stream = cache.open_blob(info.wasm_layer_digest)
+    if stream is None:
+        return info
+    with stream:
+        from_bytes = wasi_version_from_bytes(stream.read(8))
+    if from_bytes is None:
+        raise ManifestError(f"layer {info.wasm_layer_digest} of {manifest.digest} is "
+                            "declared as WebAssembly but its bytes are not")
+    # Verified bytes are the surest signal: runwasi, for one, writes os wasip1
+    # into the config of component images.
+    if from_bytes is not WasiVersion.UNKNOWN and from_bytes is not info.wasi_version:
+        info = WasmArtifactInfo(from_bytes, info.wasm_layer_digest, info.wasm_size,
+                                info.module_name)
+    return info
+
+
+def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
+    return {"digest": descriptor.digest, "size": descriptor.size,
+            "media_type": descriptor.media_type}
 
 
 class _PullerCore:
@@ -5098,7 +5108,7 @@ def _continues_at(response: _Response, offset: int) -> bool:
 
 
 # =============================================================================
-# 21. PULL: the ImagePuller API
+# 23. PULL: the ImagePuller API
 # =============================================================================
 
 class ImagePuller(_PullerCore):
@@ -5289,7 +5299,7 @@ class ImagePuller(_PullerCore):
 
 
 # =============================================================================
-# 22. CLI
+# 24. CLI
 # =============================================================================
 
 _PROG = "zlayer-registry"
