@@ -1558,6 +1558,7 @@ class TestCli:
         assert data["config"]["digest"] == image["config"]["digest"]
         assert [l["digest"] for l in data["layers"]] == [l["digest"] for l in image["layers"]]
         assert data["artifact_type"] == "container"
+        assert data["platform"] == "linux/amd64"  # a single image: from its config
         assert data["bytes_downloaded"] > 0 and data["bytes_from_cache"] == 0
         assert out.stderr == ""  # not a tty: no progress
 
@@ -1657,6 +1658,11 @@ class TestCli:
         layer_path.write_bytes(b"!" * 5000)
         bad = run_cli("cache", "verify", "--cache", cache_dir, cwd=tmp_path)
         assert bad.returncode == 1 and image["layers"][0]["digest"] in bad.stdout
+        assert "3 blobs checked, 1 corrupt" in bad.stdout
+        removed = run_cli("cache", "verify", "--remove", "--cache", cache_dir, cwd=tmp_path)
+        assert removed.returncode == 1 and "3 blobs checked, 1 corrupt" in removed.stdout
+        assert run_cli("pull", f"{registry.host}/app:v1", "--cache", cache_dir,
+                       cwd=tmp_path).returncode == 0  # fetches just the removed layer
         pruned = run_cli("cache", "prune", "--max-bytes", "0", "--cache", cache_dir, cwd=tmp_path)
         assert pruned.returncode == 0 and "removed 3 blobs" in pruned.stdout
         assert run_cli("cache", "gc", "--cache", cache_dir, cwd=tmp_path).returncode == 0

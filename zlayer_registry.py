@@ -4816,6 +4816,16 @@ def _verified_wasm_info(manifest: Manifest, config_data: Mapping[str, Any],
     return info
 
 
+def _config_platform(config_data: Mapping[str, Any]) -> Optional[Platform]:
+    """Return the platform an image config names (None for artifacts without one)."""
+    os_name, architecture = config_data.get("os"), config_data.get("architecture")
+    if not isinstance(os_name, str) or not isinstance(architecture, str) \
+            or not os_name or not architecture:
+        return None
+    variant = config_data.get("variant")
+    return Platform(os_name, architecture, variant if isinstance(variant, str) else "")
+
+
 def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
     return {"digest": descriptor.digest, "size": descriptor.size,
             "media_type": descriptor.media_type}
@@ -5045,12 +5055,8 @@ class _PullerCore:
 
     def _check_platform(self, reference: Reference, config_data: Mapping[str, Any]) -> None:
         """Refuse a single-platform image built for another platform than the one asked for."""
-        os_name, architecture = config_data.get("os"), config_data.get("architecture")
-        if not isinstance(os_name, str) or not isinstance(architecture, str):
-            return  # artifacts without a platform: nothing to compare
-        variant = config_data.get("variant")
-        offered = Platform(os_name, architecture, variant if isinstance(variant, str) else "")
-        if _platform_rank(self.platform, offered) is None:
+        offered = _config_platform(config_data)
+        if offered is not None and _platform_rank(self.platform, offered) is None:
             raise ManifestError(f"{reference} is a single {offered} image, "
                                 f"not {self.platform} as asked")
 
@@ -5151,11 +5157,12 @@ class ImagePuller(_PullerCore):
             self._check_platform(ref, self._read_config(config))
         downloaded, from_cache = self._fetch_blobs(client, [config] + layers, manifests=used)
         downloaded, from_cache = downloaded + early, from_cache - early
+        config_data = self._read_config(config)
         return PullResult(reference=ref, manifest=manifest, config=config,
                           layers=[Layer(d, self.cache) for d in layers],
-                          config_data=self._read_config(config), index=index,
-                          platform=platform, bytes_downloaded=downloaded,
-                          bytes_from_cache=from_cache)
+                          config_data=config_data, index=index,
+                          platform=platform or _config_platform(config_data),
+                          bytes_downloaded=downloaded, bytes_from_cache=from_cache)
 
     def pull(self, reference: Union[str, Reference],
              auth: Optional[RegistryAuth] = None) -> Tuple[Manifest, List[Layer]]:
@@ -5545,10 +5552,11 @@ def _cmd_cache(args: Any) -> int:
         print(f"{stats['blobs']} blobs, {_format_bytes(stats['size_bytes'])} in {cache.root}")
         return 0
     if action == "verify":
+        checked = len(cache.entries())  # before --remove takes the corrupt ones out
         bad = cache.verify(remove=args.remove)
         for digest in bad:
             print(f"corrupt: {digest}" + (" (removed)" if args.remove else ""))
-        print(f"{len(cache.entries())} blobs checked, {len(bad)} corrupt")
+        print(f"{max(checked, len(bad))} blobs checked, {len(bad)} corrupt")
         return 1 if bad else 0
     if action == "prune":
         removed = cache.prune(args.max_bytes)
