@@ -2243,10 +2243,7 @@ class _RegistryClient:
             response = self.request("HEAD", f"/v2/{self.repository}/manifests/{identifier}",
                                     headers={"Accept": _MANIFEST_ACCEPT})
         except NotFoundError as exc:
-            # A HEAD answer has no body to quote, so say what was missing.
-            raise NotFoundError(f"{self.registry}/{self.repository}:{identifier} not found "
-                                f"({exc.status} to HEAD {exc.url})", status=exc.status,
-                                method=exc.method, url=exc.url) from exc
+            raise self._manifest_not_found(identifier, exc) from exc
         except RegistryError as exc:
             # Some registries answer 405 (or 400) to HEAD; a GET will do.
             if type(exc) is RegistryError and exc.status in (400, 405, 406, 501):
@@ -2259,10 +2256,19 @@ class _RegistryClient:
         except InvalidDigestError:
             return None
 
+    def _manifest_not_found(self, identifier: str, exc: NotFoundError) -> NotFoundError:
+        """Say which image was missing, the same way for HEAD and GET, by tag or digest."""
+        name = f"{self.repository}{'@' if ':' in identifier else ':'}{identifier}"
+        return NotFoundError(f"{name} not found: {exc}", status=exc.status, codes=exc.codes,
+                             method=exc.method, url=exc.url)
+
     def get_manifest(self, identifier: str) -> Manifest:
         """GET a manifest by tag or digest, checked against the digest it should have."""
-        response = self.request("GET", f"/v2/{self.repository}/manifests/{identifier}",
-                                headers={"Accept": _MANIFEST_ACCEPT})
+        try:
+            response = self.request("GET", f"/v2/{self.repository}/manifests/{identifier}",
+                                    headers={"Accept": _MANIFEST_ACCEPT})
+        except NotFoundError as exc:
+            raise self._manifest_not_found(identifier, exc) from exc
         with response:
             length = response.header("Content-Length")
             if length.isdigit() and int(length) > MAX_MANIFEST_SIZE_BYTES:
