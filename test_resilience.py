@@ -740,6 +740,29 @@ class TestDiskFull:
                       cwd=small_disk.parent)
         assert out.returncode == 0, out
 
+    def test_real_tmpfs_fills_up_under_a_staged_large_blob(self, registry, tmp_path, sleeps):
+        """A blob of 4 MiB or more goes through the staging buffer (O_DIRECT where the file
+        system allows it): the full disk is still one clean CacheError and no partial file."""
+        target = tmp_path / "small4"
+        reason = mount_tmpfs(target, "size=4m")
+        if reason:
+            pytest.skip(reason)
+        try:
+            data = layer_bytes(310, zr._DIRECT_IO_MIN_BYTES + 1_000_001)
+            registry.add_image("big/one", "v1", [data])
+            cache = zr.BlobCache.open(target / "cache")
+            with Bounded(10), pytest.raises(zr.CacheError, match="No space left|disk is full"):
+                with make_puller(cache, sleeps) as puller:
+                    puller.pull(ref(registry, "big/one:v1"))
+            assert sleeps == []
+            cache.close()
+            assert os.listdir(target / "cache" / "tmp") == []
+            out = run_cli("cache", "verify", "--cache", str(target / "cache"), cwd=tmp_path)
+            assert out.returncode == 0, out
+        finally:
+            gc.collect()
+            unmount(target)
+
     def test_injected_enospc_is_a_cache_error_and_not_retried(self, registry, proxy, image,
                                                               tmp_path, sleeps):
         root = tmp_path / "cache"
