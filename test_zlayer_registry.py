@@ -739,10 +739,15 @@ class TestHttp:
     def test_header_and_target_injection_are_refused_before_sending(self):
         server = _Scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
         transport = zr._Transport()
-        with pytest.raises(ValueError):
-            transport.send("GET", server.url(), {"X-Token": "a\r\nEvil: 1"})
-        with pytest.raises(zr._HttpError):
-            transport.send("GET", server.url("/v2/a b"), {})
+        with pytest.raises(zr.RegistryError, match="'X-Token' header holds a line break") as info:
+            transport.send("GET", server.url(), {"X-Token": "s3cret\r\nEvil: 1"})
+        assert "s3cret" not in str(info.value)
+        with pytest.raises(zr.RegistryError, match="outside Latin-1") as info:
+            transport.send("GET", server.url(), {"Authorization": "Bearer t\u20ac"})
+        assert "\u20ac" not in str(info.value)
+        with pytest.raises(zr.RegistryError, match="control characters or spaces") as info:
+            transport.send("GET", server.url("/v2/a b?X-Amz-Signature=TOPSECRET"), {})
+        assert "TOPSECRET" not in str(info.value)
         assert server.requests == []
         server.close()
 
@@ -789,6 +794,104 @@ class TestHttp:
         assert "CERTIFICATE_VERIFY_FAILED" in str(info.value) and registry.requests == []
         front.close()
         proxy.close()
+
+
+class TestHttpReviewRegressions:
+    """Bugs a review of the HTTP client and the worker pool found, each pinned."""
+
+    def _blob(self, reply, close):
+        data = layer_bytes(3, 5000)
+        digest = zr.compute_digest(data)
+        server = _Scripted([(reply(data), close)])
+        cache = zr.BlobCache()
+        puller = make_puller(cache, timeout_s=5)
+        client = puller._client(zr.parse_reference(f"127.0.0.1:{server.port}/app:v1"), None)
+        puller._stream_blob(client, zr.Descriptor("application/octet-stream", digest, len(data)),
+                            _threading.Event())
+        assert cache.get(digest) == data
+        assert [h.get("range") for _, h in server.requests] == [None]
+        server.close()
+
+    def test_a_complete_chunked_blob_is_kept_when_the_terminator_is_lost(self):
+        self._blob(lambda d: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + f"{len(d):x}\r\n".encode() + d + b"\r\n", True)
+
+    def test_a_complete_unframed_blob_does_not_wait_for_the_connection_to_close(self):
+        self._blob(lambda d: b"HTTP/1.1 200 OK\r\n\r\n" + d, False)
+
+    def test_folded_header_lines_count_toward_the_limit(self):
+        server = _Scripted([(b"HTTP/1.1 200 OK\r\nX-Fold: a\r\n" + b" b\r\n" * 200
+                             + b"Content-Length: 0\r\n\r\n", True)])
+        with pytest.raises(zr._HttpError, match="more than 100 header lines"):
+            zr._Transport().send("GET", server.url(), {})
+        server.close()
+
+    @pytest.mark.parametrize("reply", [
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n",
+        b"HTTP/1.1 \xb200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 5000 + b"1\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n" * 11 + b"HTTP/1.1 200 OK\r\n\r\n",
+    ], ids=["superscript-length", "superscript-status", "5000-digit-length", "11-interim"])
+    def test_odd_numbers_are_protocol_errors_not_tracebacks(self, reply):
+        server = _Scripted([(reply, True)])
+        with pytest.raises(zr._HttpError):
+            zr._Transport().send("GET", server.url(), {})
+        server.close()
+
+    def test_odd_numbers_elsewhere(self):
+        assert zr._parse_retry_after("\u00b2", lambda: 0) is None
+        response = type("R", (), {"status": 206, "header": lambda self, name:
+                                  "bytes " + "0" * 5000 + "1-2/3"})()
+        assert zr._continues_at(response, 1) is False
+
+    def test_deeply_nested_json_is_a_clean_error(self):
+        with pytest.raises(zr.ManifestError, match="not valid JSON"):
+            zr.parse_manifest(b"[" * 50000)
+        assert zr._error_details(b"[" * 50000) == ([], "")
+
+    def test_https_proxy_is_refused_before_anything_is_sent(self):
+        seen = []
+        listener = _Listener(lambda conn: seen.append(conn.recv(4096)))
+        environ = {"HTTPS_PROXY": f"https://user:s3cret@127.0.0.1:{listener.port}"}
+        with pytest.raises(zr.RegistryError, match="only http:// proxies") as info:
+            make_puller(environ=environ, retries=0).pull("registry.example:443/app:v1")
+        assert seen == [] and "s3cret" not in str(info.value)
+        listener.close()
+
+    def test_redirect_or_realm_to_a_non_ascii_or_broken_host_is_refused(self):
+        for url in ("https://\u00e9..example/x", "https://token.example\rX-Injected: 1/token"):
+            with pytest.raises(zr.RegistryError, match="invalid host name"):
+                zr._split_url(url)
+
+    def test_closing_the_pool_mid_run_ends_the_wait(self):
+        import time as _time
+        pool = zr._WorkerPool(1, "t", lambda: None)
+        outcome = []
+
+        def caller():
+            try:
+                pool.run(lambda n: _time.sleep(0.2) or n, [1, 2, 3], _threading.Event())
+            except zr.ZLayerError as exc:
+                outcome.append(str(exc))
+
+        thread = _threading.Thread(target=caller)
+        thread.start()
+        while not pool._threads:
+            _time.sleep(0.01)
+        pool.close()
+        thread.join(10)
+        assert not thread.is_alive() and outcome == ["the puller was closed in the middle of a pull"]
+
+    def test_a_thread_that_cannot_start_leaves_nothing_queued(self, monkeypatch):
+        pool = zr._WorkerPool(2, "t", lambda: None)
+
+        def refuse(self):
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(_threading.Thread, "start", refuse)
+        with pytest.raises(zr.ZLayerError, match="cannot start a download thread"):
+            pool.run(lambda n: n, [1, 2, 3], _threading.Event())
+        assert pool._queue == []
 
 
 # -----------------------------------------------------------------------------

@@ -695,7 +695,7 @@ def parse_manifest(raw: bytes, content_type: str = "",
         digest = compute_digest(raw)
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting: Recursion
         raise ManifestError(f"manifest {digest} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ManifestError(f"manifest {digest} is not a JSON object")
@@ -1050,6 +1050,7 @@ _CONNECTION_ERRORS: Tuple[type, ...] = (OSError, _HttpError)
 # What a server may send before the body (http.client's limits).
 _MAX_HEADER_LINE_BYTES = 65536
 _MAX_HEADERS = 100
+_MAX_INTERIM_ANSWERS = 10
 # Request targets and header values must not smuggle a second request.
 _UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _UNSAFE_HEADER_VALUE = re.compile(r"[\r\n\x00]")
@@ -1074,6 +1075,12 @@ class _Headers:
 
     def items(self) -> List[Tuple[str, str]]:
         return list(self._items)
+
+
+def _header_int(text: str) -> Optional[int]:
+    """Parse a non-negative decimal header number: ASCII digits only (``str.isdigit``
+    also takes "²"), at most 19 of them (past int()'s digit limit is a traceback)."""
+    return int(text) if re.fullmatch(r"[0-9]{1,19}", text) else None
 
 
 def _header_tokens(headers: _Headers, name: str) -> List[str]:
@@ -1103,11 +1110,13 @@ class _RawResponse:
 
     def begin(self) -> None:
         """Read the status line and headers, skipping interim 1xx answers."""
-        while True:
+        for _ in range(_MAX_INTERIM_ANSWERS + 1):
             version, self.status, self.reason = self._status_line()
             items = self._header_lines()
             if not 100 <= self.status < 200:
                 break
+        else:
+            raise _HttpError(f"more than {_MAX_INTERIM_ANSWERS} interim (1xx) answers")
         self.headers = _Headers(items)
         connection = _header_tokens(self.headers, "Connection")
         self.will_close = ("keep-alive" not in connection if version == "HTTP/1.0"
@@ -1136,13 +1145,13 @@ class _RawResponse:
         text = line.decode("latin-1").rstrip("\r\n")
         version, _, rest = text.partition(" ")
         code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        if not version.startswith("HTTP/1.") or _header_int(code) is None or len(code) != 3:
             raise _HttpError(f"malformed status line {text[:60]!r}")
         return version, int(code), reason.strip()
 
     def _header_lines(self) -> List[Tuple[str, str]]:
         items: List[List[str]] = []
-        while True:
+        for _ in range(_MAX_HEADERS + 1):  # every line counts, folded ones too
             line = self._line("header line")
             if line in (b"\r\n", b"\n", b""):
                 return [(name, value) for name, value in items]
@@ -1153,9 +1162,8 @@ class _RawResponse:
             name, colon, value = text.partition(":")
             if not colon or not _HEADER_NAME.fullmatch(name):
                 raise _HttpError(f"malformed header line {text[:60]!r}")
-            if len(items) >= _MAX_HEADERS:
-                raise _HttpError(f"more than {_MAX_HEADERS} headers")
             items.append([name, value.strip()])
+        raise _HttpError(f"more than {_MAX_HEADERS} header lines")
 
     def _content_length(self) -> Optional[int]:
         values = {v.strip() for v in ",".join(self.headers.get_all("Content-Length")).split(",")
@@ -1163,9 +1171,10 @@ class _RawResponse:
         if not values:
             return None
         # Differing lengths are how responses get smuggled (RFC 9112 6.3).
-        if len(values) > 1 or not next(iter(values)).isdigit():
-            raise _HttpError(f"invalid Content-Length {sorted(values)!r:.60}")
-        return int(values.pop())
+        length = _header_int(values.pop()) if len(values) == 1 else None
+        if length is None:
+            raise _HttpError(f"invalid Content-Length {self.headers.get('Content-Length')!r:.60}")
+        return length
 
     def isclosed(self) -> bool:
         """Tell whether the body is fully read (or abandoned)."""
@@ -1241,10 +1250,12 @@ class _RawResponse:
         if size:
             self._chunk_left = size
             return True
-        while self._line("trailer") not in (b"\r\n", b"\n", b""):
-            pass
-        self.fp = None
-        return False
+        for _ in range(_MAX_HEADERS + 1):
+            if self._line("trailer") in (b"\r\n", b"\n", b""):
+                self.fp = None
+                return False
+        self.close()
+        raise _HttpError(f"more than {_MAX_HEADERS} trailer lines")
 
 
 class _Connection:
@@ -1267,11 +1278,11 @@ class _Connection:
                 headers: Mapping[str, str], body: Optional[bytes] = None) -> None:
         """Send one request, connecting first if this connection is new."""
         if _UNSAFE_TARGET.search(target):
-            raise _HttpError(f"request target with control characters or spaces: {target[:60]!r}")
+            raise ValueError("the request target holds control characters or spaces")
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
         for name, value in {**headers, **self.proxy_headers}.items():
             if not _HEADER_NAME.fullmatch(name) or _UNSAFE_HEADER_VALUE.search(str(value)):
-                raise ValueError(f"invalid header {name!r}")
+                raise ValueError(f"the {name!r} header holds a line break (credentials?)")
             lines.append(f"{name}: {value}")
         if body is not None or method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {len(body or b'')}")
@@ -1313,6 +1324,8 @@ class _Connection:
         """Ask the proxy for a tunnel to the registry (RFC 9110 9.3.6)."""
         t_host, t_port, t_headers = self.tunnel
         authority = f"[{t_host}]:{t_port}" if ":" in t_host else f"{t_host}:{t_port}"
+        if _UNSAFE_TARGET.search(authority):
+            raise ValueError("the tunnel's host name holds control characters or spaces")
         lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
         for name, value in t_headers.items():
             if not _HEADER_NAME.fullmatch(name) or _UNSAFE_HEADER_VALUE.search(str(value)):
@@ -1377,6 +1390,10 @@ def _split_url(url: str) -> Tuple[str, str, int, str]:
         raise RegistryError(f"malformed URL {_redact_url(url)}: {exc}") from exc
     if not host or (port is not None and not 0 < port < 65536):
         raise RegistryError(f"URL without a valid host and port: {_redact_url(url)}")
+    if not host.isascii() or _UNSAFE_TARGET.search(host):
+        # Registry names are ASCII (the reference grammar); a redirect or a
+        # token realm naming another host must be too, and carry no line breaks.
+        raise RegistryError(f"URL with an invalid host name: {_redact_url(url)}")
     return scheme, host, port or (443 if scheme == "https" else 80), "/" + path
 
 
@@ -1434,6 +1451,11 @@ class _Response:
         self.method = method
         self.status: int = raw.status
         self.headers = raw.headers
+
+    @property
+    def length_left(self) -> Optional[int]:
+        """Body bytes still to come per Content-Length (None: chunked or until close)."""
+        return 0 if self._raw.isclosed() else self._raw.length
 
     def header(self, name: str, default: str = "") -> str:
         """Return a response header (case-insensitive)."""
@@ -1526,7 +1548,12 @@ class _Transport:
         proxy = self.proxies.proxy_for(scheme, host, port)
         if not proxy:
             return _Connection(host, port, self.timeout_s, context=context), False
-        _, p_host, p_port, _ = _split_url(proxy)
+        p_scheme, p_host, p_port, _ = _split_url(proxy)
+        if p_scheme != "http":
+            # Speaking plain HTTP to an https:// proxy would send its
+            # Proxy-Authorization in the clear.
+            raise RegistryError(f"proxy {_redact_url(proxy)}: only http:// proxies are "
+                                "supported (https registries still get TLS end to end)")
         userinfo = proxy.partition("://")[2].partition("/")[0].rpartition("@")[0]
         proxy_headers = {}
         if userinfo:
@@ -1557,6 +1584,19 @@ class _Transport:
             try:
                 connection.request(method, target, host=_host_header(scheme, host, port),
                                    headers=headers, body=body)
+            except _CONNECTION_ERRORS:  # first: a TLS verify failure is a ValueError too
+                connection.close()
+                if reused and attempt == 0:
+                    continue
+                raise
+            except ValueError as exc:  # a value that would break the request apart
+                connection.close()
+                # Never the value itself: it may be a credential.
+                detail = ("a header value (credentials?) or the URL holds a character "
+                          "outside Latin-1" if isinstance(exc, UnicodeError) else str(exc))
+                raise RegistryError(f"cannot send {method} {_redact_url(url)}: {detail}",
+                                    method=method, url=_redact_url(url)) from None
+            try:
                 raw = connection.getresponse()
             except _CONNECTION_ERRORS:
                 connection.close()
@@ -1914,8 +1954,9 @@ def _parse_retry_after(value: str, clock: Callable[[], float]) -> Optional[float
     value = value.strip()
     if not value:
         return None
-    if value.isdigit():
-        return float(value)
+    seconds = _header_int(value)
+    if seconds is not None:
+        return float(seconds)
     from email.utils import parsedate_to_datetime
     try:
         when = parsedate_to_datetime(value)
@@ -1930,7 +1971,7 @@ def _error_details(body: bytes) -> Tuple[List[str], str]:
     """Extract distribution-spec error codes and a short message from a body."""
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return [], ""
     errors = data.get("errors") if isinstance(data, dict) else None
     if not isinstance(errors, list):
@@ -2067,7 +2108,7 @@ class _RegistryClient:
         try:
             data = json.loads(raw.decode("utf-8"))
             token = data.get("token") or data.get("access_token")
-        except (UnicodeDecodeError, ValueError, AttributeError):
+        except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
             token, data = None, {}
         if not isinstance(token, str) or not token:
             raise AuthError(f"token endpoint for {self.registry} returned no token",
@@ -2271,7 +2312,7 @@ class _RegistryClient:
             raise self._manifest_not_found(identifier, exc) from exc
         with response:
             length = response.header("Content-Length")
-            if length.isdigit() and int(length) > MAX_MANIFEST_SIZE_BYTES:
+            if (_header_int(length) or 0) > MAX_MANIFEST_SIZE_BYTES:
                 raise ManifestError(f"manifest {self.registry}/{self.repository}:{identifier} "
                                     f"is {length} bytes, over the "
                                     f"{MAX_MANIFEST_SIZE_BYTES}-byte limit")
@@ -4464,7 +4505,7 @@ class _LayoutSource:
             raw = stream.read(MAX_MANIFEST_SIZE_BYTES + 1)
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise LayoutError(f"{name} in {self.path} is not valid JSON: {exc}") from exc
 
     def close(self) -> None:
@@ -4640,7 +4681,13 @@ class _WorkerPool:
             for _ in range(max(wanted, 0)):
                 thread = threading.Thread(target=self._work, daemon=True,
                                           name=f"{self._name}_{len(self._threads)}")
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # "can't start new thread": use those running
+                    if self._threads:
+                        break
+                    self._drop(batch)
+                    raise ZLayerError(f"cannot start a download thread: {exc}") from None
                 self._threads.append(thread)
             self._cond.notify_all()
         try:
@@ -4691,9 +4738,14 @@ class _WorkerPool:
             self._on_exit()
 
     def close(self) -> None:
-        """End the worker threads (after their current task)."""
+        """End the worker threads (after their current task); queued tasks are cancelled."""
         with self._cond:
             self._closed = True
+            for batch in {id(task[0]): task[0] for task in self._queue}.values():
+                batch.cancel.set()
+                batch.errors[0] = batch.errors[0] or ZLayerError("the puller was closed "
+                                                                 "in the middle of a pull")
+                self._drop(batch)
             self._cond.notify_all()
         for thread in self._threads:
             if thread is not threading.current_thread():
@@ -5014,7 +5066,9 @@ class _PullerCore:
                             continue
                     count, error = self._copy_body(response, writer, descriptor, cancel)
                     received += count
-                if error is not None or writer.offset < descriptor.size:
+                # All bytes in: the digest decides, whatever the connection did
+                # after the last one (a lost chunked terminator, a stall).
+                if writer.offset < descriptor.size:
                     interruptions += 1  # dropped, stalled or ended early: resume
                     if interruptions > self.retries:
                         if error is None:
@@ -5044,6 +5098,10 @@ class _PullerCore:
         while True:
             if cancel.is_set():
                 raise _Cancelled()
+            if writer.offset >= descriptor.size and response.length_left is None:
+                # A chunked or until-close body: waiting for its end could mean
+                # waiting for a timeout; the blob is complete, its digest decides.
+                return count, None
             try:
                 received = response.readinto1(writer.buffer())
             except _CONNECTION_ERRORS as exc:
@@ -5074,7 +5132,7 @@ class _PullerCore:
         raw = self.cache.read_small(descriptor.digest, _MAX_CONFIG_BYTES)
         try:
             data = json.loads(raw.decode("utf-8")) if raw else {}
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -5115,7 +5173,8 @@ def _continues_at(response: _Response, offset: int) -> bool:
     """
     if response.status == 200:
         return offset == 0
-    match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", response.header("Content-Range"))
+    match = re.fullmatch(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)",
+                         response.header("Content-Range").strip())
     return bool(match) and int(match.group(1)) == offset
 
 
