@@ -720,8 +720,14 @@ class TestHttp:
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 101 + b"\r\n",
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+        # Numbers str.isdigit() takes but int() does not, or past int()'s digit limit:
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n",
+        b"HTTP/1.1 \xb200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 5000 + b"1\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n" * 11 + b"HTTP/1.1 200 OK\r\n\r\n",
     ], ids=["status", "code", "header", "two-lengths", "negative-length", "101-headers",
-            "long-line"])
+            "long-line", "superscript-length", "superscript-status", "5000-digit-length",
+            "11-interim"])
     def test_malformed_answers_are_connection_errors(self, reply):
         server = _Scripted([(reply, True)])
         with pytest.raises(zr._HttpError):
@@ -823,18 +829,6 @@ class TestHttpReviewRegressions:
         server = _Scripted([(b"HTTP/1.1 200 OK\r\nX-Fold: a\r\n" + b" b\r\n" * 200
                              + b"Content-Length: 0\r\n\r\n", True)])
         with pytest.raises(zr._HttpError, match="more than 100 header lines"):
-            zr._Transport().send("GET", server.url(), {})
-        server.close()
-
-    @pytest.mark.parametrize("reply", [
-        b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n",
-        b"HTTP/1.1 \xb200 OK\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 5000 + b"1\r\n\r\n",
-        b"HTTP/1.1 100 Continue\r\n\r\n" * 11 + b"HTTP/1.1 200 OK\r\n\r\n",
-    ], ids=["superscript-length", "superscript-status", "5000-digit-length", "11-interim"])
-    def test_odd_numbers_are_protocol_errors_not_tracebacks(self, reply):
-        server = _Scripted([(reply, True)])
-        with pytest.raises(zr._HttpError):
             zr._Transport().send("GET", server.url(), {})
         server.close()
 

@@ -498,6 +498,48 @@ class Descriptor:
         return data
 
 
+class _HashingReader(io.RawIOBase):
+    """Wraps a blob stream, hashing and counting what is read, for ``check()``.
+
+    A raw stream too (``readinto``), so an ``io.BufferedReader`` can sit on top.
+    """
+
+    def __init__(self, stream: BinaryIO, descriptor: Descriptor) -> None:
+        super().__init__()
+        self._stream = stream
+        self._descriptor = descriptor
+        self._hasher = _hasher_for(descriptor.digest)
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._hasher.update(data)
+        self.count += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._stream.readinto(buffer)
+        if count:
+            self._hasher.update(memoryview(buffer)[:count])
+            self.count += count
+        return count
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
+
+    def check(self, subject: str = "") -> None:
+        """Raise DigestMismatchError unless everything read matches the descriptor."""
+        actual = f"{self._hasher.name}:{self._hasher.hexdigest()}"
+        if self.count != self._descriptor.size or actual != self._descriptor.digest:
+            raise DigestMismatchError(subject or f"blob {self._descriptor.digest}",
+                                      f"{self._descriptor.digest} ({self._descriptor.size} bytes)",
+                                      f"{actual} ({self.count} bytes)")
+
+
 # =============================================================================
 # 6. REFERENCES: parsing and normalising image references
 # =============================================================================
@@ -1088,6 +1130,16 @@ def _header_tokens(headers: _Headers, name: str) -> List[str]:
     return [t.strip().lower() for v in headers.get_all(name) for t in v.split(",") if t.strip()]
 
 
+def _request_head(request_line: str, fields: Mapping[str, str]) -> bytes:
+    """Encode a request line and header fields; refuse a value that would split the request."""
+    lines = [request_line]
+    for name, value in fields.items():
+        if not _HEADER_NAME.fullmatch(name) or _UNSAFE_HEADER_VALUE.search(str(value)):
+            raise ValueError(f"the {name!r} header holds a line break (credentials?)")
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 def _host_header(scheme: str, host: str, port: int) -> str:
     """Return the Host header value for a URL's host and port (default ports left out)."""
     name = f"[{host}]" if ":" in host else host
@@ -1279,14 +1331,10 @@ class _Connection:
         """Send one request, connecting first if this connection is new."""
         if _UNSAFE_TARGET.search(target):
             raise ValueError("the request target holds control characters or spaces")
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
-        for name, value in {**headers, **self.proxy_headers}.items():
-            if not _HEADER_NAME.fullmatch(name) or _UNSAFE_HEADER_VALUE.search(str(value)):
-                raise ValueError(f"the {name!r} header holds a line break (credentials?)")
-            lines.append(f"{name}: {value}")
+        fields = {"Host": host, "Accept-Encoding": "identity", **headers, **self.proxy_headers}
         if body is not None or method in ("POST", "PUT", "PATCH"):
-            lines.append(f"Content-Length: {len(body or b'')}")
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+            fields["Content-Length"] = str(len(body or b""))
+        data = _request_head(f"{method} {target} HTTP/1.1", fields) + (body or b"")
         if self._sock is None:
             self._open()
         self._method = method
@@ -1326,12 +1374,8 @@ class _Connection:
         authority = f"[{t_host}]:{t_port}" if ":" in t_host else f"{t_host}:{t_port}"
         if _UNSAFE_TARGET.search(authority):
             raise ValueError("the tunnel's host name holds control characters or spaces")
-        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
-        for name, value in t_headers.items():
-            if not _HEADER_NAME.fullmatch(name) or _UNSAFE_HEADER_VALUE.search(str(value)):
-                raise ValueError(f"invalid header {name!r}")
-            lines.append(f"{name}: {value}")
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        sock.sendall(_request_head(f"CONNECT {authority} HTTP/1.1",
+                                   {"Host": authority, **t_headers}))
         # Unbuffered: not a byte of what follows (the TLS handshake) may be read ahead.
         reader = sock.makefile("rb", buffering=0)
         response = _RawResponse(_UnbufferedLines(reader), "CONNECT")
@@ -1464,23 +1508,14 @@ class _Response:
 
     def read(self, amount: Optional[int] = None) -> bytes:
         """Read from the body."""
-        data = self._raw.read() if amount is None else self._raw.read(amount)
-        if amount is None or not data:
-            self._finish()
-        return data
-
-    def read1(self, amount: int) -> bytes:
-        """Read what one socket read brings (at most ``amount``); b"" at end of body."""
-        data = self._raw.read1(amount)
-        if self._raw.isclosed():
-            self._finish()
+        data = self._raw.read(amount)
+        self._finish()
         return data
 
     def readinto1(self, view: memoryview) -> int:
         """Receive into ``view`` what one socket read brings; 0 at end of body."""
         count = self._raw.readinto1(view)
-        if self._raw.isclosed():
-            self._finish()
+        self._finish()
         return count
 
     def _finish(self) -> None:
@@ -2726,9 +2761,7 @@ class _FileBlobWriter(_BlobWriter):
             if view:
                 _write_all(self._fd, view)
         except OSError as exc:
-            self.abort()
-            raise CacheError(f"cannot write blob {self.digest} to cache "
-                             f"{self._cache.root}: {exc.strerror or exc}") from exc
+            raise self._write_failed(exc) from exc
 
     def buffer(self) -> memoryview:
         """The free end of the staging buffer (received into, never copied)."""
@@ -2746,9 +2779,7 @@ class _FileBlobWriter(_BlobWriter):
             try:
                 self._flush_stage()
             except OSError as exc:
-                self.abort()
-                raise CacheError(f"cannot write blob {self.digest} to cache "
-                                 f"{self._cache.root}: {exc.strerror or exc}") from exc
+                raise self._write_failed(exc) from exc
 
     def _flush_stage(self) -> None:
         """Write the staged bytes; an unaligned tail or a short write ends direct I/O."""
@@ -2782,9 +2813,7 @@ class _FileBlobWriter(_BlobWriter):
                     self._flush_stage()
                 os.fsync(self._fd)
             except OSError as exc:
-                self.abort()
-                raise CacheError(f"cannot write blob {self.digest} to cache "
-                                 f"{self._cache.root}: {exc.strerror or exc}") from exc
+                raise self._write_failed(exc) from exc
             self._close()
 
     def _close(self) -> None:
@@ -2797,6 +2826,12 @@ class _FileBlobWriter(_BlobWriter):
         if self._stage is not None:
             _return_stage(self._stage)
             self._stage = None
+
+    def _write_failed(self, exc: OSError) -> CacheError:
+        """Discard the partial blob; return the error to raise for ``exc``."""
+        self.abort()
+        return CacheError(f"cannot write blob {self.digest} to cache {self._cache.root}: "
+                          f"{exc.strerror or exc}")
 
     def _sink_commit(self) -> None:
         final = self._cache._blob_path(self.digest)
@@ -3459,38 +3494,6 @@ class _PrefetchReader:
         self._thread.join()
 
 
-class _DigestCheckingRaw(io.RawIOBase):
-    """A raw binary stream over a cached layer that hashes what is read; ``check()`` verifies."""
-
-    def __init__(self, stream: BinaryIO, digest: str, size: int) -> None:
-        super().__init__()
-        self._stream, self.digest, self.size = stream, digest, size
-        self._hasher = _hasher_for(digest)
-        self._count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        count = self._stream.readinto(buffer)
-        if count:
-            self._hasher.update(memoryview(buffer)[:count])
-            self._count += count
-        return count
-
-    def close(self) -> None:
-        self._stream.close()
-        super().close()
-
-    def check(self) -> None:
-        """Raise DigestMismatchError if the layer read is not the one the manifest names."""
-        actual = f"{self._hasher.name}:{self._hasher.hexdigest()}"
-        if self._count != self.size or actual != self.digest:
-            raise DigestMismatchError(
-                f"cached layer {self.digest} is corrupt (run 'cache verify --remove', "
-                "then pull again)", f"{self.size} bytes", f"{self._count} bytes, {actual}")
-
-
 def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -3836,10 +3839,11 @@ class LayerUnpacker(_RootTree):
             for directory in opaque:
                 self._apply_opaque(directory)
             checking = getattr(raw, "raw", None)
-            if isinstance(checking, _DigestCheckingRaw):
+            if isinstance(checking, _HashingReader):
                 while raw.read(_READ_CHUNK_BYTES):  # bytes after the end of the tar
                     pass
-                checking.check()
+                checking.check(f"cached layer {layer.digest} is corrupt (run 'cache verify "
+                               "--remove', then pull again)")
         if self.root == self.rootfs:
             self._finish_directories()
 
@@ -3849,7 +3853,7 @@ class LayerUnpacker(_RootTree):
         if hasattr(layer, "open") and hasattr(layer, "media_type"):  # a pulled Layer
             # Hashed as it is read (by the inflating thread for gzip): a cache
             # file changed since it was verified is caught, not unpacked.
-            raw = _DigestCheckingRaw(layer.open(), layer.digest, layer.size)
+            raw = _HashingReader(layer.open(), layer.descriptor)
             return io.BufferedReader(raw, _READ_CHUNK_BYTES), media_type or layer.media_type
         if isinstance(layer, (str, os.PathLike)):
             try:
@@ -4157,30 +4161,6 @@ def _parse_layout_target(text: str) -> Tuple[str, Optional[str]]:
     if transport != "oci":
         raise LayoutError(f"unsupported destination {text!r}: expected oci:DIR[:TAG]")
     return path, tag
-
-
-class _HashingReader:
-    """Wraps a blob stream, hashing and counting what is read, for ``check()``."""
-
-    def __init__(self, stream: BinaryIO, descriptor: Descriptor) -> None:
-        self._stream = stream
-        self._descriptor = descriptor
-        self._hasher = _hasher_for(descriptor.digest)
-        self.count = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        self._hasher.update(data)
-        self.count += len(data)
-        return data
-
-    def check(self) -> None:
-        """Raise DigestMismatchError unless everything read matches the descriptor."""
-        actual = f"{self._hasher.name}:{self._hasher.hexdigest()}"
-        if self.count != self._descriptor.size or actual != self._descriptor.digest:
-            raise DigestMismatchError(f"blob {self._descriptor.digest}",
-                                      f"{self._descriptor.digest} ({self._descriptor.size} bytes)",
-                                      f"{actual} ({self.count} bytes)")
 
 
 def _open_cached(cache: BlobCache, descriptor: Descriptor) -> BinaryIO:
