@@ -423,7 +423,8 @@ class TestWireFaults:
     @pytest.mark.parametrize("where", ["manifests", "blobs"])
     def test_5xx_once_is_retried_with_backoff(self, proxy, image, tmp_path, sleeps, status,
                                               where):
-        path = f"/manifests/{image['digest']}" if where == "manifests" \
+        # Into an empty cache the tag itself is fetched (no HEAD first).
+        path = "/manifests/v1" if where == "manifests" \
             else f"/blobs/{image['layers'][0]['digest']}"
         rule = proxy.add_rule("respond", method="GET", path=path, status=status)
         result, _ = self.pull(proxy, tmp_path, sleeps)
@@ -621,7 +622,10 @@ class TestConcurrency:
         args = ["pull", ref(proxy, "shared/app:v1"), "--cache", str(cache_dir), "-q"]
         processes = [start_cli(*args, home=tmp_path) for _ in range(4)]
         try:
-            assert proxy.wait_until(lambda p: p.count("HEAD", "/manifests/v1") == 4, 30)
+            # The cache is empty, so a process GETs the tag; one that starts
+            # after a blob landed HEADs it first.
+            assert proxy.wait_until(lambda p: p.count("HEAD", "/manifests/v1")
+                                    + p.count("GET", "/manifests/v1") == 4, 30)
             assert stall.reached.wait(30)
             gate.set()
             outputs = [p.communicate(timeout=60) for p in processes]
@@ -766,7 +770,10 @@ class TestDiskFull:
     def test_injected_enospc_is_a_cache_error_and_not_retried(self, registry, proxy, image,
                                                               tmp_path, sleeps):
         root = tmp_path / "cache"
-        budget = image["config"]["size"] + image["layers"][0]["size"] + 100_000
+        # The config comes first (the puller checks its platform), then one
+        # worker downloads the largest layer first: layer 2 fits, layer 1 does not.
+        manifest = registry.manifests[("team/app", image["digest"])][0]
+        budget = len(manifest) + image["config"]["size"] + image["layers"][2]["size"] + 100_000
         cache = _FullDiskCache(str(root), free_bytes=budget)
         with Bounded(10), pytest.raises(zr.CacheError, match="No space left") as info:
             make_puller(cache, sleeps, max_workers=1).pull(ref(proxy))
@@ -774,8 +781,9 @@ class TestDiskFull:
         # A full disk is not a dropped connection: no backoff, no Range resume.
         assert sleeps == [] and cache.refusals == 1
         assert not any("Range" in r["headers"] for r in proxy.log("GET", "/blobs/"))
+        assert cache.has(image["layers"][2]["digest"]) and cache.has(image["config"]["digest"])
         check_cache(root, image["contents"],
-                    failed=[l["digest"] for l in image["layers"][1:]])
+                    failed=[image["layers"][1]["digest"], image["layers"][0]["digest"]])
 
 
 # =============================================================================
@@ -825,7 +833,7 @@ def _scenario_over_cap_with_length(registry, proxy, image):
 
 def _scenario_over_cap_unframed(registry, proxy, image):
     # No Content-Length: the body ends when the server closes, after 1 GiB.
-    proxy.add_rule("respond", method="GET", path="/manifests/sha256:", status=200,
+    proxy.add_rule("respond", method="GET", path="/manifests/", status=200,
                    headers={"Content-Type": fake.OCI_MANIFEST},
                    body_iter=lambda: repeat_bytes(1 * GiB, b" " * (64 * KiB)),
                    sndbuf_bytes=16 * KiB)
@@ -833,9 +841,15 @@ def _scenario_over_cap_unframed(registry, proxy, image):
 
 
 def _scenario_digest_mismatch(registry, proxy, image):
+    # By digest: another manifest's bytes.  By tag (the cache is empty, so the
+    # tag is fetched directly): those bytes, under a Docker-Content-Digest
+    # that promises the real manifest.
     other = registry.add_image("team/app", "other", [layer_bytes(77, 1000)])
-    registry.manifests[("team/app", image["digest"])] = \
-        registry.manifests[("team/app", other["digest"])]
+    body, media_type = registry.manifests[("team/app", other["digest"])]
+    registry.manifests[("team/app", image["digest"])] = (body, media_type)
+    proxy.add_rule("respond", method="GET", path="/manifests/v1", status=200, body=body,
+                   headers={"Content-Type": media_type,
+                            "Docker-Content-Digest": image["digest"]})
     return zr.DigestMismatchError, "manifest digest mismatch"
 
 

@@ -945,12 +945,15 @@ class TestPull:
         assert cache.verify() == []
         assert os.listdir(tmp_path / "tmp") == []
 
-    def test_accept_header_head_then_get_by_digest(self, registry):
-        image = registry.add_image("app", "v1", [layer_bytes(1)])
-        make_puller().pull(f"{registry.host}/app:v1")
+    def test_tag_into_an_empty_cache_is_one_get_else_head_then_get_by_digest(self, registry):
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        second = registry.add_image("app", "v2", [layer_bytes(2)])
+        cache = zr.BlobCache()
+        make_puller(cache).pull(f"{registry.host}/app:v1")
+        make_puller(cache).pull(f"{registry.host}/app:v2")
         manifest_requests = [r for r in registry.requests if "/manifests/" in r["path"]]
-        assert [r["method"] for r in manifest_requests] == ["HEAD", "GET"]
-        assert manifest_requests[1]["path"].endswith(image["digest"])
+        assert [(r["method"], r["path"].rsplit("/", 1)[1]) for r in manifest_requests] == [
+            ("GET", "v1"), ("HEAD", "v2"), ("GET", second["digest"])]
         for request in manifest_requests:
             accept = request["headers"]["Accept"]
             for media_type in (fake.OCI_MANIFEST, fake.OCI_INDEX, fake.DOCKER_MANIFEST,
@@ -1104,8 +1107,16 @@ class TestPull:
         puller = make_puller(max_workers=3)
         puller.pull(f"{registry.host}/app:v1")
         requests = len(registry.requests)
-        assert requests == 15  # HEAD + GET manifest + config + 12 layers
+        assert requests == 14  # GET manifest (empty cache: no HEAD) + config + 12 layers
         assert registry.server.connections <= 4  # one per worker + the main thread
+
+    def test_blobs_are_fetched_largest_first(self, registry):
+        sizes = [30_000, 90_000, 10_000, 60_000]
+        image = registry.add_image("app", "v1", [layer_bytes(i, n) for i, n in enumerate(sizes)])
+        make_puller(max_workers=1, platform=None).pull(f"{registry.host}/app:v1")
+        fetched = [r["path"].rsplit("/", 1)[1] for r in registry.requests if "/blobs/" in r["path"]]
+        by_size = sorted(image["layers"] + [image["config"]], key=lambda d: -d["size"])
+        assert fetched == [d["digest"] for d in by_size]
 
     def test_layers_are_not_held_in_memory_by_the_result(self, registry, tmp_path):
         registry.add_image("app", "v1", [layer_bytes(1)])
@@ -1338,6 +1349,18 @@ class TestCaches:
         if request.param == "directory-no-index":
             cache._sqlite = None
         return cache
+
+    def test_is_empty_until_a_blob_is_stored(self, cache):
+        assert cache._is_empty()
+        cache.put(zr.compute_digest(b"x"), b"x", "text/plain")
+        assert not cache._is_empty()
+
+    def test_directory_with_a_stray_entry_is_not_taken_for_empty(self, tmp_path):
+        cache = zr.BlobCache.open(tmp_path / "c")
+        (tmp_path / "c" / "blobs" / "sha256").mkdir()
+        assert cache._is_empty()
+        (tmp_path / "c" / "blobs" / "stray").write_bytes(b"")
+        assert not cache._is_empty()
 
     def test_put_get_has_and_miss_is_none(self, cache):
         data = b"hello"
@@ -1769,6 +1792,21 @@ class TestCli:
             out = run_cli(command, "--help", cwd=tmp_path)
             assert out.returncode == 0 and "examples:" in out.stdout
             assert f"zlayer-registry {command}" in out.stdout
+
+    def test_a_named_subcommand_builds_only_its_parser_with_the_same_help(self):
+        full = zr._build_parser()
+        full_subcommands = next(a for a in full._actions if a.dest == "command").choices
+        assert sorted(full_subcommands) == sorted(zr._COMMANDS)
+        for name in zr._COMMANDS:
+            assert zr._named_subcommand([name, "x"]) == name
+            assert zr._named_subcommand(["--debug", name]) == name
+            lean = zr._build_parser(name)
+            lean_subcommands = next(a for a in lean._actions if a.dest == "command").choices
+            assert list(lean_subcommands) == [name]
+            assert lean_subcommands[name].format_help() == full_subcommands[name].format_help()
+        # Top-level help, --version and unknown commands need every subcommand.
+        for args in ([], ["-h", "pull"], ["--version"], ["pul", "x"], ["--debug"]):
+            assert zr._named_subcommand(args) is None
 
     def test_main_returns_codes_in_process(self, capsys):
         assert zr.main(["pull", "UPPER"]) == 1

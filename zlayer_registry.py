@@ -2557,6 +2557,10 @@ class BlobCache:
         data = self._blobs.get(digest)
         return None if data is None else io.BytesIO(data)
 
+    def _is_empty(self) -> bool:
+        """Tell whether no blob at all is stored."""
+        return not self._blobs
+
     def media_type(self, digest: str) -> str:
         """Return the media type recorded with a blob ('' when unknown)."""
         return str(self._meta.get(digest, {}).get("media_type", ""))
@@ -3151,8 +3155,10 @@ class DirectoryBlobCache(BlobCache):
 
         Workers only append here, so they never wait on SQLite's lock; a
         crash before the batch is harmless, since the files are the truth.
+        Importing sqlite3 is left to the batch: here it would delay the first
+        download by the manifest's commit (about 3 ms).
         """
-        if self._sqlite is None:
+        if self._sqlite_module is None:
             return
         with self._connections_lock:
             self._pending_rows.append((digest, size, media_type, time.time()))
@@ -3197,6 +3203,18 @@ class DirectoryBlobCache(BlobCache):
                 pass
             finally:
                 os.close(fd)
+
+    def _is_empty(self) -> bool:
+        """Tell whether no blob file is stored (one directory read per algorithm)."""
+        try:
+            with os.scandir(self._blobs_dir) as algorithms:
+                for algorithm in algorithms:
+                    with os.scandir(algorithm.path) as blobs:
+                        if next(blobs, None) is not None:
+                            return False
+        except OSError:
+            return False  # unreadable, or a stray file: assume it holds something
+        return True
 
     def has(self, digest: str) -> bool:
         """Tell whether a verified blob file is present."""
@@ -4946,7 +4964,9 @@ class _PullerCore:
         """
         if reference.digest:
             return self._manifest_by_digest(client, reference.digest)
-        digest = client.head_manifest(reference.identifier)
+        # An empty cache holds no manifest a HEAD could find: GET the tag at
+        # once, one round trip fewer on a first pull.
+        digest = None if self.cache._is_empty() else client.head_manifest(reference.identifier)
         if digest is not None:
             manifest = self._manifest_by_digest(client, digest)
         else:
@@ -5004,6 +5024,10 @@ class _PullerCore:
         from_cache = sum(d.size for d in unique.values()) - sum(d.size for d in missing)
         downloaded = 0
         if missing:
+            # Largest first: a small blob waiting behind the big ones costs a
+            # few milliseconds at the end; a big one queued behind a small one
+            # starts late and finishes alone, with a CPU idle.
+            missing.sort(key=lambda d: d.size, reverse=True)
             cancel = threading.Event()
             received = self._pool().run(lambda d: self._download_blob(client, d, cancel),
                                         missing, cancel, meanwhile=self.cache._warm_up)
@@ -5686,7 +5710,13 @@ _HOST_PLATFORM_HELP = "platform to pick from an index (default: this host's)"
 _JSON_HELP = "print one JSON object"
 
 
-def _build_parser() -> Any:
+def _build_parser(only: Optional[str] = None) -> Any:
+    """Build the argument parser; with ``only`` (a subcommand), leave the others out.
+
+    Each argparse parser costs gettext lookups and terminal-size queries;
+    building all of them is about 4 ms of every CLI run, while parsing
+    ``pull ...`` needs only the ``pull`` parser.
+    """
     parser = _ArgumentParser.make(
         prog=_PROG, description="Pull container images and WebAssembly artifacts "
         "from OCI/Docker registries into a verified local cache.",
@@ -5698,30 +5728,39 @@ def _build_parser() -> Any:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text, options, add_arguments in _SUBCOMMANDS:
+        if only is None or name == only:
+            sub = _add_subcommand(commands, name, help_text, **options)
+            if add_arguments is not None:
+                add_arguments(sub)
+    return parser
 
-    def add(name: str, help_text: str, *, cache: bool = True, reference: bool = True,
-            platform: Optional[str] = _HOST_PLATFORM_HELP, json_help: Optional[str] = _JSON_HELP,
-            example: str = "alpine:3.20") -> Any:
-        """Add a subcommand with the options most commands share."""
-        sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  epilog=_EXAMPLES.get(name, ""),
-                                  formatter_class=parser.formatter_class)
-        sub.add_argument("--debug", action="store_true", default=_suppress(),
-                         help="show tracebacks on errors")
-        if cache:
-            sub.add_argument("--cache", metavar="DIR", help="cache directory")
-        if reference:
-            sub.add_argument("reference", metavar="REF", help=f"image reference, e.g. {example}")
-            sub.add_argument("--insecure", action="store_true",
-                             help="allow plain http to a non-loopback registry")
-        if platform:
-            sub.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", type=_platform_arg,
-                             help=platform)
-        if json_help:
-            sub.add_argument("--json", action="store_true", help=json_help)
-        return sub
 
-    pull = add("pull", "pull an image into the cache")
+def _add_subcommand(commands: Any, name: str, help_text: str, *, cache: bool = True,
+                    reference: bool = True, platform: Optional[str] = _HOST_PLATFORM_HELP,
+                    json_help: Optional[str] = _JSON_HELP, example: str = "alpine:3.20") -> Any:
+    """Add a subcommand with the options most commands share."""
+    import argparse
+    sub = commands.add_parser(name, help=help_text, description=help_text,
+                              epilog=_EXAMPLES.get(name, ""),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_argument("--debug", action="store_true", default=_suppress(),
+                     help="show tracebacks on errors")
+    if cache:
+        sub.add_argument("--cache", metavar="DIR", help="cache directory")
+    if reference:
+        sub.add_argument("reference", metavar="REF", help=f"image reference, e.g. {example}")
+        sub.add_argument("--insecure", action="store_true",
+                         help="allow plain http to a non-loopback registry")
+    if platform:
+        sub.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", type=_platform_arg,
+                         help=platform)
+    if json_help:
+        sub.add_argument("--json", action="store_true", help=json_help)
+    return sub
+
+
+def _add_pull_arguments(pull: Any) -> None:
     pull.add_argument("--output", metavar="DEST", type=_location_arg,
                       help="also write the pulled image to oci:DIR[:TAG], "
                            "oci-archive:FILE[:TAG] or docker-archive:FILE")
@@ -5729,33 +5768,33 @@ def _build_parser() -> Any:
                       help="no progress; print only the manifest digest")
     pull.add_argument("--max-workers", type=_positive_int, default=DEFAULT_MAX_WORKERS,
                       metavar="N", help=f"parallel blob downloads (default {DEFAULT_MAX_WORKERS})")
-    add("inspect", "show manifest, config and platforms without downloading layers")
-    export = add("export", "pull an image and write it as an OCI layout or archive",
-                 platform="export only this platform of an index (default: all)")
+
+
+def _add_export_arguments(export: Any) -> None:
     export.add_argument("destination", metavar="DEST", type=_location_arg,
                         help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
-    importer = add("import", "verify an OCI layout or archive and add its images to the cache",
-                   reference=False, platform=None,
-                   json_help="print a list of {reference, digest, media_type}")
-    importer.add_argument("source", metavar="SRC", type=_location_arg, help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
-    unpack = add("unpack", "pull an image and unpack it into a new root filesystem directory",
-                 json_help=None)
+
+
+def _add_import_arguments(importer: Any) -> None:
+    importer.add_argument("source", metavar="SRC", type=_location_arg,
+                          help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
+
+
+def _add_unpack_arguments(unpack: Any) -> None:
     unpack.add_argument("directory", metavar="DIR",
                         help="root filesystem to create (must not exist, or be empty)")
     unpack.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    pull_wasm = add("pull-wasm", "pull a WebAssembly artifact and write the module to a file",
-                    platform="index entry to pick (default: wasip2, wasip1, then wasi)",
-                    example="ghcr.io/org/plugin:1.0")
+
+
+def _add_pull_wasm_arguments(pull_wasm: Any) -> None:
     pull_wasm.add_argument("-o", "--output", required=True, metavar="FILE",
                            help="where to write the verified .wasm")
-    wasm_export = add("wasm-export", "write a .wasm file as an OCI artifact (CNCF Wasm layout)",
-                      cache=False, reference=False, platform=None)
+
+
+def _add_wasm_export_arguments(wasm_export: Any) -> None:
     wasm_export.add_argument("file", metavar="FILE", help="the .wasm module or component")
     wasm_export.add_argument("destination", metavar="oci:DIR[:TAG]", help="OCI layout to write")
     wasm_export.add_argument("--name", help="module name (default: the file name)")
-    _add_cache_actions(add("cache", "list, verify, prune or garbage-collect the cache",
-                           reference=False, platform=None, json_help=None))
-    return parser
 
 
 def _add_cache_actions(cache: Any) -> None:
@@ -5796,10 +5835,44 @@ _COMMANDS: Dict[str, Callable[[Any], int]] = {
 }
 
 
+# Subcommands in --help order: name, help, shared options, their own arguments.
+_SUBCOMMANDS: Tuple[Tuple[str, str, Dict[str, Any], Optional[Callable[[Any], None]]], ...] = (
+    ("pull", "pull an image into the cache", {}, _add_pull_arguments),
+    ("inspect", "show manifest, config and platforms without downloading layers", {}, None),
+    ("export", "pull an image and write it as an OCI layout or archive",
+     {"platform": "export only this platform of an index (default: all)"},
+     _add_export_arguments),
+    ("import", "verify an OCI layout or archive and add its images to the cache",
+     {"reference": False, "platform": None,
+      "json_help": "print a list of {reference, digest, media_type}"}, _add_import_arguments),
+    ("unpack", "pull an image and unpack it into a new root filesystem directory",
+     {"json_help": None}, _add_unpack_arguments),
+    ("pull-wasm", "pull a WebAssembly artifact and write the module to a file",
+     {"platform": "index entry to pick (default: wasip2, wasip1, then wasi)",
+      "example": "ghcr.io/org/plugin:1.0"}, _add_pull_wasm_arguments),
+    ("wasm-export", "write a .wasm file as an OCI artifact (CNCF Wasm layout)",
+     {"cache": False, "reference": False, "platform": None}, _add_wasm_export_arguments),
+    ("cache", "list, verify, prune or garbage-collect the cache",
+     {"reference": False, "platform": None, "json_help": None}, _add_cache_actions),
+)
+
+
+def _named_subcommand(args: Sequence[str]) -> Optional[str]:
+    """Return the subcommand ``args`` name when only its parser is needed, else None.
+
+    ``--debug`` is the one top-level option that may come first; ``-h`` or
+    ``--version`` there, or an unknown command, needs the full parser.
+    """
+    for arg in args:
+        if arg != "--debug":
+            return arg if arg in _COMMANDS else None
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 failure, 2 usage)."""
-    parser = _build_parser()
     args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser(_named_subcommand(args_list))
     debug = "--debug" in args_list
     try:
         args, extras = parser.parse_known_args(args_list)

@@ -13,7 +13,7 @@ image with skopeo, and measures in every round:
     cold pull     ``PYTHON -m zlayer_registry pull REF --cache EMPTY -q`` against
                   ``skopeo copy docker://REF oci:EMPTY:v1``: wall time of the whole process,
                   its own peak RSS, HTTP requests
-    floor         one GET of every blob over loopback (4 keep-alive threads, bytes thrown
+    floor         one GET of every blob over loopback (6 keep-alive threads, bytes thrown
                   away) and one sha256 of every blob from memory
     warm re-pull  the same pull into the filled cache, by tag and by digest, against
                   ``PYTHON -c pass``; requests counted in the registry's access log
@@ -67,7 +67,7 @@ from _oci_testkit import (MIB, DistributionRegistry, ImageInfo,  # noqa: E402
                           benchmark_layers, build_image, free_port)
 
 TAG = "v1"
-READ_THREADS = 4  # as many as the puller's default max_workers
+READ_THREADS = 6  # as many as the puller's default max_workers (DEFAULT_MAX_WORKERS)
 STARTUP_SAMPLES_PER_ROUND = 3  # start-up runs are short, so each round takes a few
 _READ_CHUNK_BYTES = 1 << 20
 
@@ -394,7 +394,7 @@ def pull_skopeo(bench: Bench, label: str) -> Dict[str, Any]:
 
 
 def read_blobs_s(bench: Bench) -> float:
-    """Returns the time to GET every blob once: 4 threads, one keep-alive connection each."""
+    """Returns the time to GET every blob once: 6 threads, one keep-alive connection each."""
     pending = [(b.digest, b.size) for b in reversed(bench.blobs)]  # pop() takes the largest
     lock = threading.Lock()
     errors: List[BaseException] = []
