@@ -1651,6 +1651,21 @@ class TestDirectIoWriter:
         monkeypatch.setattr(zr.os, "write", write)
         assert self._store(tmp_path, faked=True) is True and len(shortened) == 1
 
+    def test_a_failed_truncate_on_restart_is_a_cache_error_and_leaves_nothing(
+            self, tmp_path, monkeypatch):
+        import errno
+        cache = zr.BlobCache.open(tmp_path / "c")
+        writer = cache.begin_write(SHA_A, self.SIZE, "application/octet-stream")
+        self._receive(writer, layer_bytes(15, 10_000), self.PIECES)
+
+        def ftruncate(fd, length):
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(zr.os, "ftruncate", ftruncate)
+        with pytest.raises(zr.CacheError, match="Input/output error"):
+            writer.restart()
+        assert list((tmp_path / "c" / "tmp").iterdir()) == []
+
     def test_dropped_connection_in_the_middle_of_a_stage_resumes_there(self, registry, sleeps,
                                                                         tmp_path):
         data = layer_bytes(14, self.SIZE)
@@ -2006,6 +2021,20 @@ class TestWasmPull:
                       str(tmp_path / "c"), cwd=tmp_path)
         assert out.returncode == 0, out.stderr
         assert target.read_bytes() == CORE_WITH_FUNC and "wasip1" in out.stdout
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+        out = run_cli("pull-wasm", f"{registry.host}/fn:v1", "-o", str(target), "--json",
+                      "--cache", str(tmp_path / "c"), cwd=tmp_path)
+        data = json.loads(out.stdout)
+        assert data["digest"] == pushed["digest"] and data["output"] == str(target)
+        # A cached module changed on disk is caught while it is copied out.
+        layer_file = tmp_path / "c" / "blobs" / "sha256" / pushed["layer"]["digest"][7:]
+        layer_file.chmod(0o644)
+        layer_file.write_bytes(b"\0asm" + CORE_WITH_FUNC[4:-1] + b"\xff")
+        spoiled = tmp_path / "spoiled.wasm"
+        out = run_cli("pull-wasm", f"{registry.host}/fn:v1", "-o", str(spoiled),
+                      "--cache", str(tmp_path / "c"), cwd=tmp_path)
+        assert out.returncode == 1 and "is corrupt" in out.stderr, out
+        assert len(out.stderr.splitlines()) == 1 and not spoiled.exists()
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
         registry.add_image("app", "v1", [layer_bytes(1)])
         out = run_cli("pull-wasm", f"{registry.host}/app:v1", "-o", str(tmp_path / "no.wasm"),

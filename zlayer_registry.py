@@ -2806,8 +2806,11 @@ class _FileBlobWriter(_BlobWriter):
 
     def _sink_truncate(self) -> None:
         self._staged = 0
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        os.ftruncate(self._fd, 0)
+        try:
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            os.ftruncate(self._fd, 0)
+        except OSError as exc:
+            raise self._write_failed(exc) from exc
 
     def check(self) -> None:
         """Verify, and close the temporary file (a checked blob waits without an fd)."""
@@ -3020,6 +3023,11 @@ CREATE TABLE IF NOT EXISTS refs (
     reference TEXT PRIMARY KEY, digest TEXT NOT NULL, media_type TEXT NOT NULL,
     updated_at REAL NOT NULL);
 """
+
+
+def _corrupt_cached_layer(digest: str) -> str:
+    """The subject of the error for a cached blob whose bytes no longer match."""
+    return f"cached layer {digest} is corrupt (run 'cache verify --remove', then pull again)"
 
 
 class DirectoryBlobCache(BlobCache):
@@ -3861,8 +3869,7 @@ class LayerUnpacker(_RootTree):
             if isinstance(checking, _HashingReader):
                 while raw.read(_READ_CHUNK_BYTES):  # bytes after the end of the tar
                     pass
-                checking.check(f"cached layer {layer.digest} is corrupt (run 'cache verify "
-                               "--remove', then pull again)")
+                checking.check(_corrupt_cached_layer(layer.digest))
         if self.root == self.rootfs:
             self._finish_directories()
 
@@ -5247,6 +5254,15 @@ class ImagePuller(_PullerCore):
         From a mixed index the WASM entry is chosen unless a platform was
         given.  A container image is a ``ManifestError``.
         """
+        result, info = self._pull_wasm(reference, auth)
+        data = self.cache.get(info.wasm_layer_digest or "")
+        if data is None:
+            raise CacheError(f"layer {info.wasm_layer_digest} vanished from the cache")
+        return data, info
+
+    def _pull_wasm(self, reference: Union[str, Reference], auth: Optional[RegistryAuth]
+                   ) -> Tuple[PullResult, WasmArtifactInfo]:
+        """Pull a WASM artifact; return the pull and its metadata (module layer cached)."""
         result = self.pull_image(reference, auth, prefer_wasm=True)
         info = result.wasm_info()
         if info is None:
@@ -5255,10 +5271,7 @@ class ImagePuller(_PullerCore):
         if info.wasm_layer_digest is None:
             raise ManifestError(f"{result.reference} is a WASM image whose module sits inside "
                                 "a filesystem layer (Docker wasi/wasm style); unpack it instead")
-        data = self.cache.get(info.wasm_layer_digest)
-        if data is None:
-            raise CacheError(f"layer {info.wasm_layer_digest} vanished from the cache")
-        return data, info
+        return result, info
 
     def get_wasm_info(self, reference: Union[str, Reference],
                       auth: Optional[RegistryAuth] = None) -> Optional[WasmArtifactInfo]:
@@ -5573,21 +5586,36 @@ def _cmd_unpack(args: Any) -> int:
 
 def _cmd_pull_wasm(args: Any) -> int:
     reference = parse_reference(args.reference)
-    with _cli_puller(args, _cli_cache(args)) as puller:
-        data, info = puller.pull_wasm(reference,
-                                      RegistryAuth.from_docker_config(reference.registry))
+    cache = _cli_cache(args)
+    with _cli_puller(args, cache) as puller:
+        result, info = puller._pull_wasm(reference,
+                                         RegistryAuth.from_docker_config(reference.registry))
     output = os.path.abspath(args.output)
-    try:
-        _atomic_write(output, data)
-    except OSError as exc:
-        raise CacheError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    layer = next(l for l in result.layers if l.digest == info.wasm_layer_digest)
+    _copy_verified(layer, output)
     if args.json:
-        _print_json(dict(info.to_json(), reference=str(reference), output=output))
+        _print_json(dict(info.to_json(), reference=str(reference), digest=result.manifest.digest,
+                         output=output))
     else:
         print(f"{output}: {info.wasi_version} ({info.wasi_version.target_triple_suffix()}), "
               f"{info.wasm_size} bytes, layer {info.wasm_layer_digest}"
               + (f", module {info.module_name}" if info.module_name else ""))
     return 0
+
+
+def _copy_verified(layer: Layer, output: str) -> None:
+    """Copy a cached layer to a new file, hashed on the way: no file unless the bytes check out."""
+    import shutil
+
+    def fill(f: BinaryIO) -> None:
+        with _HashingReader(layer.open(), layer.descriptor) as reader:
+            shutil.copyfileobj(reader, f, _READ_CHUNK_BYTES)
+            reader.check(_corrupt_cached_layer(layer.digest))
+
+    try:
+        _atomic_write(output, fill)
+    except OSError as exc:
+        raise CacheError(f"cannot write {output}: {exc.strerror or exc}") from exc
 
 
 def _cmd_wasm_export(args: Any) -> int:
