@@ -907,6 +907,31 @@ class TestProxies:
         assert zr._ProxySettings.from_environ({"NO_PROXY": "*", "HTTPS_PROXY": "p:1"}) \
             .proxy_for("https", "x", 443) == ""
 
+    @pytest.mark.parametrize("no_proxy, host, port, direct", [
+        ("10.0.0.0/8", "10.1.2.3", 443, True),
+        ("10.0.0.0/8", "11.1.2.3", 443, False),
+        ("10.0.0.0/8", "registry.10.in", 443, False),
+        ("fd00::/8", "fd12::5", 443, True),
+        ("fd00::/8", "10.1.2.3", 443, False),
+        ("fd12::5", "fd12::5", 443, True),
+        ("fd12::5", "[fd12:0::5]", 5000, True),
+        ("[fd12::5]:5000", "fd12::5", 5000, True),
+        ("[fd12::5]:5000", "fd12::5", 443, False),
+        ("fe80::1", "fe80::2", 443, False),
+        ("192.168.1.7", "192.168.1.7", 443, True),
+        ("192.168.1.7:5000", "192.168.1.7", 443, False),
+        ("192.168.1.7", "192.168.1.70", 443, False),
+        ("*.corp", "r.corp", 443, True),
+        ("corp", "notcorp", 443, False),
+        (".", "r.corp", 443, False),
+        ("300.0.0.0/8", "10.1.2.3", 443, False),
+        ("[fd12::5", "fd12::5", 443, False),
+    ])
+    def test_no_proxy_ip_addresses_and_cidr_ranges(self, no_proxy, host, port, direct):
+        settings = zr._ProxySettings.from_environ({"HTTPS_PROXY": "http://proxy:3128",
+                                                   "NO_PROXY": no_proxy})
+        assert (settings.proxy_for("https", host, port) == "") is direct
+
     def test_https_goes_through_a_connect_tunnel(self):
         transport = zr._Transport(proxies=zr._ProxySettings(https="http://user:pw@127.0.0.1:3128"))
         conn, absolute = transport._connect("https", "ghcr.io", 443)

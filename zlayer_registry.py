@@ -1470,17 +1470,52 @@ class _ProxySettings:
         # Like Go's net/http, loopback targets never go through a proxy.
         if not proxy or _is_loopback_host(host):
             return ""
-        host = host.lower()
-        for entry in self.no_proxy:
-            if entry == "*":
-                return ""
-            name, entry_port = _split_host_port(entry)
-            if entry_port is not None and entry_port != port:
-                continue
-            name = name.lstrip("*").lstrip(".")
-            if host == name or host.endswith("." + name):
-                return ""
+        host = host.strip("[]").lower()
+        if any(entry == "*" or _no_proxy_covers(entry, host, port) for entry in self.no_proxy):
+            return ""
         return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def _no_proxy_covers(entry: str, host: str, port: int) -> bool:
+    """Tell whether one NO_PROXY entry covers ``host``:``port``.
+
+    Entries as Go's net/http and curl read them: a domain (covering its
+    subdomains; a leading "." or "*." means the same), ``host:port``, an IP
+    address (IPv6 bare, or in brackets when a port follows) or a CIDR range.
+    IP addresses compare as addresses, so ``::1`` covers ``0:0::1``.
+    """
+    if "/" in entry:
+        host_ip = _ip_address(host)
+        try:
+            import ipaddress
+            network = ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            return False
+        return host_ip is not None and host_ip in network
+    name, entry_port = entry, None
+    if entry.startswith("[") or entry.count(":") == 1:  # several colons: a bare IPv6
+        try:
+            name, entry_port = _split_host_port(entry)
+        except ValueError:
+            return False
+    if entry_port is not None and entry_port != port:
+        return False
+    entry_ip, host_ip = _ip_address(name), _ip_address(host)
+    if entry_ip is not None or host_ip is not None:
+        return entry_ip is not None and entry_ip == host_ip
+    name = name.lstrip("*").lstrip(".")
+    return bool(name) and (host == name or host.endswith("." + name))
+
+
+def _ip_address(text: str) -> Any:
+    """Return ``text`` as an ipaddress address, or None when it is a name."""
+    if ":" not in text and not text.replace(".", "").isdigit():
+        return None  # a host name: ipaddress is not even imported
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 class _Response:
