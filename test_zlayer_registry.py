@@ -907,6 +907,20 @@ class TestProxies:
         assert zr._ProxySettings.from_environ({"NO_PROXY": "*", "HTTPS_PROXY": "p:1"}) \
             .proxy_for("https", "x", 443) == ""
 
+    @pytest.mark.parametrize("host, loopback", [
+        ("127.0.0.1", True), ("127.0.0.1:5000", True), ("127.255.0.9", True),
+        ("localhost", True), ("localhost:5000", True), ("a.localhost", True),
+        ("::1", True), ("[::1]", True), ("[::1]:5000", True), ("0:0::1", True),
+        ("::ffff:127.0.0.1", True), ("128.0.0.1", False), ("127.0.0.256", False),
+        ("fd00::1", False), ("[fd00::1]:5000", False), ("127.0.0.\u00b2", False),
+        ("\uff11\uff12\uff17.0.0.1", False), ("registry.local", False), ("[::1", False),
+    ])
+    def test_loopback_hosts(self, host, loopback):
+        assert zr._is_loopback_host(host) is loopback
+        if not host.startswith("[") and host.count(":") != 1:  # a host as URLs give it
+            settings = zr._ProxySettings(http="http://proxy:3128")
+            assert (settings.proxy_for("http", host, 80) == "") is loopback
+
     @pytest.mark.parametrize("no_proxy, host, port, direct", [
         ("10.0.0.0/8", "10.1.2.3", 443, True),
         ("10.0.0.0/8", "11.1.2.3", 443, False),
@@ -926,6 +940,8 @@ class TestProxies:
         (".", "r.corp", 443, False),
         ("300.0.0.0/8", "10.1.2.3", 443, False),
         ("[fd12::5", "fd12::5", 443, False),
+        ("10.0.0.0/8", "::ffff:10.0.0.1", 443, True),  # an IPv4-mapped address, as in Go
+        ("10.0.0.1", "::ffff:10.0.0.1", 443, True),
     ])
     def test_no_proxy_ip_addresses_and_cidr_ranges(self, no_proxy, host, port, direct):
         settings = zr._ProxySettings.from_environ({"HTTPS_PROXY": "http://proxy:3128",
@@ -2066,6 +2082,29 @@ class TestWasmPull:
                       "--cache", str(tmp_path / "c"), cwd=tmp_path)
         assert out.returncode == 1 and not (tmp_path / "no.wasm").exists()
         assert "not a WebAssembly artifact" in out.stderr
+
+
+    def test_cli_pull_wasm_read_error_names_the_cached_layer(self, registry, tmp_path,
+                                                             monkeypatch, capsys):
+        import errno
+        import io
+        _push_wasm(registry, "fn", "v1", CORE_WITH_FUNC)
+
+        class Failing(io.RawIOBase):
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):
+                raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(zr.Layer, "open", lambda self: Failing())
+        target = tmp_path / "f.wasm"
+        assert zr.main(["pull-wasm", f"{registry.host}/fn:v1", "-o", str(target),
+                        "--cache", str(tmp_path / "c")]) == 1
+        err = capsys.readouterr().err
+        assert "cannot read cached layer sha256:" in err and "Input/output error" in err
+        assert str(target) not in err and not target.exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
 
 
 class TestWasmExport:

@@ -322,14 +322,39 @@ def _split_host_port(host: str) -> Tuple[str, Optional[int]]:
     return host, None
 
 
+def _ip_address(text: str) -> Any:
+    """Return ``text`` as an ipaddress address, or None when it is a name.
+
+    An IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) comes back as the IPv4
+    address, as Go's net package compares them.
+    """
+    if ":" not in text and not text.replace(".", "").isdigit():
+        return None  # a host name: ipaddress is not even imported
+    import ipaddress
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
+
+
 def _is_loopback_host(host: str) -> bool:
-    """Tell whether ``host`` (optionally with a port) is a loopback address."""
-    name = _split_host_port(host)[0].lower()
-    if name in ("localhost", "::1") or name.endswith(".localhost"):
+    """Tell whether ``host`` (a name or an address; bracketed, or with a port) is loopback."""
+    name = host
+    if host.startswith("[") or host.count(":") == 1:  # several colons: a bare IPv6
+        try:
+            name = _split_host_port(host)[0]
+        except ValueError:
+            return False
+    name = name.lower()
+    if name == "localhost" or name.endswith(".localhost"):
         return True
     parts = name.split(".")
-    return len(parts) == 4 and parts[0] == "127" and all(
-        p.isdigit() and int(p) < 256 for p in parts)
+    if len(parts) == 4 and all(p.isascii() and p.isdigit() for p in parts):
+        # IPv4, the common case, decided without importing ipaddress.
+        return parts[0] == "127" and all(int(p) < 256 for p in parts)
+    address = _ip_address(name) if ":" in name else None
+    return address is not None and address.is_loopback
 
 
 def _format_bytes(size_bytes: float) -> str:
@@ -1482,7 +1507,8 @@ def _no_proxy_covers(entry: str, host: str, port: int) -> bool:
     Entries as Go's net/http and curl read them: a domain (covering its
     subdomains; a leading "." or "*." means the same), ``host:port``, an IP
     address (IPv6 bare, or in brackets when a port follows) or a CIDR range.
-    IP addresses compare as addresses, so ``::1`` covers ``0:0::1``.
+    IP addresses compare as addresses, so ``::1`` covers ``0:0::1`` and
+    ``10.0.0.0/8`` covers ``::ffff:10.0.0.1``.
     """
     if "/" in entry:
         host_ip = _ip_address(host)
@@ -1506,16 +1532,6 @@ def _no_proxy_covers(entry: str, host: str, port: int) -> bool:
     name = name.lstrip("*").lstrip(".")
     return bool(name) and (host == name or host.endswith("." + name))
 
-
-def _ip_address(text: str) -> Any:
-    """Return ``text`` as an ipaddress address, or None when it is a name."""
-    if ":" not in text and not text.replace(".", "").isdigit():
-        return None  # a host name: ipaddress is not even imported
-    import ipaddress
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
 
 
 class _Response:
@@ -5640,11 +5656,18 @@ def _cmd_pull_wasm(args: Any) -> int:
 
 def _copy_verified(layer: Layer, output: str) -> None:
     """Copy a cached layer to a new file, hashed on the way: no file unless the bytes check out."""
-    import shutil
 
     def fill(f: BinaryIO) -> None:
         with _HashingReader(layer.open(), layer.descriptor) as reader:
-            shutil.copyfileobj(reader, f, _READ_CHUNK_BYTES)
+            while True:
+                try:
+                    data = reader.read(_READ_CHUNK_BYTES)
+                except OSError as exc:  # not the output's fault: say which file failed
+                    raise CacheError(f"cannot read cached layer {layer.digest}: "
+                                     f"{exc.strerror or exc}") from exc
+                if not data:
+                    break
+                f.write(data)
             reader.check(_corrupt_cached_layer(layer.digest))
 
     try:
