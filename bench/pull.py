@@ -12,7 +12,9 @@ image with skopeo, and measures in every round:
 
     cold pull     ``PYTHON -m zlayer_registry pull REF --cache EMPTY -q`` against
                   ``skopeo copy docker://REF oci:EMPTY:v1``: wall time of the whole process,
-                  its own peak RSS, HTTP requests
+                  its own peak RSS, HTTP requests; and ``bench/plain_loop.py`` (the plain
+                  stdlib loop of keep-alive GETs, sha256 and O_DIRECT writes that the
+                  target assumes), an info row
     floor         one GET of every blob over loopback (6 keep-alive threads, bytes thrown
                   away) and one sha256 of every blob from memory
     warm re-pull  the same pull into the filled cache, by tag and by digest, against
@@ -21,7 +23,7 @@ image with skopeo, and measures in every round:
                   ``PYTHON -m zlayer_registry --help``
 
 It prints medians, minimums and ratios (each ratio from numbers of one round) with PASS/MISS
-against the targets.  An untimed warm-up round comes first so both tools read blobs from the
+against the targets.  An untimed warm-up round comes first so every tool reads blobs from the
 page cache; the page cache is never dropped, but dirty pages are written back (``sync``)
 before each timed pull so one tool's writeback is not billed to the next.  The registry,
 any running child and the temporary directory are cleaned up on every exit, Ctrl-C included.
@@ -393,6 +395,21 @@ def pull_skopeo(bench: Bench, label: str) -> Dict[str, Any]:
             "skopeo_cold_requests": len(cold["requests"])}
 
 
+def pull_plain(bench: Bench, label: str) -> Dict[str, Any]:
+    """Cold pull by ``bench/plain_loop.py``: the plain stdlib loop of the issue's premise."""
+    dest = bench.work / ("plain-" + label)
+    try:
+        os.sync()
+        cold = _timed_with_requests(bench, "plain-cold", [
+            bench.python, str(REPO_ROOT / "bench" / "plain_loop.py"),
+            bench.registry.host, bench.repository, TAG, str(dest)])
+        _check_blobs(bench, dest, "plain loop")
+    finally:
+        shutil.rmtree(str(dest), ignore_errors=True)
+    return {"plain_cold_s": cold["wall_s"], "plain_cpu_s": cold["cpu_s"],
+            "plain_rss_bytes": cold["rss_bytes"]}
+
+
 def read_blobs_s(bench: Bench) -> float:
     """Returns the time to GET every blob once: 6 threads, one keep-alive connection each."""
     pending = [(b.digest, b.size) for b in reversed(bench.blobs)]  # pop() takes the largest
@@ -506,11 +523,12 @@ def measure_startup(bench: Bench) -> Dict[str, Any]:
 
 
 def measure_round(bench: Bench, number: int) -> Dict[str, Any]:
-    """Runs one round; the tool that goes first alternates between rounds."""
+    """Runs one round; the order of the three pulls rotates between rounds."""
     label = "round%d" % number
     sample: Dict[str, Any] = {"round": number}
-    pulls: List[Callable[[Bench, str], Dict[str, Any]]] = [pull_ours, pull_skopeo]
-    for pull in (pulls if number % 2 == 0 else pulls[::-1]):
+    pulls: List[Callable[[Bench, str], Dict[str, Any]]] = [pull_ours, pull_skopeo, pull_plain]
+    first = number % len(pulls)
+    for pull in pulls[first:] + pulls[:first]:
         sample.update(pull(bench, label))
     sample["read_s"] = read_blobs_s(bench)
     sample["hash_s"] = hash_blobs_s(bench)
@@ -585,6 +603,11 @@ def build_rows(samples: List[Dict[str, Any]]) -> List[Row]:
         Row("cold pull, skopeo copy", col("skopeo_cold_s"), "s"),
         Row("cold: ours / skopeo", _per_round(
             samples, lambda s: s["ours_cold_s"] / s["skopeo_cold_s"]), "x", TARGET_COLD_RATIO),
+        Row("info: cold pull, plain stdlib loop", col("plain_cold_s"), "s"),
+        Row("info: plain loop / skopeo", _per_round(
+            samples, lambda s: s["plain_cold_s"] / s["skopeo_cold_s"]), "x"),
+        Row("info: ours / plain loop", _per_round(
+            samples, lambda s: s["ours_cold_s"] / s["plain_cold_s"]), "x"),
         Row("floor: read blobs (%d threads)" % READ_THREADS, col("read_s"), "s"),
         Row("floor: sha256 blobs (1 thread)", col("hash_s"), "s"),
         Row("cold: ours / (read + hash)", _per_round(
@@ -597,6 +620,7 @@ def build_rows(samples: List[Dict[str, Any]]) -> List[Row]:
         Row("CPU user+sys, skopeo (cold)", col("skopeo_cpu_s"), "s"),
         Row("peak RSS, ours (cold)", col("ours_rss_bytes"), "MiB", TARGET_RSS_BYTES),
         Row("peak RSS, skopeo (cold)", col("skopeo_rss_bytes"), "MiB"),
+        Row("peak RSS, plain loop (cold)", col("plain_rss_bytes"), "MiB"),
         Row("peak RSS, python -c pass", flat("pass_rss_bytes"), "MiB"),
         Row("requests, ours (cold)", col("ours_cold_requests"), "n"),
         Row("requests, skopeo (cold)", col("skopeo_cold_requests"), "n"),
@@ -811,9 +835,11 @@ def run_rounds(bench: Bench, rounds: int) -> List[Dict[str, Any]]:
     samples = []
     for number in range(1, rounds + 1):
         sample = measure_round(bench, number)
-        print("round %d/%d: ours %.3f s, skopeo %.3f s, read %.3f s, hash %.3f s, "
-              "warm %.0f ms" % (number, rounds, sample["ours_cold_s"], sample["skopeo_cold_s"],
-                                sample["read_s"], sample["hash_s"], sample["warm_tag_s"] * 1000),
+        print("round %d/%d: ours %.3f s, skopeo %.3f s, plain loop %.3f s, read %.3f s, "
+              "hash %.3f s, warm %.0f ms"
+              % (number, rounds, sample["ours_cold_s"], sample["skopeo_cold_s"],
+                 sample["plain_cold_s"], sample["read_s"], sample["hash_s"],
+                 sample["warm_tag_s"] * 1000),
               file=sys.stderr, flush=True)
         samples.append(sample)
     return samples
