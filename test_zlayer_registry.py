@@ -1464,6 +1464,16 @@ class TestCaches:
         assert cache.gc() == [zr.compute_digest(stray)]
         assert cache.has(image["digest"]) and cache.has(image["layers"][0]["digest"])
 
+    def test_gc_keeps_images_pulled_by_digest(self, registry, cache):
+        image = registry.add_image("app", None, [layer_bytes(2, 1000)])
+        pinned = f"{registry.host}/app@{image['digest']}"
+        make_puller(cache).pull(pinned)
+        if getattr(cache, "_sqlite", True) is None:
+            return  # no reference records without the index (see above)
+        assert cache.references()[pinned] == image["digest"]
+        assert cache.gc() == []
+        assert cache.has(image["digest"]) and cache.has(image["layers"][0]["digest"])
+
     def test_verify_finds_corruption(self, tmp_path):
         cache = zr.BlobCache.open(tmp_path)
         data = b"z" * 1000
@@ -2590,6 +2600,29 @@ class TestUnpackImage:
                       str(tmp_path / "c"), cwd=tmp_path)
         assert out.returncode == 1 and "cache verify --remove" in out.stderr
         assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+    def test_a_cached_layer_whose_damage_breaks_gzip_is_reported_as_corrupt(
+            self, registry, tmp_path):
+        files = [F(f"data/{i}", layer_bytes(i, 20_000)) for i in range(5)]
+        image = registry.add_image("app", "v1", [make_layer(files)])
+        cache = zr.BlobCache.open(tmp_path / "c")
+        make_puller(cache).pull(f"{registry.host}/app:v1")
+        digest = image["layers"][0]["digest"]
+        path = Path(cache.path(digest))
+        path.chmod(0o644)
+        data = bytearray(path.read_bytes())
+        for offset in range(len(data) // 3, len(data) // 3 + 64):
+            data[offset] ^= 0x5A  # deflate data: inflating fails before the end
+        path.write_bytes(bytes(data))
+        with pytest.raises(zr.DigestMismatchError, match=f"cached layer {digest} is corrupt"):
+            make_puller(cache).unpack(f"{registry.host}/app:v1", tmp_path / "rootfs")
+        assert sorted(os.listdir(tmp_path)) == ["c"]
+
+    def test_a_layer_file_that_is_no_tar_is_named_in_the_error(self, tmp_path):
+        bad = tmp_path / "bad.tar.gz"
+        bad.write_bytes(_gzip.compress(b"not a tar archive" * 100))
+        with pytest.raises(zr.UnpackError, match=f"layer {bad} is not a valid tar stream"):
+            zr.LayerUnpacker(tmp_path / "root").unpack_layer(str(bad))
 
 
 # -----------------------------------------------------------------------------

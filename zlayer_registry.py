@@ -3825,6 +3825,15 @@ class _RootTree:
 # 18. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
+def _layer_name(layer: Any) -> str:
+    """Name a layer in a message: its digest or path and a space, or '' for a stream."""
+    if hasattr(layer, "digest") and hasattr(layer, "open"):
+        return f"{layer.digest} "
+    if isinstance(layer, (str, os.PathLike)):
+        return f"{os.fspath(layer)} "
+    return ""
+
+
 class LayerUnpacker(_RootTree):
     """Unpacks image layers into a root filesystem directory, safely.
 
@@ -3897,6 +3906,7 @@ class LayerUnpacker(_RootTree):
             self._written = set()
             opaque: List[str] = []
             stream_errors = _stream_errors()
+            broken: Optional[UnpackError] = None
             try:
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for member in tar:
@@ -3908,19 +3918,28 @@ class LayerUnpacker(_RootTree):
                             raise UnpackError(f"cannot unpack member {member.name!r}: "
                                               f"{exc.strerror or exc}", member=member.name) from exc
             except stream_errors as exc:
-                raise UnpackError(f"layer is not a valid tar stream: {exc}") from exc
+                broken = UnpackError(f"layer {_layer_name(layer)}is not a valid tar stream: {exc}")
+                broken.__cause__ = exc
             finally:
                 if prefetch is not None:
                     prefetch.close()
                 if zstd_pipe is not None:
-                    zstd_pipe.close(check=sys.exc_info()[0] is None)
-            for directory in opaque:
-                self._apply_opaque(directory)
+                    zstd_pipe.close(check=sys.exc_info()[0] is None and broken is None)
             checking = getattr(raw, "raw", None)
             if isinstance(checking, _HashingReader):
-                while raw.read(_READ_CHUNK_BYTES):  # bytes after the end of the tar
+                # Hash the rest (bytes after the end of the tar, or after the
+                # point where it broke): a cached layer changed on disk usually
+                # breaks its compression first, and is reported as corrupt.
+                while raw.read(_READ_CHUNK_BYTES):
                     pass
-                checking.check(_corrupt_cached_layer(layer.digest))
+                try:
+                    checking.check(_corrupt_cached_layer(layer.digest))
+                except DigestMismatchError as exc:
+                    raise exc from broken
+            if broken is not None:
+                raise broken
+            for directory in opaque:
+                self._apply_opaque(directory)
         if self.root == self.rootfs:
             self._finish_directories()
 
@@ -5022,15 +5041,18 @@ class _PullerCore:
         the pull quota), so a cached image costs one request.
         """
         if reference.digest:
-            return self._manifest_by_digest(client, reference.digest)
-        # An empty cache holds no manifest a HEAD could find: GET the tag at
-        # once, one round trip fewer on a first pull.
-        digest = None if self.cache._is_empty() else client.head_manifest(reference.identifier)
-        if digest is not None:
-            manifest = self._manifest_by_digest(client, digest)
+            manifest = self._manifest_by_digest(client, reference.digest)
         else:
-            manifest = client.get_manifest(reference.identifier)
-            self.cache.put(manifest.digest, manifest.raw, manifest.media_type)
+            # An empty cache holds no manifest a HEAD could find: GET the tag
+            # at once, one round trip fewer on a first pull.
+            digest = None if self.cache._is_empty() \
+                else client.head_manifest(reference.identifier)
+            if digest is not None:
+                manifest = self._manifest_by_digest(client, digest)
+            else:
+                manifest = client.get_manifest(reference.identifier)
+                self.cache.put(manifest.digest, manifest.raw, manifest.media_type)
+        # Recorded for digests too: `cache gc` keeps what a recorded reference reaches.
         self.cache.record_reference(str(reference), manifest.digest, manifest.media_type)
         return manifest
 
