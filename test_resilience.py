@@ -604,6 +604,40 @@ class TestCrashes:
 
 
 # =============================================================================
+# SIGNALS: Ctrl-C and SIGTERM in the middle of a download
+# =============================================================================
+
+class TestSignals:
+    @pytest.mark.parametrize("signum, code, word", [
+        (signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+    @pytest.mark.parametrize("command", ["pull", "export"])
+    def test_signal_mid_download_exits_cleanly_and_leaves_nothing(
+            self, proxy, image, tmp_path, signum, code, word, command):
+        digest = image["layers"][2]["digest"]
+        gate = threading.Event()
+        stall = proxy.add_rule("stall", method="GET", path=digest, offset=50_000, event=gate)
+        cache_dir, archive = tmp_path / "cache", tmp_path / "out" / "image.tar"
+        archive.parent.mkdir()
+        args = ["--cache", str(cache_dir)] + (
+            ["-q"] if command == "pull" else [f"oci-archive:{archive}"])
+        process = start_cli(command, ref(proxy), *args, home=tmp_path)
+        try:
+            assert stall.reached.wait(30)
+            process.send_signal(signum)
+            _, err = process.communicate(timeout=30)
+        finally:
+            gate.set()
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert process.returncode == code, err
+        assert err.strip() == f"zlayer-registry: {word}"
+        assert not blob_file(cache_dir, digest).exists()
+        check_cache(cache_dir, image["contents"], failed=[digest])
+        assert os.listdir(tmp_path / "out") == []  # no archive, no .partial
+
+
+# =============================================================================
 # CONCURRENCY: several processes, one cache
 # =============================================================================
 

@@ -1410,6 +1410,22 @@ class _Connection:
             raise OSError(f"proxy refused the tunnel to {authority}: "
                           f"{response.status} {response.reason}")
 
+    def shutdown(self) -> None:
+        """End the socket for both directions: a read blocked in another thread returns.
+
+        Safe while another thread uses the connection, unlike ``close()``
+        (whose file descriptor number could be reused under that thread).
+        """
+        sock = self._sock
+        if sock is not None:
+            import socket
+            try:
+                # socket.socket's own method, also for TLS: SSLSocket.shutdown
+                # would drop the TLS state a reading thread is still using.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self) -> None:
         """Close the socket (a later request reconnects)."""
         for closable in (self._reader, self._sock):
@@ -1610,6 +1626,8 @@ class _Transport:
         self._local = threading.local()
         self.request_count = 0
         self._count_lock = threading.Lock()
+        import weakref
+        self._connections: Any = weakref.WeakSet()  # every thread's, for shutdown()
 
     def _pool(self) -> Dict[Any, Any]:
         pool = getattr(self._local, "pool", None)
@@ -1668,6 +1686,7 @@ class _Transport:
             target = url if absolute else path
             with self._count_lock:
                 self.request_count += 1
+                self._connections.add(connection)
             try:
                 connection.request(method, target, host=_host_header(scheme, host, port),
                                    headers=headers, body=body)
@@ -1704,6 +1723,13 @@ class _Transport:
         if old is not None and old is not connection:
             old[0].close()
         pool[pool_key] = (connection, absolute)
+
+    def shutdown(self) -> None:
+        """Shut down every thread's connections, so blocked reads end (Ctrl-C, SIGTERM)."""
+        with self._count_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            connection.shutdown()
 
     def close(self) -> None:
         """Close this thread's pooled connections."""
@@ -5005,6 +5031,9 @@ class _PullerCore:
     def close(self) -> None:
         """Stop worker threads and close connections."""
         if self._workers is not None:
+            # A worker blocked on a stalled server would hold close() up for
+            # the read timeout (30 s) after a Ctrl-C: its read ends at once.
+            self._transport.shutdown()
             self._workers.close()
             self._workers = None
         self._transport.close()
@@ -5163,6 +5192,8 @@ class _PullerCore:
                             f"kept failing ({error.__class__.__name__}) after "
                             f"{interruptions - 1} resumptions", temporary=True,
                             method="GET", url=_redact_url(response.url)) from error
+                    if cancel.is_set():
+                        raise _Cancelled()
                     if error is not None:
                         client._backoff(interruptions - 1, None)
                     continue
@@ -5978,6 +6009,14 @@ def _named_subcommand(args: Sequence[str]) -> Optional[str]:
     return None
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM to the CLI: unwinds as Ctrl-C does (downloads stop, partial files go)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 failure, 2 usage)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -6008,7 +6047,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, _Terminated):
+            print(f"{_PROG}: terminated", file=sys.stderr)
+            return 143  # 128 + SIGTERM, as a shell reports a process it ended
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
@@ -6024,11 +6066,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _console_main() -> None:
     """Entry point of ``python -m zlayer_registry`` and the console script.
 
+    SIGTERM (sent by timeout, systemd, docker stop and CI cancels) takes
+    Ctrl-C's way out, so it too leaves no partial file or staging directory.
     Ends with ``os._exit`` once the output is flushed: the interpreter's
     teardown (module and object cleanup, about 12 ms measured after a pull)
     does nothing a finished command needs, as main() has closed the cache
     and no download is left running.
     """
+    import signal
+    signal.signal(signal.SIGTERM, _raise_terminated)
     status = main()
     try:
         sys.stdout.flush()
