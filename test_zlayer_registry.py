@@ -795,11 +795,41 @@ class TestHttp:
         proxy = _ConnectProxy({"registry.test": "127.0.0.1"})
         puller = make_puller(environ={"HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}"},
                              sleeps=sleeps, retries=1)
-        with pytest.raises(zr.RegistryError, match="cannot reach registry.test") as info:
+        with pytest.raises(zr.RegistryError, match="registry.test:[0-9]+ presented a TLS "
+                           "certificate that is not trusted") as info:
             puller.pull(f"registry.test:{front.port}/app:v1")
-        assert "CERTIFICATE_VERIFY_FAILED" in str(info.value) and registry.requests == []
+        message = str(info.value)
+        assert "SSL_CERT_FILE" in message and registry.requests == []
+        assert f"through the proxy http://127.0.0.1:{proxy.port} from HTTPS_PROXY" in message
+        assert sleeps == [] and not info.value.temporary  # a certificate is not retried
         front.close()
         proxy.close()
+
+    def test_plain_http_registry_reached_with_tls_gets_a_hint(self, registry, sleeps):
+        registry.add_image("app", "v1", [layer_bytes(8)])
+        proxy = _ConnectProxy({"registry.test": "127.0.0.1"})  # tunnels to plain HTTP
+        port = registry.host.split(":")[1]
+        puller = make_puller(environ={"HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}"},
+                             sleeps=sleeps)
+        with pytest.raises(zr.RegistryError, match="does not speak TLS: it may serve plain "
+                           "http \\(allow that with --insecure\\)"):
+            puller.pull(f"registry.test:{port}/app:v1")
+        assert sleeps == []
+        proxy.close()
+
+    def test_a_dead_proxy_is_named(self, sleeps):
+        listener = _socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        dead = listener.getsockname()[1]
+        listener.close()  # nothing listens there now
+        puller = make_puller(environ={"HTTP_PROXY": f"http://user:secret@127.0.0.1:{dead}"},
+                             sleeps=sleeps, retries=1, insecure=True)
+        with pytest.raises(zr.RegistryError) as info:
+            puller.pull("registry.test:5000/app:v1")
+        message = str(info.value)
+        assert message.startswith("cannot reach registry.test:5000: ConnectionRefusedError")
+        assert message.endswith(f"(through the proxy http://127.0.0.1:{dead} from HTTP_PROXY)")
+        assert "secret" not in message and len(sleeps) == 1
 
 
 class TestHttpReviewRegressions:

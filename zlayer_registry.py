@@ -2062,6 +2062,19 @@ def _is_name_error(exc: BaseException) -> bool:
     return isinstance(exc, socket.gaierror)
 
 
+def _tls_refusal(exc: BaseException) -> Optional[str]:
+    """Describe a TLS failure that no retry can fix (the rest of a message), or None."""
+    ssl = sys.modules.get("ssl")  # not imported: no TLS was attempted
+    if ssl is None or not isinstance(exc, ssl.SSLError):
+        return None
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"presented a TLS certificate that is not trusted ({exc.verify_message}); "
+                "for a private CA, point SSL_CERT_FILE at its certificate")
+    if exc.reason == "WRONG_VERSION_NUMBER":  # what a plain HTTP answer looks like to TLS
+        return "does not speak TLS: it may serve plain http (allow that with --insecure)"
+    return None
+
+
 def _parse_retry_after(value: str, clock: Callable[[], float]) -> Optional[float]:
     """Parse Retry-After (delta seconds or HTTP date) into seconds from now."""
     value = value.strip()
@@ -2254,14 +2267,11 @@ class _RegistryClient:
             except ZLayerError:
                 raise
             except _CONNECTION_ERRORS as exc:
-                # A name that does not resolve will not resolve in a second.
-                if attempt >= self.retries or _is_name_error(exc):
-                    host = _origin(url)[1]
-                    where = self.registry if host == self.registry else \
-                        f"{self.registry} ({host})"
-                    raise RegistryError(
-                        f"cannot reach {where}: {exc.__class__.__name__}: {exc}",
-                        method=method, url=_redact_url(url), temporary=True) from exc
+                # A name that does not resolve will not resolve in a second,
+                # nor will a certificate become trusted.
+                refusal = _tls_refusal(exc)
+                if attempt >= self.retries or _is_name_error(exc) or refusal:
+                    raise self._unreachable(method, url, exc, refusal) from exc
                 self._backoff(attempt, None)
                 attempt += 1
                 continue
@@ -2272,6 +2282,20 @@ class _RegistryClient:
                 attempt += 1
                 continue
             return response
+
+    def _unreachable(self, method: str, url: str, exc: BaseException,
+                     refusal: Optional[str]) -> RegistryError:
+        """The error for a request that never got an answer; names the proxy if one was used."""
+        scheme, host, port = _origin(url)
+        where = self.registry if host == self.origin[1] else f"{self.registry} ({host})"
+        message = f"{where} {refusal}" if refusal else \
+            f"cannot reach {where}: {exc.__class__.__name__}: {exc}"
+        proxy = self.transport.proxies.proxy_for(scheme, host, port)
+        if proxy:
+            message += (f" (through the proxy {_redact_url(proxy)} from "
+                        f"{'HTTPS_PROXY' if scheme == 'https' else 'HTTP_PROXY'})")
+        return RegistryError(message, method=method, url=_redact_url(url),
+                             temporary=refusal is None)
 
     def _send_following_redirects(self, method: str, url: str,
                                   headers: Mapping[str, str]) -> Tuple[_Response, Optional[str]]:
