@@ -1036,6 +1036,8 @@ class TestPull:
         image = registry.add_image("app", "v1", [layer_bytes(1)])
         with pytest.raises(zr.ManifestError, match="single linux/amd64 image, not linux/arm64"):
             make_puller(platform="linux/arm64").pull(f"{registry.host}/app:v1")
+        with pytest.raises(zr.ManifestError, match="single linux/amd64 image, not linux/arm64"):
+            make_puller(platform="linux/arm64").inspect(f"{registry.host}/app:v1")
         assert not any(r["path"].endswith(image["layers"][0]["digest"]) for r in registry.requests)
         wasm = registry.add_image("plugin", "v1", [layer_bytes(2)], config={"name": "no platform"})
         assert make_puller(platform="linux/arm64").pull(f"{registry.host}/plugin:v1")[0].digest \
@@ -1904,6 +1906,31 @@ class TestCli:
         for args in ([], ["-h", "pull"], ["--version"], ["pul", "x"], ["--debug"]):
             assert zr._named_subcommand(args) is None
 
+    def test_cache_commands_create_nothing_and_take_debug_after_the_action(self, tmp_path):
+        out = run_cli("cache", "ls", "--debug", "--cache", str(tmp_path / "typo"), cwd=tmp_path)
+        assert out.returncode == 1 and "Traceback" in out.stderr  # --debug was taken
+        assert "error: no cache at" in out.stderr.splitlines()[-1]
+        out = run_cli("cache", "verify", "--cache", str(tmp_path / "typo"), cwd=tmp_path)
+        assert out.returncode == 1 and out.stderr.count("\n") == 1 and "no cache at" in out.stderr
+        assert not (tmp_path / "typo").exists()
+
+    def test_oci_location_without_a_directory_is_a_usage_error(self, tmp_path):
+        out = run_cli("export", "127.0.0.1:9/app:v1", "oci::v1", cwd=tmp_path)
+        assert out.returncode == 2 and "names no file or directory" in out.stderr
+        assert os.listdir(tmp_path) == []
+
+    def test_a_reader_that_goes_away_ends_the_command_quietly(self, registry, tmp_path):
+        registry.add_image("app", "v1", [layer_bytes(i, 1000) for i in range(40)])
+        cache = str(tmp_path / "c")
+        assert run_cli("pull", f"{registry.host}/app:v1", "--cache", cache, "-q",
+                       cwd=tmp_path).returncode == 0
+        process = subprocess.Popen([sys.executable, str(HERE / "zlayer_registry.py"), "cache",
+                                    "ls", "--cache", cache], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        process.stdout.close()  # as `| head -0` would, before the first line
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 141 and err == b""
+
     def test_main_returns_codes_in_process(self, capsys):
         assert zr.main(["pull", "UPPER"]) == 1
         assert "lowercase" in capsys.readouterr().err
@@ -2123,6 +2150,13 @@ class TestWasmPull:
         assert out.returncode == 1 and not (tmp_path / "no.wasm").exists()
         assert "not a WebAssembly artifact" in out.stderr
 
+
+    def test_unpack_of_a_wasm_artifact_points_to_pull_wasm(self, registry, tmp_path):
+        _push_wasm(registry, "fn", "v1", CORE_WITH_FUNC)
+        out = run_cli("unpack", f"{registry.host}/fn:v1", str(tmp_path / "root"), "--cache",
+                      str(tmp_path / "c"), cwd=tmp_path)
+        assert out.returncode == 1 and "is a WebAssembly artifact" in out.stderr
+        assert "use pull-wasm" in out.stderr and not (tmp_path / "root").exists()
 
     def test_cli_pull_wasm_read_error_names_the_cached_layer(self, registry, tmp_path,
                                                              monkeypatch, capsys):

@@ -4292,7 +4292,9 @@ def _parse_transport(text: str) -> Tuple[str, str, Optional[str]]:
                           "oci-archive:FILE[:TAG] or docker-archive:FILE")
     path, tag = rest, None
     head, sep, tail = rest.rpartition(":")
-    if sep and head and "/" not in tail and transport != "docker-archive":
+    if sep and not head:  # oci::TAG
+        raise LayoutError(f"location {text!r} names no file or directory")
+    if sep and "/" not in tail and transport != "docker-archive":
         path, tag = head, tail
     if not path:
         raise LayoutError(f"location {text!r} names no file or directory")
@@ -5473,6 +5475,10 @@ class ImagePuller(_PullerCore):
                auth: Optional[RegistryAuth] = None) -> PullResult:
         """Pull what is missing and unpack the image into a new root filesystem ``rootfs``."""
         result = self.pull_image(reference, auth)
+        info = result.wasm_info()
+        if info is not None and info.wasm_layer_digest is not None:
+            raise UnpackError(f"{result.reference} is a WebAssembly artifact, not a container "
+                              "image: use pull-wasm to write its module")
         LayerUnpacker(rootfs).unpack_layers(result.layers)
         return result
 
@@ -5497,6 +5503,8 @@ class ImagePuller(_PullerCore):
         config = manifest.config
         self._fetch_blobs(client, [config])
         config_data = self._read_config(config)
+        if not top.is_index and self._platform_given:
+            self._check_platform(ref, config_data)  # as pull does
         kind = detect_artifact_type(manifest, config_data)
         data.update(config=_descriptor_summary(config),
                     layers=[_descriptor_summary(d) for d in manifest.layers],
@@ -5768,6 +5776,9 @@ def _cmd_wasm_export(args: Any) -> int:
 
 
 def _cmd_cache(args: Any) -> int:
+    root = args.cache or BlobCache.default_path()
+    if not os.path.isdir(root):  # a mistyped --cache must not create an empty cache
+        raise CacheError(f"no cache at {os.path.abspath(root)} (nothing was pulled there)")
     cache = _cli_cache(args)
     action = args.action
     if action == "ls":
@@ -5971,6 +5982,8 @@ def _add_cache_actions(cache: Any) -> None:
         action = cache_actions.add_parser(name, help=help_text, description=help_text)
         action.add_argument("--cache", metavar="DIR", default=_suppress(),
                             help="cache directory")
+        action.add_argument("--debug", action="store_true", default=_suppress(),
+                            help="show tracebacks on errors")
         if name == "ls":
             action.add_argument("--json", action="store_true", help="print JSON")
         if name == "verify":
@@ -6077,6 +6090,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 143  # 128 + SIGTERM, as a shell reports a process it ended
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`cache ls | head`): as a killed-by-SIGPIPE
+        # command ends, quietly; output is redirected so the final flush
+        # cannot fail again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # stdout without a descriptor
+            pass
+        return 141
     except OSError as exc:
         if debug:
             import traceback
