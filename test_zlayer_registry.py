@@ -2227,8 +2227,10 @@ class TestWasmExport:
         assert out.returncode == 1 and "not a WebAssembly module" in out.stderr
         assert not (tmp_path / "l").exists()
         (tmp_path / "y.wasm").write_bytes(CORE_MODULE)
-        out = run_cli("wasm-export", str(tmp_path / "y.wasm"), "docker://x/y", cwd=tmp_path)
-        assert out.returncode == 1 and "expected oci:DIR[:TAG]" in out.stderr
+        for destination in ("docker://x/y", f"oci-archive:{tmp_path}/h.tar"):
+            out = run_cli("wasm-export", str(tmp_path / "y.wasm"), destination, cwd=tmp_path)
+            assert out.returncode == 2 and "expected oci:DIR[:TAG]" in out.stderr  # usage
+        assert not (tmp_path / "h.tar").exists()
         out = run_cli("wasm-export", str(tmp_path / "y.wasm"), f"oci:{tmp_path}/l:v9", "--json",
                       cwd=tmp_path)
         assert out.returncode == 0 and json.loads(out.stdout)["wasi_version"] == "wasip1"

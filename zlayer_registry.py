@@ -5838,6 +5838,7 @@ def _checked_argument(check: Callable[[str], Any]) -> Callable[[str], str]:
 
 _platform_arg = _checked_argument(parse_platform)            # OS/ARCH[/VARIANT]
 _location_arg = _checked_argument(_parse_transport)          # oci:DIR[:TAG] and the like
+_layout_arg = _checked_argument(_parse_layout_target)        # oci:DIR[:TAG] only
 
 
 def _parse_size(text: str) -> int:
@@ -5968,7 +5969,8 @@ def _add_pull_wasm_arguments(pull_wasm: Any) -> None:
 
 def _add_wasm_export_arguments(wasm_export: Any) -> None:
     wasm_export.add_argument("file", metavar="FILE", help="the .wasm module or component")
-    wasm_export.add_argument("destination", metavar="oci:DIR[:TAG]", help="OCI layout to write")
+    wasm_export.add_argument("destination", metavar="oci:DIR[:TAG]", type=_layout_arg,
+                             help="OCI layout to write")
     wasm_export.add_argument("--name", help="module name (default: the file name)")
 
 
