@@ -1906,6 +1906,24 @@ class TestCli:
         for args in ([], ["-h", "pull"], ["--version"], ["pul", "x"], ["--debug"]):
             assert zr._named_subcommand(args) is None
 
+    def test_an_image_for_another_platform_is_pulled_with_a_warning(self, registry, tmp_path):
+        host = zr.host_platform()
+        foreign = "arm64" if host.architecture != "arm64" else "amd64"
+        registry.add_image("app", "v1", [layer_bytes(1, 1000)],
+                           config={"os": "linux", "architecture": foreign})
+        registry.add_image("app", "native", [layer_bytes(2, 1000)],
+                           config={"os": host.os, "architecture": host.architecture})
+        cache = str(tmp_path / "c")
+        out = run_cli("pull", f"{registry.host}/app:v1", "--cache", cache, "-q", cwd=tmp_path)
+        assert out.returncode == 0 and out.stderr == (
+            f"zlayer-registry: warning: {registry.host}/app:v1 is a linux/{foreign} image; "
+            f"this host is {host}\n")
+        out = run_cli("pull", f"{registry.host}/app:v1", "--cache", cache, "-q",
+                      "--platform", f"linux/{foreign}", cwd=tmp_path)
+        assert out.returncode == 0 and out.stderr == ""  # asked for: no warning
+        out = run_cli("pull", f"{registry.host}/app:native", "--cache", cache, "-q", cwd=tmp_path)
+        assert out.returncode == 0 and out.stderr == ""
+
     def test_cache_commands_create_nothing_and_take_debug_after_the_action(self, tmp_path):
         out = run_cli("cache", "ls", "--debug", "--cache", str(tmp_path / "typo"), cwd=tmp_path)
         assert out.returncode == 1 and "Traceback" in out.stderr  # --debug was taken

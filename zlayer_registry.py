@@ -5622,6 +5622,16 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
 
+def _warn_foreign_platform(args: Any, result: PullResult) -> None:
+    """Warn, as docker does, when an image chosen without --platform will not run here."""
+    if args.platform or result.platform is None or result.artifact_type.is_wasm():
+        return
+    host = host_platform()
+    if _platform_rank(host, result.platform) is None:
+        print(f"{_PROG}: warning: {result.reference} is a {result.platform} image; "
+              f"this host is {host}", file=sys.stderr)
+
+
 def _cmd_pull(args: Any) -> int:
     reference = parse_reference(args.reference)
     progress = None
@@ -5638,6 +5648,7 @@ def _cmd_pull(args: Any) -> int:
             puller.export_image(result.reference.with_digest(result.manifest.digest)
                                 if result.index else result.reference, args.output,
                                 auth=auth)
+    _warn_foreign_platform(args, result)
     if args.json:
         _print_json(result.to_json())
     elif args.quiet:
@@ -5714,6 +5725,7 @@ def _cmd_unpack(args: Any) -> int:
     with _cli_puller(args, _cli_cache(args), progress) as puller:
         result = puller.unpack(reference, args.directory,
                                RegistryAuth.from_docker_config(reference.registry))
+    _warn_foreign_platform(args, result)
     if not args.quiet:
         print(f"{result.reference}: {result.manifest.digest}: {len(result.layers)} layers "
               f"unpacked into {os.path.abspath(args.directory)}")
