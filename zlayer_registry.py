@@ -46,7 +46,8 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     21. PULL: worker threads
     22. PULL: resolving references and fetching blobs
     23. PULL: the ImagePuller API
-    24. CLI
+    24. CLI: output, the command's caches and the commands
+    25. CLI: argument types, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -5525,7 +5526,7 @@ class ImagePuller(_PullerCore):
 
 
 # =============================================================================
-# 24. CLI
+# 24. CLI: output, the command's caches and the commands
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -5822,6 +5823,10 @@ def _cmd_cache(args: Any) -> int:
     print(f"removed {len(removed)} unreferenced blobs")
     return 0
 
+
+# =============================================================================
+# 25. CLI: argument types, the parser, main
+# =============================================================================
 
 def _positive_int(text: str) -> int:
     """Parse a whole number of at least 1 (argparse type)."""
