@@ -2064,7 +2064,7 @@ def _is_name_error(exc: BaseException) -> bool:
 
 
 def _tls_refusal(exc: BaseException) -> Optional[str]:
-    """Describe a TLS failure that no retry can fix (the rest of a message), or None."""
+    """Return the rest of a message for a TLS failure no retry can fix, or None."""
     ssl = sys.modules.get("ssl")  # not imported: no TLS was attempted
     if ssl is None or not isinstance(exc, ssl.SSLError):
         return None
@@ -2286,7 +2286,7 @@ class _RegistryClient:
 
     def _unreachable(self, method: str, url: str, exc: BaseException,
                      refusal: Optional[str]) -> RegistryError:
-        """The error for a request that never got an answer; names the proxy if one was used."""
+        """Return the error for a request that got no answer, naming the proxy if one was used."""
         scheme, host, port = _origin(url)
         where = self.registry if host == self.origin[1] else f"{self.registry} ({host})"
         message = f"{where} {refusal}" if refusal else \
@@ -3128,7 +3128,7 @@ CREATE TABLE IF NOT EXISTS refs (
 
 
 def _corrupt_cached_layer(digest: str) -> str:
-    """The subject of the error for a cached blob whose bytes no longer match."""
+    """Return the subject of the error for a cached layer whose bytes no longer match."""
     return f"cached layer {digest} is corrupt (run 'cache verify --remove', then pull again)"
 
 
@@ -3877,7 +3877,7 @@ class _RootTree:
 # =============================================================================
 
 def _layer_name(layer: Any) -> str:
-    """Name a layer in a message: its digest or path and a space, or '' for a stream."""
+    """Return a layer's name for a message (digest or path, and a space), or '' for a stream."""
     if hasattr(layer, "digest") and hasattr(layer, "open"):
         return f"{layer.digest} "
     if isinstance(layer, (str, os.PathLike)):
