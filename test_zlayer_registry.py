@@ -1345,7 +1345,7 @@ class TestAuthFlows:
         registry.add_image("app", "v1", [layer_bytes(1)])
         make_puller().pull(f"{registry.host}/app:v1", zr.RegistryAuth.basic("user", "secret"))
         assert registry.requests[-1]["headers"]["Authorization"] == "Basic " + _b64("user:secret")
-        with pytest.raises(zr.AuthError, match="requires credentials"):
+        with pytest.raises(zr.AuthError, match="requires credentials .*REGISTRY_AUTH_FILE"):
             make_puller().pull(f"{registry.host}/app:v1")
         wrong = zr.RegistryAuth("basic", username="user", password="nope", source="config.json")
         with pytest.raises(zr.AuthError, match="rejected the credentials of 'user' "

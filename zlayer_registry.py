@@ -2184,8 +2184,9 @@ class _RegistryClient:
                             "WWW-Authenticate challenge", status=401,
                             method=response.method, url=_redact_url(response.url))
         if chosen.scheme == "basic" and not self.auth.password:
-            raise AuthError(f"{self.registry} requires credentials (basic auth); "
-                            "log in or pass them", status=401,
+            raise AuthError(f"{self.registry} requires credentials (basic auth): log in "
+                            "with docker or podman, or point DOCKER_CONFIG or "
+                            "REGISTRY_AUTH_FILE at a file holding them", status=401,
                             method=response.method, url=_redact_url(response.url))
         if sent and sent.startswith("Bearer "):
             scope = chosen.params.get("scope") or self.scope
