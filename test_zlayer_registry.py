@@ -2665,18 +2665,30 @@ class TestUnpackImage:
         assert live_dir.exists() and young_file.exists()
         assert (tmp_path / "rootfs" / "etc" / "hostname").read_bytes() == b"h"
 
-    def test_a_cached_layer_changed_since_its_pull_is_not_unpacked(self, registry, tmp_path):
-        """The gzip header's mtime bytes change the digest, not the files: only the digest
-        check made while streaming can notice."""
-        image = registry.add_image("app", "v1", [make_layer([F("etc/hostname", b"h")])])
+    @staticmethod
+    def _pulled_then_spoiled(registry, tmp_path, layer: bytes, spoil):
+        """Pull a one-layer image into a directory cache, then let ``spoil`` change the
+        cached layer's bytes (a bytearray) on disk; return the cache and the layer digest."""
+        image = registry.add_image("app", "v1", [layer])
         cache = zr.BlobCache.open(tmp_path / "c")
         make_puller(cache).pull(f"{registry.host}/app:v1")
         digest = image["layers"][0]["digest"]
         path = Path(cache.path(digest))
         path.chmod(0o644)
         data = bytearray(path.read_bytes())
-        data[4] ^= 0xFF
+        spoil(data)
         path.write_bytes(bytes(data))
+        return cache, digest
+
+    def test_a_cached_layer_changed_since_its_pull_is_not_unpacked(self, registry, tmp_path):
+        """The gzip header's mtime bytes change the digest, not the files: only the digest
+        check made while streaming can notice."""
+
+        def flip_mtime_byte(data):
+            data[4] ^= 0xFF
+
+        cache, digest = self._pulled_then_spoiled(
+            registry, tmp_path, make_layer([F("etc/hostname", b"h")]), flip_mtime_byte)
         with pytest.raises(zr.DigestMismatchError, match=f"cached layer {digest} is corrupt"):
             make_puller(cache).unpack(f"{registry.host}/app:v1", tmp_path / "rootfs")
         assert sorted(os.listdir(tmp_path)) == ["c"]  # no rootfs, no staging directory
@@ -2688,16 +2700,13 @@ class TestUnpackImage:
     def test_a_cached_layer_whose_damage_breaks_gzip_is_reported_as_corrupt(
             self, registry, tmp_path):
         files = [F(f"data/{i}", layer_bytes(i, 20_000)) for i in range(5)]
-        image = registry.add_image("app", "v1", [make_layer(files)])
-        cache = zr.BlobCache.open(tmp_path / "c")
-        make_puller(cache).pull(f"{registry.host}/app:v1")
-        digest = image["layers"][0]["digest"]
-        path = Path(cache.path(digest))
-        path.chmod(0o644)
-        data = bytearray(path.read_bytes())
-        for offset in range(len(data) // 3, len(data) // 3 + 64):
-            data[offset] ^= 0x5A  # deflate data: inflating fails before the end
-        path.write_bytes(bytes(data))
+
+        def garble_deflate_data(data):  # inflating fails before the end
+            for offset in range(len(data) // 3, len(data) // 3 + 64):
+                data[offset] ^= 0x5A
+
+        cache, digest = self._pulled_then_spoiled(
+            registry, tmp_path, make_layer(files), garble_deflate_data)
         with pytest.raises(zr.DigestMismatchError, match=f"cached layer {digest} is corrupt"):
             make_puller(cache).unpack(f"{registry.host}/app:v1", tmp_path / "rootfs")
         assert sorted(os.listdir(tmp_path)) == ["c"]
