@@ -2053,6 +2053,76 @@ class _TokenCache:
                 del self._tokens[(registry, scope)]
 
 
+def _token_request(challenge: _Challenge, scope: str, auth: RegistryAuth
+                   ) -> Tuple[str, str, Optional[bytes], Dict[str, str]]:
+    """Return (method, url, body, headers) of the token request for ``scope``.
+
+    A refresh token (identitytoken) is an OAuth2 POST; otherwise a GET, with
+    basic credentials when there are some (Docker token spec).
+    """
+    from urllib.parse import urlencode
+    realm = challenge.params.get("realm", "")
+    params = {"scope": scope}
+    if challenge.params.get("service"):
+        params["service"] = challenge.params["service"]
+    headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
+    if auth.identity_token:
+        params.update(grant_type="refresh_token", client_id="zlayer-registry",
+                      refresh_token=auth.identity_token)
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        return "POST", realm, urlencode(params).encode(), headers
+    if auth.kind == "basic" and auth.password:
+        headers["Authorization"] = auth.basic_header()
+        params["account"] = auth.username
+    # One scope parameter per scope on GET (the OAuth2 POST above takes them
+    # space-separated in one).
+    query = [(k, v) for k, v in params.items() if k != "scope"]
+    query += [("scope", item) for item in scope.split()]
+    sep = "&" if "?" in realm else "?"
+    return "GET", realm + sep + urlencode(query), None, headers
+
+
+def _parse_token_response(raw: bytes, subject: str, method: str,
+                          realm: str) -> Tuple[str, float]:
+    """Return (token, lifetime in seconds) from a token endpoint's JSON answer."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        token = data.get("token") or data.get("access_token")
+    except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+        token, data = None, {}
+    if not isinstance(token, str) or not token:
+        raise AuthError(f"{subject} returned no token", method=method, url=_redact_url(realm))
+    if not re.fullmatch(r"[\x21-\x7e]+", token):  # no header injection, no odd bytes
+        raise AuthError(f"{subject} returned a malformed token",
+                        method=method, url=_redact_url(realm))
+    lifetime = data.get("expires_in")
+    if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or lifetime <= 0:
+        lifetime = DEFAULT_TOKEN_LIFETIME_S
+    return token, float(lifetime)
+
+
+def _token_cache_key(registry: str, auth: RegistryAuth) -> str:
+    """Return the key of a registry's tokens for these credentials.
+
+    Tokens are cached per registry *and* credentials: a puller serving
+    several callers must not hand one caller's token to another.
+    """
+    identity = "\0".join((auth.kind, auth.username, auth.password, auth.token,
+                           auth.identity_token))
+    return f"{registry}#{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def _redact_secrets(text: str, auth: RegistryAuth) -> str:
+    """Remove credentials a registry may echo back in an error message."""
+    secrets = [auth.password, auth.token, auth.identity_token]
+    if auth.password:
+        secrets.append(auth.basic_header()[6:])
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "<redacted>")
+    return re.sub(r"(?i)\b(basic|bearer)\s+[A-Za-z0-9._~+/=-]+", r"\1 <redacted>", text)
+
+
 # =============================================================================
 # 12. REGISTRY CLIENT: manifests and blobs over the distribution API
 # =============================================================================
@@ -2117,6 +2187,24 @@ def _error_details(body: bytes) -> Tuple[List[str], str]:
     return codes, "; ".join(messages)
 
 
+def _backoff_delay(attempt: int, retry_after_s: Optional[float]) -> float:
+    """Return the wait before retry ``attempt`` (0-based): jittered exponential,
+    at least what Retry-After asked for, up to RETRY_AFTER_MAX_S."""
+    import random
+    delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_BASE_S * (2 ** attempt))
+    delay *= 0.5 + random.random() / 2
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
+    return delay
+
+
+def _manifest_not_found(repository: str, identifier: str, exc: NotFoundError) -> NotFoundError:
+    """Say which image was missing, the same way for HEAD and GET, by tag or digest."""
+    name = f"{repository}{'@' if ':' in identifier else ':'}{identifier}"
+    return NotFoundError(f"{name} not found: {exc}", status=exc.status, codes=exc.codes,
+                         method=exc.method, url=exc.url)
+
+
 class _RegistryClient:
     """Talks to one repository of one registry: auth, redirects, retries."""
 
@@ -2135,11 +2223,7 @@ class _RegistryClient:
         self.origin = _origin(self.base_url)
         self.scope = f"repository:{self.repository}:pull"
         self.auth = auth
-        # Tokens are cached per registry *and* credentials: a puller serving
-        # several callers must not hand one caller's token to another.
-        identity = "\0".join((auth.kind, auth.username, auth.password, auth.token,
-                               auth.identity_token))
-        self._token_key = f"{self.registry}#{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+        self._token_key = _token_cache_key(self.registry, auth)
         self.transport = transport
         self.tokens = tokens
         self.retries = retries
@@ -2198,7 +2282,6 @@ class _RegistryClient:
 
     def _fetch_token(self, challenge: _Challenge, scope: str) -> Tuple[str, float]:
         """Get a bearer token from the challenge's realm (Docker token spec)."""
-        from urllib.parse import urlencode
         realm = challenge.params.get("realm", "")
         try:
             realm_scheme, realm_host, _, _ = _split_url(realm)
@@ -2210,25 +2293,7 @@ class _RegistryClient:
         if realm_scheme != "https" and not (self.loopback and _is_loopback_host(realm_host)):
             raise AuthError(f"{self.registry} named a token realm that is not "
                             f"https ({_redact_url(realm)}); refused")
-        params = {"scope": scope}
-        if challenge.params.get("service"):
-            params["service"] = challenge.params["service"]
-        headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
-        if self.auth.identity_token:
-            params.update(grant_type="refresh_token", client_id="zlayer-registry",
-                          refresh_token=self.auth.identity_token)
-            method, url, body = "POST", realm, urlencode(params).encode()
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-        else:
-            if self.auth.kind == "basic" and self.auth.password:
-                headers["Authorization"] = self.auth.basic_header()
-                params["account"] = self.auth.username
-            # Docker token spec: one scope parameter per scope on GET (the
-            # OAuth2 POST above takes them space-separated in one).
-            query = [(k, v) for k, v in params.items() if k != "scope"]
-            query += [("scope", item) for item in scope.split()]
-            sep = "&" if "?" in realm else "?"
-            method, url, body = "GET", realm + sep + urlencode(query), None
+        method, url, body, headers = _token_request(challenge, scope, self.auth)
         response = self._send_with_retries(lambda: self.transport.send(method, url, headers, body),
                                            method, realm)
         with response:
@@ -2236,31 +2301,12 @@ class _RegistryClient:
                 raise self._error(response, AuthError if response.status in (400, 401, 403)
                                   else None, subject=f"token endpoint for {self.registry}")
             raw = _read_capped(response, MAX_TOKEN_RESPONSE_BYTES)
-        try:
-            data = json.loads(raw.decode("utf-8"))
-            token = data.get("token") or data.get("access_token")
-        except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
-            token, data = None, {}
-        if not isinstance(token, str) or not token:
-            raise AuthError(f"token endpoint for {self.registry} returned no token",
-                            method=method, url=_redact_url(realm))
-        if not re.fullmatch(r"[\x21-\x7e]+", token):  # no header injection, no odd bytes
-            raise AuthError(f"token endpoint for {self.registry} returned a malformed token",
-                            method=method, url=_redact_url(realm))
-        lifetime = data.get("expires_in")
-        if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or lifetime <= 0:
-            lifetime = DEFAULT_TOKEN_LIFETIME_S
-        return token, float(lifetime)
+        return _parse_token_response(raw, f"token endpoint for {self.registry}", method, realm)
 
     # -- requests -------------------------------------------------------------
 
     def _backoff(self, attempt: int, retry_after_s: Optional[float]) -> None:
-        import random
-        delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_BASE_S * (2 ** attempt))
-        delay *= 0.5 + random.random() / 2
-        if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
-        self.sleep(delay)
+        self.sleep(_backoff_delay(attempt, retry_after_s))
 
     def _send_with_retries(self, send: Callable[[], _Response], method: str,
                            url: str) -> _Response:
@@ -2376,17 +2422,6 @@ class _RegistryClient:
                                 url=error.url)
             raise self._error(response)
 
-    def _redact(self, text: str) -> str:
-        """Remove credentials a registry may echo back in an error message."""
-        auth = self.auth
-        secrets = [auth.password, auth.token, auth.identity_token]
-        if auth.password:
-            secrets.append(auth.basic_header()[6:])
-        for secret in secrets:
-            if secret and len(secret) >= 4:
-                text = text.replace(secret, "<redacted>")
-        return re.sub(r"(?i)\b(basic|bearer)\s+[A-Za-z0-9._~+/=-]+", r"\1 <redacted>", text)
-
     def _error(self, response: _Response, cls: Optional[type] = None,
                subject: str = "") -> RegistryError:
         """Build the error for a failed response (body read capped at 64 KiB)."""
@@ -2394,7 +2429,7 @@ class _RegistryClient:
         body = b"" if response.method == "HEAD" else _read_capped(response, MAX_ERROR_BODY_BYTES)
         response.close()
         codes, message = _error_details(body)
-        message = self._redact(message)
+        message = _redact_secrets(message, self.auth)
         if cls is None:
             cls = {401: AuthError, 403: AuthError, 404: NotFoundError,
                    429: RateLimitedError}.get(status, RegistryError)
@@ -2426,7 +2461,7 @@ class _RegistryClient:
             response = self.request("HEAD", f"/v2/{self.repository}/manifests/{identifier}",
                                     headers={"Accept": _MANIFEST_ACCEPT})
         except NotFoundError as exc:
-            raise self._manifest_not_found(identifier, exc) from exc
+            raise _manifest_not_found(self.repository, identifier, exc) from exc
         except RegistryError as exc:
             # Some registries answer 405 (or 400) to HEAD; a GET will do.
             if type(exc) is RegistryError and exc.status in (400, 405, 406, 501):
@@ -2439,19 +2474,13 @@ class _RegistryClient:
         except InvalidDigestError:
             return None
 
-    def _manifest_not_found(self, identifier: str, exc: NotFoundError) -> NotFoundError:
-        """Say which image was missing, the same way for HEAD and GET, by tag or digest."""
-        name = f"{self.repository}{'@' if ':' in identifier else ':'}{identifier}"
-        return NotFoundError(f"{name} not found: {exc}", status=exc.status, codes=exc.codes,
-                             method=exc.method, url=exc.url)
-
     def get_manifest(self, identifier: str) -> Manifest:
         """GET a manifest by tag or digest, checked against the digest it should have."""
         try:
             response = self.request("GET", f"/v2/{self.repository}/manifests/{identifier}",
                                     headers={"Accept": _MANIFEST_ACCEPT})
         except NotFoundError as exc:
-            raise self._manifest_not_found(identifier, exc) from exc
+            raise _manifest_not_found(self.repository, identifier, exc) from exc
         with response:
             length = response.header("Content-Length")
             if (_header_int(length) or 0) > MAX_MANIFEST_SIZE_BYTES:
@@ -2957,7 +2986,7 @@ class _FileBlobWriter(_BlobWriter):
             self.abort()
             raise CacheError(f"cannot store blob {self.digest} in cache "
                              f"{self._cache.root}: {exc.strerror or exc}") from exc
-        self._cache._index_blob(self.digest, self.offset, self._media_type)
+        self._cache._index.queue_blob(self.digest, self.offset, self._media_type)
 
     def _sink_abort(self) -> None:
         self._close()
@@ -3136,6 +3165,155 @@ def _corrupt_cached_layer(digest: str) -> str:
     return f"cached layer {digest} is corrupt (run 'cache verify --remove', then pull again)"
 
 
+class _SqliteIndex:
+    """The directory cache's SQLite index: sizes, media types, use times, references.
+
+    One connection per thread (WAL mode, busy timeout).  Rows of stored blobs
+    and references are queued and written in one transaction by the next
+    query.  sqlite3 is imported at first use; without it every query returns
+    nothing and the cache works from its files alone.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._module: Any = _NOT_IMPORTED
+        self._local = threading.local()
+        self._connections: List[Any] = []
+        self._lock = threading.Lock()
+        self._pending_rows: List[Tuple[str, int, str, float]] = []
+        self._pending_refs: List[Tuple[str, str, str, float]] = []
+
+    @property
+    def sqlite(self) -> Any:
+        """The sqlite3 module (None without it), imported at first use: a pull
+        imports it while its downloads run (``DirectoryBlobCache._warm_up``)."""
+        if self._module is _NOT_IMPORTED:
+            self._module = _import_sqlite3()
+        return self._module
+
+    @sqlite.setter
+    def sqlite(self, module: Any) -> None:
+        self._module = module
+
+    def db(self) -> Any:
+        """Return this thread's SQLite connection, or None without sqlite3."""
+        if self.sqlite is None:
+            return None
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _connect(self) -> Any:
+        """Open the index, set WAL mode and create tables, retrying while busy.
+
+        Switching to WAL takes an exclusive lock and SQLite does not run the
+        busy handler for it, so processes opening a new cache at the same
+        moment can get "database is locked": they retry for up to 30 s.
+        """
+        deadline = time.monotonic() + 30.0
+        delay_s = 0.005
+        while True:
+            try:
+                # Each connection serves one thread; check_same_thread=False only
+                # lets close() shut the worker threads' connections too.
+                conn = self.sqlite.connect(self.path, timeout=30.0,
+                                           isolation_level=None, check_same_thread=False)
+                try:
+                    conn.execute("PRAGMA busy_timeout = 30000")
+                    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                        conn.execute("PRAGMA journal_mode = WAL")
+                    conn.execute("PRAGMA synchronous = NORMAL")
+                    conn.executescript(_SCHEMA)
+                except BaseException:
+                    conn.close()
+                    raise
+                return conn
+            except self.sqlite.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) \
+                        or time.monotonic() > deadline:
+                    raise CacheError(f"cannot open cache index {self.path}: {exc}") from exc
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, 0.2)
+            except self.sqlite.Error as exc:
+                raise CacheError(f"cannot open cache index {self.path}: {exc}") from exc
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+        """Run one query after the queued rows; return its rows ([] without sqlite3)."""
+        db = self.db()
+        if db is None:
+            return []
+        self.flush()
+        try:
+            return db.execute(sql, params).fetchall()
+        except self.sqlite.Error as exc:
+            raise CacheError(f"cache index {self.path}: {exc}") from exc
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]], flush: bool = True,
+                    then: Optional[Tuple[str, Sequence[Sequence[Any]]]] = None) -> None:
+        """Run ``sql`` for every row (and ``then``'s statement) in one transaction."""
+        db = self.db()
+        if db is None:
+            return
+        if flush:
+            self.flush()
+        if not rows:
+            return
+        try:
+            with db:  # one transaction for the whole batch
+                db.execute("BEGIN")
+                db.executemany(sql, rows)
+                if then is not None:
+                    db.executemany(*then)
+        except self.sqlite.Error as exc:
+            raise CacheError(f"cache index {self.path}: {exc}") from exc
+
+    def queue_blob(self, digest: str, size: int, media_type: str) -> None:
+        """Queue an index row for a stored blob (written in one batch by the next query).
+
+        Workers only append here, so they never wait on SQLite's lock; a
+        crash before the batch is harmless, since the files are the truth.
+        Importing sqlite3 is left to the batch: here it would delay the first
+        download by the manifest's commit (3 ms under cProfile).
+        """
+        if self._module is None:
+            return
+        with self._lock:
+            self._pending_rows.append((digest, size, media_type, time.time()))
+
+    def flush(self) -> None:
+        """Write the queued blob and reference rows, each kind in one transaction."""
+        with self._lock:
+            rows, self._pending_rows = self._pending_rows, []
+            refs, self._pending_refs = self._pending_refs, []
+        if rows:
+            self.executemany(_INSERT_BLOB, [(d, n, m, t, t) for d, n, m, t in rows],
+                             flush=False, then=(_UPDATE_BLOB, [(t, m, m, d) for d, n, m, t in rows]))
+        if refs:
+            self.executemany("INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?)", refs,
+                             flush=False)
+
+    def queue_reference(self, reference: str, digest: str, media_type: str) -> None:
+        """Queue a reference row (written in one batch by the next query)."""
+        if self._module is None:
+            return
+        with self._lock:
+            self._pending_refs.append((reference, digest, media_type, time.time()))
+
+    def close(self) -> None:
+        """Write the queued rows and close every connection (when no thread uses them)."""
+        if self.db() is not None:
+            self.flush()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+
 class DirectoryBlobCache(BlobCache):
     """A persistent cache: ``blobs/<alg>/<hex>`` files plus a SQLite index.
 
@@ -3159,134 +3337,15 @@ class DirectoryBlobCache(BlobCache):
                              f"{exc.strerror or exc}") from exc
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise CacheError(f"cache directory {self.root} is not writable")
-        self._sqlite_module: Any = _NOT_IMPORTED
-        self._local = threading.local()
-        self._connections: List[Any] = []
-        self._connections_lock = threading.Lock()
-        self._pending_rows: List[Tuple[str, int, str, float]] = []
-        self._pending_refs: List[Tuple[str, str, str, float]] = []
-        self._db_path = os.path.join(self.root, "index.sqlite")
+        self._index = _SqliteIndex(os.path.join(self.root, "index.sqlite"))
         self._clean_stale_temporaries()
-
-    # -- SQLite index -----------------------------------------------------------
-
-    @property
-    def _sqlite(self) -> Any:
-        """The sqlite3 module (None without it), imported at first use: a pull
-        imports it while its downloads run (see ``_warm_up``)."""
-        if self._sqlite_module is _NOT_IMPORTED:
-            self._sqlite_module = _import_sqlite3()
-        return self._sqlite_module
-
-    @_sqlite.setter
-    def _sqlite(self, module: Any) -> None:
-        self._sqlite_module = module
 
     def _warm_up(self) -> None:
         """Open this thread's index connection now (called while downloads run)."""
         try:
-            self._db()
+            self._index.db()
         except CacheError:
             pass  # reported by the query that needs it
-
-    def _db(self) -> Any:
-        """Return this thread's SQLite connection, or None without sqlite3."""
-        if self._sqlite is None:
-            return None
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._connections_lock:
-                self._connections.append(conn)
-        return conn
-
-    def _connect(self) -> Any:
-        """Open the index, set WAL mode and create tables, retrying while busy.
-
-        Switching to WAL takes an exclusive lock and SQLite does not run the
-        busy handler for it, so processes opening a new cache at the same
-        moment can get "database is locked": they retry for up to 30 s.
-        """
-        deadline = time.monotonic() + 30.0
-        delay_s = 0.005
-        while True:
-            try:
-                # Each connection serves one thread; check_same_thread=False only
-                # lets close() shut the worker threads' connections too.
-                conn = self._sqlite.connect(self._db_path, timeout=30.0,
-                                            isolation_level=None, check_same_thread=False)
-                try:
-                    conn.execute("PRAGMA busy_timeout = 30000")
-                    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                        conn.execute("PRAGMA journal_mode = WAL")
-                    conn.execute("PRAGMA synchronous = NORMAL")
-                    conn.executescript(_SCHEMA)
-                except BaseException:
-                    conn.close()
-                    raise
-                return conn
-            except self._sqlite.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc) \
-                        or time.monotonic() > deadline:
-                    raise CacheError(f"cannot open cache index {self._db_path}: {exc}") from exc
-                time.sleep(delay_s)
-                delay_s = min(delay_s * 2, 0.2)
-            except self._sqlite.Error as exc:
-                raise CacheError(f"cannot open cache index {self._db_path}: {exc}") from exc
-
-    def _execute(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
-        db = self._db()
-        if db is None:
-            return []
-        self._flush_rows()
-        try:
-            return db.execute(sql, params).fetchall()
-        except self._sqlite.Error as exc:
-            raise CacheError(f"cache index {self._db_path}: {exc}") from exc
-
-    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]], flush: bool = True,
-                     then: Optional[Tuple[str, Sequence[Sequence[Any]]]] = None) -> None:
-        """Run ``sql`` for every row (and ``then``'s statement) in one transaction."""
-        db = self._db()
-        if db is None:
-            return
-        if flush:
-            self._flush_rows()
-        if not rows:
-            return
-        try:
-            with db:  # one transaction for the whole batch
-                db.execute("BEGIN")
-                db.executemany(sql, rows)
-                if then is not None:
-                    db.executemany(*then)
-        except self._sqlite.Error as exc:
-            raise CacheError(f"cache index {self._db_path}: {exc}") from exc
-
-    def _index_blob(self, digest: str, size: int, media_type: str) -> None:
-        """Queue an index row for a stored blob (written in one batch by the next query).
-
-        Workers only append here, so they never wait on SQLite's lock; a
-        crash before the batch is harmless, since the files are the truth.
-        Importing sqlite3 is left to the batch: here it would delay the first
-        download by the manifest's commit (3 ms under cProfile).
-        """
-        if self._sqlite_module is None:
-            return
-        with self._connections_lock:
-            self._pending_rows.append((digest, size, media_type, time.time()))
-
-    def _flush_rows(self) -> None:
-        with self._connections_lock:
-            rows, self._pending_rows = self._pending_rows, []
-            refs, self._pending_refs = self._pending_refs, []
-        if rows:
-            self._executemany(_INSERT_BLOB, [(d, n, m, t, t) for d, n, m, t in rows],
-                              flush=False, then=(_UPDATE_BLOB, [(t, m, m, d) for d, n, m, t in rows]))
-        if refs:
-            self._executemany("INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?)", refs,
-                              flush=False)
 
     # -- files ------------------------------------------------------------------
 
@@ -3365,7 +3424,7 @@ class DirectoryBlobCache(BlobCache):
 
     def media_type(self, digest: str) -> str:
         """Return the media type recorded with a blob ('' when unknown)."""
-        rows = self._execute("SELECT media_type FROM blobs WHERE digest = ?", (digest,))
+        rows = self._index.execute("SELECT media_type FROM blobs WHERE digest = ?", (digest,))
         return str(rows[0][0]) if rows else ""
 
     def begin_write(self, digest: str, size: Optional[int] = None,
@@ -3381,7 +3440,7 @@ class DirectoryBlobCache(BlobCache):
 
     def delete(self, digest: str) -> bool:
         """Remove a blob file and its index row."""
-        self._execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+        self._index.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
         try:
             os.unlink(self._blob_path(digest))
         except FileNotFoundError:
@@ -3391,39 +3450,36 @@ class DirectoryBlobCache(BlobCache):
     def touch(self, digests: Iterable[str]) -> None:
         """Mark blobs as used now, in one transaction (file mtimes without an index)."""
         now = time.time()
-        if self._db() is None:
+        if self._index.db() is None:
             for digest in digests:
                 try:
                     os.utime(self._blob_path(digest), (now, now))
                 except OSError:
                     pass
             return
-        self._executemany("UPDATE blobs SET last_used_at = ? WHERE digest = ?",
+        self._index.executemany("UPDATE blobs SET last_used_at = ? WHERE digest = ?",
                           [(now, d) for d in digests])
 
     def record_reference(self, reference: str, digest: str, media_type: str) -> None:
         """Remember which manifest ``reference`` resolved to (written with the next query)."""
-        if self._sqlite_module is None:
-            return
-        with self._connections_lock:
-            self._pending_refs.append((reference, digest, media_type, time.time()))
+        self._index.queue_reference(reference, digest, media_type)
 
     def lookup_reference(self, reference: str) -> Optional[str]:
         """Return the manifest digest last recorded for ``reference``."""
-        rows = self._execute("SELECT digest FROM refs WHERE reference = ?", (reference,))
+        rows = self._index.execute("SELECT digest FROM refs WHERE reference = ?", (reference,))
         return str(rows[0][0]) if rows else None
 
     def references(self) -> Dict[str, str]:
         """Return every recorded reference and its manifest digest."""
         return {str(r): str(d) for r, d in
-                self._execute("SELECT reference, digest FROM refs ORDER BY reference")}
+                self._index.execute("SELECT reference, digest FROM refs ORDER BY reference")}
 
     def _forget_references(self, digests: Iterable[str]) -> None:
-        self._executemany("DELETE FROM refs WHERE digest = ?", [(d,) for d in digests])
+        self._index.executemany("DELETE FROM refs WHERE digest = ?", [(d,) for d in digests])
 
     def entries(self) -> List[Dict[str, Any]]:
         """List blob files, with the index's metadata where it has a row."""
-        rows = {r[0]: r for r in self._execute(
+        rows = {r[0]: r for r in self._index.execute(
             "SELECT digest, size, media_type, added_at, last_used_at FROM blobs")}
         result = []
         for algorithm in sorted(_DIGEST_HEX_LENGTHS):
@@ -3450,20 +3506,14 @@ class DirectoryBlobCache(BlobCache):
         removed = super().gc()
         self._clean_stale_temporaries()
         present = {e["digest"] for e in self.entries()}
-        orphans = [r[0] for r in self._execute("SELECT digest FROM blobs")
+        orphans = [r[0] for r in self._index.execute("SELECT digest FROM blobs")
                    if r[0] not in present]
-        self._executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in orphans])
+        self._index.executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in orphans])
         return removed
 
     def close(self) -> None:
         """Close every SQLite connection this cache opened (call when no thread uses it)."""
-        if self._db() is not None:
-            self._flush_rows()
-        with self._connections_lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
+        self._index.close()
 
 
 # =============================================================================
