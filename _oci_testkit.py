@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -42,7 +43,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 # =============================================================================
 # 1. LAYOUT BUILDERS: deterministic OCI image layouts written to disk
@@ -446,13 +447,13 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def running_registry(root: Path, **auth: str):
+def running_registry(root: Path, **options: Any):
     """Yields a started DistributionRegistry, stopped by PID afterwards (a fixture body).
 
     A missing tool skips the test, or fails it under ZLAYER_REQUIRE_INTEROP=1.
     """
     try:
-        registry = DistributionRegistry(root, **auth)
+        registry = DistributionRegistry(root, **options)
     except ToolMissing as exc:
         missing = str(exc)
     else:
@@ -463,6 +464,18 @@ def running_registry(root: Path, **auth: str):
             registry.stop()
         return
     unavailable(missing)  # outside the except block: no chained traceback in the report
+
+
+def self_signed_certificate(directory: Path) -> Tuple[Path, Path]:
+    """Writes a self-signed certificate for 127.0.0.1 and localhost; returns (cert, key)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run([require_tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-days", "2", "-keyout", str(key), "-out", str(cert), "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return cert, key
 
 
 class ToolMissing(Exception):
@@ -489,7 +502,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _registry_config(root: Path, port: int, htpasswd: Optional[Path]) -> str:
+def _registry_config(root: Path, port: int, htpasswd: Optional[Path],
+                     tls: Optional[Tuple[Path, Path]] = None) -> str:
     # JSON is valid YAML, which spares a YAML writer. The config points at the temporary
     # root only: the packaged /etc/docker/registry/config.yml is never read.
     config = {
@@ -504,6 +518,8 @@ def _registry_config(root: Path, port: int, htpasswd: Optional[Path]) -> str:
     }
     if htpasswd is not None:
         config["auth"] = {"htpasswd": {"realm": "test", "path": str(htpasswd)}}
+    if tls is not None:
+        config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
     return json.dumps(config, indent=2)
 
 
@@ -515,12 +531,15 @@ class DistributionRegistry:
     """Runs ``docker-registry serve`` on 127.0.0.1 with storage in ``root``.
 
     ``start()`` waits until ``/v2/`` answers; ``stop()`` ends the process it started, by
-    its PID. With ``username``/``password`` the registry requires htpasswd basic auth.
+    its PID. With ``username``/``password`` the registry requires htpasswd basic auth; with
+    ``tls`` (certificate and key files) it serves https only.
     """
 
     def __init__(self, root: Path, username: Optional[str] = None,
-                 password: Optional[str] = None, start_timeout_s: float = 20.0) -> None:
+                 password: Optional[str] = None, start_timeout_s: float = 20.0,
+                 tls: Optional[Tuple[Path, Path]] = None) -> None:
         self.root = Path(root)
+        self.tls = tls
         self.username = username
         self.password = password
         self.start_timeout_s = start_timeout_s
@@ -539,8 +558,8 @@ class DistributionRegistry:
 
     @property
     def url(self) -> str:
-        """Returns the base URL, ``http://127.0.0.1:PORT``."""
-        return "http://" + self.host
+        """Returns the base URL, ``http://127.0.0.1:PORT`` (https with ``tls``)."""
+        return ("https://" if self.tls else "http://") + self.host
 
     @property
     def creds(self) -> Optional[str]:
@@ -555,7 +574,7 @@ class DistributionRegistry:
         for _attempt in range(3):
             self.port = free_port()
             config_path = self.root / "config.yml"
-            config_path.write_text(_registry_config(self.root, self.port, htpasswd))
+            config_path.write_text(_registry_config(self.root, self.port, htpasswd, self.tls))
             log_path = self.root / "registry.log"
             with open(str(log_path), "wb") as log:
                 self.process = subprocess.Popen(
@@ -639,8 +658,13 @@ class DistributionRegistry:
         if auth and self.username is not None:
             token = base64.b64encode(self.creds.encode()).decode()
             req.add_header("Authorization", "Basic " + token)
+        opener = _NO_PROXY_OPENER
+        if self.tls:  # its own self-signed certificate, trusted for this request only
+            opener = urllib.request.build_opener(
+                urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(
+                    context=ssl.create_default_context(cafile=str(self.tls[0]))))
         try:
-            with _NO_PROXY_OPENER.open(req, timeout=timeout_s) as resp:
+            with opener.open(req, timeout=timeout_s) as resp:
                 return resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as exc:
             with exc:

@@ -12,6 +12,7 @@ Blocks:
     PULL            ImagePuller.pull / pull_image / fetch_manifest
     PLATFORMS       picking a child of a multi-platform index
     AUTH            htpasswd basic auth, via RegistryAuth and a Docker config file
+    TLS             an https-only registry with a self-signed certificate
     ERRORS          unknown tags and repositories, from the API and the CLI
 """
 
@@ -65,6 +66,20 @@ def distribution_registry_basic_auth(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def distribution_registry_tls(tmp_path_factory):
+    """Runs ``docker-registry serve`` over https only, with a self-signed certificate."""
+    root = tmp_path_factory.mktemp("distribution-tls")
+    try:
+        tls = kit.self_signed_certificate(root / "certs")
+    except kit.ToolMissing as exc:
+        missing = str(exc)
+    else:
+        yield from kit.running_registry(root, tls=tls)
+        return
+    _unavailable(missing)
+
+
+@pytest.fixture(scope="session")
 def image_layout(tmp_path_factory):
     """Returns (layout dir, ImageInfo) of a linux/amd64 image of three small layers."""
     layout = tmp_path_factory.mktemp("layout-image")
@@ -102,6 +117,12 @@ def pushed_v2s2(distribution_registry, image_layout):
 def pushed_index(distribution_registry, index_layout):
     """Pushes the three-platform index, every child included, as ``interop/multi:multi``."""
     return _pushed(distribution_registry, *index_layout, "multi", "interop/multi")
+
+
+@pytest.fixture(scope="session")
+def pushed_tls(distribution_registry_tls, image_layout):
+    """Pushes the single-platform image to the https-only registry as ``tls/single:v1``."""
+    return _pushed(distribution_registry_tls, *image_layout, "v1", "tls/single")
 
 
 @pytest.fixture(scope="session")
@@ -396,6 +417,42 @@ class TestAuth:
         assert proc.returncode == 1
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+# =============================================================================
+# TLS: an https-only registry with a self-signed certificate
+# =============================================================================
+
+
+class TestTls:
+    def test_cli_insecure_pulls_without_checking_the_certificate(self, zr, tmp_path,
+                                                                 pushed_tls):
+        cache = str(tmp_path / "cache")
+        for round_ in ("cold", "warm"):  # warm: a HEAD first, which gets no body
+            proc = _run_cli(tmp_path, "pull", pushed_tls.reference, "--insecure",
+                            "--cache", cache, "--json")
+            assert proc.returncode == 0, (round_, proc.stderr)
+            assert json.loads(proc.stdout)["digest"] == pushed_tls.info.digest
+        _assert_cached_and_verified(zr.BlobCache.open(cache), pushed_tls.info)
+
+    def test_cli_without_insecure_names_the_untrusted_certificate(self, zr, tmp_path,
+                                                                   pushed_tls):
+        proc = _run_cli(tmp_path, "pull", pushed_tls.reference, "--cache", str(tmp_path / "c"))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert "TLS certificate that is not trusted" in lines[0]
+        assert "SSL_CERT_FILE" in lines[0] and "--insecure" in lines[0]
+        assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file() and "blobs" in p.parts]
+
+    def test_cli_trusts_the_certificate_from_ssl_cert_file(self, zr, tmp_path, pushed_tls):
+        cert = str(pushed_tls.registry.tls[0])
+        cache = str(tmp_path / "cache")
+        for round_ in ("cold", "warm"):
+            proc = _run_cli(tmp_path, "pull", pushed_tls.reference, "--cache", cache, "--json",
+                            SSL_CERT_FILE=cert)
+            assert proc.returncode == 0, (round_, proc.stderr)
+            assert json.loads(proc.stdout)["digest"] == pushed_tls.info.digest
 
 
 # =============================================================================

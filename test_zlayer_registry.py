@@ -605,15 +605,28 @@ def tls_files(tmp_path_factory):
 
 
 class _TlsFront(_Listener):
-    """Terminates TLS and pipes the plain bytes to a test server on ``port``."""
+    """Terminates TLS and pipes the plain bytes to a test server on ``port``.
+
+    Plain HTTP gets Go's answer (distribution's): 400, "Client sent an HTTP
+    request to an HTTPS server."; ``plain_http_answers`` counts them.
+    """
 
     def __init__(self, port: int, cert, key) -> None:
         self.context = _ssl.SSLContext(_ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(str(cert), str(key))
         self.target = port
+        self.plain_http_answers = 0
         super().__init__(self._serve)
 
     def _serve(self, conn) -> None:
+        first = conn.recv(1, _socket.MSG_PEEK)
+        if first and first != b"\x16":  # not a TLS handshake record
+            self.plain_http_answers += 1
+            _read_head(conn.makefile("rb", buffering=0))  # unread bytes would reset the answer
+            conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n"
+                         b"Client sent an HTTP request to an HTTPS server.\n")
+            conn.close()
+            return
         try:
             tls = self.context.wrap_socket(conn, server_side=True)
         except OSError:
@@ -799,11 +812,112 @@ class TestHttp:
                            "certificate that is not trusted") as info:
             puller.pull(f"registry.test:{front.port}/app:v1")
         message = str(info.value)
-        assert "SSL_CERT_FILE" in message and registry.requests == []
+        assert "SSL_CERT_FILE" in message and "--insecure" in message
+        assert registry.requests == []
         assert f"through the proxy http://127.0.0.1:{proxy.port} from HTTPS_PROXY" in message
         assert sleeps == [] and not info.value.temporary  # a certificate is not retried
         front.close()
         proxy.close()
+
+    def test_insecure_skips_the_certificate_check_of_the_registry(self, registry, tls_files,
+                                                                   sleeps):
+        image = registry.add_image("app", "v1", [layer_bytes(9), layer_bytes(10)])
+        registry.auth = "basic"
+        registry.users = {"user": "pw-1234"}
+        front = _TlsFront(int(registry.host.split(":")[1]), *tls_files)
+        proxy = _ConnectProxy({"registry.test": "127.0.0.1"})
+        puller = make_puller(environ={"HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}"},
+                             sleeps=sleeps, insecure=True)
+        manifest, layers = puller.pull(f"registry.test:{front.port}/app:v1",
+                                       zr.RegistryAuth.basic("user", "pw-1234"))
+        assert manifest.digest == image["digest"] and len(layers) == 2
+        # Every request went over TLS: through the tunnel, to the TLS front.
+        assert registry.requests and front.connections >= 1
+        assert {line for line, _ in proxy.requests} == {
+            f"CONNECT registry.test:{front.port} HTTP/1.1"}
+        assert any(r["headers"].get("Authorization") for r in registry.requests)
+        front.close()
+        proxy.close()
+
+    def test_insecure_falls_back_to_plain_http_once(self, registry, sleeps):
+        image = registry.add_image("app", "v1", [layer_bytes(11), layer_bytes(12)])
+        tunnel = _ConnectProxy({"registry.test": "127.0.0.1"})  # TLS meets plain HTTP
+        forward = fake.ForwardProxy()
+        forward.hosts["registry.test"] = "127.0.0.1"
+        port = registry.host.split(":")[1]
+        try:
+            puller = make_puller(sleeps=sleeps, insecure=True, environ={
+                "HTTPS_PROXY": f"http://127.0.0.1:{tunnel.port}", "HTTP_PROXY": forward.url})
+            manifest, _ = puller.pull(f"registry.test:{port}/app:v1")
+            assert manifest.digest == image["digest"]
+            # https was tried once; the manifest and both layers and the config
+            # then went over plain http, with no retry and no backoff.
+            assert len(tunnel.requests) == 1 and sleeps == []
+            assert len(forward.requests) == 4 and all(
+                r.startswith(f"http://registry.test:{port}/v2/") for r in forward.requests)
+        finally:
+            forward.close()
+            tunnel.close()
+
+    def test_loopback_registry_that_only_speaks_tls(self, registry, tls_files, sleeps):
+        # Loopback starts with plain http; a TLS-only server's 400 turns it to
+        # https, with the certificate checked.
+        image = registry.add_image("app", "v1", [layer_bytes(15), layer_bytes(16)])
+        front = _TlsFront(int(registry.host.split(":")[1]), *tls_files)
+        reference = f"127.0.0.1:{front.port}/app:v1"
+        trusted = _ssl.create_default_context(cafile=str(tls_files[0]))
+        manifest, _ = make_puller(sleeps=sleeps, ssl_context=trusted).pull(reference)
+        assert manifest.digest == image["digest"] and sleeps == []
+        assert front.plain_http_answers == 1  # the scheme, once settled, stays https
+        with pytest.raises(zr.RegistryError, match="presented a TLS certificate that is not "
+                           "trusted .*SSL_CERT_FILE.* --insecure"):
+            make_puller(sleeps=sleeps).pull(reference)
+        front.close()
+
+    def test_loopback_plain_http_400_stays_the_error(self, sleeps):
+        body = b'{"errors": [{"code": "NAME_INVALID", "message": "bad name"}]}'
+        server = _Scripted([b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(body), body)])
+        with pytest.raises(zr.RegistryError, match="answered 400 to GET http://.*: "
+                           "NAME_INVALID \\(bad name\\)"):
+            make_puller(sleeps=sleeps).pull(f"127.0.0.1:{server.port}/app:v1")
+        # An ordinary 400 is the answer: no TLS attempt follows it.
+        assert server.connections == 1 and sleeps == []
+        server.close()
+
+    @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+    def test_insecure_loopback_registry_with_or_without_tls(self, registry, tls_files, sleeps,
+                                                            tls):
+        image = registry.add_image("app", "v1", [layer_bytes(13)])
+        front = _TlsFront(int(registry.host.split(":")[1]), *tls_files) if tls else None
+        host = f"127.0.0.1:{front.port}" if front else registry.host
+        manifest, _ = make_puller(sleeps=sleeps, insecure=True).pull(f"{host}/app:v1")
+        assert manifest.digest == image["digest"] and sleeps == []
+        if front:
+            assert front.connections >= 1
+            front.close()
+
+    def test_insecure_still_checks_the_certificate_of_a_blob_host(
+            self, registry, object_store, tls_files, sleeps):
+        image = registry.add_image("app", "v1", [layer_bytes(14)])
+        digest = image["layers"][0]["digest"]
+        object_store.blobs[digest[7:]] = layer_bytes(14)
+        store_port = int(object_store.url.rsplit(":", 1)[1])
+        registry_front = _TlsFront(int(registry.host.split(":")[1]), *tls_files)
+        store_front = _TlsFront(store_port, *tls_files)
+        proxy = _ConnectProxy({"registry.test": "127.0.0.1", "objects.test": "127.0.0.1"})
+        registry.faults.append(lambda m, p, h: {"status": 307, "body": b"", "headers": {
+            "Location": f"https://objects.test:{store_front.port}/bucket/{digest[7:]}"}}
+            if p.endswith(digest) else None)
+        puller = make_puller(environ={"HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}"},
+                             sleeps=sleeps, retries=1, insecure=True)
+        with pytest.raises(zr.RegistryError, match=r"^registry\.test:[0-9]+ \(objects\.test\) "
+                           "presented a TLS certificate that is not trusted") as info:
+            puller.pull(f"registry.test:{registry_front.port}/app:v1")
+        assert "--insecure" not in str(info.value)  # it was given: no use suggesting it
+        assert object_store.requests == [] and sleeps == []
+        for server in (registry_front, store_front, proxy):
+            server.close()
 
     def test_plain_http_registry_reached_with_tls_gets_a_hint(self, registry, sleeps):
         registry.add_image("app", "v1", [layer_bytes(8)])
@@ -919,7 +1033,7 @@ class TestHttpReviewRegressions:
 
 
 # -----------------------------------------------------------------------------
-# 10. transport and 12. registry client, against the fake registry
+# 10. transport and 12-13. registry answers and client, against the fake registry
 # -----------------------------------------------------------------------------
 
 class TestProxies:
@@ -1410,7 +1524,7 @@ class TestAuthFlows:
 
 
 # -----------------------------------------------------------------------------
-# 13-15. blob caches, cache files, the directory cache
+# 14-16. blob caches, cache files, the directory cache
 # -----------------------------------------------------------------------------
 
 class TestCaches:
@@ -1559,7 +1673,7 @@ class TestCaches:
 
 
 # -----------------------------------------------------------------------------
-# 24-25. CLI (and 21. the worker pool)
+# 25-26. CLI (and 22. the worker pool)
 # -----------------------------------------------------------------------------
 
 class TestWorkerPool:
@@ -2255,7 +2369,7 @@ class TestWasmExport:
 
 
 # -----------------------------------------------------------------------------
-# 16-18. unpack
+# 17-19. unpack
 # -----------------------------------------------------------------------------
 
 import stat as _stat  # noqa: E402
@@ -2719,7 +2833,7 @@ class TestUnpackImage:
 
 
 # -----------------------------------------------------------------------------
-# 19-20. OCI layout export and import
+# 20-21. OCI layout export and import
 # -----------------------------------------------------------------------------
 
 def _multi(registry):
@@ -3051,7 +3165,7 @@ class TestReviewRegressions:
 
             def close(self):
                 pass
-        client.transport.send = lambda method, url, headers, body=None: Redirecting()
+        client.transport.send = lambda method, url, headers, body=None, verify=True: Redirecting()
         with pytest.raises(zr.RegistryError, match="refusing plain http to 127.0.0.1"):
             client._send_following_redirects("GET", "https://registry.example/v2/app/blobs/x", {})
 

@@ -34,20 +34,21 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     9. HTTP/1.1: connections and responses
     10. TRANSPORT: keep-alive pooling and proxies
     11. CREDENTIALS AND TOKEN AUTH
-    12. REGISTRY CLIENT: manifests and blobs over the distribution API
-    13. BLOB CACHES: the interface, in memory
-    14. CACHE FILES: blob writers (direct I/O), file locks, crash leftovers
-    15. DIRECTORY CACHE: content-addressed files and a SQLite index
-    16. UNPACK: layer streams (compression, prefetch)
-    17. UNPACK: the root filesystem tree
-    18. UNPACK: LayerUnpacker, applying tar entries
-    19. OCI LAYOUT: writing layouts, archives and WASM artifacts
-    20. OCI LAYOUT: reading and importing
-    21. PULL: worker threads
-    22. PULL: resolving references and fetching blobs
-    23. PULL: the ImagePuller API
-    24. CLI: output, the command's caches and the commands
-    25. CLI: argument types, the parser, main
+    12. REGISTRY ANSWERS: errors, retries, hosts that do not answer
+    13. REGISTRY CLIENT: manifests and blobs over the distribution API
+    14. BLOB CACHES: the interface, in memory
+    15. CACHE FILES: blob writers (direct I/O), file locks, crash leftovers
+    16. DIRECTORY CACHE: content-addressed files and a SQLite index
+    17. UNPACK: layer streams (compression, prefetch)
+    18. UNPACK: the root filesystem tree
+    19. UNPACK: LayerUnpacker, applying tar entries
+    20. OCI LAYOUT: writing layouts, archives and WASM artifacts
+    21. OCI LAYOUT: reading and importing
+    22. PULL: worker threads
+    23. PULL: resolving references and fetching blobs
+    24. PULL: the ImagePuller API
+    25. CLI: output, the command's caches and the commands
+    26. CLI: argument types, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -1463,7 +1464,7 @@ class _UnbufferedLines:
 # =============================================================================
 # urllib.request opens a new connection (and TLS handshake) per request;
 # here each (thread, scheme, host, port) keeps one pooled connection.
-# Redirects, auth and retries are the registry client's job (section 12);
+# Redirects, auth and retries are the registry client's job (section 13);
 # this layer only sends one request.
 
 def _split_url(url: str) -> Tuple[str, str, int, str]:
@@ -1626,6 +1627,7 @@ class _Transport:
         self.timeout_s = timeout_s
         self.proxies = proxies or _ProxySettings()
         self._ssl_context = ssl_context
+        self._unverified_context: Any = None
         self._local = threading.local()
         self.request_count = 0
         self._count_lock = threading.Lock()
@@ -1638,21 +1640,30 @@ class _Transport:
             pool = self._local.pool = {}
         return pool
 
-    def _context(self) -> Any:
-        if self._ssl_context is None:
+    def _context(self, verify: bool = True) -> Any:
+        """Return the TLS context: the given or default one, or (``verify``
+        false, for an --insecure registry) one that checks no certificate."""
+        if self._ssl_context is None or (not verify and self._unverified_context is None):
             try:
                 import ssl
             except ImportError as exc:  # Pythons built without OpenSSL
                 raise RegistryError("https needs the 'ssl' module, which this "
                                     "Python lacks; use a Python built with "
                                     "OpenSSL") from exc
-            self._ssl_context = ssl.create_default_context()
-        return self._ssl_context
+            if self._ssl_context is None:
+                self._ssl_context = ssl.create_default_context()
+            if not verify and self._unverified_context is None:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                self._unverified_context = context
+        return self._ssl_context if verify else self._unverified_context
 
-    def _connect(self, scheme: str, host: str, port: int) -> Tuple[_Connection, bool]:
+    def _connect(self, scheme: str, host: str, port: int,
+                 verify: bool = True) -> Tuple[_Connection, bool]:
         """Make a connection (it connects on first use); returns it and whether
         requests need absolute URLs."""
-        context = self._context() if scheme == "https" else None
+        context = self._context(verify) if scheme == "https" else None
         proxy = self.proxies.proxy_for(scheme, host, port)
         if not proxy:
             return _Connection(host, port, self.timeout_s, context=context), False
@@ -1678,14 +1689,19 @@ class _Transport:
         return conn, True
 
     def send(self, method: str, url: str, headers: Mapping[str, str],
-             body: Optional[bytes] = None) -> _Response:
-        """Send one request and return the response with its body unread."""
+             body: Optional[bytes] = None, verify: bool = True) -> _Response:
+        """Send one request and return the response with its body unread.
+
+        ``verify=False`` skips the certificate check (an --insecure registry).
+        """
         scheme, host, port, path = _split_url(url)
-        key = (scheme, host.lower(), port)
+        verify = verify or scheme != "https"
+        key = (scheme, host.lower(), port, verify)
         pool = self._pool()
         for attempt in (0, 1):
             reused = key in pool
-            connection, absolute = pool.pop(key) if reused else self._connect(scheme, host, port)
+            connection, absolute = pool.pop(key) if reused else \
+                self._connect(scheme, host, port, verify)
             target = url if absolute else path
             with self._count_lock:
                 self.request_count += 1
@@ -2053,6 +2069,22 @@ class _TokenCache:
                 del self._tokens[(registry, scope)]
 
 
+def _checked_realm(challenge: _Challenge, registry: str, loopback: bool) -> str:
+    """Return the challenge's token realm, refusing one a token must not come from."""
+    realm = challenge.params.get("realm", "")
+    try:
+        realm_scheme, realm_host, _, _ = _split_url(realm)
+    except RegistryError as exc:
+        raise AuthError(f"{registry} named an unusable token realm "
+                        f"{_redact_url(realm)!r}") from exc
+    # A hostile registry could point the realm at an internal plain-http
+    # service (SSRF) or harvest credentials over plain http.
+    if realm_scheme != "https" and not (loopback and _is_loopback_host(realm_host)):
+        raise AuthError(f"{registry} named a token realm that is not "
+                        f"https ({_redact_url(realm)}); refused")
+    return realm
+
+
 def _token_request(challenge: _Challenge, scope: str, auth: RegistryAuth
                    ) -> Tuple[str, str, Optional[bytes], Dict[str, str]]:
     """Return (method, url, body, headers) of the token request for ``scope``.
@@ -2123,11 +2155,33 @@ def _redact_secrets(text: str, auth: RegistryAuth) -> str:
     return re.sub(r"(?i)\b(basic|bearer)\s+[A-Za-z0-9._~+/=-]+", r"\1 <redacted>", text)
 
 
+def _choose_challenge(response: _Response, registry: str, auth: RegistryAuth) -> _Challenge:
+    """Pick the challenge of a 401 to answer: bearer, else basic (with a password)."""
+    header = ", ".join(response.headers.get_all("WWW-Authenticate") or [])
+    challenges = _parse_www_authenticate(header)
+    chosen = next((c for c in challenges if c.scheme == "bearer"), None) or \
+        next((c for c in challenges if c.scheme == "basic"), None)
+    if chosen is None:
+        raise AuthError(f"{registry} answered 401 without a usable WWW-Authenticate "
+                        "challenge", status=401, method=response.method,
+                        url=_redact_url(response.url))
+    if chosen.scheme == "basic" and not auth.password:
+        raise AuthError(f"{registry} requires credentials (basic auth): log in with docker "
+                        "or podman, or point DOCKER_CONFIG or REGISTRY_AUTH_FILE at a file "
+                        "holding them", status=401, method=response.method,
+                        url=_redact_url(response.url))
+    return chosen
+
+
 # =============================================================================
-# 12. REGISTRY CLIENT: manifests and blobs over the distribution API
+# 12. REGISTRY ANSWERS: errors, retries, hosts that do not answer
 # =============================================================================
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# What TLS-only servers answer a plain-http request with, besides 400: Go's
+# net/http (distribution, zot, Harbor) and nginx.
+_TLS_ONLY_ANSWERS = (b"Client sent an HTTP request to an HTTPS server",
+                     b"The plain HTTP request was sent to HTTPS port")
 
 
 def _is_name_error(exc: BaseException) -> bool:
@@ -2136,16 +2190,22 @@ def _is_name_error(exc: BaseException) -> bool:
     return isinstance(exc, socket.gaierror)
 
 
-def _tls_refusal(exc: BaseException) -> Optional[str]:
-    """Return the rest of a message for a TLS failure no retry can fix, or None."""
+def _tls_refusal(exc: BaseException, suggest_insecure: bool = True) -> Optional[str]:
+    """Return the rest of a message for a TLS failure no retry can fix, or None.
+
+    ``suggest_insecure`` is false where --insecure would not help: it was
+    given, or the host is not the registry (a blob redirect's target).
+    """
     ssl = sys.modules.get("ssl")  # not imported: no TLS was attempted
     if ssl is None or not isinstance(exc, ssl.SSLError):
         return None
     if isinstance(exc, ssl.SSLCertVerificationError):
         return (f"presented a TLS certificate that is not trusted ({exc.verify_message}); "
-                "for a private CA, point SSL_CERT_FILE at its certificate")
+                "for a private CA, point SSL_CERT_FILE at its certificate"
+                + (" (or skip the check with --insecure)" if suggest_insecure else ""))
     if exc.reason == "WRONG_VERSION_NUMBER":  # what a plain HTTP answer looks like to TLS
-        return "does not speak TLS: it may serve plain http (allow that with --insecure)"
+        return "does not speak TLS: it may serve plain http" + (
+            " (allow that with --insecure)" if suggest_insecure else "")
     return None
 
 
@@ -2205,6 +2265,66 @@ def _manifest_not_found(repository: str, identifier: str, exc: NotFoundError) ->
                          method=exc.method, url=exc.url)
 
 
+def _unreachable_error(registry: str, registry_host: str, proxies: _ProxySettings,
+                       method: str, url: str, exc: BaseException,
+                       refusal: Optional[str]) -> RegistryError:
+    """Return the error for a request that got no answer, naming the proxy if one was used.
+
+    ``refusal`` is the rest of the message for a TLS failure (``_tls_refusal``).
+    """
+    scheme, host, port = _origin(url)
+    where = registry if host == registry_host else f"{registry} ({host})"
+    message = f"{where} {refusal}" if refusal else \
+        f"cannot reach {where}: {exc.__class__.__name__}: {exc}"
+    proxy = proxies.proxy_for(scheme, host, port)
+    if proxy:
+        message += (f" (through the proxy {_redact_url(proxy)} from "
+                    f"{'HTTPS_PROXY' if scheme == 'https' else 'HTTP_PROXY'})")
+    return RegistryError(message, method=method, url=_redact_url(url),
+                         temporary=refusal is None)
+
+
+def _response_error(response: _Response, subject: str, auth: RegistryAuth,
+                    cls: Optional[type], retries: int, clock: Callable[[], float],
+                    body: Optional[bytes] = None) -> RegistryError:
+    """Build the error for a failed response (body read capped at 64 KiB,
+    unless the caller read it already: ``body``).
+
+    The class follows the status unless ``cls`` is given; the registry's
+    message is kept, with ``auth``'s secrets taken out.
+    """
+    status = response.status
+    if body is None:
+        body = b"" if response.method == "HEAD" else _read_capped(response, MAX_ERROR_BODY_BYTES)
+    response.close()
+    codes, message = _error_details(body)
+    message = _redact_secrets(message, auth)
+    if cls is None:
+        cls = {401: AuthError, 403: AuthError, 404: NotFoundError,
+               429: RateLimitedError}.get(status, RegistryError)
+    text = f"{subject} answered {status} to {response.method} {_redact_url(response.url)}"
+    if codes:
+        text += f": {', '.join(codes)}"
+    if message:
+        text += f" ({message})"
+    kwargs: Dict[str, Any] = dict(status=status, codes=codes, method=response.method,
+                                  url=_redact_url(response.url),
+                                  temporary=status in _RETRYABLE_STATUSES)
+    if cls is RateLimitedError:
+        limits = [f"{h}={response.header(h)}" for h in
+                  ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
+                  if response.header(h)]
+        text += f"; rate limited, gave up after {retries} retries"
+        if limits:
+            text += f" ({', '.join(limits)})"
+        kwargs["retry_after_s"] = _parse_retry_after(response.header("Retry-After"), clock)
+    return cls(text, **kwargs)
+
+
+# =============================================================================
+# 13. REGISTRY CLIENT: manifests and blobs over the distribution API
+# =============================================================================
+
 class _RegistryClient:
     """Talks to one repository of one registry: auth, redirects, retries."""
 
@@ -2218,9 +2338,13 @@ class _RegistryClient:
         host = reference.api_host
         self.loopback = _is_loopback_host(host)
         self.insecure = insecure
-        scheme = "http" if (self.loopback or insecure) else "https"
-        self.base_url = f"{scheme}://{host}"
-        self.origin = _origin(self.base_url)
+        # Loopback speaks plain http, and https (checked) if a TLS-only server
+        # answers (see _TLS_ONLY_ANSWERS).  An --insecure registry
+        # is tried over https without a certificate check, then plain http if
+        # that gets no answer, as docker and crane do.  The first answer
+        # settles the scheme.
+        self._set_base_url(f"{'http' if self.loopback and not insecure else 'https'}://{host}")
+        self._scheme_known = not (insecure or self.loopback)
         self.scope = f"repository:{self.repository}:pull"
         self.auth = auth
         self._token_key = _token_cache_key(self.registry, auth)
@@ -2231,6 +2355,15 @@ class _RegistryClient:
         self.clock = clock
         self._challenge: Optional[_Challenge] = None
         self._auth_lock = threading.Lock()
+
+    def _set_base_url(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.origin = _origin(base_url)
+
+    def _verify(self, url: str) -> bool:
+        """Tell whether to check the certificate of ``url`` (not the --insecure
+        registry's own, whatever the scheme; always a redirect target's)."""
+        return not (self.insecure and _origin(url)[1:] == self.origin[1:])
 
     # -- authorisation --------------------------------------------------------
 
@@ -2262,19 +2395,7 @@ class _RegistryClient:
 
     def _on_unauthorized(self, response: _Response, sent: Optional[str]) -> None:
         """Learn the challenge of a 401 and forget the token it refused."""
-        header = ", ".join(response.headers.get_all("WWW-Authenticate") or [])
-        challenges = _parse_www_authenticate(header)
-        chosen = next((c for c in challenges if c.scheme == "bearer"), None) or \
-            next((c for c in challenges if c.scheme == "basic"), None)
-        if chosen is None:
-            raise AuthError(f"{self.registry} answered 401 without a usable "
-                            "WWW-Authenticate challenge", status=401,
-                            method=response.method, url=_redact_url(response.url))
-        if chosen.scheme == "basic" and not self.auth.password:
-            raise AuthError(f"{self.registry} requires credentials (basic auth): log in "
-                            "with docker or podman, or point DOCKER_CONFIG or "
-                            "REGISTRY_AUTH_FILE at a file holding them", status=401,
-                            method=response.method, url=_redact_url(response.url))
+        chosen = _choose_challenge(response, self.registry, self.auth)
         if sent and sent.startswith("Bearer "):
             scope = chosen.params.get("scope") or self.scope
             self.tokens.drop(self._token_key, scope, sent[7:])
@@ -2282,20 +2403,11 @@ class _RegistryClient:
 
     def _fetch_token(self, challenge: _Challenge, scope: str) -> Tuple[str, float]:
         """Get a bearer token from the challenge's realm (Docker token spec)."""
-        realm = challenge.params.get("realm", "")
-        try:
-            realm_scheme, realm_host, _, _ = _split_url(realm)
-        except RegistryError as exc:
-            raise AuthError(f"{self.registry} named an unusable token realm "
-                            f"{_redact_url(realm)!r}") from exc
-        # A hostile registry could point the realm at an internal plain-http
-        # service (SSRF) or harvest credentials over plain http.
-        if realm_scheme != "https" and not (self.loopback and _is_loopback_host(realm_host)):
-            raise AuthError(f"{self.registry} named a token realm that is not "
-                            f"https ({_redact_url(realm)}); refused")
+        realm = _checked_realm(challenge, self.registry, self.loopback)
         method, url, body, headers = _token_request(challenge, scope, self.auth)
-        response = self._send_with_retries(lambda: self.transport.send(method, url, headers, body),
-                                           method, realm)
+        response = self._send_with_retries(
+            lambda: self.transport.send(method, url, headers, body, verify=self._verify(url)),
+            method, realm)
         with response:
             if response.status != 200:
                 raise self._error(response, AuthError if response.status in (400, 401, 403)
@@ -2309,8 +2421,12 @@ class _RegistryClient:
         self.sleep(_backoff_delay(attempt, retry_after_s))
 
     def _send_with_retries(self, send: Callable[[], _Response], method: str,
-                           url: str) -> _Response:
-        """Run ``send`` again on connection errors and retryable statuses."""
+                           url: Union[str, Callable[[], str]]) -> _Response:
+        """Run ``send`` again on connection errors and retryable statuses.
+
+        ``url`` (or what calling it returns: the URL ``send`` tried last)
+        names the request in the error when no answer comes.
+        """
         attempt = 0
         while True:
             try:
@@ -2320,9 +2436,12 @@ class _RegistryClient:
             except _CONNECTION_ERRORS as exc:
                 # A name that does not resolve will not resolve in a second,
                 # nor will a certificate become trusted.
-                refusal = _tls_refusal(exc)
+                failed = url if isinstance(url, str) else url()
+                refusal = _tls_refusal(exc, not self.insecure
+                                       and _origin(failed)[1] == self.origin[1])
                 if attempt >= self.retries or _is_name_error(exc) or refusal:
-                    raise self._unreachable(method, url, exc, refusal) from exc
+                    raise _unreachable_error(self.registry, self.origin[1], self.transport.proxies,
+                                             method, failed, exc, refusal) from exc
                 self._backoff(attempt, None)
                 attempt += 1
                 continue
@@ -2334,31 +2453,21 @@ class _RegistryClient:
                 continue
             return response
 
-    def _unreachable(self, method: str, url: str, exc: BaseException,
-                     refusal: Optional[str]) -> RegistryError:
-        """Return the error for a request that got no answer, naming the proxy if one was used."""
-        scheme, host, port = _origin(url)
-        where = self.registry if host == self.origin[1] else f"{self.registry} ({host})"
-        message = f"{where} {refusal}" if refusal else \
-            f"cannot reach {where}: {exc.__class__.__name__}: {exc}"
-        proxy = self.transport.proxies.proxy_for(scheme, host, port)
-        if proxy:
-            message += (f" (through the proxy {_redact_url(proxy)} from "
-                        f"{'HTTPS_PROXY' if scheme == 'https' else 'HTTP_PROXY'})")
-        return RegistryError(message, method=method, url=_redact_url(url),
-                             temporary=refusal is None)
-
-    def _send_following_redirects(self, method: str, url: str,
-                                  headers: Mapping[str, str]) -> Tuple[_Response, Optional[str]]:
+    def _send_following_redirects(self, method: str, url: str, headers: Mapping[str, str],
+                                  tried: Optional[List[str]] = None
+                                  ) -> Tuple[_Response, Optional[str]]:
         """Send a request, following at most MAX_REDIRECTS redirects ourselves.
 
         Authorization goes only to the registry's own origin: blob redirects
         to S3/CloudFront/R2/Azure carry their own auth in the URL, those
         services reject a second one, and it would leak the token to them.
+        ``tried[0]`` is set to each URL as it is sent, for error messages.
         """
         from urllib.parse import urljoin
         sent: Optional[str] = None
         for _ in range(MAX_REDIRECTS + 1):
+            if tried is not None:
+                tried[0] = url
             scheme, host, _ = _origin(url)
             # Plain http: to loopback only from a loopback registry (a remote one
             # must not steer us at local services), elsewhere only if insecure.
@@ -2374,7 +2483,7 @@ class _RegistryClient:
                 sent = self._authorization()
                 if sent:
                     all_headers["Authorization"] = sent
-            response = self.transport.send(method, url, all_headers)
+            response = self.transport.send(method, url, all_headers, verify=self._verify(url))
             location = response.header("Location")
             if response.status not in _REDIRECT_STATUSES or not location:
                 return response, sent
@@ -2391,20 +2500,55 @@ class _RegistryClient:
         raise RegistryError(f"{self.registry} redirected more than {MAX_REDIRECTS} times",
                             method=method, url=_redact_url(url))
 
+    def _send_to_registry(self, method: str, path: str, headers: Mapping[str, str],
+                          tried: List[str]) -> Tuple[_Response, Optional[str]]:
+        """Send to ``path`` of the registry (``tried[0]``: the URL tried last).
+
+        While the scheme is unsettled (see ``__init__``), an --insecure
+        registry's https that gets no answer is followed by plain http, and a
+        loopback registry's plain http answered "this is an HTTPS server"
+        (a 400) by https.
+        """
+        if self._scheme_known:
+            return self._send_following_redirects(method, self.base_url + path, headers, tried)
+        scheme, rest = self.base_url.split("://", 1)
+        try:
+            result = self._send_following_redirects(method, self.base_url + path, headers,
+                                                    tried)
+        except _CONNECTION_ERRORS:
+            if scheme != "https" or _origin(tried[0]) != self.origin:
+                raise  # a redirect's target failed
+            return self._settle_scheme(f"http://{rest}", method, path, headers, tried)
+        if scheme == "https" or result[0].status != 400 or _origin(tried[0]) != self.origin:
+            self._scheme_known = True
+            return result
+        body = _read_capped(result[0], MAX_ERROR_BODY_BYTES)
+        if not any(phrase in body for phrase in _TLS_ONLY_ANSWERS):
+            raise self._error(result[0], body=body)
+        return self._settle_scheme(f"https://{rest}", method, path, headers, tried)
+
+    def _settle_scheme(self, base_url: str, method: str, path: str, headers: Mapping[str, str],
+                       tried: List[str]) -> Tuple[_Response, Optional[str]]:
+        """Send with the other scheme; its answer settles the registry's scheme."""
+        result = self._send_following_redirects(method, base_url + path, headers, tried)
+        self._set_base_url(base_url)
+        self._scheme_known = True
+        return result
+
     def request(self, method: str, path: str, *, headers: Optional[Mapping[str, str]] = None,
                 ok: Sequence[int] = (200,)) -> _Response:
         """Send a request to the registry; return the response if its status is in ``ok``."""
-        url = self.base_url + path
         headers = headers or {}
         reauthenticated = False
         sent_box: List[Optional[str]] = [None]
+        tried = [self.base_url + path]
 
         def send() -> _Response:
-            response, sent_box[0] = self._send_following_redirects(method, url, headers)
+            response, sent_box[0] = self._send_to_registry(method, path, headers, tried)
             return response
 
         while True:
-            response = self._send_with_retries(send, method, url)
+            response = self._send_with_retries(send, method, lambda: tried[0])
             if response.status in ok:
                 return response
             if response.status == 401 and not reauthenticated \
@@ -2423,35 +2567,10 @@ class _RegistryClient:
             raise self._error(response)
 
     def _error(self, response: _Response, cls: Optional[type] = None,
-               subject: str = "") -> RegistryError:
+               subject: str = "", body: Optional[bytes] = None) -> RegistryError:
         """Build the error for a failed response (body read capped at 64 KiB)."""
-        status = response.status
-        body = b"" if response.method == "HEAD" else _read_capped(response, MAX_ERROR_BODY_BYTES)
-        response.close()
-        codes, message = _error_details(body)
-        message = _redact_secrets(message, self.auth)
-        if cls is None:
-            cls = {401: AuthError, 403: AuthError, 404: NotFoundError,
-                   429: RateLimitedError}.get(status, RegistryError)
-        what = subject or self.registry
-        text = f"{what} answered {status} to {response.method} {_redact_url(response.url)}"
-        if codes:
-            text += f": {', '.join(codes)}"
-        if message:
-            text += f" ({message})"
-        kwargs: Dict[str, Any] = dict(status=status, codes=codes, method=response.method,
-                                      url=_redact_url(response.url),
-                                      temporary=status in _RETRYABLE_STATUSES)
-        if cls is RateLimitedError:
-            limits = [f"{h}={response.header(h)}" for h in
-                      ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
-                      if response.header(h)]
-            text += f"; rate limited, gave up after {self.retries} retries"
-            if limits:
-                text += f" ({', '.join(limits)})"
-            kwargs["retry_after_s"] = _parse_retry_after(response.header("Retry-After"),
-                                                         self.clock)
-        return cls(text, **kwargs)
+        return _response_error(response, subject or self.registry, self.auth, cls,
+                               self.retries, self.clock, body)
 
     # -- distribution API ---------------------------------------------------
 
@@ -2505,7 +2624,7 @@ class _RegistryClient:
 
 
 # =============================================================================
-# 13. BLOB CACHES: the interface, in memory
+# 14. BLOB CACHES: the interface, in memory
 # =============================================================================
 # Every write goes through a _BlobWriter, which hashes while it writes and
 # makes the blob visible only once digest and size check out.  The directory
@@ -2851,7 +2970,7 @@ class BlobCache:
 
 
 # =============================================================================
-# 14. CACHE FILES: blob writers (direct I/O), file locks, crash leftovers
+# 15. CACHE FILES: blob writers (direct I/O), file locks, crash leftovers
 # =============================================================================
 
 class _FileBlobWriter(_BlobWriter):
@@ -3142,7 +3261,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 # =============================================================================
-# 15. DIRECTORY CACHE: content-addressed files and a SQLite index
+# 16. DIRECTORY CACHE: content-addressed files and a SQLite index
 # =============================================================================
 
 # Two statements rather than an UPSERT, which needs SQLite 3.24 (older than
@@ -3517,7 +3636,7 @@ class DirectoryBlobCache(BlobCache):
 
 
 # =============================================================================
-# 16. UNPACK: layer streams (compression, prefetch)
+# 17. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -3700,7 +3819,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 17. UNPACK: the root filesystem tree
+# 18. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -3926,7 +4045,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 18. UNPACK: LayerUnpacker, applying tar entries
+# 19. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 def _layer_name(layer: Any) -> str:
@@ -4214,7 +4333,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 19. OCI LAYOUT: writing layouts, archives and WASM artifacts
+# 20. OCI LAYOUT: writing layouts, archives and WASM artifacts
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -4624,7 +4743,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 20. OCI LAYOUT: reading and importing
+# 21. OCI LAYOUT: reading and importing
 # =============================================================================
 # An imported layout is untrusted: every blob it reaches is streamed into a
 # cache writer that hashes it, and nothing is committed to the cache until
@@ -4796,7 +4915,7 @@ def _ingest_layout_blob(cache: BlobCache, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 21. PULL: worker threads
+# 22. PULL: worker threads
 # =============================================================================
 
 class _Cancelled(Exception):
@@ -4936,7 +5055,7 @@ class _WorkerPool:
 
 
 # =============================================================================
-# 22. PULL: resolving references and fetching blobs
+# 23. PULL: resolving references and fetching blobs
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -5375,15 +5494,16 @@ def _continues_at(response: _Response, offset: int) -> bool:
 
 
 # =============================================================================
-# 23. PULL: the ImagePuller API
+# 24. PULL: the ImagePuller API
 # =============================================================================
 
 class ImagePuller(_PullerCore):
     """Pulls images and WASM artifacts into a blob cache.
 
     ``platform`` (``"linux/arm64"`` or a :class:`Platform`) picks the image
-    from an index; the default is this host's.  ``insecure`` allows plain
-    http to non-loopback registries.  ``sleep``, ``clock`` and ``environ``
+    from an index; the default is this host's.  ``insecure`` skips the
+    registry's certificate check (its own host only, never a blob
+    redirect's) and falls back to plain http when https gets no answer.  ``sleep``, ``clock`` and ``environ``
     are injectable for tests.
     """
 
@@ -5581,7 +5701,7 @@ class ImagePuller(_PullerCore):
 
 
 # =============================================================================
-# 24. CLI: output, the command's caches and the commands
+# 25. CLI: output, the command's caches and the commands
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -5880,7 +6000,7 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 25. CLI: argument types, the parser, main
+# 26. CLI: argument types, the parser, main
 # =============================================================================
 
 def _positive_int(text: str) -> int:
@@ -5999,7 +6119,8 @@ def _add_subcommand(commands: Any, name: str, help_text: str, *, cache: bool = T
     if reference:
         sub.add_argument("reference", metavar="REF", help=f"image reference, e.g. {example}")
         sub.add_argument("--insecure", action="store_true",
-                         help="allow plain http to a non-loopback registry")
+                         help="skip the registry's TLS certificate check, and use plain "
+                              "http if it has no TLS")
     if platform:
         sub.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", type=_platform_arg,
                          help=platform)
