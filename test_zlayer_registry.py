@@ -462,6 +462,27 @@ class TestCredentials:
                              "XDG_RUNTIME_DIR": str(tmp_path / "run")})
         assert auth.password == "y"
 
+    def test_auth_file_replaces_every_default_file(self, tmp_path):
+        _write_json(tmp_path / "dc" / "config.json", {"auths": {"r.io": {"auth": _b64("d:1")}}})
+        _write_json(tmp_path / "podman.json", {"auths": {"s.io": {"auth": _b64("p:2")}}})
+        _write_json(tmp_path / "mine.json", {"auths": {"https://r.io": {"auth": _b64("m:3")}}})
+        env = {"DOCKER_CONFIG": str(tmp_path / "dc"),
+               "REGISTRY_AUTH_FILE": str(tmp_path / "podman.json")}
+        mine = str(tmp_path / "mine.json")
+        auth = zr.RegistryAuth.from_docker_config("r.io", environ=env, auth_file=mine)
+        assert (auth.username, auth.password, auth.source) == ("m", "3", mine)
+        assert zr.RegistryAuth.from_docker_config("s.io", environ=env,
+                                                  auth_file=mine).kind == "anonymous"
+
+    @pytest.mark.parametrize("content, text", [
+        (None, "no such file"), ("{not json", "JSONDecodeError"), ("[1]", "not hold a JSON object")])
+    def test_a_named_auth_file_must_be_readable(self, tmp_path, content, text):
+        path = tmp_path / "auth.json"
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(zr.AuthError, match=text):
+            zr.RegistryAuth.from_docker_config("r.io", environ={}, auth_file=str(path))
+
     def test_broken_config_file_warns(self, tmp_path, capsys):
         (tmp_path / "config.json").write_text("{not json")
         auth = zr.RegistryAuth.from_docker_config("r.io", environ={"DOCKER_CONFIG": str(tmp_path)})
@@ -1954,13 +1975,44 @@ class TestCli:
         (["export", "127.0.0.1:9/app", "bogus:dest"], 2, "unsupported location"),
         (["pull", "127.0.0.1:9/app", "--max-workers", "abc"], 2, "at least 1, got 'abc'"),
         (["pull", "--bogus", "127.0.0.1:9/app"], 2, "see 'zlayer-registry pull --help'"),
+        (["pull", "127.0.0.1:9/app", "--creds", ":pw-secret"], 2, "expected USER[:PASS]"),
+        (["pull", "127.0.0.1:9/app", "--creds", "u:p", "--authfile", "f"], 2, "not allowed"),
+        (["pull", "127.0.0.1:9/app", "--authfile", "/no/such.json"], 1, "no such file"),
     ])
     def test_bad_input_is_one_line_and_exit_code(self, args, code, text, tmp_path):
         out = run_cli(*args, "--cache", str(tmp_path), cwd=tmp_path) if args[0] == "pull" \
             else run_cli(*args, cwd=tmp_path)
         assert out.returncode == code
-        assert text in out.stderr
+        assert text in out.stderr and "pw-secret" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+    @pytest.mark.parametrize("how", ["inline", "stdin", "authfile"])
+    def test_cli_credentials_from_flags(self, registry, tmp_path, how):
+        registry.auth = "bearer"
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        # The default config holds wrong credentials: the flags replace it.
+        _write_json(tmp_path / "dc" / "config.json",
+                    {"auths": {registry.host: {"auth": _b64("user:wrong")}}})
+        _write_json(tmp_path / "auth.json", {"auths": {registry.host: {"auth": _b64("user:secret")}}})
+        flags = {"inline": ["--creds", "user:secret"], "stdin": ["--creds", "user"],
+                 "authfile": ["--authfile", str(tmp_path / "auth.json")]}[how]
+        out = subprocess.run(
+            [sys.executable, str(HERE / "zlayer_registry.py"), "pull", f"{registry.host}/app:v1",
+             "--cache", str(tmp_path / "c"), "-q", *flags], input="secret\n",
+            capture_output=True, text=True, timeout=120,
+            env=dict(os.environ, HOME=str(tmp_path), DOCKER_CONFIG=str(tmp_path / "dc")))
+        assert out.returncode == 0, out.stderr
+        assert [r["authorization"] for r in registry.token_requests] == ["Basic " + _b64("user:secret")]
+
+    def test_cli_wrong_creds_name_their_source_not_the_password(self, registry, tmp_path):
+        registry.auth = "basic"
+        registry.users = {"user": "right-pw"}
+        registry.add_image("app", "v1", [layer_bytes(1)])
+        out = run_cli("pull", f"{registry.host}/app:v1", "--cache", str(tmp_path / "c"),
+                      "--creds", "user:wrong-pw-123", cwd=tmp_path)
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+        assert "rejected the credentials of 'user' (from --creds)" in out.stderr
+        assert "wrong-pw-123" not in out.stderr + out.stdout
 
     def test_auth_failure_never_prints_the_secret(self, registry, tmp_path):
         registry.auth = "bearer"

@@ -1836,19 +1836,24 @@ class RegistryAuth:
     def from_docker_config(cls, registry: str, *,
                            environ: Optional[Mapping[str, str]] = None,
                            run_helper: Optional[Callable[[str, str], Mapping[str, str]]] = None,
-                           ) -> "RegistryAuth":
+                           auth_file: Optional[str] = None) -> "RegistryAuth":
         """Look up credentials for ``registry`` the way docker and podman do.
 
         Order: ``credHelpers`` for the registry, then ``auths`` entries in
         ``$DOCKER_CONFIG/config.json`` (or ``~/.docker/config.json``), then
         ``credsStore``, then podman's ``$REGISTRY_AUTH_FILE`` or
-        ``$XDG_RUNTIME_DIR/containers/auth.json``.  Nothing found, or a
-        helper that fails, means anonymous (a helper failure warns).
+        ``$XDG_RUNTIME_DIR/containers/auth.json``.  ``auth_file`` (skopeo's
+        ``--authfile``) replaces all of those files with one, which must be
+        readable JSON.  Nothing found, or a helper that fails, means
+        anonymous (a helper failure warns).
         """
         env = os.environ if environ is None else environ
         runner = run_helper or _run_credential_helper
         keys = _registry_config_keys(registry)
-        docker_config = _load_json_file(_docker_config_path(env))
+        if auth_file is not None:
+            docker_config = _load_json_file(auth_file, required=True)
+        else:
+            docker_config = _load_json_file(_docker_config_path(env))
         helpers = docker_config.get("credHelpers") or {}
         for key in keys:
             if isinstance(helpers, dict) and helpers.get(key):
@@ -1856,7 +1861,8 @@ class RegistryAuth:
                 if found is not None:
                     return found
                 break
-        found = _auth_from_auths(docker_config.get("auths"), keys, "docker config")
+        found = _auth_from_auths(docker_config.get("auths"), keys,
+                                 auth_file if auth_file is not None else "docker config")
         if found is not None:
             return found
         store = docker_config.get("credsStore")
@@ -1864,7 +1870,7 @@ class RegistryAuth:
             found = _auth_from_helper(store, registry, runner)
             if found is not None:
                 return found
-        for path in _podman_auth_paths(env):
+        for path in _podman_auth_paths(env) if auth_file is None else []:
             found = _auth_from_auths(_load_json_file(path).get("auths"), keys, path)
             if found is not None:
                 return found
@@ -1902,16 +1908,25 @@ def _podman_auth_paths(env: Mapping[str, str]) -> List[str]:
     return []
 
 
-def _load_json_file(path: str) -> Dict[str, Any]:
-    """Load a JSON object from ``path``; missing or broken files give {} (with a warning)."""
+def _load_json_file(path: str, required: bool = False) -> Dict[str, Any]:
+    """Load a JSON object from ``path``; missing or broken files give {} (with a
+    warning), or an AuthError when the file is ``required`` (named by the user)."""
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read(MAX_MANIFEST_SIZE_BYTES).decode("utf-8"))
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if required:
+            raise AuthError(f"cannot read credentials file {path}: no such file") from exc
         return {}
     except (OSError, ValueError) as exc:
+        # The class only: a JSON error's message quotes the file, secrets included.
+        if required:
+            raise AuthError(f"cannot read credentials file {path}: "
+                            f"{exc.__class__.__name__}") from None
         _warn(f"ignoring credentials file {path}: {exc.__class__.__name__}")
         return {}
+    if not isinstance(data, dict) and required:
+        raise AuthError(f"credentials file {path} does not hold a JSON object")
     return data if isinstance(data, dict) else {}
 
 
@@ -5797,6 +5812,32 @@ def _cli_puller(args: Any, cache: BlobCache, progress: Optional[_ProgressCallbac
                        progress=progress)
 
 
+def _cli_auth(args: Any, registry: str) -> RegistryAuth:
+    """Return the credentials --creds or --authfile give, else docker's and podman's."""
+    creds = getattr(args, "creds", None)
+    if creds is None:
+        return RegistryAuth.from_docker_config(registry,
+                                               auth_file=getattr(args, "authfile", None))
+    username, sep, password = creds.partition(":")
+    if not sep:
+        password = _read_password(username)
+    return RegistryAuth("basic", username=username, password=password, source="--creds")
+
+
+def _read_password(username: str) -> str:
+    """Return a password typed at a prompt, or the first line of piped stdin."""
+    if sys.stdin is None:
+        raise _UsageError("--creds USER without :PASS needs the password on stdin")
+    if sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass(f"password for {username}: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise _UsageError(f"--creds {username}: no password given (on stdin or after ':')")
+    return password
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
@@ -5817,7 +5858,7 @@ def _cmd_pull(args: Any) -> int:
     if not args.quiet and not args.json and sys.stderr.isatty():
         progress = _Progress(sys.stderr)
     cache = _cli_cache(args)
-    auth = RegistryAuth.from_docker_config(reference.registry)
+    auth = _cli_auth(args, reference.registry)
     if args.output:
         _parse_transport(args.output)
     with _cli_puller(args, cache, progress) as puller:
@@ -5844,7 +5885,7 @@ def _cmd_pull(args: Any) -> int:
 def _cmd_inspect(args: Any) -> int:
     reference = parse_reference(args.reference)
     with _cli_puller(args, _cli_cache(args)) as puller:
-        data = puller.inspect(reference, RegistryAuth.from_docker_config(reference.registry))
+        data = puller.inspect(reference, _cli_auth(args, reference.registry))
     if args.json:
         _print_json(data)
         return 0
@@ -5875,7 +5916,7 @@ def _cmd_export(args: Any) -> int:
         progress = _Progress(sys.stderr)
     with _cli_puller(args, _cli_cache(args), progress) as puller:
         info = puller.export_image(reference, args.destination, platform=args.platform,
-                                   auth=RegistryAuth.from_docker_config(reference.registry))
+                                   auth=_cli_auth(args, reference.registry))
     if args.json:
         _print_json(info.to_json())
     else:
@@ -5903,7 +5944,7 @@ def _cmd_unpack(args: Any) -> int:
         progress = _Progress(sys.stderr)
     with _cli_puller(args, _cli_cache(args), progress) as puller:
         result = puller.unpack(reference, args.directory,
-                               RegistryAuth.from_docker_config(reference.registry))
+                               _cli_auth(args, reference.registry))
     _warn_foreign_platform(args, result)
     if not args.quiet:
         print(f"{result.reference}: {result.manifest.digest}: {len(result.layers)} layers "
@@ -5916,7 +5957,7 @@ def _cmd_pull_wasm(args: Any) -> int:
     cache = _cli_cache(args)
     with _cli_puller(args, cache) as puller:
         result, info = puller._pull_wasm(reference,
-                                         RegistryAuth.from_docker_config(reference.registry))
+                                         _cli_auth(args, reference.registry))
     output = os.path.abspath(args.output)
     layer = next(l for l in result.layers if l.digest == info.wasm_layer_digest)
     _copy_verified(layer, output)
@@ -6013,6 +6054,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return value
+
+
+def _creds_arg(text: str) -> str:
+    """Check USER[:PASS] (argparse type); the message never repeats the text."""
+    import argparse
+    if not text.partition(":")[0]:
+        raise argparse.ArgumentTypeError("expected USER[:PASS] with a user name")
+    return text
 
 
 def _checked_argument(check: Callable[[str], Any]) -> Callable[[str], str]:
@@ -6121,6 +6170,13 @@ def _add_subcommand(commands: Any, name: str, help_text: str, *, cache: bool = T
         sub.add_argument("--insecure", action="store_true",
                          help="skip the registry's TLS certificate check, and use plain "
                               "http if it has no TLS")
+        credentials = sub.add_mutually_exclusive_group()
+        credentials.add_argument("--authfile", metavar="FILE",
+                                 help="credentials file (docker config.json or podman "
+                                      "auth.json) instead of the default ones")
+        credentials.add_argument("--creds", metavar="USER[:PASS]", type=_creds_arg,
+                                 help="username and password (other users can see "
+                                      "arguments: without :PASS it is read from stdin)")
     if platform:
         sub.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", type=_platform_arg,
                          help=platform)
