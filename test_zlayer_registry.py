@@ -1952,6 +1952,11 @@ class TestCli:
             {"os": "linux", "architecture": "arm", "variant": "v7", "digest": arm["digest"]}]
         assert data["manifest_digest"] == arm["digest"]
         assert registry.count("GET", "blobs") == 1  # the config only, no layers
+        # pull --json names the two digests with the same keys.
+        pulled = json.loads(run_cli("pull", f"{registry.host}/multi:v1", "--json", "--platform",
+                                    "linux/arm/v7", "--cache", str(tmp_path), cwd=tmp_path).stdout)
+        assert data["index_digest"] == pulled["index_digest"] == data["digest"]
+        assert data["manifest_digest"] == pulled["manifest_digest"] == pulled["digest"]
 
     def test_cli_uses_docker_config_credentials(self, registry, tmp_path):
         registry.auth = "bearer"
@@ -2334,6 +2339,22 @@ class TestWasmPull:
         assert out.returncode == 1 and not (tmp_path / "no.wasm").exists()
         assert "not a WebAssembly artifact" in out.stderr
 
+    def test_cli_pull_wasm_to_stdout(self, registry, tmp_path):
+        pushed = _push_wasm(registry, "fn", "v1", CORE_WITH_FUNC)
+        cmd = [sys.executable, str(HERE / "zlayer_registry.py"), "pull-wasm",
+               f"{registry.host}/fn:v1", "-o", "-", "--cache", str(tmp_path / "c")]
+        out = subprocess.run(cmd, capture_output=True, timeout=120, cwd=str(tmp_path))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == CORE_WITH_FUNC and b"stdout: wasip1" in out.stderr
+        assert list(tmp_path.iterdir()) == [tmp_path / "c"]  # no file written
+        # A cached module changed on disk: not one byte goes out.
+        layer_file = tmp_path / "c" / "blobs" / "sha256" / pushed["layer"]["digest"][7:]
+        layer_file.chmod(0o644)
+        layer_file.write_bytes(CORE_WITH_FUNC[:-1] + b"\xff")
+        out = subprocess.run(cmd, capture_output=True, timeout=120, cwd=str(tmp_path))
+        assert out.returncode == 1 and out.stdout == b"" and b"is corrupt" in out.stderr
+        out = subprocess.run(cmd + ["--json"], capture_output=True, timeout=120)
+        assert out.returncode == 2 and b"both write to stdout" in out.stderr
 
     def test_unpack_of_a_wasm_artifact_points_to_pull_wasm(self, registry, tmp_path):
         _push_wasm(registry, "fn", "v1", CORE_WITH_FUNC)

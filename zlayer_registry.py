@@ -5146,6 +5146,7 @@ class PullResult:
             "media_type": self.manifest.media_type,
             "platform": str(self.platform) if self.platform else None,
             "index_digest": self.index.digest if self.index else None,
+            "manifest_digest": self.manifest.digest,  # as inspect --json names it
             "config": _descriptor_summary(self.config),
             "layers": [_descriptor_summary(layer.descriptor) for layer in self.layers],
             "artifact_type": str(kind),
@@ -5689,8 +5690,10 @@ class ImagePuller(_PullerCore):
                 return data
             data["platform"] = str(platform) if platform else None
             data["manifest_digest"] = manifest.digest
+            data["index_digest"] = top.digest  # the keys pull --json has too
         else:
             manifest = top
+            data["manifest_digest"] = top.digest
         config = manifest.config
         self._fetch_blobs(client, [config])
         config_data = self._read_config(config)
@@ -5953,42 +5956,55 @@ def _cmd_unpack(args: Any) -> int:
 
 
 def _cmd_pull_wasm(args: Any) -> int:
+    to_stdout = args.output == "-"
+    if to_stdout and args.json:
+        raise _UsageError("--json and -o - would both write to stdout")
     reference = parse_reference(args.reference)
     cache = _cli_cache(args)
     with _cli_puller(args, cache) as puller:
         result, info = puller._pull_wasm(reference,
                                          _cli_auth(args, reference.registry))
-    output = os.path.abspath(args.output)
+    output = "-" if to_stdout else os.path.abspath(args.output)
     layer = next(l for l in result.layers if l.digest == info.wasm_layer_digest)
     _copy_verified(layer, output)
     if args.json:
         _print_json(dict(info.to_json(), reference=str(reference), digest=result.manifest.digest,
                          output=output))
-    else:
-        print(f"{output}: {info.wasi_version} ({info.wasi_version.target_triple_suffix()}), "
-              f"{info.wasm_size} bytes, layer {info.wasm_layer_digest}"
-              + (f", module {info.module_name}" if info.module_name else ""))
+    else:  # the module took stdout: the summary goes to stderr
+        print(f"{'stdout' if to_stdout else output}: {info.wasi_version} "
+              f"({info.wasi_version.target_triple_suffix()}), {info.wasm_size} bytes, "
+              f"layer {info.wasm_layer_digest}"
+              + (f", module {info.module_name}" if info.module_name else ""),
+              file=sys.stderr if to_stdout else sys.stdout)
     return 0
 
 
+def _copy_layer_into(layer: Layer, f: BinaryIO) -> None:
+    """Write a cached layer into ``f``, hashed on the way (CacheError if it changed)."""
+    with _HashingReader(layer.open(), layer.descriptor) as reader:
+        while True:
+            try:
+                data = reader.read(_READ_CHUNK_BYTES)
+            except OSError as exc:  # not the output's fault: say which file failed
+                raise CacheError(f"cannot read cached layer {layer.digest}: "
+                                 f"{exc.strerror or exc}") from exc
+            if not data:
+                break
+            f.write(data)
+        reader.check(_corrupt_cached_layer(layer.digest))
+
+
 def _copy_verified(layer: Layer, output: str) -> None:
-    """Copy a cached layer to a new file, hashed on the way: no file unless the bytes check out."""
-
-    def fill(f: BinaryIO) -> None:
-        with _HashingReader(layer.open(), layer.descriptor) as reader:
-            while True:
-                try:
-                    data = reader.read(_READ_CHUNK_BYTES)
-                except OSError as exc:  # not the output's fault: say which file failed
-                    raise CacheError(f"cannot read cached layer {layer.digest}: "
-                                     f"{exc.strerror or exc}") from exc
-                if not data:
-                    break
-                f.write(data)
-            reader.check(_corrupt_cached_layer(layer.digest))
-
+    """Copy a cached layer to a new file (``-`` is stdout), hashed on the way:
+    no file, and nothing on stdout, unless the bytes check out."""
+    if output == "-":
+        with open(os.devnull, "wb") as sink:
+            _copy_layer_into(layer, sink)  # checked before a byte goes out
+        _copy_layer_into(layer, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return
     try:
-        _atomic_write(output, fill)
+        _atomic_write(output, lambda f: _copy_layer_into(layer, f))
     except OSError as exc:
         raise CacheError(f"cannot write {output}: {exc.strerror or exc}") from exc
 
@@ -6111,7 +6127,8 @@ _EXAMPLES = {
   zlayer-registry unpack ghcr.io/org/app:v1 /srv/app/rootfs --platform linux/arm64""",
     "pull-wasm": """examples:
   zlayer-registry pull-wasm ghcr.io/org/plugin:1.0 -o plugin.wasm
-  zlayer-registry pull-wasm localhost:5000/fn:latest -o fn.wasm --json""",
+  zlayer-registry pull-wasm localhost:5000/fn:latest -o fn.wasm --json
+  zlayer-registry pull-wasm ghcr.io/org/plugin:1.0 -o - | wasm-objdump -h -""",
     "wasm-export": """examples:
   zlayer-registry wasm-export plugin.wasm oci:./plugin-layout:1.0
   skopeo copy oci:./plugin-layout:1.0 docker://registry.example/org/plugin:1.0""",
@@ -6213,7 +6230,7 @@ def _add_unpack_arguments(unpack: Any) -> None:
 
 def _add_pull_wasm_arguments(pull_wasm: Any) -> None:
     pull_wasm.add_argument("-o", "--output", required=True, metavar="FILE",
-                           help="where to write the verified .wasm")
+                           help="where to write the verified .wasm ('-': stdout)")
 
 
 def _add_wasm_export_arguments(wasm_export: Any) -> None:
