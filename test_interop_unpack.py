@@ -361,6 +361,19 @@ class TestAgainstUmoci:
     def test_scenario_holds(self, ours):
         _assert_scenario(ours)
 
+    def test_unpack_from_the_layout_itself(self, zr, scenario, umoci_trees, tmp_path):
+        # Both tools read the same OCI layout: no registry in between.
+        puller = zr.ImagePuller(zr.BlobCache.open(str(tmp_path / "cache")), platform="linux/amd64")
+        manifest = puller.unpack_layout(f"oci:{scenario.layout}:twin", str(tmp_path / "rootfs"))
+        assert manifest.digest == scenario.twin.digest and puller.request_count == 0
+        from_layout = kit.snapshot_tree(tmp_path / "rootfs")
+        _assert_scenario(from_layout)
+        assert kit.tree_differences(kit.comparable(_without(from_layout, DEVICES)),
+                                    kit.comparable(_without(umoci_trees["built-layout"],
+                                                            DEVICES))) == []
+        assert kit.hardlink_groups(from_layout) == kit.hardlink_groups(
+            umoci_trees["built-layout"])
+
     @pytest.mark.parametrize("source", ["built-layout", "skopeo-copy"])
     def test_hardlink_groups(self, ours, umoci_trees, source):
         assert kit.hardlink_groups(ours) == kit.hardlink_groups(umoci_trees[source])

@@ -3011,6 +3011,53 @@ class TestExport:
         assert registry.count() == 0  # refused before any request
 
 
+class TestUnpackLayout:
+    def test_unpack_of_an_exported_index_needs_no_registry(self, registry, tmp_path):
+        amd = registry.add_image("multi", None, [make_layer([F("which", b"amd64")])])
+        arm = registry.add_image("multi", None, [make_layer([F("which", b"arm64")])],
+                                 config={"architecture": "arm64", "os": "linux"})
+        registry.add_index("multi", "v1", [({"os": "linux", "architecture": "amd64"}, amd),
+                                           ({"os": "linux", "architecture": "arm64"}, arm)])
+        make_puller(zr.BlobCache()).export_image(f"{registry.host}/multi:v1",
+                                                 f"oci:{tmp_path}/layout:v1")
+        before = len(registry.requests)
+        puller = make_puller(zr.BlobCache.open(tmp_path / "c"), platform="linux/arm64")
+        manifest = puller.unpack_layout(f"oci:{tmp_path}/layout:v1", tmp_path / "root")
+        assert manifest.digest == arm["digest"]
+        assert (tmp_path / "root" / "which").read_bytes() == b"arm64"
+        assert puller.request_count == 0 and len(registry.requests) == before
+        out = run_cli("unpack", f"oci:{tmp_path}/layout:v1", str(tmp_path / "root2"),
+                      "--platform", "linux/amd64", "--cache", str(tmp_path / "c"), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"oci:{tmp_path}/layout:v1: {amd['digest']}: 1 layers")
+        assert (tmp_path / "root2" / "which").read_bytes() == b"amd64"
+
+    def test_a_layout_of_several_images_needs_a_tag(self, registry, tmp_path):
+        for tag in ("a", "b"):
+            registry.add_image("app", tag, [make_layer([F(tag, b"x")])])
+            make_puller().export_image(f"{registry.host}/app:{tag}", f"oci:{tmp_path}/l:{tag}")
+        puller = make_puller(zr.BlobCache.open(tmp_path / "c"))
+        with pytest.raises(zr.LayoutError, match="holds 2 images: name one with :TAG"):
+            puller.unpack_layout(f"oci:{tmp_path}/l", tmp_path / "root")
+        assert not (tmp_path / "root").exists()
+        puller.unpack_layout(f"oci:{tmp_path}/l:b", tmp_path / "root")
+        assert os.listdir(tmp_path / "root") == ["b"]
+
+    def test_a_wasm_layout_is_not_unpacked(self, tmp_path):
+        (tmp_path / "m.wasm").write_bytes(CORE_MODULE)
+        zr.export_wasm_as_oci(tmp_path / "m.wasm", tmp_path / "l", tag="v1")
+        with pytest.raises(zr.UnpackError, match="WebAssembly artifact"):
+            make_puller(zr.BlobCache()).unpack_layout(f"oci:{tmp_path}/l:v1", tmp_path / "r")
+        assert not (tmp_path / "r").exists()
+
+    @pytest.mark.parametrize("text, layout", [
+        ("oci:./dir:v1", True), ("oci:/abs/dir", True), ("oci-archive:app.tar:v1", True),
+        ("oci:5000/app:v1", False), ("oci-archive:443/x", False), ("oci", False),
+        ("ghcr.io/org/app:v1", False), ("oci:", False)])
+    def test_which_refs_name_a_layout(self, text, layout):
+        assert zr._is_layout_source(text) is layout
+
+
 class TestImport:
     def _export(self, registry, tmp_path, transport="oci", name="layout"):
         digest, amd, arm = _multi(registry)

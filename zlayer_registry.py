@@ -5513,6 +5513,27 @@ def _continues_at(response: _Response, offset: int) -> bool:
 # 24. PULL: the ImagePuller API
 # =============================================================================
 
+class _LayoutOnlyClient:
+    """Stands in for a registry client for an image imported from a layout:
+    all of it is in the cache, so a request it is asked for means a blob the
+    layout lacks."""
+
+    def __init__(self, src: str) -> None:
+        self.src = src
+
+    def _missing(self, what: str) -> LayoutError:
+        return LayoutError(f"{self.src}: {what} is not in the layout")
+
+    def get_manifest(self, identifier: str) -> Manifest:
+        raise self._missing(f"manifest {identifier}")
+
+    def head_manifest(self, identifier: str) -> Optional[str]:
+        raise self._missing(f"manifest {identifier}")
+
+    def open_blob(self, digest: str, offset: int = 0) -> _Response:
+        raise self._missing(f"blob {digest}")
+
+
 class ImagePuller(_PullerCore):
     """Pulls images and WASM artifacts into a blob cache.
 
@@ -5673,6 +5694,28 @@ class ImagePuller(_PullerCore):
                               "image: use pull-wasm to write its module")
         LayerUnpacker(rootfs).unpack_layers(result.layers)
         return result
+
+    def unpack_layout(self, src: str, rootfs: Union[str, "os.PathLike[str]"]) -> Manifest:
+        """Unpack the image of ``oci:DIR[:TAG]`` or ``oci-archive:FILE[:TAG]`` into a new
+        root filesystem, as umoci does; return the image manifest unpacked.
+
+        The layout is imported first (every blob verified into the cache);
+        it must name one image (give TAG when it holds several).  An index
+        is resolved to this puller's platform.  No registry is contacted.
+        """
+        infos = self.import_image(src)
+        if len(infos) != 1:
+            raise LayoutError(f"{src} holds {len(infos)} images: name one with :TAG")
+        local = _LayoutOnlyClient(src)
+        top = self._manifest_by_digest(local, infos[0].digest)  # type: ignore[arg-type]
+        manifest = self._resolve_platform(local, top)[0]  # type: ignore[arg-type]
+        if manifest.config is None:
+            raise ManifestError(f"{src}: manifest {manifest.digest} has no config")
+        info = _verified_wasm_info(manifest, self._read_config(manifest.config), self.cache)
+        if info is not None and info.wasm_layer_digest is not None:
+            raise UnpackError(f"{src} is a WebAssembly artifact, not a container image")
+        LayerUnpacker(rootfs).unpack_layers([Layer(d, self.cache) for d in manifest.layers])
+        return manifest
 
     def inspect(self, reference: Union[str, Reference],
                 auth: Optional[RegistryAuth] = None) -> Dict[str, Any]:
@@ -5940,7 +5983,22 @@ def _cmd_import(args: Any) -> int:
     return 0
 
 
+def _is_layout_source(text: str) -> bool:
+    """Tell whether a REF names an OCI layout (``oci:`` or ``oci-archive:``), not a
+    registry host called oci with a port."""
+    transport, _, rest = text.partition(":")
+    return transport in ("oci", "oci-archive") and bool(rest) and \
+        not re.match(r"[0-9]+/", rest)
+
+
 def _cmd_unpack(args: Any) -> int:
+    if _is_layout_source(args.reference):
+        with _cli_puller(args, _cli_cache(args)) as puller:
+            manifest = puller.unpack_layout(args.reference, args.directory)
+        if not args.quiet:
+            print(f"{args.reference}: {manifest.digest}: {len(manifest.layers)} layers "
+                  f"unpacked into {os.path.abspath(args.directory)}")
+        return 0
     reference = parse_reference(args.reference)
     progress = None
     if not args.quiet and sys.stderr.isatty():
@@ -6124,7 +6182,8 @@ _EXAMPLES = {
   zlayer-registry import oci-archive:app.tar --json""",
     "unpack": """examples:
   zlayer-registry unpack alpine:3.20 ./rootfs
-  zlayer-registry unpack ghcr.io/org/app:v1 /srv/app/rootfs --platform linux/arm64""",
+  zlayer-registry unpack ghcr.io/org/app:v1 /srv/app/rootfs --platform linux/arm64
+  zlayer-registry unpack oci:./app-layout:v1 ./rootfs      (a local OCI layout)""",
     "pull-wasm": """examples:
   zlayer-registry pull-wasm ghcr.io/org/plugin:1.0 -o plugin.wasm
   zlayer-registry pull-wasm localhost:5000/fn:latest -o fn.wasm --json
@@ -6290,8 +6349,10 @@ _SUBCOMMANDS: Tuple[Tuple[str, str, Dict[str, Any], Optional[Callable[[Any], Non
     ("import", "verify an OCI layout or archive and add its images to the cache",
      {"reference": False, "platform": None,
       "json_help": "print a list of {reference, digest, media_type}"}, _add_import_arguments),
-    ("unpack", "pull an image and unpack it into a new root filesystem directory",
-     {"json_help": None}, _add_unpack_arguments),
+    ("unpack", "unpack an image (pulled, or from an OCI layout) into a new root filesystem "
+               "directory",
+     {"json_help": None, "example": "alpine:3.20, or oci:DIR[:TAG] for a local layout"},
+     _add_unpack_arguments),
     ("pull-wasm", "pull a WebAssembly artifact and write the module to a file",
      {"platform": "index entry to pick (default: wasip2, wasip1, then wasi)",
       "example": "ghcr.io/org/plugin:1.0"}, _add_pull_wasm_arguments),
