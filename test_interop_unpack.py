@@ -618,6 +618,24 @@ def _both(zr, tmp_path: Path, layers, rootless: bool = False):
 
 
 class TestDivergences:
+    def test_a_layer_made_by_umoci_insert(self, zr, tmp_path):
+        # umoci 0.4's insert ends the tar right after the last file's data (no
+        # padding, no end blocks): umoci reads it, and so must we.
+        _require("umoci")
+        layout, umoci = tmp_path / "layout", kit.require_tool("umoci")
+        (tmp_path / "motd").write_bytes(b"hello from umoci insert\n")
+        for cmd in (["init", "--layout", str(layout)], ["new", "--image", f"{layout}:v1"],
+                    ["insert", "--rootless", "--image", f"{layout}:v1",
+                     str(tmp_path / "motd"), "/etc/motd"]):
+            subprocess.run([umoci] + cmd, check=True, capture_output=True, timeout=120)
+        puller = zr.ImagePuller(zr.BlobCache.open(str(tmp_path / "cache")))
+        puller.unpack_layout(f"oci:{layout}:v1", str(tmp_path / "ours"))
+        ours = kit.snapshot_tree(tmp_path / "ours")
+        theirs = kit.snapshot_tree(kit.umoci_unpack(layout, "v1", tmp_path / "bundle"))
+        assert (tmp_path / "ours" / "etc" / "motd").read_bytes() == b"hello from umoci insert\n"
+        assert kit.tree_differences(kit.comparable(ours, ("type", "size", "sha256", "target")),
+                                    kit.comparable(theirs, ("type", "size", "sha256", "target"))) == []
+
     def test_whiteout_after_own_child(self, zr, tmp_path):
         _require("umoci")
         ours, theirs = _both(zr, tmp_path, [

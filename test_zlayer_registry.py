@@ -475,13 +475,15 @@ class TestCredentials:
                                                   auth_file=mine).kind == "anonymous"
 
     @pytest.mark.parametrize("content, text", [
-        (None, "no such file"), ("{not json", "JSONDecodeError"), ("[1]", "not hold a JSON object")])
+        (None, "no such file"), ('{"auths": {\n  "r.io": {"auth": "c2VjcmV0"},', "not JSON "
+                                 "\\(line 2, column"), ("[1]", "not hold a JSON object")])
     def test_a_named_auth_file_must_be_readable(self, tmp_path, content, text):
         path = tmp_path / "auth.json"
         if content is not None:
             path.write_text(content)
-        with pytest.raises(zr.AuthError, match=text):
+        with pytest.raises(zr.AuthError, match=text) as info:
             zr.RegistryAuth.from_docker_config("r.io", environ={}, auth_file=str(path))
+        assert "c2VjcmV0" not in str(info.value)  # never the file's text
 
     def test_broken_config_file_warns(self, tmp_path, capsys):
         (tmp_path / "config.json").write_text("{not json")
@@ -654,6 +656,19 @@ class _TlsFront(_Listener):
             conn.close()
             return
         _pipe(tls, _socket.create_connection(("127.0.0.1", self.target)))
+
+
+class _FirstBytes(_Listener):
+    """Pipes to a test server on ``port``, noting each connection's first byte."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.first_bytes = []
+        super().__init__(self._serve)
+
+    def _serve(self, conn) -> None:
+        self.first_bytes.append(conn.recv(1, _socket.MSG_PEEK))
+        _pipe(conn, _socket.create_connection(("127.0.0.1", self.target)))
 
 
 class _ConnectProxy(_Listener):
@@ -910,12 +925,39 @@ class TestHttp:
     def test_insecure_loopback_registry_with_or_without_tls(self, registry, tls_files, sleeps,
                                                             tls):
         image = registry.add_image("app", "v1", [layer_bytes(13)])
-        front = _TlsFront(int(registry.host.split(":")[1]), *tls_files) if tls else None
-        host = f"127.0.0.1:{front.port}" if front else registry.host
-        manifest, _ = make_puller(sleeps=sleeps, insecure=True).pull(f"{host}/app:v1")
+        port = int(registry.host.split(":")[1])
+        front = _TlsFront(port, *tls_files) if tls else _FirstBytes(port)
+        manifest, _ = make_puller(sleeps=sleeps, insecure=True).pull(
+            f"127.0.0.1:{front.port}/app:v1")
         assert manifest.digest == image["digest"] and sleeps == []
+        if tls:
+            assert front.plain_http_answers == 0 and front.connections >= 1
+        else:  # https was tried first (a TLS handshake), then plain http
+            assert front.first_bytes[0] == b"\x16" and set(front.first_bytes[1:]) == {b"G"}
+        front.close()
+
+    @pytest.mark.parametrize("tls", [True, False], ids=["loopback-tls", "insecure-plain"])
+    def test_workers_wait_for_the_scheme_to_settle(self, registry, tls_files, sleeps, tls):
+        # By digest with manifest and config cached, the layer downloads are the
+        # first requests, all at once: one settles the scheme, the others wait.
+        image = registry.add_image("app", "v1", [layer_bytes(30 + i, 20_000) for i in range(8)])
+        front = _TlsFront(int(registry.host.split(":")[1]), *tls_files) if tls else None
+        reference = f"{f'127.0.0.1:{front.port}' if front else registry.host}/app@{image['digest']}"
+        options = dict(ssl_context=_ssl.create_default_context(cafile=str(tls_files[0]))) \
+            if tls else dict(insecure=True)
+        cache = zr.BlobCache()
+        make_puller(cache, sleeps=sleeps, **options).pull(reference)
+        for attempt in range(5):
+            for layer in image["layers"]:
+                cache.delete(layer["digest"])
+            puller = make_puller(cache, sleeps=sleeps, max_workers=8, **options)
+            manifest, layers = puller.pull(reference)
+            assert manifest.digest == image["digest"] and len(layers) == 8
+            assert all(cache.has(layer["digest"]) for layer in image["layers"])
+            assert puller.request_count == 9  # the 8 layers and one try of the other scheme
+            puller.close()
+        assert sleeps == []  # no retry anywhere
         if front:
-            assert front.connections >= 1
             front.close()
 
     def test_insecure_still_checks_the_certificate_of_a_blob_host(
@@ -957,12 +999,15 @@ class TestHttp:
         listener.bind(("127.0.0.1", 0))
         dead = listener.getsockname()[1]
         listener.close()  # nothing listens there now
-        puller = make_puller(environ={"HTTP_PROXY": f"http://user:secret@127.0.0.1:{dead}"},
+        proxy = f"http://user:secret@127.0.0.1:{dead}"
+        puller = make_puller(environ={"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy},
                              sleeps=sleeps, retries=1, insecure=True)
         with pytest.raises(zr.RegistryError) as info:
             puller.pull("registry.test:5000/app:v1")
         message = str(info.value)
-        assert message.startswith("cannot reach registry.test:5000: ConnectionRefusedError")
+        # --insecure tried https, then http: both attempts are named.
+        assert message.startswith("cannot reach registry.test:5000: https: ConnectionRefusedError")
+        assert "; http: ConnectionRefusedError" in message
         assert message.endswith(f"(through the proxy http://127.0.0.1:{dead} from HTTP_PROXY)")
         assert "secret" not in message and len(sleeps) == 1
 
@@ -1930,6 +1975,22 @@ class TestCli:
         assert listing.returncode == 0 and image["digest"] in listing.stdout
         assert sum(d["digest"] in listing.stdout for d in image["layers"]) == 2
 
+    def test_retries_after_a_slow_attempt_are_announced(self):
+        now, slept, err = [100.0], [], io.StringIO()
+
+        def sleep(seconds):
+            slept.append(seconds)
+            now[0] += seconds
+
+        wait = zr._retry_announcer(clock=lambda: now[0], sleep=sleep, stream=err)
+        now[0] += 0.2          # a refused connection: quick, retried quietly
+        wait(0.25)
+        assert err.getvalue() == ""
+        now[0] += 30.0         # a stalled registry: the read timed out
+        wait(0.5)
+        assert err.getvalue() == "zlayer-registry: no answer for 30 s; retrying in 0.5 s\n"
+        assert slept == [0.25, 0.5]
+
     def test_quiet_pull_and_env_cache(self, registry, tmp_path):
         image = registry.add_image("app", "v1", [layer_bytes(1)])
         out = run_cli("pull", "-q", f"{registry.host}/app:v1", cwd=tmp_path,
@@ -1983,6 +2044,10 @@ class TestCli:
         (["pull", "127.0.0.1:9/app", "--creds", ":pw-secret"], 2, "expected USER[:PASS]"),
         (["pull", "127.0.0.1:9/app", "--creds", "u:p", "--authfile", "f"], 2, "not allowed"),
         (["pull", "127.0.0.1:9/app", "--authfile", "/no/such.json"], 1, "no such file"),
+        (["pull", "127.0.0.1:9/app", "--creds", "user", "pw-secret"], 2,
+         "unrecognized arguments: 1, not shown"),
+        (["pull", "127.0.0.1:9/app", "--creds=u:pw-secret", "--x"], 2, "not shown"),
+        (["pull", "127.0.0.1:9/app", "--creds", "user:"], 2, "expected a password"),
     ])
     def test_bad_input_is_one_line_and_exit_code(self, args, code, text, tmp_path):
         out = run_cli(*args, "--cache", str(tmp_path), cwd=tmp_path) if args[0] == "pull" \
@@ -2353,8 +2418,10 @@ class TestWasmPull:
         layer_file.write_bytes(CORE_WITH_FUNC[:-1] + b"\xff")
         out = subprocess.run(cmd, capture_output=True, timeout=120, cwd=str(tmp_path))
         assert out.returncode == 1 and out.stdout == b"" and b"is corrupt" in out.stderr
+        layer_file.write_bytes(CORE_WITH_FUNC)  # mended: --json goes to stderr then
         out = subprocess.run(cmd + ["--json"], capture_output=True, timeout=120)
-        assert out.returncode == 2 and b"both write to stdout" in out.stderr
+        assert out.returncode == 0 and out.stdout == CORE_WITH_FUNC
+        assert json.loads(out.stderr)["output"] == "-"
 
     def test_unpack_of_a_wasm_artifact_points_to_pull_wasm(self, registry, tmp_path):
         _push_wasm(registry, "fn", "v1", CORE_WITH_FUNC)
@@ -2482,6 +2549,10 @@ def W(name):
 
 def OPQ(directory):
     return F(f"{directory}/.wh..wh..opq" if directory else ".wh..wh..opq")
+
+
+def _gunzip(data: bytes) -> bytes:
+    return _gzip.decompress(data)
 
 
 def make_layer(entries, compression="gzip") -> bytes:
@@ -2904,6 +2975,18 @@ class TestUnpackImage:
         with pytest.raises(zr.UnpackError, match=f"layer {bad} is not a valid tar stream"):
             zr.LayerUnpacker(tmp_path / "root").unpack_layer(str(bad))
 
+    def test_a_tar_that_ends_right_after_its_last_data(self, tmp_path):
+        # umoci 0.4's insert writes layers like this (no padding, no end blocks).
+        whole = _gunzip(make_layer([D("etc"), F("etc/a", b"first"), F("etc/motd", b"hello")]))
+        cut = whole[:whole.index(b"hello") + 5]
+        zr.LayerUnpacker(tmp_path / "root").unpack_layers([io.BytesIO(cut)])
+        assert (tmp_path / "root/etc/motd").read_bytes() == b"hello"
+        assert (tmp_path / "root/etc/a").read_bytes() == b"first"
+        # Data cut short is still an error, and nothing is left behind.
+        with pytest.raises(zr.UnpackError, match="is not a valid tar stream"):
+            zr.LayerUnpacker(tmp_path / "root2").unpack_layers([io.BytesIO(cut[:-2])])
+        assert sorted(os.listdir(tmp_path)) == ["root"]
+
 
 # -----------------------------------------------------------------------------
 # 20-21. OCI layout export and import
@@ -3029,7 +3112,8 @@ class TestUnpackLayout:
         out = run_cli("unpack", f"oci:{tmp_path}/layout:v1", str(tmp_path / "root2"),
                       "--platform", "linux/amd64", "--cache", str(tmp_path / "c"), cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.startswith(f"oci:{tmp_path}/layout:v1: {amd['digest']}: 1 layers")
+        assert out.stdout.startswith(f"oci:{tmp_path}/layout:v1: {amd['digest']}: 1 layer "
+                                     "unpacked into")
         assert (tmp_path / "root2" / "which").read_bytes() == b"amd64"
 
     def test_a_layout_of_several_images_needs_a_tag(self, registry, tmp_path):
@@ -3053,9 +3137,39 @@ class TestUnpackLayout:
     @pytest.mark.parametrize("text, layout", [
         ("oci:./dir:v1", True), ("oci:/abs/dir", True), ("oci-archive:app.tar:v1", True),
         ("oci:5000/app:v1", False), ("oci-archive:443/x", False), ("oci", False),
-        ("ghcr.io/org/app:v1", False), ("oci:", False)])
-    def test_which_refs_name_a_layout(self, text, layout):
+        ("ghcr.io/org/app:v1", False), ("oci:", False), ("oci:latest", False),
+        ("oci:no-such-dir:v1", True)])
+    def test_which_refs_name_a_layout(self, text, layout, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
         assert zr._is_layout_source(text) is layout
+        (tmp_path / "latest").mkdir()
+        assert zr._is_layout_source("oci:latest")  # a directory of that name is a layout
+
+    @pytest.mark.parametrize("command", [["pull"], ["inspect"], ["pull-wasm", "-o", "x.wasm"],
+                                         ["export", "REF", "oci:out"]])
+    def test_commands_that_read_no_layout_say_so(self, tmp_path, command):
+        args = [a if a != "REF" else "oci:./l:v1" for a in command]
+        if "oci:./l:v1" not in args:
+            args.insert(1, "oci:./l:v1")
+        out = run_cli(*args, "--cache", str(tmp_path / "c"), cwd=tmp_path)
+        assert out.returncode == 2 and "import and unpack read layouts" in out.stderr
+        assert not (tmp_path / "c").exists()  # refused before any cache is made
+
+    def test_a_layout_with_two_tags_of_one_image_needs_none(self, registry, tmp_path):
+        registry.add_image("app", "v1", [make_layer([F("f", b"x")])])
+        for tag in ("a", "b"):
+            make_puller().export_image(f"{registry.host}/app:v1", f"oci:{tmp_path}/l:{tag}")
+        make_puller(zr.BlobCache()).unpack_layout(f"oci:{tmp_path}/l", tmp_path / "root")
+        assert os.listdir(tmp_path / "root") == ["f"]
+
+    def test_a_single_image_for_another_platform_is_refused(self, registry, tmp_path):
+        registry.add_image("app", "v1", [make_layer([F("f", b"x")])])
+        make_puller().export_image(f"{registry.host}/app:v1", f"oci:{tmp_path}/l:v1")
+        puller = make_puller(zr.BlobCache(), platform="linux/arm64")
+        with pytest.raises(zr.ManifestError, match="is a single linux/amd64 image, not "
+                           "linux/arm64"):
+            puller.unpack_layout(f"oci:{tmp_path}/l:v1", tmp_path / "root")
+        assert not (tmp_path / "root").exists()
 
 
 class TestImport:

@@ -83,7 +83,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import (Any, BinaryIO, Callable, Dict, Iterable, List,
+from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
                     Mapping, Optional, Sequence, Tuple, Union)
 
 __version__ = "0.1.0"
@@ -1463,7 +1463,8 @@ class _UnbufferedLines:
 # 10. TRANSPORT: keep-alive pooling and proxies
 # =============================================================================
 # urllib.request opens a new connection (and TLS handshake) per request;
-# here each (thread, scheme, host, port) keeps one pooled connection.
+# here each (thread, scheme, host, port, certificate checked or not) keeps one
+# pooled connection.
 # Redirects, auth and retries are the registry client's job (section 13);
 # this layer only sends one request.
 
@@ -1919,10 +1920,13 @@ def _load_json_file(path: str, required: bool = False) -> Dict[str, Any]:
             raise AuthError(f"cannot read credentials file {path}: no such file") from exc
         return {}
     except (OSError, ValueError) as exc:
-        # The class only: a JSON error's message quotes the file, secrets included.
+        # Never the text of the file (secrets): where JSON broke, or the OS error.
         if required:
-            raise AuthError(f"cannot read credentials file {path}: "
-                            f"{exc.__class__.__name__}") from None
+            detail = f"not JSON (line {exc.lineno}, column {exc.colno})" \
+                if isinstance(exc, json.JSONDecodeError) else \
+                (exc.strerror if isinstance(exc, OSError) and exc.strerror else
+                 exc.__class__.__name__)
+            raise AuthError(f"cannot read credentials file {path}: {detail}") from None
         _warn(f"ignoring credentials file {path}: {exc.__class__.__name__}")
         return {}
     if not isinstance(data, dict) and required:
@@ -2181,10 +2185,10 @@ def _choose_challenge(response: _Response, registry: str, auth: RegistryAuth) ->
                         "challenge", status=401, method=response.method,
                         url=_redact_url(response.url))
     if chosen.scheme == "basic" and not auth.password:
-        raise AuthError(f"{registry} requires credentials (basic auth): log in with docker "
-                        "or podman, or point DOCKER_CONFIG or REGISTRY_AUTH_FILE at a file "
-                        "holding them", status=401, method=response.method,
-                        url=_redact_url(response.url))
+        raise AuthError(f"{registry} requires credentials (basic auth): give --creds or "
+                        "--authfile, log in with docker or podman, or point DOCKER_CONFIG or "
+                        "REGISTRY_AUTH_FILE at a file holding them", status=401,
+                        method=response.method, url=_redact_url(response.url))
     return chosen
 
 
@@ -2273,11 +2277,38 @@ def _backoff_delay(attempt: int, retry_after_s: Optional[float]) -> float:
     return delay
 
 
+def _read_manifest(response: _Response, name: str, identifier: str) -> Manifest:
+    """Read and parse a manifest answer (capped), checked against the digest asked
+    for, else the ``Docker-Content-Digest`` the registry sent."""
+    with response:
+        length = response.header("Content-Length")
+        if (_header_int(length) or 0) > MAX_MANIFEST_SIZE_BYTES:
+            raise ManifestError(f"manifest {name}:{identifier} is {length} bytes, over the "
+                                f"{MAX_MANIFEST_SIZE_BYTES}-byte limit")
+        raw = _read_capped(response, MAX_MANIFEST_SIZE_BYTES + 1)
+    expected = identifier if ":" in identifier else None
+    header_digest = response.header("Docker-Content-Digest")
+    if expected is None and header_digest:
+        try:
+            expected = _validate_digest(header_digest)
+        except InvalidDigestError:
+            expected = None
+    return parse_manifest(raw, response.header("Content-Type"), expected)
+
+
 def _manifest_not_found(repository: str, identifier: str, exc: NotFoundError) -> NotFoundError:
     """Say which image was missing, the same way for HEAD and GET, by tag or digest."""
     name = f"{repository}{'@' if ':' in identifier else ':'}{identifier}"
     return NotFoundError(f"{name} not found: {exc}", status=exc.status, codes=exc.codes,
                          method=exc.method, url=exc.url)
+
+
+class _SchemesUnanswered(ConnectionError):
+    """Neither https nor plain http got an answer from an --insecure registry."""
+
+    def __init__(self, https_error: BaseException, http_error: BaseException) -> None:
+        super().__init__(f"https: {https_error.__class__.__name__}: {https_error}; "
+                         f"http: {http_error.__class__.__name__}: {http_error}")
 
 
 def _unreachable_error(registry: str, registry_host: str, proxies: _ProxySettings,
@@ -2289,8 +2320,9 @@ def _unreachable_error(registry: str, registry_host: str, proxies: _ProxySetting
     """
     scheme, host, port = _origin(url)
     where = registry if host == registry_host else f"{registry} ({host})"
-    message = f"{where} {refusal}" if refusal else \
-        f"cannot reach {where}: {exc.__class__.__name__}: {exc}"
+    detail = str(exc) if isinstance(exc, _SchemesUnanswered) else \
+        f"{exc.__class__.__name__}: {exc}"
+    message = f"{where} {refusal}" if refusal else f"cannot reach {where}: {detail}"
     proxy = proxies.proxy_for(scheme, host, port)
     if proxy:
         message += (f" (through the proxy {_redact_url(proxy)} from "
@@ -2370,12 +2402,13 @@ class _RegistryClient:
         self.clock = clock
         self._challenge: Optional[_Challenge] = None
         self._auth_lock = threading.Lock()
+        self._scheme_lock = threading.Lock()
 
     def _set_base_url(self, base_url: str) -> None:
         self.base_url = base_url
         self.origin = _origin(base_url)
 
-    def _verify(self, url: str) -> bool:
+    def _is_verified(self, url: str) -> bool:
         """Tell whether to check the certificate of ``url`` (not the --insecure
         registry's own, whatever the scheme; always a redirect target's)."""
         return not (self.insecure and _origin(url)[1:] == self.origin[1:])
@@ -2421,7 +2454,7 @@ class _RegistryClient:
         realm = _checked_realm(challenge, self.registry, self.loopback)
         method, url, body, headers = _token_request(challenge, scope, self.auth)
         response = self._send_with_retries(
-            lambda: self.transport.send(method, url, headers, body, verify=self._verify(url)),
+            lambda: self.transport.send(method, url, headers, body, verify=self._is_verified(url)),
             method, realm)
         with response:
             if response.status != 200:
@@ -2453,7 +2486,7 @@ class _RegistryClient:
                 # nor will a certificate become trusted.
                 failed = url if isinstance(url, str) else url()
                 refusal = _tls_refusal(exc, not self.insecure
-                                       and _origin(failed)[1] == self.origin[1])
+                                       and _origin(failed)[1:] == self.origin[1:])
                 if attempt >= self.retries or _is_name_error(exc) or refusal:
                     raise _unreachable_error(self.registry, self.origin[1], self.transport.proxies,
                                              method, failed, exc, refusal) from exc
@@ -2498,7 +2531,7 @@ class _RegistryClient:
                 sent = self._authorization()
                 if sent:
                     all_headers["Authorization"] = sent
-            response = self.transport.send(method, url, all_headers, verify=self._verify(url))
+            response = self.transport.send(method, url, all_headers, verify=self._is_verified(url))
             location = response.header("Location")
             if response.status not in _REDIRECT_STATUSES or not location:
                 return response, sent
@@ -2524,22 +2557,38 @@ class _RegistryClient:
         loopback registry's plain http answered "this is an HTTPS server"
         (a 400) by https.
         """
-        if self._scheme_known:
-            return self._send_following_redirects(method, self.base_url + path, headers, tried)
+        if not self._scheme_known:
+            # One request settles the scheme; workers starting meanwhile wait
+            # for it (until its answer's headers are in).
+            with self._scheme_lock:
+                if not self._scheme_known:
+                    return self._send_settling_scheme(method, path, headers, tried)
+        return self._send_following_redirects(method, self.base_url + path, headers, tried)
+
+    def _send_settling_scheme(self, method: str, path: str, headers: Mapping[str, str],
+                              tried: List[str]) -> Tuple[_Response, Optional[str]]:
+        """Send the request that settles the registry's scheme (``_scheme_lock`` held)."""
+        origin = self.origin
         scheme, rest = self.base_url.split("://", 1)
         try:
             result = self._send_following_redirects(method, self.base_url + path, headers,
                                                     tried)
-        except _CONNECTION_ERRORS:
-            if scheme != "https" or _origin(tried[0]) != self.origin:
+        except _CONNECTION_ERRORS as https_error:
+            if scheme != "https" or _origin(tried[0]) != origin:
                 raise  # a redirect's target failed
-            return self._settle_scheme(f"http://{rest}", method, path, headers, tried)
-        if scheme == "https" or result[0].status != 400 or _origin(tried[0]) != self.origin:
+            try:
+                return self._settle_scheme(f"http://{rest}", method, path, headers, tried)
+            except _CONNECTION_ERRORS as http_error:
+                if _is_name_error(http_error):
+                    raise
+                raise _SchemesUnanswered(https_error, http_error) from http_error
+        if scheme == "https" or result[0].status != 400 or _origin(tried[0]) != origin:
             self._scheme_known = True
             return result
         body = _read_capped(result[0], MAX_ERROR_BODY_BYTES)
         if not any(phrase in body for phrase in _TLS_ONLY_ANSWERS):
             raise self._error(result[0], body=body)
+        result[0].close()
         return self._settle_scheme(f"https://{rest}", method, path, headers, tried)
 
     def _settle_scheme(self, base_url: str, method: str, path: str, headers: Mapping[str, str],
@@ -2615,21 +2664,7 @@ class _RegistryClient:
                                     headers={"Accept": _MANIFEST_ACCEPT})
         except NotFoundError as exc:
             raise _manifest_not_found(self.repository, identifier, exc) from exc
-        with response:
-            length = response.header("Content-Length")
-            if (_header_int(length) or 0) > MAX_MANIFEST_SIZE_BYTES:
-                raise ManifestError(f"manifest {self.registry}/{self.repository}:{identifier} "
-                                    f"is {length} bytes, over the "
-                                    f"{MAX_MANIFEST_SIZE_BYTES}-byte limit")
-            raw = _read_capped(response, MAX_MANIFEST_SIZE_BYTES + 1)
-        expected = identifier if ":" in identifier else None
-        header_digest = response.header("Docker-Content-Digest")
-        if expected is None and header_digest:
-            try:
-                expected = _validate_digest(header_digest)
-            except InvalidDigestError:
-                expected = None
-        return parse_manifest(raw, response.header("Content-Type"), expected)
+        return _read_manifest(response, f"{self.registry}/{self.repository}", identifier)
 
     def open_blob(self, digest: str, offset: int = 0) -> _Response:
         """Start a blob GET, from ``offset`` with a Range request when resuming."""
@@ -3424,8 +3459,8 @@ class _SqliteIndex:
             rows, self._pending_rows = self._pending_rows, []
             refs, self._pending_refs = self._pending_refs, []
         if rows:
-            self.executemany(_INSERT_BLOB, [(d, n, m, t, t) for d, n, m, t in rows],
-                             flush=False, then=(_UPDATE_BLOB, [(t, m, m, d) for d, n, m, t in rows]))
+            self.executemany(_INSERT_BLOB, [(d, n, m, t, t) for d, n, m, t in rows], flush=False,
+                             then=(_UPDATE_BLOB, [(t, m, m, d) for d, n, m, t in rows]))
         if refs:
             self.executemany("INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?)", refs,
                              flush=False)
@@ -4072,6 +4107,30 @@ def _layer_name(layer: Any) -> str:
     return ""
 
 
+def _tar_members(tar: Any) -> Iterator[Any]:
+    """Yield a streamed tar's members, taking the end of the stream right after
+    the last member's data (no padding, no end-of-archive blocks) as its end.
+
+    umoci 0.4's ``insert`` writes such layers (umoci issue #436); Go's
+    archive/tar, and so umoci and containerd, read them.  A member whose data
+    is cut short is still an error.
+    """
+    import tarfile
+    last = None
+    while True:
+        try:
+            member = tar.next()
+        except tarfile.ReadError as exc:
+            if (last is not None and str(exc) == "unexpected end of data"
+                    and tar.fileobj.tell() >= last.offset_data + last.size):
+                return
+            raise
+        if member is None:
+            return
+        last = member
+        yield member
+
+
 class LayerUnpacker(_RootTree):
     """Unpacks image layers into a root filesystem directory, safely.
 
@@ -4147,7 +4206,7 @@ class LayerUnpacker(_RootTree):
             broken: Optional[UnpackError] = None
             try:
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
-                    for member in tar:
+                    for member in _tar_members(tar):
                         try:
                             self._apply(tar, member, opaque)
                         except stream_errors:
@@ -5448,7 +5507,8 @@ class _PullerCore:
             if self.progress is not None:
                 self.progress(descriptor, writer.offset, descriptor.size)
 
-    def _check_platform(self, reference: Reference, config_data: Mapping[str, Any]) -> None:
+    def _check_platform(self, reference: Union[Reference, str],
+                        config_data: Mapping[str, Any]) -> None:
         """Refuse a single-platform image built for another platform than the one asked for."""
         offered = _config_platform(config_data)
         if offered is not None and _platform_rank(self.platform, offered) is None:
@@ -5540,8 +5600,8 @@ class ImagePuller(_PullerCore):
     ``platform`` (``"linux/arm64"`` or a :class:`Platform`) picks the image
     from an index; the default is this host's.  ``insecure`` skips the
     registry's certificate check (its own host only, never a blob
-    redirect's) and falls back to plain http when https gets no answer.  ``sleep``, ``clock`` and ``environ``
-    are injectable for tests.
+    redirect's) and falls back to plain http when https gets no answer.
+    ``sleep``, ``clock`` and ``environ`` are injectable for tests.
     """
 
     def fetch_manifest(self, reference: Union[str, Reference],
@@ -5703,17 +5763,20 @@ class ImagePuller(_PullerCore):
         it must name one image (give TAG when it holds several).  An index
         is resolved to this puller's platform.  No registry is contacted.
         """
-        infos = self.import_image(src)
-        if len(infos) != 1:
-            raise LayoutError(f"{src} holds {len(infos)} images: name one with :TAG")
+        digests = sorted({info.digest for info in self.import_image(src)})
+        if len(digests) != 1:
+            raise LayoutError(f"{src} holds {len(digests)} images: name one with :TAG")
         local = _LayoutOnlyClient(src)
-        top = self._manifest_by_digest(local, infos[0].digest)  # type: ignore[arg-type]
+        top = self._manifest_by_digest(local, digests[0])  # type: ignore[arg-type]
         manifest = self._resolve_platform(local, top)[0]  # type: ignore[arg-type]
         if manifest.config is None:
             raise ManifestError(f"{src}: manifest {manifest.digest} has no config")
-        info = _verified_wasm_info(manifest, self._read_config(manifest.config), self.cache)
+        config_data = self._read_config(manifest.config)
+        info = _verified_wasm_info(manifest, config_data, self.cache)
         if info is not None and info.wasm_layer_digest is not None:
             raise UnpackError(f"{src} is a WebAssembly artifact, not a container image")
+        if self._platform_given and not top.is_index:
+            self._check_platform(src, config_data)  # as unpack of a REF does
         LayerUnpacker(rootfs).unpack_layers([Layer(d, self.cache) for d in manifest.layers])
         return manifest
 
@@ -5736,7 +5799,7 @@ class ImagePuller(_PullerCore):
             data["index_digest"] = top.digest  # the keys pull --json has too
         else:
             manifest = top
-            data["manifest_digest"] = top.digest
+            data.update(manifest_digest=top.digest, index_digest=None)
         config = manifest.config
         self._fetch_blobs(client, [config])
         config_data = self._read_config(config)
@@ -5855,7 +5918,28 @@ def _cli_puller(args: Any, cache: BlobCache, progress: Optional[_ProgressCallbac
     return ImagePuller(cache, platform=getattr(args, "platform", None),
                        insecure=getattr(args, "insecure", False),
                        max_workers=getattr(args, "max_workers", DEFAULT_MAX_WORKERS),
-                       progress=progress)
+                       progress=progress, sleep=_retry_announcer())
+
+
+# A retry after an attempt this slow is announced: a registry that stalls
+# takes five 30 s timeouts to give up on, and silence looks like a hang.
+_SLOW_ATTEMPT_S = 5.0
+
+
+def _retry_announcer(clock: Callable[[], float] = time.monotonic,
+                     sleep: Callable[[float], None] = time.sleep,
+                     stream: Optional[Any] = None) -> Callable[[float], None]:
+    """Return the CLI's wait before a retry: it says so on stderr when the attempt
+    before it took ``_SLOW_ATTEMPT_S`` or more (quick retries stay quiet)."""
+    last = [clock()]
+
+    def wait(seconds: float) -> None:
+        if clock() - last[0] >= _SLOW_ATTEMPT_S:
+            print(f"{_PROG}: no answer for {clock() - last[0]:.0f} s; retrying in "
+                  f"{seconds:.1f} s", file=stream or sys.stderr)
+        sleep(seconds)
+        last[0] = clock()
+    return wait
 
 
 def _cli_auth(args: Any, registry: str) -> RegistryAuth:
@@ -5866,17 +5950,17 @@ def _cli_auth(args: Any, registry: str) -> RegistryAuth:
                                                auth_file=getattr(args, "authfile", None))
     username, sep, password = creds.partition(":")
     if not sep:
-        password = _read_password(username)
+        password = _read_password(username, registry)
     return RegistryAuth("basic", username=username, password=password, source="--creds")
 
 
-def _read_password(username: str) -> str:
+def _read_password(username: str, registry: str) -> str:
     """Return a password typed at a prompt, or the first line of piped stdin."""
     if sys.stdin is None:
         raise _UsageError("--creds USER without :PASS needs the password on stdin")
     if sys.stdin.isatty():
         import getpass
-        password = getpass.getpass(f"password for {username}: ")
+        password = getpass.getpass(f"password for {username} at {registry}: ")
     else:
         password = sys.stdin.readline().rstrip("\r\n")
     if not password:
@@ -5898,13 +5982,26 @@ def _warn_foreign_platform(args: Any, result: PullResult) -> None:
               f"this host is {host}", file=sys.stderr)
 
 
-def _cmd_pull(args: Any) -> int:
+def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
+    """Parse REF as a registry reference and find its credentials (before any
+    cache directory is made, so a usage error leaves nothing behind)."""
+    if _is_layout_source(args.reference):
+        raise _UsageError(f"{args.command} takes a registry reference, not the local layout "
+                          f"{args.reference}: import and unpack read layouts")
     reference = parse_reference(args.reference)
+    return reference, _cli_auth(args, reference.registry)
+
+
+def _layers(count: int) -> str:
+    return f"{count} layer{'' if count == 1 else 's'}"
+
+
+def _cmd_pull(args: Any) -> int:
+    reference, auth = _cli_target(args)
     progress = None
     if not args.quiet and not args.json and sys.stderr.isatty():
         progress = _Progress(sys.stderr)
     cache = _cli_cache(args)
-    auth = _cli_auth(args, reference.registry)
     if args.output:
         _parse_transport(args.output)
     with _cli_puller(args, cache, progress) as puller:
@@ -5922,16 +6019,16 @@ def _cmd_pull(args: Any) -> int:
     else:
         platform = f" ({result.platform})" if result.platform else ""
         print(f"{result.reference}{platform}: {result.manifest.digest}")
-        print(f"{len(result.layers)} layers; {_format_bytes(result.bytes_downloaded)} "
+        print(f"{_layers(len(result.layers))}; {_format_bytes(result.bytes_downloaded)} "
               f"downloaded, {_format_bytes(result.bytes_from_cache)} from cache "
               f"({cache.root})")
     return 0
 
 
 def _cmd_inspect(args: Any) -> int:
-    reference = parse_reference(args.reference)
+    reference, auth = _cli_target(args)
     with _cli_puller(args, _cli_cache(args)) as puller:
-        data = puller.inspect(reference, _cli_auth(args, reference.registry))
+        data = puller.inspect(reference, auth)
     if args.json:
         _print_json(data)
         return 0
@@ -5955,14 +6052,14 @@ def _cmd_inspect(args: Any) -> int:
 
 
 def _cmd_export(args: Any) -> int:
-    reference = parse_reference(args.reference)
+    reference, auth = _cli_target(args)
     _parse_transport(args.destination)  # a bad destination fails before any download
     progress = None
     if not args.json and sys.stderr.isatty():
         progress = _Progress(sys.stderr)
     with _cli_puller(args, _cli_cache(args), progress) as puller:
         info = puller.export_image(reference, args.destination, platform=args.platform,
-                                   auth=_cli_auth(args, reference.registry))
+                                   auth=auth)
     if args.json:
         _print_json(info.to_json())
     else:
@@ -5984,11 +6081,23 @@ def _cmd_import(args: Any) -> int:
 
 
 def _is_layout_source(text: str) -> bool:
-    """Tell whether a REF names an OCI layout (``oci:`` or ``oci-archive:``), not a
-    registry host called oci with a port."""
+    """Tell whether a REF names an OCI layout (``oci:`` or ``oci-archive:``).
+
+    ``oci:5000/app`` (a host called oci) and ``oci:latest`` (Docker Hub's
+    oci image) are registry references; a layout's path has a ``/`` or a
+    dot, exists, or makes no valid reference.
+    """
     transport, _, rest = text.partition(":")
-    return transport in ("oci", "oci-archive") and bool(rest) and \
-        not re.match(r"[0-9]+/", rest)
+    if transport not in ("oci", "oci-archive") or not rest or re.match(r"[0-9]+/", rest):
+        return False
+    path = rest.rsplit(":", 1)[0] if ":" in rest else rest
+    if "/" in path or path.startswith(".") or os.path.exists(path):
+        return True
+    try:
+        parse_reference(text)
+    except InvalidReferenceError:
+        return True
+    return False
 
 
 def _cmd_unpack(args: Any) -> int:
@@ -5996,44 +6105,45 @@ def _cmd_unpack(args: Any) -> int:
         with _cli_puller(args, _cli_cache(args)) as puller:
             manifest = puller.unpack_layout(args.reference, args.directory)
         if not args.quiet:
-            print(f"{args.reference}: {manifest.digest}: {len(manifest.layers)} layers "
+            print(f"{args.reference}: {manifest.digest}: {_layers(len(manifest.layers))} "
                   f"unpacked into {os.path.abspath(args.directory)}")
         return 0
-    reference = parse_reference(args.reference)
+    reference, auth = _cli_target(args)
     progress = None
     if not args.quiet and sys.stderr.isatty():
         progress = _Progress(sys.stderr)
     with _cli_puller(args, _cli_cache(args), progress) as puller:
-        result = puller.unpack(reference, args.directory,
-                               _cli_auth(args, reference.registry))
+        result = puller.unpack(reference, args.directory, auth)
     _warn_foreign_platform(args, result)
     if not args.quiet:
-        print(f"{result.reference}: {result.manifest.digest}: {len(result.layers)} layers "
+        print(f"{result.reference}: {result.manifest.digest}: {_layers(len(result.layers))} "
               f"unpacked into {os.path.abspath(args.directory)}")
     return 0
 
 
 def _cmd_pull_wasm(args: Any) -> int:
     to_stdout = args.output == "-"
-    if to_stdout and args.json:
-        raise _UsageError("--json and -o - would both write to stdout")
-    reference = parse_reference(args.reference)
+    if to_stdout and sys.stdout.isatty():
+        raise _UsageError("-o - would write a binary module to the terminal: redirect "
+                          "or pipe stdout")
+    reference, auth = _cli_target(args)
     cache = _cli_cache(args)
     with _cli_puller(args, cache) as puller:
-        result, info = puller._pull_wasm(reference,
-                                         _cli_auth(args, reference.registry))
+        result, info = puller._pull_wasm(reference, auth)
     output = "-" if to_stdout else os.path.abspath(args.output)
     layer = next(l for l in result.layers if l.digest == info.wasm_layer_digest)
     _copy_verified(layer, output)
+    # The module took stdout: then the summary, JSON or not, goes to stderr.
+    summary = sys.stderr if to_stdout else sys.stdout
     if args.json:
-        _print_json(dict(info.to_json(), reference=str(reference), digest=result.manifest.digest,
-                         output=output))
-    else:  # the module took stdout: the summary goes to stderr
+        print(json.dumps(dict(info.to_json(), reference=str(reference),
+                              digest=result.manifest.digest, output=output), indent=2),
+              file=summary)
+    else:
         print(f"{'stdout' if to_stdout else output}: {info.wasi_version} "
               f"({info.wasi_version.target_triple_suffix()}), {info.wasm_size} bytes, "
               f"layer {info.wasm_layer_digest}"
-              + (f", module {info.module_name}" if info.module_name else ""),
-              file=sys.stderr if to_stdout else sys.stdout)
+              + (f", module {info.module_name}" if info.module_name else ""), file=summary)
     return 0
 
 
@@ -6133,8 +6243,12 @@ def _positive_int(text: str) -> int:
 def _creds_arg(text: str) -> str:
     """Check USER[:PASS] (argparse type); the message never repeats the text."""
     import argparse
-    if not text.partition(":")[0]:
+    username, sep, password = text.partition(":")
+    if not username:
         raise argparse.ArgumentTypeError("expected USER[:PASS] with a user name")
+    if sep and not password:
+        raise argparse.ArgumentTypeError("expected a password after 'USER:' (or leave out "
+                                         "the ':' to type it)")
     return text
 
 
@@ -6199,7 +6313,8 @@ _EXAMPLES = {
 }
 
 
-_HOST_PLATFORM_HELP = "platform to pick from an index (default: this host's)"
+_HOST_PLATFORM_HELP = ("platform to pick from an index (default: this host's); a single "
+                       "image must be for it")
 _JSON_HELP = "print one JSON object"
 
 
@@ -6215,9 +6330,10 @@ def _build_parser(only: Optional[str] = None) -> Any:
         "from OCI/Docker registries into a verified local cache.",
         epilog="examples (COMMAND --help shows more):\n" + "\n".join(
             block.splitlines()[1] for block in _EXAMPLES.values()) +
-        "\n\nCredentials come from ~/.docker/config.json (and credential helpers) "
-        "or podman's auth.json.\nThe cache defaults to $ZLAYER_REGISTRY_CACHE, "
-        "else $XDG_CACHE_HOME/zlayer-registry.")
+        "\n\nCredentials come from --creds or --authfile, else ~/.docker/config.json (and "
+        "credential helpers) or podman's auth.json.\nLoopback registries are spoken to "
+        "over plain http; others over https (--insecure: unchecked, or plain http).\n"
+        "The cache defaults to $ZLAYER_REGISTRY_CACHE, else $XDG_CACHE_HOME/zlayer-registry.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -6351,7 +6467,8 @@ _SUBCOMMANDS: Tuple[Tuple[str, str, Dict[str, Any], Optional[Callable[[Any], Non
       "json_help": "print a list of {reference, digest, media_type}"}, _add_import_arguments),
     ("unpack", "unpack an image (pulled, or from an OCI layout) into a new root filesystem "
                "directory",
-     {"json_help": None, "example": "alpine:3.20, or oci:DIR[:TAG] for a local layout"},
+     {"json_help": None,
+      "example": "alpine:3.20, or oci:DIR[:TAG] or oci-archive:FILE[:TAG] for a local layout"},
      _add_unpack_arguments),
     ("pull-wasm", "pull a WebAssembly artifact and write the module to a file",
      {"platform": "index entry to pick (default: wasip2, wasip1, then wasi)",
@@ -6383,6 +6500,27 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+def _unrecognized(extras: Sequence[str], command: Optional[str],
+                  args: Sequence[str]) -> _UsageError:
+    """Return the usage error for arguments no parser took."""
+    where = f"{_PROG} {command}" if command else _PROG
+    # "--creds user s3cret" (a space for the colon) leaves the password over.
+    shown = f"{len(extras)}, not shown as --creds is given" \
+        if _creds_values(args) is not None else " ".join(extras)
+    return _UsageError(f"unrecognized arguments: {shown} (see '{where} --help')")
+
+
+def _creds_values(args: Sequence[str]) -> Optional[List[str]]:
+    """Return the --creds values (and their passwords) in ``args``, None without --creds."""
+    values: Optional[List[str]] = None
+    for index, arg in enumerate(args):
+        if arg == "--creds" or arg.startswith("--creds="):
+            value = arg[len("--creds="):] if "=" in arg else \
+                (args[index + 1] if index + 1 < len(args) else "")
+            values = (values or []) + [v for v in (value, value.partition(":")[2]) if v]
+    return values
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 failure, 2 usage,
     130 interrupted, 141 output closed, 143 terminated)."""
@@ -6392,9 +6530,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args, extras = parser.parse_known_args(args_list)
         if extras:
-            where = f"{_PROG} {args.command}" if args.command else _PROG
-            raise _UsageError(f"unrecognized arguments: {' '.join(extras)} "
-                              f"(see '{where} --help')")
+            raise _unrecognized(extras, args.command, args_list)
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
@@ -6406,7 +6542,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             _close_cli_caches()
     except _UsageError as exc:
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        for value in _creds_values(args_list) or ():
+            message = message.replace(value, "<redacted>")
+        print(f"{_PROG}: error: {message}", file=sys.stderr)
         return 2
     except ZLayerError as exc:
         if debug:
