@@ -3162,6 +3162,24 @@ class TestUnpackLayout:
         make_puller(zr.BlobCache()).unpack_layout(f"oci:{tmp_path}/l", tmp_path / "root")
         assert os.listdir(tmp_path / "root") == ["f"]
 
+    def test_a_foreign_image_unpacked_without_platform_is_warned_about(self, registry,
+                                                                       tmp_path):
+        host = zr.host_platform()
+        foreign = "arm64" if host.architecture != "arm64" else "amd64"
+        registry.add_image("app", "v1", [make_layer([F("f", b"x")])],
+                           config={"os": "linux", "architecture": foreign})
+        make_puller(platform=f"linux/{foreign}").export_image(f"{registry.host}/app:v1",
+                                                              f"oci:{tmp_path}/l:v1")
+        out = run_cli("unpack", f"oci:{tmp_path}/l:v1", str(tmp_path / "root"), "-q",
+                      "--cache", str(tmp_path / "c"), cwd=tmp_path)
+        assert out.returncode == 0 and out.stderr == (
+            f"zlayer-registry: warning: oci:{tmp_path}/l:v1 is a linux/{foreign} image; "
+            f"this host is {host}\n")
+        out = run_cli("unpack", f"oci:{tmp_path}/l:v1", str(tmp_path / "root2"), "-q",
+                      "--platform", f"linux/{foreign}", "--cache", str(tmp_path / "c"),
+                      cwd=tmp_path)
+        assert out.returncode == 0 and out.stderr == ""  # asked for: no warning
+
     def test_a_single_image_for_another_platform_is_refused(self, registry, tmp_path):
         registry.add_image("app", "v1", [make_layer([F("f", b"x")])])
         make_puller().export_image(f"{registry.host}/app:v1", f"oci:{tmp_path}/l:v1")

@@ -5974,12 +5974,19 @@ def _print_json(data: Any) -> None:
 
 def _warn_foreign_platform(args: Any, result: PullResult) -> None:
     """Warn, as docker does, when an image chosen without --platform will not run here."""
-    if args.platform or result.platform is None or result.artifact_type.is_wasm():
+    if result.artifact_type.is_wasm():
+        return
+    _warn_if_foreign(args, str(result.reference), result.platform)
+
+
+def _warn_if_foreign(args: Any, name: str, platform: Optional[Platform]) -> None:
+    """Warn when ``platform`` (what ``name`` was built for) will not run on this host."""
+    if args.platform or platform is None:
         return
     host = host_platform()
-    if _platform_rank(host, result.platform) is None:
-        print(f"{_PROG}: warning: {result.reference} is a {result.platform} image; "
-              f"this host is {host}", file=sys.stderr)
+    if _platform_rank(host, platform) is None:
+        print(f"{_PROG}: warning: {name} is a {platform} image; this host is {host}",
+              file=sys.stderr)
 
 
 def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
@@ -6104,6 +6111,9 @@ def _cmd_unpack(args: Any) -> int:
     if _is_layout_source(args.reference):
         with _cli_puller(args, _cli_cache(args)) as puller:
             manifest = puller.unpack_layout(args.reference, args.directory)
+            if manifest.config is not None:
+                _warn_if_foreign(args, args.reference, _config_platform(
+                    puller._read_config(manifest.config)))
         if not args.quiet:
             print(f"{args.reference}: {manifest.digest}: {_layers(len(manifest.layers))} "
                   f"unpacked into {os.path.abspath(args.directory)}")
