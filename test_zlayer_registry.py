@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -3092,6 +3093,89 @@ class TestExport:
                       cwd=tmp_path)
         assert out.returncode == 2 and "unsupported location" in out.stderr
         assert registry.count() == 0  # refused before any request
+
+
+def _tree_state(root: Path):
+    """Every file under root with its size and mtime (to show nothing was written)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+class TestReadOnlyCache:
+    def test_serves_what_it_holds_and_writes_nothing(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(40, 5000)])
+        other = registry.add_image("app", "v2", [layer_bytes(41, 5000)])
+        writer = zr.BlobCache.open(tmp_path / "c")
+        make_puller(writer).pull(f"{registry.host}/app:v1")
+        writer.close()
+        before = _tree_state(tmp_path / "c")
+        cache = zr.BlobCache.open(tmp_path / "c", read_only=True)
+        puller = make_puller(cache)
+        manifest, layers = puller.pull(f"{registry.host}/app@{image['digest']}")
+        assert manifest.digest == image["digest"] and puller.request_count == 0
+        assert make_puller(cache).pull(f"{registry.host}/app:v1")[0].digest == image["digest"]
+        assert {e["digest"] for e in cache.entries()} >= {image["layers"][0]["digest"]}
+        assert cache.references() == {f"{registry.host}/app:v1": image["digest"]}
+        with pytest.raises(zr.CacheError, match="is read-only: cannot store blob"):
+            make_puller(cache).pull(f"{registry.host}/app:v2")
+        with pytest.raises(zr.CacheError, match="is read-only: cannot collect garbage"):
+            cache.gc()
+        cache.close()
+        assert _tree_state(tmp_path / "c") == before  # not a byte, not an mtime, no -shm
+        assert other["digest"] not in str(before)
+
+    def test_an_index_its_writer_left_in_the_wal_is_read_from_the_files(self, registry,
+                                                                         tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(44, 5000)])
+        writer = zr.BlobCache.open(tmp_path / "c")  # left open: its rows sit in the WAL
+        make_puller(writer).pull(f"{registry.host}/app:v1")
+        reader = zr.BlobCache.open(tmp_path / "c", read_only=True)
+        puller = make_puller(reader)
+        assert puller.pull(f"{registry.host}/app@{image['digest']}")[0].digest == \
+            image["digest"]
+        assert puller.request_count == 0 and reader.references() == {}
+        writer.close()
+
+    def test_the_cli_reads_a_cache_it_cannot_write(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(42, 5000)])
+        registry.add_image("app", "v2", [layer_bytes(43, 5000)])
+        import tempfile as _tempfile
+        shared = Path(_tempfile.mkdtemp())  # others may enter it (pytest's are 0700)
+        try:
+            os.chmod(shared, 0o755)
+            shutil.copy(HERE / "zlayer_registry.py", shared)
+            cache = shared / "cache"
+            assert run_cli("pull", f"{registry.host}/app:v1", "--cache", str(cache), "-q",
+                           cwd=tmp_path).returncode == 0
+            python = sys.executable
+            if os.geteuid() == 0:  # root writes anywhere: read it as nobody instead,
+                as_reader = {"preexec_fn": lambda: os.setuid(65534)}
+                python = "/usr/bin/python3"  # with a Python nobody may run
+            else:
+                as_reader = {}
+                for path in [cache] + [p for p in cache.rglob("*") if p.is_dir()]:
+                    path.chmod(0o555)
+            before = _tree_state(cache)
+
+            def cli(*args):
+                return subprocess.run([python, str(shared / "zlayer_registry.py"),
+                                       *args, "--cache", str(cache)], capture_output=True,
+                                      text=True, timeout=120, cwd=str(shared),
+                                      env=dict(os.environ, HOME=str(shared)), **as_reader)
+
+            out = cli("cache", "ls")
+            assert out.returncode == 0 and image["digest"] in out.stdout, out.stderr
+            out = cli("pull", f"{registry.host}/app@{image['digest']}", "-q")
+            assert out.returncode == 0 and out.stdout.strip() == image["digest"], out.stderr
+            out = cli("pull", f"{registry.host}/app:v2", "-q")
+            assert out.returncode == 1 and "is read-only: cannot store blob" in out.stderr
+            assert len(out.stderr.strip().splitlines()) == 1
+            assert _tree_state(cache) == before
+        finally:
+            for path in [shared] + list(shared.rglob("*")):
+                if path.is_dir():
+                    path.chmod(0o755)
+            shutil.rmtree(shared)
 
 
 class TestUnpackLayout:

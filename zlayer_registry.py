@@ -2810,9 +2810,11 @@ class BlobCache:
         self._blob_locks: Dict[str, Any] = {}
 
     @staticmethod
-    def open(path: Union[str, "os.PathLike[str]"]) -> "DirectoryBlobCache":
-        """Open (creating if needed) a persistent cache directory."""
-        return DirectoryBlobCache(os.fspath(path))
+    def open(path: Union[str, "os.PathLike[str]"],
+             read_only: Optional[bool] = None) -> "DirectoryBlobCache":
+        """Open (creating if needed) a persistent cache directory; one this process
+        cannot write is opened read-only unless ``read_only`` says otherwise."""
+        return DirectoryBlobCache(os.fspath(path), read_only)
 
     @staticmethod
     def default_path(environ: Optional[Mapping[str, str]] = None) -> str:
@@ -3340,11 +3342,14 @@ class _SqliteIndex:
     One connection per thread (WAL mode, busy timeout).  Rows of stored blobs
     and references are queued and written in one transaction by the next
     query.  sqlite3 is imported at first use; without it every query returns
-    nothing and the cache works from its files alone.
+    nothing and the cache works from its files alone.  A ``read_only`` index
+    is opened immutable (SQLite writes nothing, not even its -shm file) and
+    drops every write.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self._module: Any = _NOT_IMPORTED
         self._local = threading.local()
         self._connections: List[Any] = []
@@ -3365,12 +3370,15 @@ class _SqliteIndex:
         self._module = module
 
     def db(self) -> Any:
-        """Return this thread's SQLite connection, or None without sqlite3."""
+        """Return this thread's SQLite connection, or None without sqlite3 (or,
+        read-only, without an index file)."""
         if self.sqlite is None:
             return None
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._connect()
+            conn = self._connect_read_only() if self.read_only else self._connect()
+            if conn is None:
+                return None
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -3410,6 +3418,17 @@ class _SqliteIndex:
             except self.sqlite.Error as exc:
                 raise CacheError(f"cannot open cache index {self.path}: {exc}") from exc
 
+    def _connect_read_only(self) -> Any:
+        """Open the index immutable, or return None when there is none to open."""
+        if not os.path.isfile(self.path):
+            return None
+        from urllib.parse import quote
+        try:
+            return self.sqlite.connect(f"file:{quote(self.path)}?immutable=1", uri=True,
+                                       check_same_thread=False)
+        except self.sqlite.Error:
+            return None  # the files alone will do
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
         """Run one query after the queued rows; return its rows ([] without sqlite3)."""
         db = self.db()
@@ -3419,12 +3438,16 @@ class _SqliteIndex:
         try:
             return db.execute(sql, params).fetchall()
         except self.sqlite.Error as exc:
+            if self.read_only:
+                # Immutable reads skip a WAL its writer left unmerged: the
+                # tables may not be there yet.  The files alone will do.
+                return []
             raise CacheError(f"cache index {self.path}: {exc}") from exc
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]], flush: bool = True,
                     then: Optional[Tuple[str, Sequence[Sequence[Any]]]] = None) -> None:
         """Run ``sql`` for every row (and ``then``'s statement) in one transaction."""
-        db = self.db()
+        db = None if self.read_only else self.db()
         if db is None:
             return
         if flush:
@@ -3448,7 +3471,7 @@ class _SqliteIndex:
         Importing sqlite3 is left to the batch: here it would delay the first
         download by the manifest's commit (3 ms under cProfile).
         """
-        if self._module is None:
+        if self._module is None or self.read_only:
             return
         with self._lock:
             self._pending_rows.append((digest, size, media_type, time.time()))
@@ -3467,7 +3490,7 @@ class _SqliteIndex:
 
     def queue_reference(self, reference: str, digest: str, media_type: str) -> None:
         """Queue a reference row (written in one batch by the next query)."""
-        if self._module is None:
+        if self._module is None or self.read_only:
             return
         with self._lock:
             self._pending_refs.append((reference, digest, media_type, time.time()))
@@ -3489,14 +3512,27 @@ class DirectoryBlobCache(BlobCache):
     Safe for many threads and processes at once: writers use unique
     temporary files and atomic renames; SQLite runs in WAL mode with a busy
     timeout.  Without the sqlite3 module it works from the files alone.
+
+    ``read_only`` (by default: an existing cache this process cannot write,
+    such as one baked into an image or mounted read-only) serves what it holds
+    and refuses to store or delete: a pull that needs a blob it lacks fails.
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, read_only: Optional[bool] = None) -> None:
         super().__init__()
         self.root = os.path.abspath(root)
         self._blobs_dir = os.path.join(self.root, "blobs")
         self._tmp_dir = os.path.join(self.root, "tmp")
         self._locks_dir = os.path.join(self.root, "locks")
+        if read_only is None:
+            read_only = os.path.isdir(self._blobs_dir) and \
+                not os.access(self.root, os.W_OK | os.X_OK)
+        self.read_only = read_only
+        self._index = _SqliteIndex(os.path.join(self.root, "index.sqlite"), read_only)
+        if read_only:
+            if not os.path.isdir(self._blobs_dir):
+                raise CacheError(f"no cache at {self.root} to read")
+            return
         try:
             os.makedirs(self._blobs_dir, exist_ok=True)
             os.makedirs(self._tmp_dir, exist_ok=True)
@@ -3506,8 +3542,12 @@ class DirectoryBlobCache(BlobCache):
                              f"{exc.strerror or exc}") from exc
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise CacheError(f"cache directory {self.root} is not writable")
-        self._index = _SqliteIndex(os.path.join(self.root, "index.sqlite"))
         self._clean_stale_temporaries()
+
+    def _refuse_write(self, what: str) -> None:
+        """Raise if this cache is read-only; ``what`` says what was to be done."""
+        if self.read_only:
+            raise CacheError(f"cache {self.root} is read-only: cannot {what}")
 
     def _warm_up(self) -> None:
         """Open this thread's index connection now (called while downloads run)."""
@@ -3599,16 +3639,19 @@ class DirectoryBlobCache(BlobCache):
     def begin_write(self, digest: str, size: Optional[int] = None,
                     media_type: str = "") -> _BlobWriter:
         """Start writing a blob into a temporary file inside the cache."""
+        self._refuse_write(f"store blob {digest}")
         return _FileBlobWriter(self, digest, size, media_type)
 
     def lock(self, digest: str) -> Any:
         """Return an exclusive per-blob lock shared by every process using this cache."""
+        self._refuse_write(f"store blob {digest}")  # taken only to write one
         algorithm, encoded = _validate_digest(digest).split(":", 1)
         return _BlobFileLock(self, digest, os.path.join(self._locks_dir,
                                                         f"{algorithm}-{encoded}.lock"))
 
     def delete(self, digest: str) -> bool:
         """Remove a blob file and its index row."""
+        self._refuse_write(f"delete blob {digest}")
         self._index.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
         try:
             os.unlink(self._blob_path(digest))
@@ -3617,7 +3660,10 @@ class DirectoryBlobCache(BlobCache):
         return True
 
     def touch(self, digests: Iterable[str]) -> None:
-        """Mark blobs as used now, in one transaction (file mtimes without an index)."""
+        """Mark blobs as used now, in one transaction (file mtimes without an index);
+        a read-only cache keeps its times."""
+        if self.read_only:
+            return
         now = time.time()
         if self._index.db() is None:
             for digest in digests:
@@ -3672,6 +3718,7 @@ class DirectoryBlobCache(BlobCache):
 
     def gc(self) -> List[str]:
         """Delete unreachable blobs, stale temporaries and index rows without files."""
+        self._refuse_write("collect garbage")
         removed = super().gc()
         self._clean_stale_temporaries()
         present = {e["digest"] for e in self.entries()}
