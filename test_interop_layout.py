@@ -663,7 +663,8 @@ class TestCli:
                         "--cache", cache)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout) == [{"reference": "v1", "digest": single.digest,
-                                            "media_type": kit.MEDIA_TYPE_OCI_MANIFEST}]
+                                            "media_type": kit.MEDIA_TYPE_OCI_MANIFEST,
+                                            "cached_as": "oci-archive:%s:v1" % archive}]
         proc = _run_cli(tmp_path, "pull", single.reference, "--json", "--cache", cache)
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)

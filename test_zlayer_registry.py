@@ -2019,6 +2019,12 @@ class TestCli:
                                     "linux/arm/v7", "--cache", str(tmp_path), cwd=tmp_path).stdout)
         assert data["index_digest"] == pulled["index_digest"] == data["digest"]
         assert data["manifest_digest"] == pulled["manifest_digest"] == pulled["digest"]
+        single = registry.add_image("one", "v1", [layer_bytes(12)])
+        for command in ("inspect", "pull"):
+            data = json.loads(run_cli(command, f"{registry.host}/one:v1", "--json", "--cache",
+                                      str(tmp_path), cwd=tmp_path).stdout)
+            assert (data["platform"], data["index_digest"], data["manifest_digest"]) == (
+                "linux/amd64", None, single["digest"]), command
 
     def test_cli_uses_docker_config_credentials(self, registry, tmp_path):
         registry.auth = "bearer"
@@ -2590,6 +2596,15 @@ MT = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
       "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
 
 
+def _spoil_cached(cache, digest: str, spoil) -> None:
+    """Let ``spoil`` change a cached blob's bytes (a bytearray) on disk."""
+    path = Path(cache.path(digest))
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    spoil(data)
+    path.write_bytes(bytes(data))
+
+
 def unpack(tmp_path, *layers, as_root=None, name="rootfs"):
     """Unpack gzip layers (lists of entries) into tmp_path/name; return the path."""
     rootfs = tmp_path / name
@@ -2932,11 +2947,7 @@ class TestUnpackImage:
         cache = zr.BlobCache.open(tmp_path / "c")
         make_puller(cache).pull(f"{registry.host}/app:v1")
         digest = image["layers"][0]["digest"]
-        path = Path(cache.path(digest))
-        path.chmod(0o644)
-        data = bytearray(path.read_bytes())
-        spoil(data)
-        path.write_bytes(bytes(data))
+        _spoil_cached(cache, digest, spoil)
         return cache, digest
 
     def test_a_cached_layer_changed_since_its_pull_is_not_unpacked(self, registry, tmp_path):
@@ -3029,6 +3040,20 @@ class TestExport:
         assert os.stat(layout / "blobs/sha256" / layer[7:]).st_ino == \
             os.stat(cache.path(layer)).st_ino
 
+    @pytest.mark.parametrize("dest", ["oci:{}/layout:t", "oci-archive:{}/a.tar",
+                                      "docker-archive:{}/d.tar"])
+    def test_a_corrupt_cached_blob_is_never_exported(self, registry, tmp_path, dest):
+        image = registry.add_image("app", "v1", [layer_bytes(1, 5000), layer_bytes(2, 5000)])
+        cache = zr.BlobCache.open(tmp_path / "c")
+        make_puller(cache).pull(f"{registry.host}/app:v1")
+        layer = image["layers"][1]["digest"]
+        _spoil_cached(cache, layer, lambda data: data.__setitem__(100, data[100] ^ 1))
+        (tmp_path / "out").mkdir()
+        with pytest.raises(zr.DigestMismatchError, match=f"cached blob {layer} is corrupt"):
+            make_puller(cache).export_image(f"{registry.host}/app:v1",
+                                            dest.format(tmp_path / "out"))
+        assert list((tmp_path / "out").iterdir()) == []  # nothing written, not even a layout
+
     def test_memory_cache_copies_and_second_export_adds(self, registry, tmp_path):
         a = registry.add_image("app", "a", [layer_bytes(1, 500)])
         b = registry.add_image("app", "b", [layer_bytes(2, 500)])
@@ -3080,9 +3105,20 @@ class TestExport:
                 assert zr.compute_digest(tar.extractfile(name).read()) == layer["digest"]
         assert listing[0]["RepoTags"] == [f"{registry.host}/multi:v1"]
         assert repositories == {f"{registry.host}/multi": {"v1": amd["layers"][-1]["digest"][7:]}}
-        hub = zr.parse_reference("alpine:3.20")
-        assert zr._docker_repo_tag(hub, None) == "alpine:3.20"
-        assert zr._docker_repo_tag(zr.parse_reference("user/app"), "x") == "user/app:x"
+        assert zr._docker_repo_tag(zr.parse_reference("alpine:3.20")) == "alpine:3.20"
+        assert zr._docker_repo_tag(zr.parse_reference("user/app")) == "user/app:latest"
+        # docker-archive:FILE:NAME[:TAG] names the image for docker load, as skopeo does.
+        for name, loaded in (("app:2", "app:2"), ("foo", "foo:latest"),
+                             ("reg.example/team/app:v9", "reg.example/team/app:v9")):
+            info = make_puller().export_image(f"{registry.host}/multi:v1",
+                                              f"docker-archive:{tmp_path}/{name[:3]}.tar:{name}")
+            assert os.path.isfile(info.destination)
+            with _tarfile.open(info.destination) as tar:
+                assert json.loads(tar.extractfile("manifest.json").read())[0]["RepoTags"] == \
+                    [loaded]
+        for bad in ("docker-archive:x.tar:Bad/Name", "docker-archive:x.tar:app@sha256:" + "0" * 64):
+            with pytest.raises(zr.LayoutError, match="image name"):
+                zr._parse_transport(bad)
 
     def test_bad_destinations(self, registry, tmp_path):
         registry.add_image("app", "v1", [layer_bytes(1, 500)])
@@ -3361,7 +3397,17 @@ class TestImport:
         out = run_cli("import", f"oci-archive:{tmp_path}/e.tar", "--json", "--cache",
                       str(tmp_path / "c2"), cwd=tmp_path)
         assert json.loads(out.stdout) == [{"reference": "v1", "digest": image["digest"],
-                                           "media_type": fake.OCI_MANIFEST}]
+                                           "media_type": fake.OCI_MANIFEST,
+                                           "cached_as": f"oci-archive:{tmp_path}/e.tar:v1"}]
+        listing = json.loads(run_cli("cache", "ls", "--json", "--cache", str(tmp_path / "c2"),
+                                     cwd=tmp_path).stdout)
+        assert listing["references"] == {f"oci-archive:{tmp_path}/e.tar:v1": image["digest"]}
+        # oci: names a directory and oci-archive: a file; docker-archive is not imported.
+        for src, text in ((f"oci:{tmp_path}/e.tar", "is not a directory"),
+                          (f"oci-archive:{tmp_path}/p", "is a directory"),
+                          (f"docker-archive:{tmp_path}/e.tar", "are not imported")):
+            out = run_cli("import", src, "--cache", str(tmp_path / "c3"), cwd=tmp_path)
+            assert out.returncode in (1, 2) and text in out.stderr, (src, out.stderr)
 
 
 # -----------------------------------------------------------------------------

@@ -3333,7 +3333,12 @@ CREATE TABLE IF NOT EXISTS refs (
 
 def _corrupt_cached_layer(digest: str) -> str:
     """Return the subject of the error for a cached layer whose bytes no longer match."""
-    return f"cached layer {digest} is corrupt (run 'cache verify --remove', then pull again)"
+    return _corrupt_cached_blob(digest, "layer")
+
+
+def _corrupt_cached_blob(digest: str, kind: str = "blob") -> str:
+    """Return the subject of the error for a cached blob whose bytes no longer match."""
+    return f"cached {kind} {digest} is corrupt (run 'cache verify --remove', then pull again)"
 
 
 class _SqliteIndex:
@@ -4576,25 +4581,48 @@ _TRANSPORTS = ("oci", "oci-archive", "docker-archive")
 
 
 def _parse_transport(text: str) -> Tuple[str, str, Optional[str]]:
-    """Parse skopeo's ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``, ``docker-archive:FILE``.
+    """Parse skopeo's ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` and
+    ``docker-archive:FILE[:NAME[:TAG]]``.
 
-    Returns (transport, path, tag).
+    Returns (transport, path, tag); for docker-archive the "tag" is the name
+    ``docker load`` gives the image (split at the first colon, as skopeo does).
     """
     transport, sep, rest = text.partition(":")
     if not sep or transport not in _TRANSPORTS:
         raise LayoutError(f"unsupported location {text!r}: expected oci:DIR[:TAG], "
-                          "oci-archive:FILE[:TAG] or docker-archive:FILE")
+                          "oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME[:TAG]]")
+    if transport == "docker-archive":
+        path, _, name = rest.partition(":")
+        if not path:
+            raise LayoutError(f"location {text!r} names no file")
+        if name:
+            try:
+                named = parse_reference(name)
+            except InvalidReferenceError as exc:
+                raise LayoutError(f"invalid image name in {text!r}: {exc}") from None
+            if named.digest:
+                raise LayoutError(f"the image name in {text!r} cannot hold a digest")
+        return transport, path, name or None
     path, tag = rest, None
     head, sep, tail = rest.rpartition(":")
     if sep and not head:  # oci::TAG
         raise LayoutError(f"location {text!r} names no file or directory")
-    if sep and "/" not in tail and transport != "docker-archive":
+    if sep and "/" not in tail:
         path, tag = head, tail
     if not path:
         raise LayoutError(f"location {text!r} names no file or directory")
     if tag is not None and not _TAG_RE.fullmatch(tag):
         raise LayoutError(f"invalid tag {tag!r} in {text!r}")
     return transport, path, tag
+
+
+def _parse_import_source(text: str) -> Tuple[str, str, Optional[str]]:
+    """Parse what ``import`` reads: ``oci:DIR[:TAG]`` or ``oci-archive:FILE[:TAG]``."""
+    transport = text.partition(":")[0]
+    if transport not in ("oci", "oci-archive"):
+        raise LayoutError(f"unsupported source {text!r}: expected oci:DIR[:TAG] or "
+                          "oci-archive:FILE[:TAG] (docker-archive files are not imported)")
+    return _parse_transport(text)
 
 
 def _parse_layout_target(text: str) -> Tuple[str, Optional[str]]:
@@ -4655,8 +4683,21 @@ class ExportInfo:
         return dict(self.__dict__)
 
 
+def _verify_cached(cache: BlobCache, descriptor: Descriptor) -> None:
+    """Hash a cached blob again: one changed on disk since its pull is an error."""
+    with _open_cached(cache, descriptor) as stream:
+        reader = _HashingReader(stream, descriptor)
+        while reader.read(_READ_CHUNK_BYTES):
+            pass
+        reader.check(_corrupt_cached_blob(descriptor.digest))
+
+
 def _link_or_copy(cache: BlobCache, descriptor: Descriptor, target: str) -> None:
-    """Put a cached blob at ``target``: a hard link when possible, else a verified copy."""
+    """Put a cached blob at ``target``: a hard link when possible, else a verified copy.
+
+    The caller has hashed the cached file (``_verify_cached``): a link would
+    carry a byte changed on disk since the pull out unnoticed.
+    """
     import errno as _errno
     source = cache.path(descriptor.digest)
     if os.path.exists(target):
@@ -4684,16 +4725,23 @@ def _link_or_copy(cache: BlobCache, descriptor: Descriptor, target: str) -> None
             reader = _HashingReader(stream, descriptor)
             for chunk in iter(lambda: reader.read(_READ_CHUNK_BYTES), b""):
                 out.write(chunk)
-            reader.check()
+            reader.check(_corrupt_cached_blob(descriptor.digest))
 
     _atomic_write(target, copy_verified, 0o444)
 
 
 def _write_layout_dir(cache: BlobCache, top: Manifest, directory: str,
                       tag: Optional[str]) -> List[Descriptor]:
-    """Write an image (and everything it reaches) into an OCI layout directory."""
-    writer = _LayoutWriter(directory)
+    """Write an image (and everything it reaches) into an OCI layout directory.
+
+    Every cached blob is hashed before the first is written, so a corrupt
+    one fails the export with nothing added to the layout.
+    """
     closure = _image_closure(cache, top)
+    for descriptor in closure:
+        if cache.path(descriptor.digest) is not None:
+            _verify_cached(cache, descriptor)
+    writer = _LayoutWriter(directory)
     try:
         for descriptor in closure:
             target = writer.blob_path(descriptor.digest)
@@ -4722,7 +4770,7 @@ def _tar_add_blob(tar: Any, cache: BlobCache, descriptor: Descriptor, name: str)
     with _open_cached(cache, descriptor) as stream:
         reader = _HashingReader(stream, descriptor)
         tar.addfile(info, reader)
-        reader.check()
+        reader.check(_corrupt_cached_blob(descriptor.digest))
 
 
 def _write_archive(path: str, fill: Callable[[Any], None]) -> None:
@@ -4760,16 +4808,16 @@ def _write_oci_archive(cache: BlobCache, top: Manifest, path: str,
     return closure
 
 
-def _docker_repo_tag(reference: Reference, tag: Optional[str]) -> str:
+def _docker_repo_tag(reference: Reference) -> str:
     """Return the name ``docker load`` tags an image with (familiar form on Docker Hub)."""
     name = reference.repository if reference.registry == _DOCKER_HUB else reference.name
     if name.startswith("library/") and reference.registry == _DOCKER_HUB:
         name = name[len("library/"):]
-    return f"{name}:{tag or reference.tag or 'latest'}"
+    return f"{name}:{reference.tag or 'latest'}"
 
 
 def _write_docker_archive(cache: BlobCache, manifest: Manifest, reference: Reference,
-                          path: str, tag: Optional[str]) -> List[Descriptor]:
+                          path: str) -> List[Descriptor]:
     """Write the ``docker save`` format (manifest.json, repositories) of one image.
 
     Blobs sit at ``blobs/sha256/<hex>`` as docker 25 writes them; ``docker
@@ -4780,7 +4828,7 @@ def _write_docker_archive(cache: BlobCache, manifest: Manifest, reference: Refer
         raise LayoutError("docker-archive holds one platform's image, not an index")
     blobs = [manifest.config] + manifest.layers
     names = [f"blobs/{d.digest.replace(':', '/')}" for d in blobs]
-    repo_tag = _docker_repo_tag(reference, tag)
+    repo_tag = _docker_repo_tag(reference)
     listing = [{"Config": names[0], "RepoTags": [repo_tag], "Layers": names[1:]}]
     top_layer = manifest.layers[-1].digest.split(":", 1)[1] if manifest.layers else ""
     repo, _, tag_part = repo_tag.rpartition(":")
@@ -4873,16 +4921,18 @@ wasm = _Namespace(
 
 @dataclass(frozen=True)
 class ImportInfo:
-    """One image imported from a layout: its ref name, digest and media type."""
+    """One image imported from a layout: its ref name (tag), digest and media type,
+    and the reference the cache records it under (``oci:/abs/dir:tag``)."""
 
     reference: Optional[str]
     digest: str
     media_type: str
+    cached_as: str = ""
 
     def to_json(self) -> Dict[str, Any]:
         """Return the JSON form ``import --json`` prints."""
         return {"reference": self.reference, "digest": self.digest,
-                "media_type": self.media_type}
+                "media_type": self.media_type, "cached_as": self.cached_as}
 
 
 class _LayoutSource:
@@ -4991,9 +5041,9 @@ def _import_layout(cache: BlobCache, path: str, tag: Optional[str]) -> List[Impo
     infos = []
     for entry in entries:
         name = entry.annotations.get(ANNOTATION_REF_NAME)
-        cache.record_reference(f"{origin}:{name}" if name else f"{origin}@{entry.digest}",
-                               entry.digest, entry.media_type)
-        infos.append(ImportInfo(name, entry.digest, entry.media_type))
+        cached_as = f"{origin}:{name}" if name else f"{origin}@{entry.digest}"
+        cache.record_reference(cached_as, entry.digest, entry.media_type)
+        infos.append(ImportInfo(name, entry.digest, entry.media_type, cached_as))
     return infos
 
 
@@ -5740,9 +5790,10 @@ class ImagePuller(_PullerCore):
         """Pull an image and write it as an OCI layout, OCI archive or docker archive.
 
         ``dest`` is ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` or
-        ``docker-archive:FILE`` (or a plain path with ``format`` "oci",
-        "oci-archive" or "docker-archive").  An index keeps every platform
-        unless ``platform`` picks one; a docker archive always holds one.
+        ``docker-archive:FILE[:NAME[:TAG]]`` (or a plain path with ``format``
+        "oci", "oci-archive" or "docker-archive").  An index keeps every
+        platform unless ``platform`` picks one; a docker archive always holds
+        one, named NAME:TAG (default: the reference's) for ``docker load``.
         """
         if ":" in dest and dest.split(":", 1)[0] in _TRANSPORTS:
             format, path, tag = _parse_transport(dest)
@@ -5751,6 +5802,7 @@ class ImagePuller(_PullerCore):
         if format not in _TRANSPORTS:
             raise LayoutError(f"unknown export format {format!r}")
         ref = parse_reference(reference) if isinstance(reference, str) else reference
+        load_name = parse_reference(tag) if tag and format == "docker-archive" else ref
         tag = tag or ref.tag
         client = self._client(ref, auth)
         top = self._resolve_top(ref, client)
@@ -5766,7 +5818,7 @@ class ImagePuller(_PullerCore):
         elif format == "oci-archive":
             written = _write_oci_archive(self.cache, top, path, tag)
         else:
-            written = _write_docker_archive(self.cache, top, ref, path, tag)
+            written = _write_docker_archive(self.cache, top, load_name, path)
         return ExportInfo(reference=str(ref), digest=top.digest, media_type=top.media_type,
                           destination=os.path.abspath(path), format=format, tag=tag,
                           blobs=len(written), size_bytes=sum(d.size for d in written))
@@ -5779,15 +5831,18 @@ class ImagePuller(_PullerCore):
         after the layout (``oci:/abs/dir:tag``, or ``oci:/abs/dir@digest``
         when untagged), so ``cache gc`` keeps it.
         """
-        path = src
+        path, transport = src, None
         if ":" in src and src.split(":", 1)[0] in _TRANSPORTS:
-            transport, path, parsed_tag = _parse_transport(src)
-            if transport == "docker-archive":
-                raise LayoutError("importing docker-archive files is not supported; "
-                                  "use an OCI layout or oci-archive")
+            transport, path, parsed_tag = _parse_import_source(src)
             tag = tag or parsed_tag
         if not os.path.exists(path):
             raise LayoutError(f"{path} does not exist")
+        if transport == "oci" and not os.path.isdir(path):
+            raise LayoutError(f"{path} is not a directory: oci: names a layout directory "
+                              "(an archive is oci-archive:)")
+        if transport == "oci-archive" and os.path.isdir(path):
+            raise LayoutError(f"{path} is a directory: oci-archive: names a tar file "
+                              "(a layout directory is oci:)")
         return _import_layout(self.cache, path, tag)
 
     def unpack(self, reference: Union[str, Reference],
@@ -5850,8 +5905,11 @@ class ImagePuller(_PullerCore):
         config = manifest.config
         self._fetch_blobs(client, [config])
         config_data = self._read_config(config)
-        if not top.is_index and self._platform_given:
-            self._check_platform(ref, config_data)  # as pull does
+        if not top.is_index:
+            offered = _config_platform(config_data)  # as pull --json reports it
+            data["platform"] = str(offered) if offered else None
+            if self._platform_given:
+                self._check_platform(ref, config_data)  # as pull does
         kind = detect_artifact_type(manifest, config_data)
         data.update(config=_descriptor_summary(config),
                     layers=[_descriptor_summary(d) for d in manifest.layers],
@@ -6130,7 +6188,7 @@ def _cmd_import(args: Any) -> int:
         _print_json([info.to_json() for info in infos])
     else:
         for info in infos:
-            print(f"{info.reference or '(untagged)'}: {info.digest} ({info.media_type})")
+            print(f"{info.cached_as}: {info.digest} ({info.media_type})")
     return 0
 
 
@@ -6325,6 +6383,7 @@ def _checked_argument(check: Callable[[str], Any]) -> Callable[[str], str]:
 _platform_arg = _checked_argument(parse_platform)            # OS/ARCH[/VARIANT]
 _location_arg = _checked_argument(_parse_transport)          # oci:DIR[:TAG] and the like
 _layout_arg = _checked_argument(_parse_layout_target)        # oci:DIR[:TAG] only
+_import_arg = _checked_argument(_parse_import_source)        # oci: or oci-archive:
 
 
 def _parse_size(text: str) -> int:
@@ -6437,7 +6496,7 @@ def _add_subcommand(commands: Any, name: str, help_text: str, *, cache: bool = T
 def _add_pull_arguments(pull: Any) -> None:
     pull.add_argument("--output", metavar="DEST", type=_location_arg,
                       help="also write the pulled image to oci:DIR[:TAG], "
-                           "oci-archive:FILE[:TAG] or docker-archive:FILE")
+                           "oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME[:TAG]]")
     pull.add_argument("-q", "--quiet", action="store_true",
                       help="no progress; print only the manifest digest")
     pull.add_argument("--max-workers", type=_positive_int, default=DEFAULT_MAX_WORKERS,
@@ -6446,11 +6505,12 @@ def _add_pull_arguments(pull: Any) -> None:
 
 def _add_export_arguments(export: Any) -> None:
     export.add_argument("destination", metavar="DEST", type=_location_arg,
-                        help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
+                        help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or "
+                             "docker-archive:FILE[:NAME[:TAG]]")
 
 
 def _add_import_arguments(importer: Any) -> None:
-    importer.add_argument("source", metavar="SRC", type=_location_arg,
+    importer.add_argument("source", metavar="SRC", type=_import_arg,
                           help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
 
 
@@ -6521,7 +6581,8 @@ _SUBCOMMANDS: Tuple[Tuple[str, str, Dict[str, Any], Optional[Callable[[Any], Non
      _add_export_arguments),
     ("import", "verify an OCI layout or archive and add its images to the cache",
      {"reference": False, "platform": None,
-      "json_help": "print a list of {reference, digest, media_type}"}, _add_import_arguments),
+      "json_help": "print a list of {reference, digest, media_type, cached_as}"},
+     _add_import_arguments),
     ("unpack", "unpack an image (pulled, or from an OCI layout) into a new root filesystem "
                "directory",
      {"json_help": None,
