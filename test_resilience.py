@@ -1180,7 +1180,8 @@ class TestCliInput:
             registry.add_image("app", "v1", [layer_bytes(1, 1000)])
             command = ["pull", ref(registry, "app:v1")]
         if command[0] == "cache" and not path.is_dir():
-            text = "no cache at"  # cache commands never create one
+            # cache commands never create one
+            text = "is not a directory" if path.exists() else "no cache at"
         out = run_cli(*command, "--cache", str(path), cwd=tmp_path)
         if case == "index-not-a-database" and command[0] == "cache" and \
                 command[1] == "verify" and out.returncode == 0:

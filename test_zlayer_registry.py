@@ -1976,6 +1976,13 @@ class TestCli:
         assert listing.returncode == 0 and image["digest"] in listing.stdout
         assert sum(d["digest"] in listing.stdout for d in image["layers"]) == 2
 
+    def test_sizes_and_a_cache_path_that_is_a_file(self, tmp_path):
+        assert [zr._parse_size(t) for t in ("1.5G", "500M", "2gib", "1024")] == [
+            3 * 2 ** 29, 500 * 2 ** 20, 2 * 2 ** 30, 1024]
+        (tmp_path / "afile").write_text("x")
+        out = run_cli("cache", "ls", "--cache", str(tmp_path / "afile"), cwd=tmp_path)
+        assert out.returncode == 1 and "is not a directory, so not a cache" in out.stderr
+
     def test_retries_after_a_slow_attempt_are_announced(self):
         now, slept, err = [100.0], [], io.StringIO()
 
@@ -3299,6 +3306,19 @@ class TestUnpackLayout:
                       "--platform", f"linux/{foreign}", "--cache", str(tmp_path / "c"),
                       cwd=tmp_path)
         assert out.returncode == 0 and out.stderr == ""  # asked for: no warning
+
+    def test_an_imported_layout_unpacks_after_it_is_gone(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [make_layer([F("kept", b"x")])])
+        make_puller().export_image(f"{registry.host}/app:v1", f"oci:{tmp_path}/l:v1")
+        cache = zr.BlobCache.open(tmp_path / "c")
+        make_puller(cache).import_image(f"oci:{tmp_path}/l:v1")
+        shutil.rmtree(tmp_path / "l")
+        manifest = make_puller(cache).unpack_layout(f"oci:{tmp_path}/l:v1", tmp_path / "root")
+        assert manifest.digest == image["digest"]
+        assert (tmp_path / "root" / "kept").read_bytes() == b"x"
+        for src in (f"oci:{tmp_path}/l:v2", f"oci:{tmp_path}/l"):
+            with pytest.raises(zr.LayoutError, match="does not exist \\(nor was it imported"):
+                make_puller(cache).unpack_layout(src, tmp_path / "root2")
 
     def test_a_single_image_for_another_platform_is_refused(self, registry, tmp_path):
         registry.add_image("app", "v1", [make_layer([F("f", b"x")])])

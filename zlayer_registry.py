@@ -5845,6 +5845,16 @@ class ImagePuller(_PullerCore):
                               "(a layout directory is oci:)")
         return _import_layout(self.cache, path, tag)
 
+    def _imported(self, src: str) -> List[str]:
+        """Return the digest ``import`` recorded for a layout that is no longer there."""
+        transport, path, tag = _parse_import_source(src)
+        digest = self.cache.lookup_reference(f"{transport}:{os.path.abspath(path)}:{tag}") \
+            if tag else None
+        if digest is None:
+            raise LayoutError(f"{path} does not exist (nor was it imported"
+                              f"{' with that tag' if tag else ' by tag'})")
+        return [digest]
+
     def unpack(self, reference: Union[str, Reference],
                rootfs: Union[str, "os.PathLike[str]"],
                auth: Optional[RegistryAuth] = None) -> PullResult:
@@ -5862,10 +5872,13 @@ class ImagePuller(_PullerCore):
         root filesystem, as umoci does; return the image manifest unpacked.
 
         The layout is imported first (every blob verified into the cache);
-        it must name one image (give TAG when it holds several).  An index
-        is resolved to this puller's platform.  No registry is contacted.
+        it must name one image (give TAG when it holds several).  A layout
+        that is gone is served from the cache if it was imported (by the
+        name ``import`` recorded).  An index is resolved to this puller's
+        platform.  No registry is contacted.
         """
-        digests = sorted({info.digest for info in self.import_image(src)})
+        digests = sorted({info.digest for info in self.import_image(src)}) \
+            if os.path.exists(_parse_import_source(src)[1]) else self._imported(src)
         if len(digests) != 1:
             raise LayoutError(f"{src} holds {len(digests)} images: name one with :TAG")
         local = _LayoutOnlyClient(src)
@@ -6004,6 +6017,8 @@ _CLI_CACHES: List[DirectoryBlobCache] = []
 def _cli_cache(args: Any, create: bool = True) -> DirectoryBlobCache:
     root = args.cache or BlobCache.default_path()
     if not create and not os.path.isdir(root):  # a mistyped --cache must not make one
+        if os.path.exists(root):
+            raise CacheError(f"{os.path.abspath(root)} is not a directory, so not a cache")
         raise CacheError(f"no cache at {os.path.abspath(root)} (nothing was pulled there)")
     cache = BlobCache.open(root)
     _CLI_CACHES.append(cache)
@@ -6387,12 +6402,12 @@ _import_arg = _checked_argument(_parse_import_source)        # oci: or oci-archi
 
 
 def _parse_size(text: str) -> int:
-    """Parse ``500M``, ``2G``, ``1024`` into bytes (binary units)."""
-    match = re.fullmatch(r"(\d+)\s*([kmgt]?)(i?b?)", text.strip().lower())
+    """Parse ``500M``, ``1.5G``, ``1024`` into bytes (binary units)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", text.strip().lower())
     if not match:
         import argparse
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 500M, 2G, 1048576)")
-    return int(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " ")
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 500M, 1.5G, 1048576)")
+    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
 
 
 _EXAMPLES = {
@@ -6472,7 +6487,8 @@ def _add_subcommand(commands: Any, name: str, help_text: str, *, cache: bool = T
     sub.add_argument("--debug", action="store_true", default=_suppress(),
                      help="show tracebacks on errors")
     if cache:
-        sub.add_argument("--cache", metavar="DIR", help="cache directory")
+        sub.add_argument("--cache", metavar="DIR", help="cache directory (default: "
+                         "$ZLAYER_REGISTRY_CACHE, else ~/.cache/zlayer-registry)")
     if reference:
         sub.add_argument("reference", metavar="REF", help=f"image reference, e.g. {example}")
         sub.add_argument("--insecure", action="store_true",
