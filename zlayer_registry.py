@@ -4616,15 +4616,6 @@ def _parse_transport(text: str) -> Tuple[str, str, Optional[str]]:
     return transport, path, tag
 
 
-def _parse_import_source(text: str) -> Tuple[str, str, Optional[str]]:
-    """Parse what ``import`` reads: ``oci:DIR[:TAG]`` or ``oci-archive:FILE[:TAG]``."""
-    transport = text.partition(":")[0]
-    if transport not in ("oci", "oci-archive"):
-        raise LayoutError(f"unsupported source {text!r}: expected oci:DIR[:TAG] or "
-                          "oci-archive:FILE[:TAG] (docker-archive files are not imported)")
-    return _parse_transport(text)
-
-
 def _parse_layout_target(text: str) -> Tuple[str, Optional[str]]:
     """Parse ``oci:DIR[:TAG]`` into (directory, tag)."""
     transport, path, tag = _parse_transport(text)
@@ -4914,9 +4905,18 @@ wasm = _Namespace(
 # =============================================================================
 # 21. OCI LAYOUT: reading and importing
 # =============================================================================
+
 # An imported layout is untrusted: every blob it reaches is streamed into a
 # cache writer that hashes it, and nothing is committed to the cache until
 # every blob of every selected image has checked out.
+
+def _parse_import_source(text: str) -> Tuple[str, str, Optional[str]]:
+    """Parse what ``import`` reads: ``oci:DIR[:TAG]`` or ``oci-archive:FILE[:TAG]``."""
+    transport = text.partition(":")[0]
+    if transport not in ("oci", "oci-archive"):
+        raise LayoutError(f"unsupported source {text!r}: expected oci:DIR[:TAG] or "
+                          "oci-archive:FILE[:TAG] (docker-archive files are not imported)")
+    return _parse_transport(text)
 
 
 @dataclass(frozen=True)
