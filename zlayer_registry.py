@@ -2405,6 +2405,7 @@ class _RegistryClient:
         self._scheme_lock = threading.Lock()
 
     def _set_base_url(self, base_url: str) -> None:
+        """Point the client at ``scheme://host[:port]`` (the origin follows)."""
         self.base_url = base_url
         self.origin = _origin(base_url)
 
@@ -5679,6 +5680,7 @@ class _LayoutOnlyClient:
         self.src = src
 
     def _missing(self, what: str) -> LayoutError:
+        """Return the error for something the layout lacks."""
         return LayoutError(f"{self.src}: {what} is not in the layout")
 
     def get_manifest(self, identifier: str) -> Manifest:
@@ -6120,6 +6122,7 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
 
 
 def _layers(count: int) -> str:
+    """Return "1 layer" or "N layers"."""
     return f"{count} layer{'' if count == 1 else 's'}"
 
 
