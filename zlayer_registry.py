@@ -1619,6 +1619,16 @@ class _Response:
         self.close()
 
 
+def _import_ssl() -> Any:
+    """Return the ssl module, or raise a RegistryError on a Python built without it."""
+    try:
+        import ssl
+    except ImportError as exc:  # Pythons built without OpenSSL
+        raise RegistryError("https needs the 'ssl' module, which this Python lacks; "
+                            "use a Python built with OpenSSL") from exc
+    return ssl
+
+
 class _Transport:
     """Sends single HTTP requests over pooled keep-alive connections."""
 
@@ -1644,21 +1654,17 @@ class _Transport:
     def _context(self, verify: bool = True) -> Any:
         """Return the TLS context: the given or default one, or (``verify``
         false, for an --insecure registry) one that checks no certificate."""
-        if self._ssl_context is None or (not verify and self._unverified_context is None):
-            try:
-                import ssl
-            except ImportError as exc:  # Pythons built without OpenSSL
-                raise RegistryError("https needs the 'ssl' module, which this "
-                                    "Python lacks; use a Python built with "
-                                    "OpenSSL") from exc
+        if verify:
             if self._ssl_context is None:
-                self._ssl_context = ssl.create_default_context()
-            if not verify and self._unverified_context is None:
-                context = ssl.create_default_context()
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-                self._unverified_context = context
-        return self._ssl_context if verify else self._unverified_context
+                self._ssl_context = _import_ssl().create_default_context()
+            return self._ssl_context
+        if self._unverified_context is None:
+            ssl = _import_ssl()
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            self._unverified_context = context
+        return self._unverified_context
 
     def _connect(self, scheme: str, host: str, port: int,
                  verify: bool = True) -> Tuple[_Connection, bool]:
@@ -1922,10 +1928,12 @@ def _load_json_file(path: str, required: bool = False) -> Dict[str, Any]:
     except (OSError, ValueError) as exc:
         # Never the text of the file (secrets): where JSON broke, or the OS error.
         if required:
-            detail = f"not JSON (line {exc.lineno}, column {exc.colno})" \
-                if isinstance(exc, json.JSONDecodeError) else \
-                (exc.strerror if isinstance(exc, OSError) and exc.strerror else
-                 exc.__class__.__name__)
+            if isinstance(exc, json.JSONDecodeError):
+                detail = f"not JSON (line {exc.lineno}, column {exc.colno})"
+            elif isinstance(exc, OSError) and exc.strerror:
+                detail = exc.strerror
+            else:
+                detail = exc.__class__.__name__
             raise AuthError(f"cannot read credentials file {path}: {detail}") from None
         _warn(f"ignoring credentials file {path}: {exc.__class__.__name__}")
         return {}
@@ -2409,10 +2417,14 @@ class _RegistryClient:
         self.base_url = base_url
         self.origin = _origin(base_url)
 
+    def _is_registry_host(self, url: str) -> bool:
+        """Tell whether ``url`` is on the registry's own host and port (either scheme)."""
+        return _origin(url)[1:] == self.origin[1:]
+
     def _is_verified(self, url: str) -> bool:
         """Tell whether to check the certificate of ``url`` (not the --insecure
-        registry's own, whatever the scheme; always a redirect target's)."""
-        return not (self.insecure and _origin(url)[1:] == self.origin[1:])
+        registry's own; always a redirect target's)."""
+        return not (self.insecure and self._is_registry_host(url))
 
     # -- authorisation --------------------------------------------------------
 
@@ -2487,7 +2499,7 @@ class _RegistryClient:
                 # nor will a certificate become trusted.
                 failed = url if isinstance(url, str) else url()
                 refusal = _tls_refusal(exc, not self.insecure
-                                       and _origin(failed)[1:] == self.origin[1:])
+                                       and self._is_registry_host(failed))
                 if attempt >= self.retries or _is_name_error(exc) or refusal:
                     raise _unreachable_error(self.registry, self.origin[1], self.transport.proxies,
                                              method, failed, exc, refusal) from exc
@@ -3679,7 +3691,7 @@ class DirectoryBlobCache(BlobCache):
                     pass
             return
         self._index.executemany("UPDATE blobs SET last_used_at = ? WHERE digest = ?",
-                          [(now, d) for d in digests])
+                                [(now, d) for d in digests])
 
     def record_reference(self, reference: str, digest: str, media_type: str) -> None:
         """Remember which manifest ``reference`` resolved to (written with the next query)."""
@@ -5847,15 +5859,14 @@ class ImagePuller(_PullerCore):
                               "(a layout directory is oci:)")
         return _import_layout(self.cache, path, tag)
 
-    def _imported(self, src: str) -> List[str]:
+    def _imported(self, transport: str, path: str, tag: Optional[str]) -> str:
         """Return the digest ``import`` recorded for a layout that is no longer there."""
-        transport, path, tag = _parse_import_source(src)
         digest = self.cache.lookup_reference(f"{transport}:{os.path.abspath(path)}:{tag}") \
             if tag else None
         if digest is None:
             raise LayoutError(f"{path} does not exist (nor was it imported"
                               f"{' with that tag' if tag else ' by tag'})")
-        return [digest]
+        return digest
 
     def unpack(self, reference: Union[str, Reference],
                rootfs: Union[str, "os.PathLike[str]"],
@@ -5879,8 +5890,11 @@ class ImagePuller(_PullerCore):
         name ``import`` recorded).  An index is resolved to this puller's
         platform.  No registry is contacted.
         """
-        digests = sorted({info.digest for info in self.import_image(src)}) \
-            if os.path.exists(_parse_import_source(src)[1]) else self._imported(src)
+        transport, path, tag = _parse_import_source(src)
+        if os.path.exists(path):
+            digests = sorted({info.digest for info in self.import_image(src)})
+        else:
+            digests = [self._imported(transport, path, tag)]
         if len(digests) != 1:
             raise LayoutError(f"{src} holds {len(digests)} images: name one with :TAG")
         local = _LayoutOnlyClient(src)
@@ -6220,7 +6234,7 @@ def _is_layout_source(text: str) -> bool:
     transport, _, rest = text.partition(":")
     if transport not in ("oci", "oci-archive") or not rest or re.match(r"[0-9]+/", rest):
         return False
-    path = rest.rsplit(":", 1)[0] if ":" in rest else rest
+    path = rest.rsplit(":", 1)[0]
     if "/" in path or path.startswith(".") or os.path.exists(path):
         return True
     try:
@@ -6450,6 +6464,7 @@ _EXAMPLES = {
 _HOST_PLATFORM_HELP = ("platform to pick from an index (default: this host's); a single "
                        "image must be for it")
 _JSON_HELP = "print one JSON object"
+_CACHE_HELP = "cache directory (default: $ZLAYER_REGISTRY_CACHE, else ~/.cache/zlayer-registry)"
 
 
 def _build_parser(only: Optional[str] = None) -> Any:
@@ -6490,8 +6505,7 @@ def _add_subcommand(commands: Any, name: str, help_text: str, *, cache: bool = T
     sub.add_argument("--debug", action="store_true", default=_suppress(),
                      help="show tracebacks on errors")
     if cache:
-        sub.add_argument("--cache", metavar="DIR", help="cache directory (default: "
-                         "$ZLAYER_REGISTRY_CACHE, else ~/.cache/zlayer-registry)")
+        sub.add_argument("--cache", metavar="DIR", help=_CACHE_HELP)
     if reference:
         sub.add_argument("reference", metavar="REF", help=f"image reference, e.g. {example}")
         sub.add_argument("--insecure", action="store_true",
@@ -6559,8 +6573,7 @@ def _add_cache_actions(cache: Any) -> None:
                             ("prune", "delete least recently used blobs down to a size"),
                             ("gc", "delete blobs no recorded reference uses")):
         action = cache_actions.add_parser(name, help=help_text, description=help_text)
-        action.add_argument("--cache", metavar="DIR", default=_suppress(),
-                            help="cache directory")
+        action.add_argument("--cache", metavar="DIR", default=_suppress(), help=_CACHE_HELP)
         action.add_argument("--debug", action="store_true", default=_suppress(),
                             help="show tracebacks on errors")
         if name == "ls":
