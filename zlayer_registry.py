@@ -2393,11 +2393,9 @@ class _RegistryClient:
         host = reference.api_host
         self.loopback = _is_loopback_host(host)
         self.insecure = insecure
-        # Loopback speaks plain http, and https (checked) if a TLS-only server
-        # answers (see _TLS_ONLY_ANSWERS).  An --insecure registry
-        # is tried over https without a certificate check, then plain http if
-        # that gets no answer, as docker and crane do.  The first answer
-        # settles the scheme.
+        # Loopback speaks plain http (https if a TLS-only server answers); an
+        # --insecure registry unchecked https, then plain http if https gets
+        # no answer, as docker and crane do.  The first answer settles it.
         self._set_base_url(f"{'http' if self.loopback and not insecure else 'https'}://{host}")
         self._scheme_known = not (insecure or self.loopback)
         self.scope = f"repository:{self.repository}:pull"
@@ -2422,8 +2420,7 @@ class _RegistryClient:
         return _origin(url)[1:] == self.origin[1:]
 
     def _is_verified(self, url: str) -> bool:
-        """Tell whether to check the certificate of ``url`` (not the --insecure
-        registry's own; always a redirect target's)."""
+        """Tell whether to check ``url``'s certificate (all but an --insecure registry's)."""
         return not (self.insecure and self._is_registry_host(url))
 
     # -- authorisation --------------------------------------------------------
@@ -2571,8 +2568,7 @@ class _RegistryClient:
         (a 400) by https.
         """
         if not self._scheme_known:
-            # One request settles the scheme; workers starting meanwhile wait
-            # for it (until its answer's headers are in).
+            # One request settles the scheme; workers starting meanwhile wait.
             with self._scheme_lock:
                 if not self._scheme_known:
                     return self._send_settling_scheme(method, path, headers, tried)
