@@ -1605,16 +1605,16 @@ class TestCaches:
         return cache
 
     def test_is_empty_until_a_blob_is_stored(self, cache):
-        assert cache._is_empty()
+        assert cache.is_empty()
         cache.put(zr.compute_digest(b"x"), b"x", "text/plain")
-        assert not cache._is_empty()
+        assert not cache.is_empty()
 
     def test_directory_with_a_stray_entry_is_not_taken_for_empty(self, tmp_path):
         cache = zr.BlobCache.open(tmp_path / "c")
         (tmp_path / "c" / "blobs" / "sha256").mkdir()
-        assert cache._is_empty()
+        assert cache.is_empty()
         (tmp_path / "c" / "blobs" / "stray").write_bytes(b"")
-        assert not cache._is_empty()
+        assert not cache.is_empty()
 
     def test_put_get_has_and_miss_is_none(self, cache):
         data = b"hello"
@@ -1655,7 +1655,7 @@ class TestCaches:
         if isinstance(cache, zr.DirectoryBlobCache):
             for age, digest in enumerate(digests):
                 stamp = 1000 + age
-                os.utime(cache._blob_path(digest), (stamp, stamp))
+                os.utime(cache.path(digest), (stamp, stamp))
                 cache._index.execute("UPDATE blobs SET last_used_at = ? WHERE digest = ?", (stamp, digest))
         else:
             for age, digest in enumerate(digests):
@@ -1670,10 +1670,7 @@ class TestCaches:
         make_puller(cache).pull(f"{registry.host}/app:v1")
         stray = b"stray"
         cache.put(zr.compute_digest(stray), stray)
-        if isinstance(cache, zr.DirectoryBlobCache) and cache._index.sqlite is None:
-            # Without the index there are no reference records: gc would
-            # delete everything, so it is only meaningful with an index.
-            return
+        # Reference records are files: without the index gc sees them all the same.
         assert cache.gc() == [zr.compute_digest(stray)]
         assert cache.has(image["digest"]) and cache.has(image["layers"][0]["digest"])
 
@@ -1681,11 +1678,103 @@ class TestCaches:
         image = registry.add_image("app", None, [layer_bytes(2, 1000)])
         pinned = f"{registry.host}/app@{image['digest']}"
         make_puller(cache).pull(pinned)
-        if isinstance(cache, zr.DirectoryBlobCache) and cache._index.sqlite is None:
-            return  # no reference records without the index (see above)
         assert cache.references()[pinned] == image["digest"]
         assert cache.gc() == []
         assert cache.has(image["digest"]) and cache.has(image["layers"][0]["digest"])
+
+    def test_gc_after_the_index_is_lost_keeps_every_pulled_image(self, registry, tmp_path):
+        """The reference records are files: losing index.sqlite loses no reference, and
+        the image is then served from the cache by digest with the registry gone."""
+        image = registry.add_image("app", "v1", [layer_bytes(61, 3000), layer_bytes(62, 3000)])
+        cache = zr.BlobCache.open(tmp_path / "c")
+        make_puller(cache).pull(f"{registry.host}/app:v1")
+        cache.close()
+        (tmp_path / "c" / "index.sqlite").unlink()
+        for leftover in (tmp_path / "c").glob("index.sqlite-*"):
+            leftover.unlink()
+        cache = zr.BlobCache.open(tmp_path / "c")
+        stray = b"nobody refers to this"
+        cache.put(zr.compute_digest(stray), stray)
+        assert cache.gc() == [zr.compute_digest(stray)]
+        kept = {image["digest"], image["config"]["digest"]} | {
+            layer["digest"] for layer in image["layers"]}
+        assert set(cache.digests()) == kept
+        registry.close()
+        puller = make_puller(cache)
+        manifest, layers = puller.pull(f"{registry.host}/app@{image['digest']}")
+        assert manifest.digest == image["digest"] and len(layers) == 2
+        assert puller.request_count == 0
+
+    def test_gc_without_sqlite3_keeps_every_pulled_image(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(63, 3000)])
+        code = ("import sys; sys.modules['sqlite3'] = None;"
+                f"sys.path.insert(0, {str(HERE)!r}); import zlayer_registry as zr;"
+                f"c = zr.BlobCache.open({str(tmp_path / 'c')!r});"
+                f"zr.ImagePuller(c, environ={{}}).pull('{registry.host}/app:v1');"
+                "c.put(zr.compute_digest(b'stray'), b'stray');"
+                "print(c.gc() == [zr.compute_digest(b'stray')], len(list(c.digests())),"
+                " sorted(c.references().values()))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["True", "3", f"['{image['digest']}']"]
+        assert not (tmp_path / "c" / "index.sqlite").exists()
+        registry.close()
+        puller = make_puller(zr.BlobCache.open(tmp_path / "c"))
+        assert puller.pull(f"{registry.host}/app@{image['digest']}")[0].digest == \
+            image["digest"]
+        assert puller.request_count == 0
+
+    def test_gc_refuses_when_it_cannot_read_every_reference(self, registry, tmp_path):
+        registry.add_image("app", "v1", [layer_bytes(64, 3000)])
+        cache = zr.BlobCache.open(tmp_path / "c")
+        make_puller(cache).pull(f"{registry.host}/app:v1")
+        record = next((tmp_path / "c" / "refs").iterdir())
+        record.write_bytes(b"{not json")
+        before = sorted(cache.digests())
+        with pytest.raises(zr.CacheError, match="reference record .* is damaged"):
+            cache.gc()
+        record.unlink()
+        (tmp_path / "c" / "refs").rmdir()
+        with pytest.raises(zr.CacheError, match="no reference records"):
+            zr.BlobCache.open(tmp_path / "c").gc()
+        assert sorted(cache.digests()) == before
+
+    def test_references_an_older_version_kept_in_the_index_become_files(self, tmp_path):
+        cache = zr.BlobCache.open(tmp_path / "c")
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": zr.MEDIA_TYPE_OCI_MANIFEST,
+                               "config": {"mediaType": zr.MEDIA_TYPE_OCI_CONFIG,
+                                          "digest": zr.compute_digest(b"{}"), "size": 2},
+                               "layers": []}).encode()
+        cache.put(zr.compute_digest(b"{}"), b"{}", zr.MEDIA_TYPE_OCI_CONFIG)
+        cache.put(zr.compute_digest(manifest), manifest, zr.MEDIA_TYPE_OCI_MANIFEST)
+        cache._index.execute("INSERT INTO refs VALUES (?, ?, ?, ?)",
+                             ("example.com/old:v1", zr.compute_digest(manifest),
+                              zr.MEDIA_TYPE_OCI_MANIFEST, 0.0))
+        cache.close()
+        shutil.rmtree(tmp_path / "c" / "refs")  # as the older version left the cache
+        reopened = zr.BlobCache.open(tmp_path / "c")
+        assert [p.name for p in (tmp_path / "c" / "refs").iterdir()] == [
+            "example.com%2Fold%3Av1"]
+        assert reopened.references() == {"example.com/old:v1": zr.compute_digest(manifest)}
+        assert reopened._index.legacy_references() == []
+        assert reopened.gc() == []
+
+    def test_reference_records_have_readable_or_hashed_names(self, tmp_path):
+        cache = zr.BlobCache.open(tmp_path / "c")
+        long_reference = "oci:/" + "d" * 300 + ":v1"
+        odd_reference = ".hidden/x y:ä%"
+        for reference in (long_reference, odd_reference, "docker.io/library/alpine:3.20"):
+            cache.record_reference(reference, SHA_A, zr.MEDIA_TYPE_OCI_MANIFEST)
+        names = sorted(p.name for p in (tmp_path / "c" / "refs").iterdir())
+        assert names == sorted([
+            "%2Ehidden%2Fx%20y%3A%C3%A4%25", "docker.io%2Flibrary%2Falpine%3A3.20",
+            "sha256-" + hashlib.sha256(long_reference.encode()).hexdigest()])
+        assert zr.BlobCache.open(tmp_path / "c").references() == {
+            long_reference: SHA_A, odd_reference: SHA_A, "docker.io/library/alpine:3.20": SHA_A}
+        assert cache.forget_reference(odd_reference) and not cache.forget_reference(odd_reference)
+        assert cache.lookup_reference(odd_reference) is None
+        assert cache.lookup_reference(long_reference) == SHA_A
 
     def test_verify_finds_corruption(self, tmp_path):
         cache = zr.BlobCache.open(tmp_path)
@@ -3176,7 +3265,9 @@ class TestReadOnlyCache:
         puller = make_puller(reader)
         assert puller.pull(f"{registry.host}/app@{image['digest']}")[0].digest == \
             image["digest"]
-        assert puller.request_count == 0 and reader.references() == {}
+        # References are files, so the reader sees them though the index rows wait in the WAL.
+        assert puller.request_count == 0
+        assert reader.references() == {f"{registry.host}/app:v1": image["digest"]}
         writer.close()
 
     def test_the_cli_reads_a_cache_it_cannot_write(self, registry, tmp_path):

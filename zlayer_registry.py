@@ -27,28 +27,32 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     2. CONSTANTS: media types and limits
     3. ERRORS
     4. UTILITIES: private helpers
-    5. DIGESTS AND DESCRIPTORS
-    6. REFERENCES: parsing and normalising image references
-    7. MANIFESTS AND PLATFORMS
-    8. WASM DETECTION
-    9. HTTP/1.1: connections and responses
-    10. TRANSPORT: keep-alive pooling and proxies
-    11. CREDENTIALS AND TOKEN AUTH
-    12. REGISTRY ANSWERS: errors, retries, hosts that do not answer
-    13. REGISTRY CLIENT: manifests and blobs over the distribution API
-    14. BLOB CACHES: the interface, in memory
-    15. CACHE FILES: blob writers (direct I/O), file locks, crash leftovers
-    16. DIRECTORY CACHE: content-addressed files and a SQLite index
-    17. UNPACK: layer streams (compression, prefetch)
-    18. UNPACK: the root filesystem tree
-    19. UNPACK: LayerUnpacker, applying tar entries
-    20. OCI LAYOUT: writing layouts, archives and WASM artifacts
-    21. OCI LAYOUT: reading and importing
-    22. PULL: worker threads
-    23. PULL: resolving references and fetching blobs
-    24. PULL: the ImagePuller API
-    25. CLI: output, the command's caches and the commands
-    26. CLI: argument types, the parser, main
+    5. FILES: safe reads, atomic writes, locks, crash leftovers
+    6. DIGESTS AND DESCRIPTORS
+    7. REFERENCES: parsing and normalising image references
+    8. MANIFESTS AND PLATFORMS
+    9. MANIFEST GRAPH: walking indexes, images and their blobs
+    10. WASM DETECTION
+    11. HTTP/1.1: connections and responses
+    12. TRANSPORT: keep-alive pooling and proxies
+    13. CREDENTIALS AND TOKEN AUTH
+    14. REGISTRY ANSWERS: errors, retries, hosts that do not answer
+    15. REGISTRY CLIENT: manifests and blobs over the distribution API
+    16. BLOB STORES: the interface every cache implements
+    17. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
+    18. CACHE INDEX: SQLite beside the files
+    19. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+    20. MEMORY CACHE: BlobCache, and where persistent caches are opened
+    21. UNPACK: layer streams (compression, prefetch)
+    22. UNPACK: the root filesystem tree
+    23. UNPACK: LayerUnpacker, applying tar entries
+    24. OCI LAYOUT: writing layouts, archives and WASM artifacts
+    25. OCI LAYOUT: reading and importing
+    26. PULL: worker threads
+    27. PULL: resolving references and fetching blobs
+    28. PULL: the ImagePuller API
+    29. CLI: output, the command's caches and the commands
+    30. CLI: argument types, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -118,7 +122,7 @@ __all__ = [
     # Credentials
     "RegistryAuth",
     # Caches
-    "BlobCache", "DirectoryBlobCache",
+    "BlobStore", "BlobWriter", "BlobCache", "DirectoryBlobCache",
     # Pull and unpack
     "ImagePuller", "Layer", "PullResult", "LayerUnpacker",
     # CLI
@@ -154,6 +158,7 @@ _SCHEMA1_MEDIA_TYPES = (
 )
 _IMAGE_MANIFEST_TYPES = (MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST)
 _INDEX_TYPES = (MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST)
+_MANIFEST_TYPES = _IMAGE_MANIFEST_TYPES + _INDEX_TYPES
 # distribution answers 404 to a manifest GET whose Accept lacks the OCI
 # types, so every manifest request names all four.
 _MANIFEST_ACCEPT = ", ".join(_IMAGE_MANIFEST_TYPES + _INDEX_TYPES)
@@ -372,22 +377,6 @@ def _format_bytes(size_bytes: float) -> str:
     return f"{size_bytes:.1f} GiB"
 
 
-def _read_regular_file(path: str, limit_bytes: int) -> Optional[bytes]:
-    """Read at most ``limit_bytes`` of a regular file, never through a symlink or a FIFO.
-
-    Returns None when there is no regular file at ``path``.
-    """
-    import stat as st
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if not st.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return _read_capped(f, limit_bytes)
-
-
 def _read_capped(stream: Any, limit_bytes: int) -> bytes:
     """Read at most ``limit_bytes`` from ``stream`` (error bodies, tokens)."""
     chunks = []
@@ -402,7 +391,213 @@ def _read_capped(stream: Any, limit_bytes: int) -> bytes:
 
 
 # =============================================================================
-# 5. DIGESTS AND DESCRIPTORS
+# 5. FILES: safe reads, atomic writes, locks, crash leftovers
+# =============================================================================
+# Every file this module writes for others to read (cache blobs, reference
+# records, layouts, archives, root filesystems) is first written under a
+# temporary name that carries the writer's PID, flocked while in use, and
+# renamed into place; the next process beside it removes the temporaries of
+# writers that are gone.
+
+def _is_root() -> bool:
+    """Tell whether the effective user is root."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _join(parent: str, name: str) -> str:
+    """Join two parts of a relative path ('' is the top)."""
+    return f"{parent}/{name}" if parent else name
+
+
+def _write_all(fd: int, data: Any) -> None:
+    """Write all of ``data`` (any buffer) to a file descriptor."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _open_regular_file(path: str) -> Optional[BinaryIO]:
+    """Open a regular file for reading, never through a symlink, a FIFO or a device.
+
+    Returns None when there is no readable regular file at ``path``: files
+    of untrusted layouts are opened this way (a FIFO would hang the reader,
+    a device flood it, a symlink lead outside).
+    """
+    import stat as st
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None  # missing, a symlink (ELOOP), or unreadable
+    if not st.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
+def _read_regular_file(path: str, limit_bytes: int) -> Optional[bytes]:
+    """Read at most ``limit_bytes`` of a regular file (see ``_open_regular_file``)."""
+    stream = _open_regular_file(path)
+    if stream is None:
+        return None
+    with stream:
+        return _read_capped(stream, limit_bytes)
+
+
+def _try_flock(fd: int) -> bool:
+    """Take an exclusive flock without waiting; True when taken (or flock is absent)."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    """Tell whether a process with ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _temporary_path(directory: str, stem: str, suffix: str = ".partial") -> str:
+    """Return a fresh name ``STEM.PID.RANDOM[SUFFIX]`` in ``directory``.
+
+    Random as tempfile.mkstemp makes one (tempfile itself is a slow import);
+    the PID lets ``_sweep_leftovers`` tell a crash leftover from work in progress.
+    """
+    return os.path.join(directory, f"{stem}.{os.getpid()}.{os.urandom(6).hex()}{suffix}")
+
+
+def _create_temporary(directory: str, stem: str, suffix: str = ".partial") -> Tuple[int, str]:
+    """Create and flock a new temporary file (``_temporary_path``); return (fd, path)."""
+    path = _temporary_path(directory, stem, suffix)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    _try_flock(fd)  # held while in use: not a leftover, even seen from another PID namespace
+    return fd, path
+
+
+# A temporary without a PID in its name (an older version's) is a leftover
+# when nobody holds its flock and it is older than this (the gap between
+# creating and locking it).
+_LEFTOVER_AGE_S = 60.0
+_SWEPT_DIRECTORIES: set = set()
+_SWEPT_LOCK = threading.Lock()
+
+
+def _leftover_pid(name: str, suffix: str) -> Optional[int]:
+    """Return the writer's PID in a ``_temporary_path`` name, None when it has none."""
+    parts = name[:len(name) - len(suffix)].rsplit(".", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _sweep_leftovers(directory: str, prefix: str, suffix: str = ".partial", *,
+                     once: bool = True) -> None:
+    """Remove what killed processes left in ``directory``: files and directories named
+    ``prefix...suffix`` whose writer is gone and whose flock nobody holds.
+
+    With ``once`` a directory is swept once per process.  A process in
+    another PID namespace (a container sharing the directory) sees our PID
+    as dead, but not our flock.
+    """
+    if once:
+        key = (os.path.abspath(directory), prefix, suffix)
+        with _SWEPT_LOCK:
+            if key in _SWEPT_DIRECTORIES:
+                return
+            _SWEPT_DIRECTORIES.add(key)
+    try:
+        names = [n for n in os.listdir(directory)
+                 if n.startswith(prefix) and n.endswith(suffix) and len(n) > len(prefix)]
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        pid = _leftover_pid(name, suffix)
+        if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
+            continue
+        _remove_if_abandoned(os.path.join(directory, name), now if pid is None else None)
+
+
+def _remove_if_abandoned(path: str, now: Optional[float]) -> None:
+    """Remove a temporary file or directory unless someone holds its flock (or, with
+    ``now``, it is younger than ``_LEFTOVER_AGE_S``)."""
+    import shutil
+    import stat as st
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return
+    try:
+        info = os.fstat(fd)
+        if (now is not None and now - info.st_mtime < _LEFTOVER_AGE_S) or not _try_flock(fd):
+            return
+        if st.S_ISDIR(info.st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, data: Union[bytes, Callable[[BinaryIO], None]],
+                  mode: int = 0o644) -> None:
+    """Write ``data`` (bytes, or a function filling the file) via a temporary file and a rename.
+
+    Nobody ever sees a half-written file at ``path``: the temporary file
+    (``.tmp.PID.RANDOM.partial`` beside it) is fsynced before the rename and
+    removed on any failure; one a killed writer left is swept by the next.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    _sweep_leftovers(directory, ".tmp")
+    fd, tmp = _create_temporary(directory, ".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _loads_json(raw: bytes) -> Any:
+    """Parse UTF-8 JSON; every way it can fail is a ValueError (deep nesting too)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _json_object(raw: bytes) -> Dict[str, Any]:
+    """Parse a JSON object (``_loads_json``); anything else is a ValueError."""
+    data = _loads_json(raw)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+# =============================================================================
+# 6. DIGESTS AND DESCRIPTORS
 # =============================================================================
 
 # image-spec descriptor.md: sha256 and sha512 are registered; their encoded
@@ -572,8 +767,19 @@ class _HashingReader(io.RawIOBase):
                                       f"{actual} ({self.count} bytes)")
 
 
+def _drain_checked(stream: BinaryIO, descriptor: Descriptor, subject: str = "",
+                   write: Optional[Callable[[bytes], Any]] = None) -> None:
+    """Read ``stream`` to its end, hashing it (and handing each chunk to ``write``);
+    raise DigestMismatchError unless it matches ``descriptor``."""
+    reader = _HashingReader(stream, descriptor)
+    for chunk in iter(lambda: reader.read(_READ_CHUNK_BYTES), b""):
+        if write is not None:
+            write(chunk)
+    reader.check(subject)
+
+
 # =============================================================================
-# 6. REFERENCES: parsing and normalising image references
+# 7. REFERENCES: parsing and normalising image references
 # =============================================================================
 # Grammar from distribution/reference (reference.go, normalize.go):
 #   reference := name [ ":" tag ] [ "@" digest ]
@@ -695,7 +901,7 @@ def _split_domain(text: str, name: str) -> Tuple[str, str]:
 
 
 # =============================================================================
-# 7. MANIFESTS AND PLATFORMS
+# 8. MANIFESTS AND PLATFORMS
 # =============================================================================
 
 @dataclass(frozen=True)
@@ -746,6 +952,12 @@ class Manifest:
     def size(self) -> int:
         """Return the manifest's size in bytes."""
         return len(self.raw)
+
+    @property
+    def children(self) -> List[Descriptor]:
+        """Return what this manifest points at: an index's manifests, an image's
+        config and layers."""
+        return self.manifests if self.is_index else [self.config] + self.layers
 
     def descriptor(self) -> Descriptor:
         """Return a descriptor that points at this manifest."""
@@ -902,7 +1114,47 @@ def _index_platforms(index: Manifest) -> List[Dict[str, str]]:
 
 
 # =============================================================================
-# 8. WASM DETECTION
+# 9. MANIFEST GRAPH: walking indexes, images and their blobs
+# =============================================================================
+# gc, export, import, index pulls (and push, children before their index)
+# walk the same graph: an index points at manifests, a manifest at its
+# config and layers.  Each node is visited once, however often it is listed.
+
+_GraphNode = Tuple[Descriptor, Optional[Manifest]]
+
+
+def _walk_graph(roots: Iterable[Descriptor], load: Callable[[Descriptor], Optional[Manifest]],
+                *, post_order: bool = False) -> Iterator[_GraphNode]:
+    """Yield (descriptor, manifest or None) for everything ``roots`` reach, each once.
+
+    ``load`` returns the manifest a descriptor names, or None for a blob it
+    will not descend into (a layer, a config; it may raise for one that is
+    missing).  Pre-order yields a manifest before what it points at;
+    ``post_order`` after, as a push must send them.  Iterative: a hostile
+    layout cannot exhaust the stack with deeply nested indexes.
+    """
+    seen: set = set()
+    stack: List[Tuple[Descriptor, Optional[Manifest], bool]] = [
+        (root, None, False) for root in reversed(list(roots))]
+    while stack:
+        descriptor, manifest, expanded = stack.pop()
+        if expanded:
+            yield descriptor, manifest
+            continue
+        if descriptor.digest in seen:
+            continue
+        seen.add(descriptor.digest)
+        manifest = load(descriptor)
+        if post_order:
+            stack.append((descriptor, manifest, True))
+        else:
+            yield descriptor, manifest
+        if manifest is not None:
+            stack.extend((child, None, False) for child in reversed(manifest.children))
+
+
+# =============================================================================
+# 10. WASM DETECTION
 # =============================================================================
 # Signals, most specific first (never the reference's name):
 #   1. the manifest's OCI 1.1 artifactType;
@@ -1102,7 +1354,7 @@ def extract_wasm_info(manifest: Union[Manifest, Mapping[str, Any]],
 
 
 # =============================================================================
-# 9. HTTP/1.1: connections and responses
+# 11. HTTP/1.1: connections and responses
 # =============================================================================
 # The part of http.client a registry client uses, written out: importing
 # http.client (and with it the email package and ssl) costs every cold CLI
@@ -1460,7 +1712,7 @@ class _UnbufferedLines:
 
 
 # =============================================================================
-# 10. TRANSPORT: keep-alive pooling and proxies
+# 12. TRANSPORT: keep-alive pooling and proxies
 # =============================================================================
 # urllib.request opens a new connection (and TLS handshake) per request;
 # here each (thread, scheme, host, port, certificate checked or not) keeps one
@@ -1767,7 +2019,7 @@ class _Transport:
 
 
 # =============================================================================
-# 11. CREDENTIALS AND TOKEN AUTH
+# 13. CREDENTIALS AND TOKEN AUTH
 # =============================================================================
 
 class RegistryAuth:
@@ -2201,7 +2453,7 @@ def _choose_challenge(response: _Response, registry: str, auth: RegistryAuth) ->
 
 
 # =============================================================================
-# 12. REGISTRY ANSWERS: errors, retries, hosts that do not answer
+# 14. REGISTRY ANSWERS: errors, retries, hosts that do not answer
 # =============================================================================
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -2377,7 +2629,7 @@ def _response_error(response: _Response, subject: str, auth: RegistryAuth,
 
 
 # =============================================================================
-# 13. REGISTRY CLIENT: manifests and blobs over the distribution API
+# 15. REGISTRY CLIENT: manifests and blobs over the distribution API
 # =============================================================================
 
 class _RegistryClient:
@@ -2683,23 +2935,47 @@ class _RegistryClient:
 
 
 # =============================================================================
-# 14. BLOB CACHES: the interface, in memory
+# 16. BLOB STORES: the interface every cache implements
 # =============================================================================
-# Every write goes through a _BlobWriter, which hashes while it writes and
-# makes the blob visible only once digest and size check out.  The directory
-# cache keeps content-addressed files (the truth) and a SQLite index (media
-# type, sizes, last use, reference records) that only speeds things up and
-# is rebuilt from the files when missing.
+# A blob store keeps blobs by digest and the references (tags, digests,
+# layout names) that say which of them to keep.  Every write goes through a
+# BlobWriter, which hashes while it writes and makes the blob visible only
+# once its digest and size check out.  What is visible is verified: readers
+# may trust a blob's bytes as of its commit (caches re-hash where the bytes
+# leave them, as export and unpack do).
+#
+# The stores: BlobCache (in memory), DirectoryBlobCache (files, with a
+# SQLite index beside them); next an S3 bucket and the local registry.
 
-class _BlobWriter:
-    """Receives a blob's bytes, hashing them; ``commit()`` verifies and publishes."""
+class BlobWriter:
+    """Receives one blob's bytes, hashing them as they come; ``commit()`` publishes it.
 
-    def __init__(self, digest: str, size: Optional[int]) -> None:
-        self.digest = _validate_digest(digest)
+    The digest is known from the start (a pull: the descriptor's) or only at
+    the end (an upload, whose final ``PUT ?digest=`` names it): then it is
+    given to ``commit``, and the bytes are hashed with ``algorithm`` meanwhile.
+    Stores implement the four ``_sink_*`` methods; a writer used as a context
+    manager is aborted when the block raises.
+    """
+
+    def __init__(self, digest: Optional[str], size: Optional[int],
+                 algorithm: str = "sha256") -> None:
+        self.digest = _validate_digest(digest) if digest is not None else None
         self.expected_size = size
         self.offset = 0
-        self._hasher = _hasher_for(digest)
+        self._algorithm = digest.split(":", 1)[0] if digest is not None else algorithm
+        if self._algorithm not in _DIGEST_HEX_LENGTHS:
+            raise InvalidDigestError(f"{algorithm}:", "unsupported algorithm")
+        self._hasher = hashlib.new(self._algorithm)
         self._scratch: Optional[memoryview] = None
+
+    @property
+    def subject(self) -> str:
+        """Name the blob in messages (its digest, or 'upload' before it is known)."""
+        return f"blob {self.digest}" if self.digest else "uploaded blob"
+
+    def actual_digest(self) -> str:
+        """Return the digest of the bytes received so far."""
+        return f"{self._algorithm}:{self._hasher.copy().hexdigest()}"
 
     def write(self, data: Any) -> None:
         """Append bytes (any buffer); refuses more than the announced size."""
@@ -2710,7 +2986,7 @@ class _BlobWriter:
         """Count and hash bytes about to be stored."""
         count = len(data)
         if self.expected_size is not None and self.offset + count > self.expected_size:
-            raise DigestMismatchError(f"blob {self.digest} is larger than announced",
+            raise DigestMismatchError(f"{self.subject} is larger than announced",
                                       f"{self.expected_size} bytes",
                                       f"at least {self.offset + count} bytes")
         self._hasher.update(data)
@@ -2739,31 +3015,50 @@ class _BlobWriter:
 
     def restart(self) -> None:
         """Drop what was written (the server ignored a Range request)."""
-        self._hasher = _hasher_for(self.digest)
+        self._hasher = hashlib.new(self._algorithm)
         self.offset = 0
         self._sink_truncate()
 
-    def check(self) -> None:
-        """Raise DigestMismatchError (discarding the blob) unless size and digest match."""
+    def check(self, digest: Optional[str] = None) -> None:
+        """Raise DigestMismatchError (discarding the blob) unless size and digest match.
+
+        ``digest`` names a blob whose digest was not known at the start.
+        """
+        if digest is not None:
+            self._settle_digest(digest)
+        if self.digest is None:
+            raise ValueError("the digest of an upload must be given to check() or commit()")
         if self.expected_size is not None and self.offset != self.expected_size:
             self.abort()
-            raise DigestMismatchError(f"blob {self.digest} has the wrong size",
+            raise DigestMismatchError(f"{self.subject} has the wrong size",
                                       f"{self.expected_size} bytes", f"{self.offset} bytes")
-        actual = f"{self._hasher.name}:{self._hasher.hexdigest()}"
+        actual = self.actual_digest()
         if actual != self.digest:
             self.abort()
             raise DigestMismatchError("blob digest mismatch", self.digest, actual)
 
-    def commit(self) -> None:
-        """Check size and digest, then make the blob visible in the cache."""
-        self.check()
+    def _settle_digest(self, digest: str) -> None:
+        """Take the digest an upload names at its end (it must use our algorithm)."""
+        _validate_digest(digest)
+        if self.digest is not None and digest != self.digest:
+            self.abort()
+            raise DigestMismatchError("blob digest mismatch", self.digest, digest)
+        if digest.split(":", 1)[0] != self._algorithm:
+            self.abort()
+            raise InvalidDigestError(digest, f"this upload was hashed with {self._algorithm}")
+        self.digest = digest
+
+    def commit(self, digest: Optional[str] = None) -> str:
+        """Check size and digest, then make the blob visible; return its digest."""
+        self.check(digest)
         self._sink_commit()
+        return str(self.digest)
 
     def abort(self) -> None:
         """Throw the partial blob away."""
         self._sink_abort()
 
-    def __enter__(self) -> "_BlobWriter":
+    def __enter__(self) -> "BlobWriter":
         return self
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:
@@ -2783,71 +3078,106 @@ class _BlobWriter:
         raise NotImplementedError
 
 
-class _MemoryBlobWriter(_BlobWriter):
-    def __init__(self, cache: "BlobCache", digest: str, size: Optional[int],
-                 media_type: str) -> None:
-        super().__init__(digest, size)
-        self._cache, self._media_type = cache, media_type
-        self._chunks: List[bytes] = []
+class BlobStore:
+    """The interface of a content-addressed blob store: blobs by digest, and references.
 
-    def _sink_write(self, data: Any) -> None:
-        self._chunks.append(bytes(data))
-
-    def _sink_truncate(self) -> None:
-        self._chunks = []
-
-    def _sink_commit(self) -> None:
-        self._cache._store(self.digest, b"".join(self._chunks), self._media_type)
-        self._chunks = []
-
-    def _sink_abort(self) -> None:
-        self._chunks = []
-
-
-class BlobCache:
-    """An in-memory content-addressed blob cache (and the cache interface).
-
-    ``BlobCache.open(path)`` returns the persistent :class:`DirectoryBlobCache`.
-    A miss is ``None``, never an exception.
+    A miss is ``None``, never an exception.  The methods above
+    "maintenance" are each store's own; ``read_small``, ``get``, ``put``,
+    ``verify``, ``prune``, ``gc`` and ``stats`` are built on them.
     """
 
-    def __init__(self) -> None:
-        self._blobs: Dict[str, bytes] = {}
-        self._meta: Dict[str, Dict[str, Any]] = {}
-        self._references: Dict[str, Tuple[str, str]] = {}
-        self._lock = threading.Lock()
-        self._blob_locks: Dict[str, Any] = {}
+    read_only = False
 
-    @staticmethod
-    def open(path: Union[str, "os.PathLike[str]"],
-             read_only: Optional[bool] = None) -> "DirectoryBlobCache":
-        """Open (creating if needed) a persistent cache directory; one this process
-        cannot write is opened read-only unless ``read_only`` says otherwise."""
-        return DirectoryBlobCache(os.fspath(path), read_only)
-
-    @staticmethod
-    def default_path(environ: Optional[Mapping[str, str]] = None) -> str:
-        """Return ``$ZLAYER_REGISTRY_CACHE``, else ``$XDG_CACHE_HOME/zlayer-registry``."""
-        env = os.environ if environ is None else environ
-        if env.get("ZLAYER_REGISTRY_CACHE"):
-            return env["ZLAYER_REGISTRY_CACHE"]
-        base = env.get("XDG_CACHE_HOME") or os.path.join(
-            env.get("HOME") or os.path.expanduser("~"), ".cache")
-        return os.path.join(base, "zlayer-registry")
-
-    # -- reading ------------------------------------------------------------
+    # -- reading --------------------------------------------------------------
 
     def has(self, digest: str) -> bool:
         """Tell whether a verified blob is present."""
-        return digest in self._blobs
+        raise NotImplementedError
 
-    def get(self, digest: str) -> Optional[bytes]:
-        """Return a blob's bytes (for small blobs: manifests, configs), or None."""
-        return self._blobs.get(digest)
+    def size(self, digest: str) -> Optional[int]:
+        """Return a stored blob's size in bytes, or None when it is absent."""
+        raise NotImplementedError
+
+    def open_blob(self, digest: str) -> Optional[BinaryIO]:
+        """Open a blob for reading, or return None when it is absent."""
+        raise NotImplementedError
 
     def path(self, digest: str) -> Optional[str]:
-        """Return the blob's file path, or None (always None in memory)."""
+        """Return the blob's file path, or None (absent, or not kept in a file)."""
         return None
+
+    def media_type(self, digest: str) -> str:
+        """Return the media type recorded with a blob ('' when unknown)."""
+        return ""
+
+    def digests(self) -> Iterator[str]:
+        """Yield the digest of every stored blob."""
+        raise NotImplementedError
+
+    def entries(self) -> List[Dict[str, Any]]:
+        """List blobs as dicts: digest, size, media_type, added_at, last_used_at."""
+        raise NotImplementedError
+
+    def is_empty(self) -> bool:
+        """Tell whether no blob at all is stored."""
+        return next(iter(self.digests()), None) is None
+
+    # -- writing --------------------------------------------------------------
+
+    def begin_write(self, digest: Optional[str] = None, size: Optional[int] = None,
+                    media_type: str = "", algorithm: str = "sha256") -> BlobWriter:
+        """Start writing a blob; it becomes visible on a verified ``commit()``.
+
+        Without ``digest`` (an upload) the digest is given to ``commit``, and
+        the bytes are hashed with ``algorithm`` meanwhile.
+        """
+        raise NotImplementedError
+
+    def delete(self, digest: str) -> bool:
+        """Remove a blob; tell whether it was there."""
+        raise NotImplementedError
+
+    def touch(self, digests: Iterable[str]) -> None:
+        """Mark blobs as used now (drives least-recently-used pruning)."""
+
+    def lock(self, digest: str) -> Any:
+        """Return a context manager held while one writer downloads ``digest``."""
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
+        """Prepare for the queries that end a pull (called while its downloads run)."""
+
+    # -- references -----------------------------------------------------------
+
+    def record_reference(self, reference: str, digest: str, media_type: str) -> None:
+        """Remember which manifest ``reference`` resolved to."""
+        raise NotImplementedError
+
+    def lookup_reference(self, reference: str) -> Optional[str]:
+        """Return the manifest digest last recorded for ``reference``."""
+        raise NotImplementedError
+
+    def references(self) -> Dict[str, str]:
+        """Return every recorded reference and its manifest digest.
+
+        Raises CacheError when a record cannot be read: ``gc`` must never
+        mistake references it cannot see for references that are not there.
+        """
+        raise NotImplementedError
+
+    def forget_reference(self, reference: str) -> bool:
+        """Drop a reference record; tell whether there was one."""
+        raise NotImplementedError
+
+    # -- maintenance, built on the methods above ------------------------------
+
+    def get(self, digest: str) -> Optional[bytes]:
+        """Return a blob's bytes, or None (use ``open_blob`` for large blobs)."""
+        stream = self.open_blob(digest)
+        if stream is None:
+            return None
+        with stream:
+            return stream.read()
 
     def read_small(self, digest: str, limit_bytes: int) -> Optional[bytes]:
         """Return a blob's bytes if it has at most ``limit_bytes``, else None.
@@ -2862,95 +3192,11 @@ class BlobCache:
             data = _read_capped(stream, limit_bytes + 1)
         return data if len(data) <= limit_bytes else None
 
-    def size(self, digest: str) -> Optional[int]:
-        """Return a stored blob's size in bytes, or None when it is absent."""
-        data = self._blobs.get(digest)
-        return None if data is None else len(data)
-
-    def open_blob(self, digest: str) -> Optional[BinaryIO]:
-        """Open a blob for reading, or return None when it is absent."""
-        import io
-        data = self._blobs.get(digest)
-        return None if data is None else io.BytesIO(data)
-
-    def _is_empty(self) -> bool:
-        """Tell whether no blob at all is stored."""
-        return not self._blobs
-
-    def media_type(self, digest: str) -> str:
-        """Return the media type recorded with a blob ('' when unknown)."""
-        return str(self._meta.get(digest, {}).get("media_type", ""))
-
-    # -- writing ------------------------------------------------------------
-
-    def begin_write(self, digest: str, size: Optional[int] = None,
-                    media_type: str = "") -> _BlobWriter:
-        """Start writing a blob; it becomes visible on a verified ``commit()``."""
-        return _MemoryBlobWriter(self, digest, size, media_type)
-
     def put(self, digest: str, data: bytes, media_type: str = "") -> None:
         """Store a small blob after checking it against ``digest``."""
         with self.begin_write(digest, len(data), media_type) as writer:
             writer.write(data)
             writer.commit()
-
-    def _store(self, digest: str, data: bytes, media_type: str) -> None:
-        now = time.time()
-        with self._lock:
-            self._blobs[digest] = data
-            self._meta[digest] = {"size": len(data), "media_type": media_type,
-                                  "added_at": now, "last_used_at": now}
-
-    def delete(self, digest: str) -> bool:
-        """Remove a blob; tells whether it was there."""
-        with self._lock:
-            self._meta.pop(digest, None)
-            return self._blobs.pop(digest, None) is not None
-
-    def touch(self, digests: Iterable[str]) -> None:
-        """Mark blobs as used now (drives least-recently-used pruning)."""
-        now = time.time()
-        with self._lock:
-            for digest in digests:
-                if digest in self._meta:
-                    self._meta[digest]["last_used_at"] = now
-
-    def lock(self, digest: str) -> Any:
-        """Return a context manager held while one writer downloads ``digest``."""
-        with self._lock:
-            return self._blob_locks.setdefault(digest, threading.Lock())
-
-    # -- references -----------------------------------------------------------
-
-    def _warm_up(self) -> None:
-        """Prepare for the queries that end a pull (the directory cache opens its index)."""
-
-    def record_reference(self, reference: str, digest: str, media_type: str) -> None:
-        """Remember which manifest ``reference`` resolved to."""
-        with self._lock:
-            self._references[reference] = (digest, media_type)
-
-    def lookup_reference(self, reference: str) -> Optional[str]:
-        """Return the manifest digest last recorded for ``reference``."""
-        entry = self._references.get(reference)
-        return entry[0] if entry else None
-
-    def references(self) -> Dict[str, str]:
-        """Return every recorded reference and its manifest digest."""
-        return {ref: entry[0] for ref, entry in self._references.items()}
-
-    def _forget_references(self, digests: Iterable[str]) -> None:
-        gone = set(digests)
-        with self._lock:
-            for ref in [r for r, e in self._references.items() if e[0] in gone]:
-                del self._references[ref]
-
-    # -- maintenance ----------------------------------------------------------
-
-    def entries(self) -> List[Dict[str, Any]]:
-        """List blobs as dicts: digest, size, media_type, added_at, last_used_at."""
-        with self._lock:
-            return [dict(meta, digest=d) for d, meta in self._meta.items()]
 
     def verify(self, remove: bool = False) -> List[str]:
         """Re-hash every blob; return the digests that fail (removing them if asked)."""
@@ -2960,18 +3206,19 @@ class BlobCache:
             stream = self.open_blob(digest)
             if stream is None:
                 continue
-            hasher = _hasher_for(digest)
-            with stream:
-                for chunk in iter(lambda: stream.read(_READ_CHUNK_BYTES), b""):
-                    hasher.update(chunk)
-            if f"{hasher.name}:{hasher.hexdigest()}" != digest:
+            try:
+                _drain_checked(stream, Descriptor("", digest, entry["size"]))
+            except DigestMismatchError:
                 bad.append(digest)
                 if remove:
                     self.delete(digest)
         return bad
 
     def prune(self, max_bytes: int) -> List[str]:
-        """Delete least recently used blobs until at most ``max_bytes`` remain."""
+        """Delete least recently used blobs until at most ``max_bytes`` remain.
+
+        References to a manifest that goes are forgotten with it.
+        """
         entries = sorted(self.entries(), key=lambda e: (e["last_used_at"], e["digest"]))
         total = sum(e["size"] for e in entries)
         removed = []
@@ -2981,38 +3228,40 @@ class BlobCache:
             if self.delete(entry["digest"]):
                 removed.append(entry["digest"])
             total -= entry["size"]
-        self._forget_references(removed)
+        gone = set(removed)
+        for reference, digest in self.references().items():
+            if digest in gone:
+                self.forget_reference(reference)
         return removed
 
     def gc(self) -> List[str]:
         """Delete blobs no recorded reference reaches; return their digests."""
-        reachable = self._reachable(self.references().values())
-        removed = [e["digest"] for e in self.entries() if e["digest"] not in reachable]
+        roots = [self._root_descriptor(digest) for digest in set(self.references().values())]
+        reachable = {d.digest for d, _ in _walk_graph(roots, self._load_for_gc)}
+        removed = [digest for digest in list(self.digests()) if digest not in reachable]
         for digest in removed:
             self.delete(digest)
         return removed
 
-    def _reachable(self, roots: Iterable[str]) -> set:
-        seen: set = set()
-        pending = list(roots)
-        while pending:
-            digest = pending.pop()
-            if digest in seen:
-                continue
-            seen.add(digest)
-            raw = self.read_small(digest, MAX_MANIFEST_SIZE_BYTES) if self.media_type(digest) in (
-                _IMAGE_MANIFEST_TYPES + _INDEX_TYPES) else None
-            if raw is None:
-                continue
-            try:
-                manifest = parse_manifest(raw, self.media_type(digest), digest)
-            except ZLayerError:
-                continue
-            if manifest.is_index:
-                pending.extend(d.digest for d in manifest.manifests)
-            else:
-                pending.extend([manifest.config.digest] + [d.digest for d in manifest.layers])
-        return seen
+    def _root_descriptor(self, digest: str) -> Descriptor:
+        """Describe a referenced manifest for the gc walk (its media type, if known)."""
+        return Descriptor(self.media_type(digest), digest, self.size(digest) or 0)
+
+    def _load_for_gc(self, descriptor: Descriptor) -> Optional[Manifest]:
+        """Return the manifest a descriptor names, None for any other blob.
+
+        A media type the index has lost ('') is tried as a manifest: gc must
+        keep too much rather than too little.
+        """
+        if descriptor.media_type not in _MANIFEST_TYPES + ("",):
+            return None
+        raw = self.read_small(descriptor.digest, MAX_MANIFEST_SIZE_BYTES)
+        if raw is None:
+            return None
+        try:
+            return parse_manifest(raw, descriptor.media_type, descriptor.digest)
+        except ZLayerError:
+            return None
 
     def stats(self) -> Dict[str, Any]:
         """Return blob count, total bytes and reference count."""
@@ -3021,20 +3270,44 @@ class BlobCache:
                 "references": len(self.references())}
 
     def close(self) -> None:
-        """Release resources (nothing to do in memory)."""
+        """Release what the store holds open (connections, index handles)."""
 
-    def __enter__(self) -> "BlobCache":
+    def __enter__(self) -> "BlobStore":
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
 
+def _corrupt_cached_blob(digest: str, kind: str = "blob") -> str:
+    """Return the subject of the error for a cached blob whose bytes no longer match."""
+    return f"cached {kind} {digest} is corrupt (run 'cache verify --remove', then pull again)"
+
+
+def _corrupt_cached_layer(digest: str) -> str:
+    """Return the subject of the error for a cached layer whose bytes no longer match."""
+    return _corrupt_cached_blob(digest, "layer")
+
+
+def _open_stored(store: BlobStore, descriptor: Descriptor) -> BinaryIO:
+    """Open a blob the store must have (a CacheError when it does not)."""
+    stream = store.open_blob(descriptor.digest)
+    if stream is None:
+        raise CacheError(f"blob {descriptor.digest} is not in the cache")
+    return stream
+
+
+def _verify_stored(store: BlobStore, descriptor: Descriptor) -> None:
+    """Hash a stored blob again: one changed on disk since it was stored is an error."""
+    with _open_stored(store, descriptor) as stream:
+        _drain_checked(stream, descriptor, _corrupt_cached_blob(descriptor.digest))
+
+
 # =============================================================================
-# 15. CACHE FILES: blob writers (direct I/O), file locks, crash leftovers
+# 17. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
 # =============================================================================
 
-class _FileBlobWriter(_BlobWriter):
+class _FileBlobWriter(BlobWriter):
     """Streams into ``tmp/`` inside the cache, then renames into ``blobs/``.
 
     Blobs of ``_DIRECT_IO_MIN_BYTES`` or more are written with ``O_DIRECT``
@@ -3045,23 +3318,15 @@ class _FileBlobWriter(_BlobWriter):
     fresh page costs a host fault).  The unaligned tail is written buffered.
     """
 
-    def __init__(self, cache: "DirectoryBlobCache", digest: str, size: Optional[int],
-                 media_type: str) -> None:
-        super().__init__(digest, size)
-        self._cache, self._media_type = cache, media_type
-        # A unique name as tempfile.mkstemp makes one (importing tempfile
-        # costs a cold CLI run about 3 ms): random, created exclusively.
-        self._tmp_path = os.path.join(
-            cache._tmp_dir, f"{digest.split(':', 1)[1][:16]}.{os.getpid()}."
-                            f"{os.urandom(6).hex()}.partial")
+    def __init__(self, files: "_BlobFiles", digest: Optional[str], size: Optional[int],
+                 algorithm: str, on_commit: Callable[[str, int], None]) -> None:
+        super().__init__(digest, size, algorithm)
+        self._files, self._on_commit = files, on_commit
+        stem = digest.split(":", 1)[1][:16] if digest else "upload"
         try:
-            fd = os.open(self._tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL
-                         | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd, self._tmp_path = _create_temporary(files.tmp_dir, stem)
         except OSError as exc:
-            raise CacheError(f"cannot write to cache {cache.root}: {exc.strerror or exc}") from exc
-        # Locked while written: a process in another PID namespace (a
-        # container sharing the cache) sees our PID as dead, but not this lock.
-        _try_flock(fd)
+            raise CacheError(f"cannot write to cache {files.root}: {exc.strerror or exc}") from exc
         self._fd: Optional[int] = fd
         self._stage: Optional[memoryview] = None
         self._staged = 0
@@ -3127,9 +3392,9 @@ class _FileBlobWriter(_BlobWriter):
         except OSError as exc:
             raise self._write_failed(exc) from exc
 
-    def check(self) -> None:
+    def check(self, digest: Optional[str] = None) -> None:
         """Verify, and close the temporary file (a checked blob waits without an fd)."""
-        super().check()
+        super().check(digest)
         if self._fd is not None:
             try:
                 if self._stage is not None:
@@ -3153,20 +3418,20 @@ class _FileBlobWriter(_BlobWriter):
     def _write_failed(self, exc: OSError) -> CacheError:
         """Discard the partial blob; return the error to raise for ``exc``."""
         self.abort()
-        return CacheError(f"cannot write blob {self.digest} to cache {self._cache.root}: "
+        return CacheError(f"cannot write {self.subject} to cache {self._files.root}: "
                           f"{exc.strerror or exc}")
 
     def _sink_commit(self) -> None:
-        final = self._cache._blob_path(self.digest)
+        final = self._files.blob_path(str(self.digest))
         try:
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.chmod(self._tmp_path, 0o444)
             os.replace(self._tmp_path, final)
         except OSError as exc:
             self.abort()
-            raise CacheError(f"cannot store blob {self.digest} in cache "
-                             f"{self._cache.root}: {exc.strerror or exc}") from exc
-        self._cache._index.queue_blob(self.digest, self.offset, self._media_type)
+            raise CacheError(f"cannot store {self.subject} in cache "
+                             f"{self._files.root}: {exc.strerror or exc}") from exc
+        self._on_commit(str(self.digest), self.offset)
 
     def _sink_abort(self) -> None:
         self._close()
@@ -3219,8 +3484,8 @@ class _BlobFileLock:
     case of that race is a second download, never a corrupt blob.
     """
 
-    def __init__(self, cache: "DirectoryBlobCache", digest: str, path: str) -> None:
-        self._cache, self._digest, self._path = cache, digest, path
+    def __init__(self, files: "_BlobFiles", digest: str, path: str) -> None:
+        self._files, self._digest, self._path = files, digest, path
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "_BlobFileLock":
@@ -3232,7 +3497,7 @@ class _BlobFileLock:
             self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
                                0o644)
         except OSError as exc:
-            raise CacheError(f"cannot create lock in cache {self._cache.root}: "
+            raise CacheError(f"cannot create lock in cache {self._files.root}: "
                              f"{exc.strerror or exc}") from exc
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self
@@ -3240,7 +3505,7 @@ class _BlobFileLock:
     def __exit__(self, *exc_info: Any) -> None:
         if self._fd is None:
             return
-        if self._cache.has(self._digest):
+        if self._files.has(self._digest):
             try:
                 os.unlink(self._path)
             except OSError:
@@ -3249,80 +3514,214 @@ class _BlobFileLock:
         self._fd = None
 
 
-def _try_flock(fd: int) -> bool:
-    """Take an exclusive flock without waiting; True when taken (or flock is absent)."""
-    try:
-        import fcntl
-    except ImportError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
+# Reference records are files: refs/<name> holds one JSON object
+# {"reference", "digest", "media_type"}; the name is the reference with
+# everything but [A-Za-z0-9_@+-] (and a leading ".") percent-encoded, or the
+# reference's sha256 when that would be too long for a file name.
+_REFERENCE_NAME_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                 "0123456789_@+-.")
+_MAX_REFERENCE_NAME = 200
+_MAX_REFERENCE_RECORD_BYTES = 64 * 1024
 
 
-# A temporary file or directory of ours is a crash leftover when nobody holds
-# its flock and it is older than this (the gap between creating and locking).
-_LEFTOVER_AGE_S = 60.0
-_SWEPT_DIRECTORIES: set = set()
-_SWEPT_LOCK = threading.Lock()
+def _reference_file_name(reference: str) -> str:
+    """Return the file name of a reference's record (see above)."""
+    name = "".join(c if c in _REFERENCE_NAME_SAFE else
+                   "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in reference)
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    if len(name) > _MAX_REFERENCE_NAME:
+        return "sha256-" + hashlib.sha256(reference.encode("utf-8")).hexdigest()
+    return name
 
 
-def _sweep_leftovers(directory: str, prefix: str, suffix: str = "") -> None:
-    """Remove what a killed process left in ``directory`` (once per directory and process).
+class _BlobFiles:
+    """A content-addressed directory: the truth a directory cache keeps.
 
-    Our unpack staging directories and layout/archive temporaries are named
-    ``prefix...suffix`` and flocked while in use, like the cache's partial
-    files.
+    ``blobs/<alg>/<hex>`` holds verified blobs (read-only files), ``tmp/``
+    partial writes (named with the writer's PID, flocked), ``locks/`` the
+    per-blob download locks and ``refs/`` the reference records.  Readable
+    without any index: the SQLite index beside it only speeds queries up.
     """
-    import shutil
-    import stat as st
-    key = (os.path.abspath(directory), prefix, suffix)
-    with _SWEPT_LOCK:
-        if key in _SWEPT_DIRECTORIES:
-            return
-        _SWEPT_DIRECTORIES.add(key)
-    try:
-        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(suffix)]
-    except OSError:
-        return
-    now = time.time()
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue
-        try:
-            info = os.fstat(fd)
-            if now - info.st_mtime < _LEFTOVER_AGE_S or not _try_flock(fd):
-                continue
-            if st.S_ISDIR(info.st_mode):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
+    def __init__(self, root: str, read_only: bool) -> None:
+        self.root = root
+        self.read_only = read_only
+        self.blobs_dir = os.path.join(root, "blobs")
+        self.tmp_dir = os.path.join(root, "tmp")
+        self.locks_dir = os.path.join(root, "locks")
+        self.refs_dir = os.path.join(root, "refs")
 
-def _pid_alive(pid: int) -> bool:
-    """Tell whether a process with ``pid`` exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    def create(self) -> None:
+        """Make the directories of a writable store (refs/ aside: ``create_refs``)."""
+        try:
+            for directory in (self.blobs_dir, self.tmp_dir, self.locks_dir):
+                os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create cache directory {self.root}: "
+                             f"{exc.strerror or exc}") from exc
+
+    # -- blobs ------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> str:
+        """Return where a blob's file lives (whether or not it is there)."""
+        algorithm, encoded = _validate_digest(digest).split(":", 1)
+        return os.path.join(self.blobs_dir, algorithm, encoded)
+
+    def has(self, digest: str) -> bool:
+        """Tell whether a blob file is present."""
+        try:
+            return os.path.isfile(self.blob_path(digest))
+        except InvalidDigestError:
+            return False
+
+    def size(self, digest: str) -> Optional[int]:
+        """Return a blob file's size, or None when it is absent."""
+        try:
+            return os.path.getsize(self.blob_path(digest))
+        except (OSError, InvalidDigestError):
+            return None
+
+    def open_blob(self, digest: str) -> Optional[BinaryIO]:
+        """Open a blob file for reading, or return None when it is absent."""
+        try:
+            return open(self.blob_path(digest), "rb")
+        except (FileNotFoundError, InvalidDigestError):
+            return None
+
+    def is_empty(self) -> bool:
+        """Tell whether no blob file is stored (one directory read per algorithm)."""
+        try:
+            with os.scandir(self.blobs_dir) as algorithms:
+                for algorithm in algorithms:
+                    with os.scandir(algorithm.path) as blobs:
+                        if next(blobs, None) is not None:
+                            return False
+        except OSError:
+            return False  # unreadable, or a stray file: assume it holds something
         return True
-    except OSError:
-        return False
-    return True
+
+    def listing(self) -> Iterator[Tuple[str, os.stat_result]]:
+        """Yield (digest, stat) of every blob file, sorted by digest."""
+        for algorithm in sorted(_DIGEST_HEX_LENGTHS):
+            directory = os.path.join(self.blobs_dir, algorithm)
+            try:
+                names = sorted(os.listdir(directory))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                try:
+                    yield f"{algorithm}:{name}", os.stat(os.path.join(directory, name))
+                except FileNotFoundError:
+                    continue
+
+    def begin_write(self, digest: Optional[str], size: Optional[int], algorithm: str,
+                    on_commit: Callable[[str, int], None]) -> "_FileBlobWriter":
+        """Start writing a blob into ``tmp/``; ``on_commit(digest, size)`` follows its rename."""
+        return _FileBlobWriter(self, digest, size, algorithm, on_commit)
+
+    def lock(self, digest: str) -> _BlobFileLock:
+        """Return the per-blob download lock shared by every process using this directory."""
+        algorithm, encoded = _validate_digest(digest).split(":", 1)
+        return _BlobFileLock(self, digest, os.path.join(self.locks_dir,
+                                                        f"{algorithm}-{encoded}.lock"))
+
+    def delete(self, digest: str) -> bool:
+        """Remove a blob file; tell whether it was there."""
+        try:
+            os.unlink(self.blob_path(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def set_used(self, digests: Iterable[str], when: float) -> None:
+        """Set blob files' times to ``when`` (last use, where no index keeps it)."""
+        for digest in digests:
+            try:
+                os.utime(self.blob_path(digest), (when, when))
+            except (OSError, InvalidDigestError):
+                pass
+
+    def sweep_temporaries(self) -> None:
+        """Remove partial files of processes that no longer run (crash leftovers)."""
+        _sweep_leftovers(self.tmp_dir, "", once=False)
+
+    # -- reference records ------------------------------------------------------
+
+    def has_refs(self) -> bool:
+        """Tell whether the reference records directory exists."""
+        return os.path.isdir(self.refs_dir)
+
+    def create_refs(self) -> None:
+        """Make the reference records directory."""
+        try:
+            os.makedirs(self.refs_dir, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create {self.refs_dir}: {exc.strerror or exc}") from exc
+
+    def write_reference(self, reference: str, digest: str, media_type: str) -> None:
+        """Record ``reference`` → ``digest`` atomically (nothing is written when unchanged)."""
+        record = json.dumps({"reference": reference, "digest": digest,
+                             "media_type": media_type}, sort_keys=True).encode() + b"\n"
+        path = os.path.join(self.refs_dir, _reference_file_name(reference))
+        if _read_regular_file(path, len(record) + 1) == record:
+            return  # a warm pull of the same tag writes nothing
+        try:
+            if not self.has_refs():
+                self.create_refs()
+            _atomic_write(path, record)
+        except OSError as exc:
+            raise CacheError(f"cannot record {reference} in cache {self.root}: "
+                             f"{exc.strerror or exc}") from exc
+
+    def read_reference(self, reference: str) -> Optional[Dict[str, str]]:
+        """Return the record of ``reference``, or None when there is none."""
+        path = os.path.join(self.refs_dir, _reference_file_name(reference))
+        if not os.path.lexists(path):
+            return None
+        record = self._read_record(path)
+        return record if record["reference"] == reference else None
+
+    def read_references(self) -> List[Dict[str, str]]:
+        """Return every reference record; a CacheError when any cannot be read."""
+        try:
+            names = sorted(n for n in os.listdir(self.refs_dir) if not n.startswith("."))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise CacheError(f"cannot read the reference records in {self.refs_dir}: "
+                             f"{exc.strerror or exc}") from exc
+        return [self._read_record(os.path.join(self.refs_dir, name)) for name in names]
+
+    def _read_record(self, path: str) -> Dict[str, str]:
+        raw = _read_regular_file(path, _MAX_REFERENCE_RECORD_BYTES)
+        try:
+            if raw is None:
+                raise ValueError("not a readable file")
+            record = _json_object(raw)
+            _validate_digest(record.get("digest"))
+            if not isinstance(record.get("reference"), str):
+                raise ValueError("no reference in it")
+        except (ValueError, InvalidDigestError) as exc:
+            raise CacheError(f"reference record {path} is damaged ({exc}): remove it, "
+                             "then pull that image again") from None
+        return {"reference": record["reference"], "digest": record["digest"],
+                "media_type": str(record.get("media_type") or "")}
+
+    def remove_reference(self, reference: str) -> bool:
+        """Remove a reference record; tell whether there was one."""
+        try:
+            os.unlink(os.path.join(self.refs_dir, _reference_file_name(reference)))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise CacheError(f"cannot forget {reference} in cache {self.root}: "
+                             f"{exc.strerror or exc}") from exc
+        return True
 
 
 # =============================================================================
-# 16. DIRECTORY CACHE: content-addressed files and a SQLite index
+# 18. CACHE INDEX: SQLite beside the files
 # =============================================================================
 
 # Two statements rather than an UPSERT, which needs SQLite 3.24 (older than
@@ -3340,22 +3739,13 @@ CREATE TABLE IF NOT EXISTS refs (
 """
 
 
-def _corrupt_cached_layer(digest: str) -> str:
-    """Return the subject of the error for a cached layer whose bytes no longer match."""
-    return _corrupt_cached_blob(digest, "layer")
-
-
-def _corrupt_cached_blob(digest: str, kind: str = "blob") -> str:
-    """Return the subject of the error for a cached blob whose bytes no longer match."""
-    return f"cached {kind} {digest} is corrupt (run 'cache verify --remove', then pull again)"
-
-
 class _SqliteIndex:
-    """The directory cache's SQLite index: sizes, media types, use times, references.
+    """The directory cache's SQLite index: blob sizes, media types and use times.
 
-    One connection per thread (WAL mode, busy timeout).  Rows of stored blobs
-    and references are queued and written in one transaction by the next
-    query.  sqlite3 is imported at first use; without it every query returns
+    Only an index: everything in it but the media types and use times can be
+    rebuilt from the files, and the cache works without it.  One connection
+    per thread (WAL mode, busy timeout).  Rows of stored blobs are queued and
+    written in one transaction by the next query.  sqlite3 is imported at first use; without it every query returns
     nothing and the cache works from its files alone.  A ``read_only`` index
     is opened immutable (SQLite writes nothing, not even its -shm file) and
     drops every write.
@@ -3369,12 +3759,11 @@ class _SqliteIndex:
         self._connections: List[Any] = []
         self._lock = threading.Lock()
         self._pending_rows: List[Tuple[str, int, str, float]] = []
-        self._pending_refs: List[Tuple[str, str, str, float]] = []
 
     @property
     def sqlite(self) -> Any:
         """The sqlite3 module (None without it), imported at first use: a pull
-        imports it while its downloads run (``DirectoryBlobCache._warm_up``)."""
+        imports it while its downloads run (``DirectoryBlobCache.warm_up``)."""
         if self._module is _NOT_IMPORTED:
             self._module = _import_sqlite3()
         return self._module
@@ -3491,23 +3880,21 @@ class _SqliteIndex:
             self._pending_rows.append((digest, size, media_type, time.time()))
 
     def flush(self) -> None:
-        """Write the queued blob and reference rows, each kind in one transaction."""
+        """Write the queued blob rows in one transaction."""
         with self._lock:
             rows, self._pending_rows = self._pending_rows, []
-            refs, self._pending_refs = self._pending_refs, []
         if rows:
             self.executemany(_INSERT_BLOB, [(d, n, m, t, t) for d, n, m, t in rows], flush=False,
                              then=(_UPDATE_BLOB, [(t, m, m, d) for d, n, m, t in rows]))
-        if refs:
-            self.executemany("INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?)", refs,
-                             flush=False)
 
-    def queue_reference(self, reference: str, digest: str, media_type: str) -> None:
-        """Queue a reference row (written in one batch by the next query)."""
-        if self._module is None or self.read_only:
-            return
-        with self._lock:
-            self._pending_refs.append((reference, digest, media_type, time.time()))
+    def legacy_references(self) -> List[Tuple[str, str, str]]:
+        """Return the (reference, digest, media type) rows older versions kept here."""
+        return [(str(r), str(d), str(m)) for r, d, m in
+                self.execute("SELECT reference, digest, media_type FROM refs")]
+
+    def drop_legacy_references(self) -> None:
+        """Delete those rows, once they are reference records (files)."""
+        self.execute("DELETE FROM refs")
 
     def close(self) -> None:
         """Write the queued rows and close every connection (when no thread uses them)."""
@@ -3520,12 +3907,19 @@ class _SqliteIndex:
         self._local = threading.local()
 
 
-class DirectoryBlobCache(BlobCache):
-    """A persistent cache: ``blobs/<alg>/<hex>`` files plus a SQLite index.
+# =============================================================================
+# 19. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+# =============================================================================
 
-    Safe for many threads and processes at once: writers use unique
-    temporary files and atomic renames; SQLite runs in WAL mode with a busy
-    timeout.  Without the sqlite3 module it works from the files alone.
+class DirectoryBlobCache(BlobStore):
+    """A persistent cache: content-addressed files, with a SQLite index beside them.
+
+    The files are the truth (``_BlobFiles``: blobs, and references as
+    records); the index keeps media types and last-use times and is rebuilt
+    from the files when lost.  Safe for many threads and processes at once:
+    writers use unique temporary files and atomic renames; SQLite runs in WAL
+    mode with a busy timeout.  Without the sqlite3 module it works from the
+    files alone.
 
     ``read_only`` (by default: an existing cache this process cannot write,
     such as one baked into an image or mounted read-only) serves what it holds
@@ -3533,145 +3927,117 @@ class DirectoryBlobCache(BlobCache):
     """
 
     def __init__(self, root: str, read_only: Optional[bool] = None) -> None:
-        super().__init__()
         self.root = os.path.abspath(root)
-        self._blobs_dir = os.path.join(self.root, "blobs")
-        self._tmp_dir = os.path.join(self.root, "tmp")
-        self._locks_dir = os.path.join(self.root, "locks")
+        blobs_dir = os.path.join(self.root, "blobs")
         if read_only is None:
-            read_only = os.path.isdir(self._blobs_dir) and \
+            read_only = os.path.isdir(blobs_dir) and \
                 not os.access(self.root, os.W_OK | os.X_OK)
         self.read_only = read_only
+        self._files = _BlobFiles(self.root, read_only)
         self._index = _SqliteIndex(os.path.join(self.root, "index.sqlite"), read_only)
         if read_only:
-            if not os.path.isdir(self._blobs_dir):
+            if not os.path.isdir(blobs_dir):
                 raise CacheError(f"no cache at {self.root} to read")
             return
-        try:
-            os.makedirs(self._blobs_dir, exist_ok=True)
-            os.makedirs(self._tmp_dir, exist_ok=True)
-            os.makedirs(self._locks_dir, exist_ok=True)
-        except OSError as exc:
-            raise CacheError(f"cannot create cache directory {self.root}: "
-                             f"{exc.strerror or exc}") from exc
+        new = not os.path.isdir(blobs_dir)
+        self._files.create()
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise CacheError(f"cache directory {self.root} is not writable")
-        self._clean_stale_temporaries()
+        if not self._files.has_refs():
+            self._adopt_legacy_references(new)
+        self._files.sweep_temporaries()
+
+    def _adopt_legacy_references(self, new: bool) -> None:
+        """Give a cache its refs/ directory, moving the records that older versions
+        kept only in the index into it (so losing the index loses no reference)."""
+        rows: List[Tuple[str, str, str]] = []
+        if not new and os.path.exists(self._index.path):
+            try:
+                rows = self._index.legacy_references()
+            except CacheError:
+                pass  # a damaged index: no records to move
+        if not rows and not new and not self._files.is_empty():
+            return  # blobs but no records (refs/ removed?): gc refuses until a pull records one
+        for reference, digest, media_type in rows:
+            self._files.write_reference(reference, digest, media_type)
+        self._files.create_refs()
+        if rows:
+            self._index.drop_legacy_references()
 
     def _refuse_write(self, what: str) -> None:
         """Raise if this cache is read-only; ``what`` says what was to be done."""
         if self.read_only:
             raise CacheError(f"cache {self.root} is read-only: cannot {what}")
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         """Open this thread's index connection now (called while downloads run)."""
         try:
             self._index.db()
         except CacheError:
             pass  # reported by the query that needs it
 
-    # -- files ------------------------------------------------------------------
-
-    def _blob_path(self, digest: str) -> str:
-        algorithm, encoded = _validate_digest(digest).split(":", 1)
-        return os.path.join(self._blobs_dir, algorithm, encoded)
-
-    def _clean_stale_temporaries(self) -> None:
-        """Remove partial files of processes that no longer run (crash leftovers)."""
-        try:
-            names = os.listdir(self._tmp_dir)
-        except OSError:
-            return
-        for name in names:
-            parts = name.split(".")
-            pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
-            if pid == os.getpid() or (pid is not None and _pid_alive(pid)):
-                continue
-            path = os.path.join(self._tmp_dir, name)
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            except OSError:
-                continue
-            try:
-                if _try_flock(fd):  # nobody is writing it: a crash leftover
-                    os.unlink(path)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-    def _is_empty(self) -> bool:
-        """Tell whether no blob file is stored (one directory read per algorithm)."""
-        try:
-            with os.scandir(self._blobs_dir) as algorithms:
-                for algorithm in algorithms:
-                    with os.scandir(algorithm.path) as blobs:
-                        if next(blobs, None) is not None:
-                            return False
-        except OSError:
-            return False  # unreadable, or a stray file: assume it holds something
-        return True
+    # -- blobs ------------------------------------------------------------------
 
     def has(self, digest: str) -> bool:
         """Tell whether a verified blob file is present."""
-        try:
-            return os.path.isfile(self._blob_path(digest))
-        except InvalidDigestError:
-            return False
+        return self._files.has(digest)
 
     def path(self, digest: str) -> Optional[str]:
         """Return the blob's file path, or None when absent."""
-        return self._blob_path(digest) if self.has(digest) else None
+        return self._files.blob_path(digest) if self._files.has(digest) else None
 
     def size(self, digest: str) -> Optional[int]:
         """Return a stored blob's size in bytes, or None when it is absent."""
-        try:
-            return os.path.getsize(self._blob_path(digest))
-        except (OSError, InvalidDigestError):
-            return None
-
-    def get(self, digest: str) -> Optional[bytes]:
-        """Return a blob's bytes, or None (use ``open_blob`` for large blobs)."""
-        stream = self.open_blob(digest)
-        if stream is None:
-            return None
-        with stream:
-            return stream.read()
+        return self._files.size(digest)
 
     def open_blob(self, digest: str) -> Optional[BinaryIO]:
         """Open a blob file for reading, or return None when absent."""
-        try:
-            return open(self._blob_path(digest), "rb")
-        except (FileNotFoundError, InvalidDigestError):
-            return None
+        return self._files.open_blob(digest)
+
+    def is_empty(self) -> bool:
+        """Tell whether no blob file is stored."""
+        return self._files.is_empty()
+
+    def digests(self) -> Iterator[str]:
+        """Yield the digest of every blob file."""
+        return (digest for digest, _ in self._files.listing())
 
     def media_type(self, digest: str) -> str:
         """Return the media type recorded with a blob ('' when unknown)."""
         rows = self._index.execute("SELECT media_type FROM blobs WHERE digest = ?", (digest,))
         return str(rows[0][0]) if rows else ""
 
-    def begin_write(self, digest: str, size: Optional[int] = None,
-                    media_type: str = "") -> _BlobWriter:
+    def entries(self) -> List[Dict[str, Any]]:
+        """List blob files, with the index's metadata where it has a row."""
+        rows = {r[0]: r for r in self._index.execute(
+            "SELECT digest, size, media_type, added_at, last_used_at FROM blobs")}
+        result = []
+        for digest, info in self._files.listing():
+            row = rows.get(digest)
+            result.append({"digest": digest, "size": info.st_size,
+                           "media_type": row[2] if row else "",
+                           "added_at": row[3] if row else info.st_mtime,
+                           "last_used_at": row[4] if row else info.st_mtime})
+        return result
+
+    def begin_write(self, digest: Optional[str] = None, size: Optional[int] = None,
+                    media_type: str = "", algorithm: str = "sha256") -> BlobWriter:
         """Start writing a blob into a temporary file inside the cache."""
-        self._refuse_write(f"store blob {digest}")
-        return _FileBlobWriter(self, digest, size, media_type)
+        self._refuse_write(f"store blob {digest or '(upload)'}")
+        return self._files.begin_write(
+            digest, size, algorithm,
+            lambda stored, count: self._index.queue_blob(stored, count, media_type))
 
     def lock(self, digest: str) -> Any:
         """Return an exclusive per-blob lock shared by every process using this cache."""
         self._refuse_write(f"store blob {digest}")  # taken only to write one
-        algorithm, encoded = _validate_digest(digest).split(":", 1)
-        return _BlobFileLock(self, digest, os.path.join(self._locks_dir,
-                                                        f"{algorithm}-{encoded}.lock"))
+        return self._files.lock(digest)
 
     def delete(self, digest: str) -> bool:
         """Remove a blob file and its index row."""
         self._refuse_write(f"delete blob {digest}")
         self._index.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
-        try:
-            os.unlink(self._blob_path(digest))
-        except FileNotFoundError:
-            return False
-        return True
+        return self._files.delete(digest)
 
     def touch(self, digests: Iterable[str]) -> None:
         """Mark blobs as used now, in one transaction (file mtimes without an index);
@@ -3680,62 +4046,53 @@ class DirectoryBlobCache(BlobCache):
             return
         now = time.time()
         if self._index.db() is None:
-            for digest in digests:
-                try:
-                    os.utime(self._blob_path(digest), (now, now))
-                except OSError:
-                    pass
+            self._files.set_used(digests, now)
             return
         self._index.executemany("UPDATE blobs SET last_used_at = ? WHERE digest = ?",
                                 [(now, d) for d in digests])
 
+    # -- references -------------------------------------------------------------
+
     def record_reference(self, reference: str, digest: str, media_type: str) -> None:
-        """Remember which manifest ``reference`` resolved to (written with the next query)."""
-        self._index.queue_reference(reference, digest, media_type)
+        """Remember which manifest ``reference`` resolved to (a read-only cache keeps none)."""
+        if not self.read_only:
+            self._files.write_reference(reference, digest, media_type)
 
     def lookup_reference(self, reference: str) -> Optional[str]:
         """Return the manifest digest last recorded for ``reference``."""
-        rows = self._index.execute("SELECT digest FROM refs WHERE reference = ?", (reference,))
-        return str(rows[0][0]) if rows else None
+        if not self._files.has_refs():
+            return self.references().get(reference)
+        record = self._files.read_reference(reference)
+        return record["digest"] if record else None
 
     def references(self) -> Dict[str, str]:
         """Return every recorded reference and its manifest digest."""
-        return {str(r): str(d) for r, d in
-                self._index.execute("SELECT reference, digest FROM refs ORDER BY reference")}
+        if not self._files.has_refs():
+            # A read-only cache an older version wrote: its index has them.
+            return {r: d for r, d, _ in self._index.legacy_references()}
+        return {r["reference"]: r["digest"] for r in self._files.read_references()}
 
-    def _forget_references(self, digests: Iterable[str]) -> None:
-        self._index.executemany("DELETE FROM refs WHERE digest = ?", [(d,) for d in digests])
+    def forget_reference(self, reference: str) -> bool:
+        """Drop a reference record; tell whether there was one."""
+        self._refuse_write(f"forget {reference}")
+        return self._files.remove_reference(reference)
 
-    def entries(self) -> List[Dict[str, Any]]:
-        """List blob files, with the index's metadata where it has a row."""
-        rows = {r[0]: r for r in self._index.execute(
-            "SELECT digest, size, media_type, added_at, last_used_at FROM blobs")}
-        result = []
-        for algorithm in sorted(_DIGEST_HEX_LENGTHS):
-            directory = os.path.join(self._blobs_dir, algorithm)
-            try:
-                names = sorted(os.listdir(directory))
-            except FileNotFoundError:
-                continue
-            for name in names:
-                digest = f"{algorithm}:{name}"
-                try:
-                    info = os.stat(os.path.join(directory, name))
-                except FileNotFoundError:
-                    continue
-                row = rows.get(digest)
-                result.append({"digest": digest, "size": info.st_size,
-                               "media_type": row[2] if row else "",
-                               "added_at": row[3] if row else info.st_mtime,
-                               "last_used_at": row[4] if row else info.st_mtime})
-        return result
+    # -- maintenance ------------------------------------------------------------
 
     def gc(self) -> List[str]:
-        """Delete unreachable blobs, stale temporaries and index rows without files."""
+        """Delete unreachable blobs, stale temporaries and index rows without files.
+
+        Refuses to run when the reference records cannot all be read, or the
+        cache holds blobs but no records at all: it would delete what they keep.
+        """
         self._refuse_write("collect garbage")
+        if not self._files.has_refs() and not self._files.is_empty():
+            raise CacheError(f"cache {self.root} has blobs but no reference records "
+                             f"({self._files.refs_dir} is missing): gc would delete every "
+                             "blob; pull the images to keep first")
         removed = super().gc()
-        self._clean_stale_temporaries()
-        present = {e["digest"] for e in self.entries()}
+        self._files.sweep_temporaries()
+        present = set(self.digests())
         orphans = [r[0] for r in self._index.execute("SELECT digest FROM blobs")
                    if r[0] not in present]
         self._index.executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in orphans])
@@ -3747,7 +4104,150 @@ class DirectoryBlobCache(BlobCache):
 
 
 # =============================================================================
-# 17. UNPACK: layer streams (compression, prefetch)
+# 20. MEMORY CACHE: BlobCache, and where persistent caches are opened
+# =============================================================================
+
+class _MemoryBlobWriter(BlobWriter):
+    """Collects a blob in memory; its commit stores it in the BlobCache."""
+
+    def __init__(self, store: Callable[[str, bytes], None], digest: Optional[str],
+                 size: Optional[int], algorithm: str) -> None:
+        super().__init__(digest, size, algorithm)
+        self._store = store
+        self._chunks: List[bytes] = []
+
+    def _sink_write(self, data: Any) -> None:
+        self._chunks.append(bytes(data))
+
+    def _sink_truncate(self) -> None:
+        self._chunks = []
+
+    def _sink_commit(self) -> None:
+        self._store(str(self.digest), b"".join(self._chunks))
+        self._chunks = []
+
+    def _sink_abort(self) -> None:
+        self._chunks = []
+
+
+class BlobCache(BlobStore):
+    """An in-memory content-addressed blob cache.
+
+    ``BlobCache.open(path)`` returns the persistent :class:`DirectoryBlobCache`.
+    A miss is ``None``, never an exception.
+    """
+
+    def __init__(self) -> None:
+        self._blobs: Dict[str, bytes] = {}
+        self._meta: Dict[str, Dict[str, Any]] = {}
+        self._references: Dict[str, Tuple[str, str]] = {}
+        self._lock = threading.Lock()
+        self._blob_locks: Dict[str, Any] = {}
+
+    @staticmethod
+    def open(path: Union[str, "os.PathLike[str]"],
+             read_only: Optional[bool] = None) -> DirectoryBlobCache:
+        """Open (creating if needed) a persistent cache directory; one this process
+        cannot write is opened read-only unless ``read_only`` says otherwise."""
+        return DirectoryBlobCache(os.fspath(path), read_only)
+
+    @staticmethod
+    def default_path(environ: Optional[Mapping[str, str]] = None) -> str:
+        """Return ``$ZLAYER_REGISTRY_CACHE``, else ``$XDG_CACHE_HOME/zlayer-registry``."""
+        env = os.environ if environ is None else environ
+        if env.get("ZLAYER_REGISTRY_CACHE"):
+            return env["ZLAYER_REGISTRY_CACHE"]
+        base = env.get("XDG_CACHE_HOME") or os.path.join(
+            env.get("HOME") or os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "zlayer-registry")
+
+    def has(self, digest: str) -> bool:
+        """Tell whether a verified blob is present."""
+        return digest in self._blobs
+
+    def get(self, digest: str) -> Optional[bytes]:
+        """Return a blob's bytes, or None."""
+        return self._blobs.get(digest)
+
+    def size(self, digest: str) -> Optional[int]:
+        """Return a stored blob's size in bytes, or None when it is absent."""
+        data = self._blobs.get(digest)
+        return None if data is None else len(data)
+
+    def open_blob(self, digest: str) -> Optional[BinaryIO]:
+        """Open a blob for reading, or return None when it is absent."""
+        data = self._blobs.get(digest)
+        return None if data is None else io.BytesIO(data)
+
+    def media_type(self, digest: str) -> str:
+        """Return the media type recorded with a blob ('' when unknown)."""
+        return str(self._meta.get(digest, {}).get("media_type", ""))
+
+    def digests(self) -> Iterator[str]:
+        """Yield the digest of every stored blob."""
+        with self._lock:
+            return iter(list(self._blobs))
+
+    def entries(self) -> List[Dict[str, Any]]:
+        """List blobs as dicts: digest, size, media_type, added_at, last_used_at."""
+        with self._lock:
+            return [dict(meta, digest=d) for d, meta in self._meta.items()]
+
+    def begin_write(self, digest: Optional[str] = None, size: Optional[int] = None,
+                    media_type: str = "", algorithm: str = "sha256") -> BlobWriter:
+        """Start writing a blob; it becomes visible on a verified ``commit()``."""
+        return _MemoryBlobWriter(lambda d, data: self._store(d, data, media_type),
+                                 digest, size, algorithm)
+
+    def _store(self, digest: str, data: bytes, media_type: str) -> None:
+        now = time.time()
+        with self._lock:
+            self._blobs[digest] = data
+            self._meta[digest] = {"size": len(data), "media_type": media_type,
+                                  "added_at": now, "last_used_at": now}
+
+    def delete(self, digest: str) -> bool:
+        """Remove a blob; tell whether it was there."""
+        with self._lock:
+            self._meta.pop(digest, None)
+            return self._blobs.pop(digest, None) is not None
+
+    def touch(self, digests: Iterable[str]) -> None:
+        """Mark blobs as used now (drives least-recently-used pruning)."""
+        now = time.time()
+        with self._lock:
+            for digest in digests:
+                if digest in self._meta:
+                    self._meta[digest]["last_used_at"] = now
+
+    def lock(self, digest: str) -> Any:
+        """Return a context manager held while one writer downloads ``digest``."""
+        with self._lock:
+            return self._blob_locks.setdefault(digest, threading.Lock())
+
+    def record_reference(self, reference: str, digest: str, media_type: str) -> None:
+        """Remember which manifest ``reference`` resolved to."""
+        with self._lock:
+            self._references[reference] = (digest, media_type)
+
+    def lookup_reference(self, reference: str) -> Optional[str]:
+        """Return the manifest digest last recorded for ``reference``."""
+        entry = self._references.get(reference)
+        return entry[0] if entry else None
+
+    def references(self) -> Dict[str, str]:
+        """Return every recorded reference and its manifest digest."""
+        with self._lock:
+            return {ref: entry[0] for ref, entry in sorted(self._references.items())}
+
+    def forget_reference(self, reference: str) -> bool:
+        """Drop a reference record; tell whether there was one."""
+        with self._lock:
+            return self._references.pop(reference, None) is not None
+
+
+# =============================================================================
+# 21. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -3906,21 +4406,6 @@ class _PrefetchReader:
         self._thread.join()
 
 
-def _is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to a file descriptor."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _join(parent: str, name: str) -> str:
-    return f"{parent}/{name}" if parent else name
-
-
 def _stream_errors() -> Tuple[type, ...]:
     """Return the exceptions that mean a corrupt or truncated layer stream."""
     import gzip
@@ -3930,7 +4415,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 18. UNPACK: the root filesystem tree
+# 22. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -4156,7 +4641,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 19. UNPACK: LayerUnpacker, applying tar entries
+# 23. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 def _layer_name(layer: Any) -> str:
@@ -4211,16 +4696,16 @@ class LayerUnpacker(_RootTree):
     def unpack_layers(self, layers: Iterable[Any]) -> str:
         """Unpack every layer, in order, into a new ``rootfs``; return its path."""
         import shutil
-        import tempfile
         if os.path.lexists(self.rootfs) and (not os.path.isdir(self.rootfs)
                                              or os.listdir(self.rootfs)):
             raise UnpackError(f"{self.rootfs} exists and is not an empty directory")
         parent = os.path.dirname(self.rootfs)
-        prefix = f".{os.path.basename(self.rootfs)}.staging-"
+        stem = f".{os.path.basename(self.rootfs)}.staging"
         try:
             os.makedirs(parent, exist_ok=True)
-            _sweep_leftovers(parent, prefix)
-            staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+            _sweep_leftovers(parent, stem, "")
+            staging = _temporary_path(parent, stem, "")
+            os.mkdir(staging, 0o700)
             lock_fd = os.open(staging, os.O_RDONLY)
         except OSError as exc:
             raise UnpackError(f"cannot create {self.rootfs}: {exc.strerror or exc}") from exc
@@ -4468,7 +4953,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 20. OCI LAYOUT: writing layouts, archives and WASM artifacts
+# 24. OCI LAYOUT: writing layouts, archives and WASM artifacts
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -4478,36 +4963,6 @@ class LayerUnpacker(_RootTree):
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_TITLE = "org.opencontainers.image.title"
 _LAYOUT_VERSION = "1.0.0"
-
-
-def _atomic_write(path: str, data: Union[bytes, Callable[[BinaryIO], None]],
-                  mode: int = 0o644) -> None:
-    """Write ``data`` (bytes, or a function filling the file) via a temporary file and a rename.
-
-    Nobody ever sees a half-written file at ``path``; the temporary file is
-    removed on any failure.
-    """
-    import tempfile
-    directory = os.path.dirname(os.path.abspath(path))
-    _sweep_leftovers(directory, ".tmp-", ".partial")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".partial", dir=directory)
-    try:
-        _try_flock(fd)  # in use: not a leftover for _sweep_leftovers
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, bytes):
-                f.write(data)
-            else:
-                data(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class _LayoutWriter:
@@ -4633,36 +5088,21 @@ def _parse_layout_target(text: str) -> Tuple[str, Optional[str]]:
     return path, tag
 
 
-def _open_cached(cache: BlobCache, descriptor: Descriptor) -> BinaryIO:
-    stream = cache.open_blob(descriptor.digest)
-    if stream is None:
-        raise CacheError(f"blob {descriptor.digest} is not in the cache")
-    return stream
-
-
-def _image_closure(cache: BlobCache, top: Manifest) -> List[Descriptor]:
+def _image_closure(store: BlobStore, top: Manifest) -> List[Descriptor]:
     """List every descriptor an image or index reaches: manifests first, then blobs."""
-    manifests: List[Descriptor] = [top.descriptor()]
-    blobs: Dict[str, Descriptor] = {}
-    seen = {top.digest}  # an index may list a child many times: visit it once
-    pending = [top]
-    while pending:
-        manifest = pending.pop()
-        if manifest.is_index:
-            for child in manifest.manifests:
-                if child.digest in seen:
-                    continue
-                seen.add(child.digest)
-                raw = cache.read_small(child.digest, MAX_MANIFEST_SIZE_BYTES)
-                if raw is None:
-                    raise CacheError(f"manifest {child.digest} is not in the cache "
-                                     "(or is larger than a manifest may be)")
-                manifests.append(child)
-                pending.append(parse_manifest(raw, child.media_type, child.digest))
-        else:
-            for descriptor in [manifest.config] + manifest.layers:
-                blobs.setdefault(descriptor.digest, descriptor)
-    return manifests + list(blobs.values())
+    def load(descriptor: Descriptor) -> Optional[Manifest]:
+        if descriptor.digest == top.digest:
+            return top
+        if descriptor.media_type not in _MANIFEST_TYPES:
+            return None
+        raw = store.read_small(descriptor.digest, MAX_MANIFEST_SIZE_BYTES)
+        if raw is None:
+            raise CacheError(f"manifest {descriptor.digest} is not in the cache "
+                             "(or is larger than a manifest may be)")
+        return parse_manifest(raw, descriptor.media_type, descriptor.digest)
+
+    nodes = list(_walk_graph([top.descriptor()], load))
+    return [d for d, m in nodes if m is not None] + [d for d, m in nodes if m is None]
 
 
 @dataclass(frozen=True)
@@ -4683,19 +5123,10 @@ class ExportInfo:
         return dict(self.__dict__)
 
 
-def _verify_cached(cache: BlobCache, descriptor: Descriptor) -> None:
-    """Hash a cached blob again: one changed on disk since its pull is an error."""
-    with _open_cached(cache, descriptor) as stream:
-        reader = _HashingReader(stream, descriptor)
-        while reader.read(_READ_CHUNK_BYTES):
-            pass
-        reader.check(_corrupt_cached_blob(descriptor.digest))
-
-
-def _link_or_copy(cache: BlobCache, descriptor: Descriptor, target: str) -> None:
+def _link_or_copy(cache: BlobStore, descriptor: Descriptor, target: str) -> None:
     """Put a cached blob at ``target``: a hard link when possible, else a verified copy.
 
-    The caller has hashed the cached file (``_verify_cached``): a link would
+    The caller has hashed the cached file (``_verify_stored``): a link would
     carry a byte changed on disk since the pull out unnoticed.
     """
     import errno as _errno
@@ -4703,12 +5134,9 @@ def _link_or_copy(cache: BlobCache, descriptor: Descriptor, target: str) -> None
     if os.path.exists(target):
         if source is not None and os.path.samefile(source, target):
             return
-        with open(target, "rb") as existing:  # a layout's own blob is verified, not trusted
-            reader = _HashingReader(existing, descriptor)
-            while reader.read(_READ_CHUNK_BYTES):
-                pass
         try:
-            reader.check()
+            with open(target, "rb") as existing:  # a layout's own blob is verified, not trusted
+                _drain_checked(existing, descriptor)
             return
         except DigestMismatchError:
             os.unlink(target)
@@ -4721,16 +5149,13 @@ def _link_or_copy(cache: BlobCache, descriptor: Descriptor, target: str) -> None
                 raise
 
     def copy_verified(out: BinaryIO) -> None:
-        with _open_cached(cache, descriptor) as stream:
-            reader = _HashingReader(stream, descriptor)
-            for chunk in iter(lambda: reader.read(_READ_CHUNK_BYTES), b""):
-                out.write(chunk)
-            reader.check(_corrupt_cached_blob(descriptor.digest))
+        with _open_stored(cache, descriptor) as stream:
+            _drain_checked(stream, descriptor, _corrupt_cached_blob(descriptor.digest), out.write)
 
     _atomic_write(target, copy_verified, 0o444)
 
 
-def _write_layout_dir(cache: BlobCache, top: Manifest, directory: str,
+def _write_layout_dir(cache: BlobStore, top: Manifest, directory: str,
                       tag: Optional[str]) -> List[Descriptor]:
     """Write an image (and everything it reaches) into an OCI layout directory.
 
@@ -4740,7 +5165,7 @@ def _write_layout_dir(cache: BlobCache, top: Manifest, directory: str,
     closure = _image_closure(cache, top)
     for descriptor in closure:
         if cache.path(descriptor.digest) is not None:
-            _verify_cached(cache, descriptor)
+            _verify_stored(cache, descriptor)
     writer = _LayoutWriter(directory)
     try:
         for descriptor in closure:
@@ -4762,12 +5187,12 @@ def _tar_add_bytes(tar: Any, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _tar_add_blob(tar: Any, cache: BlobCache, descriptor: Descriptor, name: str) -> None:
+def _tar_add_blob(tar: Any, cache: BlobStore, descriptor: Descriptor, name: str) -> None:
     """Stream one cached blob into a tar, verifying it on the way."""
     import tarfile
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = descriptor.size, 0o644, 0
-    with _open_cached(cache, descriptor) as stream:
+    with _open_stored(cache, descriptor) as stream:
         reader = _HashingReader(stream, descriptor)
         tar.addfile(info, reader)
         reader.check(_corrupt_cached_blob(descriptor.digest))
@@ -4787,7 +5212,7 @@ def _write_archive(path: str, fill: Callable[[Any], None]) -> None:
         raise LayoutError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _write_oci_archive(cache: BlobCache, top: Manifest, path: str,
+def _write_oci_archive(cache: BlobStore, top: Manifest, path: str,
                        tag: Optional[str]) -> List[Descriptor]:
     """Write the OCI layout of an image as a tar file, streamed from the cache."""
     closure = _image_closure(cache, top)
@@ -4816,7 +5241,7 @@ def _docker_repo_tag(reference: Reference) -> str:
     return f"{name}:{reference.tag or 'latest'}"
 
 
-def _write_docker_archive(cache: BlobCache, manifest: Manifest, reference: Reference,
+def _write_docker_archive(cache: BlobStore, manifest: Manifest, reference: Reference,
                           path: str) -> List[Descriptor]:
     """Write the ``docker save`` format (manifest.json, repositories) of one image.
 
@@ -4912,7 +5337,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 21. OCI LAYOUT: reading and importing
+# 25. OCI LAYOUT: reading and importing
 # =============================================================================
 
 # An imported layout is untrusted: every blob it reaches is streamed into a
@@ -5011,10 +5436,10 @@ def _select_layout_entries(index: Any, source: str, tag: Optional[str]) -> List[
     return chosen
 
 
-def _import_layout(cache: BlobCache, path: str, tag: Optional[str]) -> List[ImportInfo]:
+def _import_layout(cache: BlobStore, path: str, tag: Optional[str]) -> List[ImportInfo]:
     """Import images from an OCI layout directory or archive into ``cache``."""
     source = _LayoutSource(path)
-    writers: List[_BlobWriter] = []
+    writers: List[BlobWriter] = []
     try:
         version = source.read_json("oci-layout")
         if not isinstance(version, dict) or version.get("imageLayoutVersion") != _LAYOUT_VERSION:
@@ -5022,18 +5447,14 @@ def _import_layout(cache: BlobCache, path: str, tag: Optional[str]) -> List[Impo
             raise LayoutError(f"{path} has unsupported imageLayoutVersion {found!r} "
                               f"(expected {_LAYOUT_VERSION!r})")
         entries = _select_layout_entries(source.read_json("index.json"), path, tag)
-        seen: set = set()
-        pending = list(entries)
-        while pending:
-            descriptor = pending.pop()
-            if descriptor.digest in seen:
-                continue
-            seen.add(descriptor.digest)
+
+        def ingest(descriptor: Descriptor) -> Optional[Manifest]:
             data = _ingest_layout_blob(cache, source, descriptor, writers)
-            if data is not None:
-                manifest = parse_manifest(data, descriptor.media_type, descriptor.digest)
-                pending.extend(manifest.manifests if manifest.is_index
-                               else [manifest.config] + manifest.layers)
+            return None if data is None else parse_manifest(data, descriptor.media_type,
+                                                            descriptor.digest)
+
+        for _ in _walk_graph(entries, ingest):
+            pass
         for writer in writers:
             writer.commit()
         writers = []
@@ -5056,8 +5477,8 @@ def _import_layout(cache: BlobCache, path: str, tag: Optional[str]) -> List[Impo
     return infos
 
 
-def _ingest_layout_blob(cache: BlobCache, source: _LayoutSource, descriptor: Descriptor,
-                        writers: List[_BlobWriter]) -> Optional[bytes]:
+def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Descriptor,
+                        writers: List[BlobWriter]) -> Optional[bytes]:
     """Verify one layout blob into a pending cache writer; return manifest bytes."""
     algorithm, encoded = descriptor.digest.split(":", 1)
     stream = source.open(f"blobs/{algorithm}/{encoded}")
@@ -5095,7 +5516,7 @@ def _ingest_layout_blob(cache: BlobCache, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 22. PULL: worker threads
+# 26. PULL: worker threads
 # =============================================================================
 
 class _Cancelled(Exception):
@@ -5235,7 +5656,7 @@ class _WorkerPool:
 
 
 # =============================================================================
-# 23. PULL: resolving references and fetching blobs
+# 27. PULL: resolving references and fetching blobs
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -5248,7 +5669,7 @@ class Layer:
     """A pulled, verified layer: its descriptor and where the cache keeps it."""
 
     descriptor: Descriptor
-    cache: BlobCache = field(repr=False, compare=False)
+    cache: BlobStore = field(repr=False, compare=False)
 
     @property
     def digest(self) -> str:
@@ -5331,7 +5752,7 @@ class PullResult:
 
 
 def _verified_wasm_info(manifest: Manifest, config_data: Mapping[str, Any],
-                        cache: Optional[BlobCache]) -> Optional[WasmArtifactInfo]:
+                        cache: Optional[BlobStore]) -> Optional[WasmArtifactInfo]:
     """Return the WASM info of a manifest, checked against the layer's bytes when cached.
 
     The bytes settle a WASI level the manifest leaves unknown; a layer
@@ -5374,7 +5795,7 @@ def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
 class _PullerCore:
     """The machinery of ImagePuller: clients, manifests, parallel verified blob downloads."""
 
-    def __init__(self, cache: Optional[BlobCache] = None, *,
+    def __init__(self, cache: Optional[BlobStore] = None, *,
                  max_workers: int = DEFAULT_MAX_WORKERS,
                  platform: Union[str, Platform, None] = None,
                  insecure: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -5454,7 +5875,7 @@ class _PullerCore:
         else:
             # An empty cache holds no manifest a HEAD could find: GET the tag
             # at once, one round trip fewer on a first pull.
-            digest = None if self.cache._is_empty() \
+            digest = None if self.cache.is_empty() \
                 else client.head_manifest(reference.identifier)
             if digest is not None:
                 manifest = self._manifest_by_digest(client, digest)
@@ -5520,7 +5941,7 @@ class _PullerCore:
             missing.sort(key=lambda d: d.size, reverse=True)
             cancel = threading.Event()
             received = self._pool().run(lambda d: self._download_blob(client, d, cancel),
-                                        missing, cancel, meanwhile=self.cache._warm_up)
+                                        missing, cancel, meanwhile=self.cache.warm_up)
             downloaded = sum(n for n in received if n is not None)
             # None: another process stored the blob while this one waited.
             from_cache += sum(d.size for d, n in zip(missing, received) if n is None)
@@ -5581,7 +6002,7 @@ class _PullerCore:
             writer.commit()
             return received
 
-    def _copy_body(self, response: _Response, writer: _BlobWriter, descriptor: Descriptor,
+    def _copy_body(self, response: _Response, writer: BlobWriter, descriptor: Descriptor,
                    cancel: threading.Event) -> Tuple[int, Optional[BaseException]]:
         """Copy a response body into a writer; return (bytes, the network error if any).
 
@@ -5635,19 +6056,16 @@ class _PullerCore:
 
     def _fetch_index(self, client: _RegistryClient, index: Manifest) -> Tuple[int, int]:
         """Fetch every child manifest of an index (nested too) and all their blobs."""
-        blobs: List[Descriptor] = []
-        seen = {index.digest}
-        pending = [index]
-        while pending:
-            manifest = pending.pop()
-            if not manifest.is_index:
-                blobs.extend([manifest.config] + manifest.layers)
-                continue
-            for child in manifest.manifests:
-                if child.digest not in seen:  # listed twice, fetched once
-                    seen.add(child.digest)
-                    pending.append(self._manifest_by_digest(client, child.digest))
-        return self._fetch_blobs(client, blobs, manifests=sorted(seen))
+        def load(descriptor: Descriptor) -> Optional[Manifest]:
+            if descriptor.digest == index.digest:
+                return index
+            if descriptor.media_type not in _MANIFEST_TYPES:
+                return None
+            return self._manifest_by_digest(client, descriptor.digest)
+
+        nodes = list(_walk_graph([index.descriptor()], load))
+        return self._fetch_blobs(client, [d for d, m in nodes if m is None],
+                                 manifests=sorted(d.digest for d, m in nodes if m is not None))
 
 
 _WASM_PLATFORM_PREFERENCE = ("wasip2", "wasip1", "wasi")
@@ -5676,7 +6094,7 @@ def _continues_at(response: _Response, offset: int) -> bool:
 
 
 # =============================================================================
-# 24. PULL: the ImagePuller API
+# 28. PULL: the ImagePuller API
 # =============================================================================
 
 class _LayoutOnlyClient:
@@ -5955,7 +6373,7 @@ class ImagePuller(_PullerCore):
 
 
 # =============================================================================
-# 25. CLI: output, the command's caches and the commands
+# 29. CLI: output, the command's caches and the commands
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -6045,7 +6463,7 @@ def _close_cli_caches() -> None:
             pass  # the index only speeds things up; the next open rebuilds it
 
 
-def _cli_puller(args: Any, cache: BlobCache, progress: Optional[_ProgressCallback] = None
+def _cli_puller(args: Any, cache: BlobStore, progress: Optional[_ProgressCallback] = None
                 ) -> ImagePuller:
     return ImagePuller(cache, platform=getattr(args, "platform", None),
                        insecure=getattr(args, "insecure", False),
@@ -6368,7 +6786,7 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 26. CLI: argument types, the parser, main
+# 30. CLI: argument types, the parser, main
 # =============================================================================
 
 def _positive_int(text: str) -> int:
