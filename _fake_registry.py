@@ -6,6 +6,11 @@ second "object store" server that rejects any request carrying
 Authorization (as S3 presigned URLs do), and injects faults per request:
 429 with Retry-After, 5xx, a connection dropped in the middle of a blob, a
 corrupted byte, a stalled body, ignored Range headers.
+
+It also takes pushes as distribution-spec 1.1 describes them: upload
+sessions (POST, PATCH with Content-Range, PUT ?digest=, GET status, DELETE),
+monolithic POST ?digest=, mounts (?mount=&from=), manifest PUT, and DELETE
+of manifests and blobs.
 """
 
 from __future__ import annotations
@@ -130,6 +135,11 @@ class FakeRegistry:
         self.support_head = True
         self.send_digest_header = True
         self.honor_range = True
+        # Uploads: sessions by id, what each request body held, and limits.
+        self.uploads: Dict[str, bytearray] = {}
+        self.body_sizes: List[int] = []
+        self.max_body_bytes: Optional[int] = None   # a larger request body is a 413
+        self.support_mount = True
         # Faults: callables taking (method, path, headers) and returning an
         # action dict or None; consumed in order.
         self.faults: List[Callable[[str, str, Dict[str, str]], Optional[Dict[str, Any]]]] = []
@@ -145,6 +155,15 @@ class FakeRegistry:
                 registry._handle(self)
 
             def do_POST(self) -> None:
+                registry._handle(self)
+
+            def do_PUT(self) -> None:
+                registry._handle(self)
+
+            def do_PATCH(self) -> None:
+                registry._handle(self)
+
+            def do_DELETE(self) -> None:
                 registry._handle(self)
 
         self.server, self.thread = _serve(Handler, self)
@@ -220,11 +239,14 @@ class FakeRegistry:
         path = urlsplit(h.path).path
         with self._lock:
             self.requests.append({"method": h.command, "path": h.path, "headers": headers})
-        if h.command == "POST":
-            length = int(h.headers.get("Content-Length") or 0)
-            body = h.rfile.read(length)
-        else:
-            body = b""
+        length = int(h.headers.get("Content-Length") or 0)
+        if self.max_body_bytes is not None and length > self.max_body_bytes:
+            h.close_connection = True
+            h.send_body(413, b"request entity too large", content_type="text/plain")
+            return
+        body = h.rfile.read(length) if h.command in ("POST", "PUT", "PATCH") else b""
+        with self._lock:
+            self.body_sizes.append(len(body))
         if path == "/token":
             self._token(h, body)
             return
@@ -242,16 +264,108 @@ class FakeRegistry:
         if path == "/v2/" or path == "/v2":
             h.send_body(200, b"{}")
             return
+        upload = re.fullmatch(r"/v2/(.+)/blobs/uploads/([^/]*)", path)
+        if upload:
+            self._upload(h, upload.group(1), upload.group(2), body)
+            return
         match = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", path)
         if not match:
             h.send_body(404, json.dumps({"errors": [{"code": "NAME_UNKNOWN",
                                                      "message": "unknown"}]}).encode())
             return
         repository, kind, ref = match.groups()
-        if kind == "manifests":
+        if h.command == "DELETE":
+            self._delete(h, repository, kind, ref)
+        elif kind == "manifests" and h.command == "PUT":
+            self._put_manifest(h, repository, ref, body)
+        elif kind == "manifests":
             self._manifest(h, repository, ref)
         else:
             self._blob(h, ref)
+
+    # -- pushes -----------------------------------------------------------------
+
+    @staticmethod
+    def _error(h: _Base, status: int, code: str, message: str,
+               headers: Optional[Dict[str, str]] = None) -> None:
+        h.send_body(status, json.dumps({"errors": [{"code": code, "message": message}]}).encode(),
+                    headers)
+
+    def _upload(self, h: _Base, repository: str, upload_id: str, body: bytes) -> None:
+        query = parse_qs(urlsplit(h.path).query)
+        if h.command == "POST" and not upload_id:
+            mount = query.get("mount", [""])[0]
+            if mount and self.support_mount and mount in self.blobs:
+                h.send_body(201, b"", {"Location": f"/v2/{repository}/blobs/{mount}",
+                                       "Docker-Content-Digest": mount})
+                return
+            digest = query.get("digest", [""])[0]
+            if digest:
+                self._finish_upload(h, repository, bytearray(body), digest)
+                return
+            with self._lock:
+                upload_id = f"u{len(self.uploads)}-{time.time_ns()}"
+                self.uploads[upload_id] = bytearray(body)
+            self._upload_status(h, repository, upload_id, 202)
+            return
+        data = self.uploads.get(upload_id)
+        if data is None:
+            self._error(h, 404, "BLOB_UPLOAD_UNKNOWN", "upload unknown")
+            return
+        if h.command == "GET":
+            self._upload_status(h, repository, upload_id, 204)
+        elif h.command == "DELETE":
+            del self.uploads[upload_id]
+            h.send_body(204, b"")
+        elif h.command == "PATCH":
+            start = re.fullmatch(r"(\d+)-(\d+)", h.headers.get("Content-Range", "") or "")
+            if start is not None and int(start.group(1)) != len(data):
+                self._upload_status(h, repository, upload_id, 416)
+                return
+            data += body
+            self._upload_status(h, repository, upload_id, 202)
+        elif h.command == "PUT":
+            del self.uploads[upload_id]
+            self._finish_upload(h, repository, data + body, query.get("digest", [""])[0])
+        else:
+            self._error(h, 405, "UNSUPPORTED", "method not allowed")
+
+    def _upload_status(self, h: _Base, repository: str, upload_id: str, status: int) -> None:
+        size = len(self.uploads[upload_id])
+        h.send_body(status, b"", {"Location": f"/v2/{repository}/blobs/uploads/{upload_id}",
+                                  "Range": f"0-{max(size - 1, 0)}",
+                                  "Docker-Upload-UUID": upload_id})
+
+    def _finish_upload(self, h: _Base, repository: str, data: bytearray, digest: str) -> None:
+        if sha256(bytes(data)) != digest:
+            self._error(h, 400, "DIGEST_INVALID", "provided digest did not match uploaded content")
+            return
+        self.blobs[digest] = bytes(data)
+        h.send_body(201, b"", {"Location": f"/v2/{repository}/blobs/{digest}",
+                               "Docker-Content-Digest": digest})
+
+    def _put_manifest(self, h: _Base, repository: str, ref: str, body: bytes) -> None:
+        media_type = (h.headers.get("Content-Type") or "").split(";")[0].strip()
+        digest = sha256(body)
+        if ref.startswith("sha256:") and ref != digest:
+            self._error(h, 400, "DIGEST_INVALID", "manifest digest did not match")
+            return
+        self.manifests[(repository, digest)] = (body, media_type)
+        if not ref.startswith("sha256:"):
+            self.manifests[(repository, ref)] = (body, media_type)
+        h.send_body(201, b"", {"Location": f"/v2/{repository}/manifests/{digest}",
+                               "Docker-Content-Digest": digest})
+
+    def _delete(self, h: _Base, repository: str, kind: str, ref: str) -> None:
+        if kind == "blobs":
+            found = self.blobs.pop(ref, None) is not None
+        else:
+            found = self.manifests.pop((repository, ref), None) is not None
+        if not found:
+            self._error(h, 404, "BLOB_UNKNOWN" if kind == "blobs" else "MANIFEST_UNKNOWN",
+                        "unknown")
+            return
+        h.send_body(202, b"")
 
     def _apply_fault(self, h: _Base, action: Dict[str, Any], path: str) -> bool:
         status = action.get("status")

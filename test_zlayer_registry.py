@@ -33,6 +33,7 @@ import _fake_registry as fake  # noqa: E402
 
 SHA_A = "sha256:" + "a" * 64
 SHA_B = "sha256:" + "b" * 64
+ACCEPT = {"Accept": zr._MANIFEST_ACCEPT}
 
 
 # -----------------------------------------------------------------------------
@@ -591,14 +592,23 @@ def _read_head(reader):
 
 
 class _Scripted(_Listener):
-    """Answers request N with ``replies[N]`` (bytes; a (bytes, True) pair closes after it)."""
+    """Answers request N with ``replies[N]`` (bytes; a (bytes, True) pair closes after it;
+    None closes without answering).  Request bodies (Content-Length) are read and kept."""
 
     def __init__(self, replies) -> None:
         self.replies = list(replies)
         self.requests = []
+        self.bodies = []
+        self.hung_up = _threading.Semaphore(0)  # released as each connection is closed
         super().__init__(self._serve)
 
     def _serve(self, conn) -> None:
+        try:
+            self._answer(conn)
+        finally:
+            self.hung_up.release()
+
+    def _answer(self, conn) -> None:
         reader = conn.makefile("rb")
         with conn:
             while self.replies:
@@ -606,7 +616,10 @@ class _Scripted(_Listener):
                 if head is None:
                     return
                 self.requests.append(head)
+                self.bodies.append(reader.read(int(head[1].get("content-length") or 0)))
                 reply = self.replies.pop(0)
+                if reply is None:
+                    return
                 data, close = reply if isinstance(reply, tuple) else (reply, False)
                 conn.sendall(data)
                 if close:
@@ -1011,6 +1024,256 @@ class TestHttp:
         assert "; http: ConnectionRefusedError" in message
         assert message.endswith(f"(through the proxy http://127.0.0.1:{dead} from HTTP_PROXY)")
         assert "secret" not in message and len(sleeps) == 1
+
+
+class _Sink(_Listener):
+    """Reads each request body in 64 KiB pieces, hashing it (nothing is kept), and
+    answers 201 with the body's digest in Docker-Content-Digest."""
+
+    def __init__(self) -> None:
+        self.digests = []
+        super().__init__(self._serve)
+
+    def _serve(self, conn) -> None:
+        reader = conn.makefile("rb")
+        with conn:
+            while True:
+                head = _read_head(reader)
+                if head is None:
+                    return
+                left, hasher = int(head[1].get("content-length") or 0), hashlib.sha256()
+                while left:
+                    chunk = reader.read(min(left, 65536))
+                    if not chunk:
+                        return
+                    hasher.update(chunk)
+                    left -= len(chunk)
+                digest = "sha256:" + hasher.hexdigest()
+                self.digests.append(digest)
+                conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n"
+                             b"Docker-Content-Digest: " + digest.encode() + b"\r\n\r\n")
+
+
+class TestRequestBodies:
+    """Request bodies: bytes, files (streamed: sendfile on plain sockets), iterators
+    (sent once), and when a request with a body is sent again."""
+
+    def test_a_file_body_streams_without_being_read_into_memory(self, tmp_path):
+        import tracemalloc
+        data = layer_bytes(71, 24 * 1024 * 1024)
+        path = tmp_path / "blob"
+        path.write_bytes(data)
+        sink = _Sink()
+        transport = zr._Transport()
+        try:
+            with open(path, "rb") as f:
+                tracemalloc.start()
+                response = transport.send("PUT", f"http://127.0.0.1:{sink.port}/upload", {},
+                                          zr._FileBody(f))
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+            response.read()
+            assert response.status == 201
+            assert response.header("Docker-Content-Digest") == zr.compute_digest(data)
+            assert peak < 2 * 1024 * 1024, f"{peak} bytes held while sending a 24 MiB body"
+            with open(path, "rb") as f:  # a part of a file, from an offset
+                part = transport.send("PATCH", f"http://127.0.0.1:{sink.port}/upload", {},
+                                      zr._FileBody(f, 1000, 5000))
+                part.read()
+            assert sink.digests[-1] == zr.compute_digest(data[1000:6000])
+        finally:
+            transport.close()
+            sink.close()
+
+    def test_a_file_body_goes_over_tls_in_pieces(self, tmp_path, tls_files):
+        data = layer_bytes(72, 3 * 1024 * 1024 + 17)
+        path = tmp_path / "blob"
+        path.write_bytes(data)
+        sink = _Sink()
+        front = _TlsFront(sink.port, *tls_files)
+        context = _ssl.create_default_context(cafile=str(tls_files[0]))
+        transport = zr._Transport(ssl_context=context)
+        try:
+            with open(path, "rb") as f:
+                response = transport.send("PUT", f"https://127.0.0.1:{front.port}/x", {},
+                                          zr._FileBody(f))
+                response.read()
+            assert response.status == 201
+            assert sink.digests == [zr.compute_digest(data)]
+        finally:
+            transport.close()
+            front.close()
+            sink.close()
+
+    def test_an_iterator_body_must_have_its_declared_length(self):
+        sink = _Sink()
+        transport = zr._Transport()
+        try:
+            url = f"http://127.0.0.1:{sink.port}/x"
+            ok = transport.send("PUT", url, {}, zr._IterBody(iter([b"ab", b"cd"]), 4))
+            ok.read()
+            assert ok.status == 201 and sink.digests == [zr.compute_digest(b"abcd")]
+            for chunks, length in (([b"abc", b"de"], 4), ([b"ab"], 4)):
+                with pytest.raises(zr.RegistryError, match="cannot send PUT .*the body"):
+                    transport.send("PUT", url, {}, zr._IterBody(iter(chunks), length))
+        finally:
+            transport.close()
+            sink.close()
+
+    def test_a_body_that_cannot_be_sent_twice_is_not_resent_on_a_stale_connection(self):
+        ok = b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+        # The server closes the first connection after its answer, without saying so.
+        server = _Scripted([(ok, True), ok, ok])
+        transport = zr._Transport()
+        try:
+            transport.send("GET", server.url(), {}).read()
+            assert server.hung_up.acquire(timeout=10)
+            response = transport.send("PATCH", server.url(), {},
+                                      zr._IterBody(iter([b"chunk"]), 5))
+            response.read()
+            assert response.status == 201
+            # Seen closed before the chunk went out: a fresh connection took it, once.
+            assert server.bodies == [b"", b"chunk"] and server.connections == 2
+            again = transport.send("PUT", server.url(), {}, b"bytes")
+            assert again.status == 201 and server.bodies[-1] == b"bytes"
+        finally:
+            transport.close()
+            server.close()
+
+    def test_a_stale_connection_that_swallows_the_request_gets_only_replayable_bodies_again(
+            self):
+        ok = b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+        for body, replies, expected in (
+                (b"bytes", [ok, None, ok], [b"", b"bytes", b"bytes"]),
+                (zr._IterBody(iter([b"chunk"]), 5), [ok, None, ok], [b"", b"chunk"])):
+            server = _Scripted(replies)
+            transport = zr._Transport()
+            try:
+                transport.send("GET", server.url(), {}).read()
+                if isinstance(body, bytes):
+                    assert transport.send("PUT", server.url(), {}, body).status == 201
+                else:
+                    with pytest.raises(ConnectionError):
+                        transport.send("PATCH", server.url(), {}, body)
+                assert server.bodies == expected
+            finally:
+                transport.close()
+                server.close()
+
+    def test_an_answer_sent_before_the_body_was_read_is_returned(self, tmp_path, registry):
+        registry.max_body_bytes = 1024
+        path = tmp_path / "big"
+        path.write_bytes(layer_bytes(73, 8 * 1024 * 1024))
+        client = zr._RegistryClient(zr.parse_reference(f"{registry.host}/app"),
+                                    zr.RegistryAuth.anonymous(), zr._Transport(),
+                                    zr._TokenCache(), actions="pull,push", sleep=Sleeps())
+        with open(path, "rb") as f, pytest.raises(zr.RegistryError) as caught:
+            client.request("PUT", "/v2/app/blobs/uploads/x?digest=" + SHA_A, ok=(201,),
+                           body=zr._FileBody(f))
+        assert caught.value.status == 413
+
+
+class TestRetryPolicy:
+    """Which requests are sent again: GET, HEAD, DELETE, and PUT/POST with a body
+    that can be replayed; never PATCH."""
+
+    class _Answer:
+        def __init__(self, status):
+            self.status = status
+            self.closed = False
+
+        def header(self, name, default=""):
+            return default
+
+        def close(self):
+            self.closed = True
+
+    def _run(self, method, body, statuses):
+        answers = [self._Answer(s) for s in statuses]
+        sent, waits = [], []
+
+        def send():
+            sent.append(method)
+            return answers[len(sent) - 1]
+
+        response = zr._send_with_retries(send, method, retries=4,
+                                         wait=lambda a, r: waits.append(a),
+                                         unanswered=lambda exc, last: exc, body=body)
+        return response.status, len(sent), waits
+
+    def test_get_put_post_and_delete_are_retried_on_retryable_statuses(self):
+        for method, body in (("GET", None), ("HEAD", None), ("DELETE", None),
+                             ("PUT", zr._BytesBody(b"x")), ("POST", None)):
+            assert self._run(method, body, [503, 502, 200]) == (200, 3, [0, 1]), method
+
+    def test_patch_and_bodies_that_cannot_be_replayed_are_sent_once(self):
+        assert self._run("PATCH", zr._BytesBody(b"x"), [503, 200]) == (503, 1, [])
+        assert self._run("PUT", zr._IterBody(iter([b"x"]), 1), [503, 200]) == (503, 1, [])
+
+    def test_a_connection_error_is_final_for_patch(self):
+        seen = []
+
+        def send():
+            raise ConnectionResetError("reset")
+
+        def unanswered(exc, last):
+            seen.append(last)
+            return zr.RegistryError("gave up") if last else None
+
+        with pytest.raises(zr.RegistryError, match="gave up"):
+            zr._send_with_retries(send, "PATCH", retries=4, wait=lambda a, r: None,
+                                  unanswered=unanswered, body=zr._BytesBody(b"x"))
+        assert seen == [True]
+        seen.clear()
+        with pytest.raises(zr.RegistryError, match="gave up"):
+            zr._send_with_retries(send, "GET", retries=2, wait=lambda a, r: None,
+                                  unanswered=unanswered)
+        assert seen == [False, False, True]
+
+
+class TestRegistryRequests:
+    """The registry client's requests: bodies, absolute URLs (upload Locations),
+    token scopes other than pull."""
+
+    def _client(self, registry, actions="pull"):
+        return zr._RegistryClient(zr.parse_reference(f"{registry.host}/app"),
+                                  zr.RegistryAuth.anonymous(), zr._Transport(),
+                                  zr._TokenCache(), actions=actions, sleep=Sleeps())
+
+    def test_an_upload_session_with_a_streamed_body(self, registry, tmp_path):
+        data = layer_bytes(74, 300_000)
+        path = tmp_path / "blob"
+        path.write_bytes(data)
+        client = self._client(registry, "pull,push")
+        started = client.request("POST", "/v2/app/blobs/uploads/", ok=(202,))
+        started.close()
+        location = started.header("Location")
+        absolute = f"{client.base_url}{location}"
+        with open(path, "rb") as f:
+            done = client.request("PUT", f"{absolute}?digest={zr.compute_digest(data)}",
+                                  ok=(201,), body=zr._FileBody(f))
+        done.close()
+        assert done.header("Docker-Content-Digest") == zr.compute_digest(data)
+        assert registry.blobs[zr.compute_digest(data)] == data
+        assert registry.body_sizes[-1] == len(data)
+
+    def test_an_absolute_url_on_another_host_is_refused(self, registry):
+        client = self._client(registry)
+        with pytest.raises(zr.RegistryError, match="location on another host"):
+            client.request("PUT", "http://127.0.0.2:1/v2/app/blobs/uploads/x", ok=(201,),
+                           body=b"x")
+        assert registry.requests == []
+
+    def test_push_clients_and_requests_ask_for_their_scopes(self, registry):
+        registry.auth = "bearer"
+        registry.add_image("app", "v1", [layer_bytes(75, 100)])
+        client = self._client(registry, "pull,push")
+        client.request("HEAD", "/v2/app/manifests/v1", headers=ACCEPT).close()
+        assert registry.token_requests[-1]["query"]["scope"] == ["repository:app:pull,push"]
+        client.request("HEAD", "/v2/app/manifests/v1", headers=ACCEPT,
+                       scope="repository:app:pull,push repository:other:pull").close()
+        assert registry.token_requests[-1]["query"]["scope"] == [
+            "repository:app:pull,push", "repository:other:pull"]
 
 
 class TestHttpReviewRegressions:

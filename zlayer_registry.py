@@ -35,24 +35,25 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     10. WASM DETECTION
     11. HTTP/1.1: connections and responses
     12. TRANSPORT: keep-alive pooling and proxies
-    13. CREDENTIALS AND TOKEN AUTH
-    14. REGISTRY ANSWERS: errors, retries, hosts that do not answer
-    15. REGISTRY CLIENT: manifests and blobs over the distribution API
-    16. BLOB STORES: the interface every cache implements
-    17. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
-    18. CACHE INDEX: SQLite beside the files
-    19. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
-    20. MEMORY CACHE: BlobCache, and where persistent caches are opened
-    21. UNPACK: layer streams (compression, prefetch)
-    22. UNPACK: the root filesystem tree
-    23. UNPACK: LayerUnpacker, applying tar entries
-    24. OCI LAYOUT: writing layouts, archives and WASM artifacts
-    25. OCI LAYOUT: reading and importing
-    26. PULL: worker threads
-    27. PULL: resolving references and fetching blobs
-    28. PULL: the ImagePuller API
-    29. CLI: output, the command's caches and the commands
-    30. CLI: argument types, the parser, main
+    13. RETRIES: which requests are sent again, and when
+    14. CREDENTIALS AND TOKEN AUTH
+    15. REGISTRY ANSWERS: errors, retries, hosts that do not answer
+    16. REGISTRY CLIENT: manifests and blobs over the distribution API
+    17. BLOB STORES: the interface every cache implements
+    18. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
+    19. CACHE INDEX: SQLite beside the files
+    20. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+    21. MEMORY CACHE: BlobCache, and where persistent caches are opened
+    22. UNPACK: layer streams (compression, prefetch)
+    23. UNPACK: the root filesystem tree
+    24. UNPACK: LayerUnpacker, applying tar entries
+    25. OCI LAYOUT: writing layouts, archives and WASM artifacts
+    26. OCI LAYOUT: reading and importing
+    27. PULL: worker threads
+    28. PULL: resolving references and fetching blobs
+    29. PULL: the ImagePuller API
+    30. CLI: output, the command's caches and the commands
+    31. CLI: argument types, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -190,7 +191,6 @@ _NETWORK_READ_BYTES = 256 * 1024
 _DIRECT_IO_MIN_BYTES = 4 * 1024 * 1024
 _DIRECT_IO_STAGE_BYTES = 1024 * 1024
 _DIRECT_IO_ALIGN_BYTES = 4096
-_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _DOCKER_HUB = "docker.io"
 _DOCKER_HUB_API_HOST = "registry-1.docker.io"
 _DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
@@ -1594,6 +1594,101 @@ class _RawResponse:
         raise _HttpError(f"more than {_MAX_HEADERS} trailer lines")
 
 
+class _RequestBody:
+    """A request body: its length, how it goes onto a socket, and whether it can go again.
+
+    The interface of what ``_Transport.send`` takes (bytes are wrapped in a
+    ``_BytesBody``).  A ``replayable`` body is sent again when a kept-alive
+    connection turns out closed, after a redirect or a 401, and by retries;
+    one that is not (an iterator's) is sent once, whatever happens.
+    """
+
+    def __init__(self, length: int, replayable: bool) -> None:
+        if length < 0:
+            raise ValueError("a request body cannot have a negative length")
+        self.length = length
+        self.replayable = replayable
+
+    def send(self, sock: Any, tls: bool) -> None:
+        """Send the whole body on ``sock`` (``tls``: the socket encrypts)."""
+        raise NotImplementedError
+
+
+class _BytesBody(_RequestBody):
+    """A body held in memory (small ones: manifests, token forms)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(len(data), True)
+        self.data = data
+
+    def send(self, sock: Any, tls: bool) -> None:
+        sock.sendall(self.data)
+
+
+class _FileBody(_RequestBody):
+    """``length`` bytes of a file from ``offset``, streamed: never held in memory.
+
+    Plain connections use ``socket.sendfile`` (the kernel copies the file to
+    the socket); TLS ones send it in ``_READ_CHUNK_BYTES`` pieces, larger than
+    the 8 KiB ``socket.sendfile`` would use for them.  Replayable: every send
+    starts again at ``offset``.
+    """
+
+    def __init__(self, file: BinaryIO, offset: int = 0, length: Optional[int] = None) -> None:
+        if length is None:
+            length = os.fstat(file.fileno()).st_size - offset
+        super().__init__(length, True)
+        self.file, self.offset = file, offset
+
+    def send(self, sock: Any, tls: bool) -> None:
+        if not tls:
+            sent = sock.sendfile(self.file, self.offset, self.length)
+            if sent != self.length:
+                raise ValueError(f"the body file ended after {sent} of {self.length} bytes")
+            return
+        self.file.seek(self.offset)
+        left = self.length
+        while left:
+            chunk = self.file.read(min(left, _READ_CHUNK_BYTES))
+            if not chunk:
+                raise ValueError(f"the body file ended {left} bytes early")
+            sock.sendall(chunk)
+            left -= len(chunk)
+
+
+class _IterBody(_RequestBody):
+    """A body produced by an iterator of byte strings, declared ``length`` long; not replayable."""
+
+    def __init__(self, chunks: Iterable[bytes], length: int) -> None:
+        super().__init__(length, False)
+        self._chunks = iter(chunks)
+        self._used = False
+
+    def send(self, sock: Any, tls: bool) -> None:
+        if self._used:
+            raise ValueError("a body read from an iterator cannot be sent twice")
+        self._used = True
+        sent = 0
+        for chunk in self._chunks:
+            sent += len(chunk)
+            if sent > self.length:
+                raise ValueError(f"the body is longer than its {self.length} bytes")
+            sock.sendall(chunk)
+        if sent != self.length:
+            raise ValueError(f"the body ended after {sent} of its {self.length} bytes")
+
+
+def _as_body(body: Union[None, bytes, _RequestBody]) -> Optional[_RequestBody]:
+    """Return ``body`` as a _RequestBody (bytes are wrapped), or None."""
+    if body is None or isinstance(body, _RequestBody):
+        return body
+    return _BytesBody(bytes(body))
+
+
+# A body this small goes out in one send with the request head.
+_SMALL_BODY_BYTES = 64 * 1024
+
+
 class _Connection:
     """One HTTP/1.1 connection: plain, TLS, or TLS through a proxy's CONNECT tunnel.
 
@@ -1609,29 +1704,48 @@ class _Connection:
         self._sock: Any = None
         self._reader: Any = None
         self._method = "GET"
+        self._send_error: Optional[OSError] = None
 
     def request(self, method: str, target: str, *, host: str,
-                headers: Mapping[str, str], body: Optional[bytes] = None) -> None:
-        """Send one request, connecting first if this connection is new."""
+                headers: Mapping[str, str], body: Optional[_RequestBody] = None) -> None:
+        """Send one request, connecting first if this connection is new.
+
+        A server may answer before it has read the whole body (a 401, a 413)
+        and close: the send then fails, and ``getresponse`` still reads that
+        answer if there is one.
+        """
         if _UNSAFE_TARGET.search(target):
             raise ValueError("the request target holds control characters or spaces")
         fields = {"Host": host, "Accept-Encoding": "identity", **headers, **self.proxy_headers}
         if body is not None or method in ("POST", "PUT", "PATCH"):
-            fields["Content-Length"] = str(len(body or b""))
-        data = _request_head(f"{method} {target} HTTP/1.1", fields) + (body or b"")
+            fields["Content-Length"] = str(body.length if body is not None else 0)
+        head = _request_head(f"{method} {target} HTTP/1.1", fields)
         if self._sock is None:
             self._open()
         self._method = method
-        self._sock.sendall(data)
+        self._send_error = None
+        if isinstance(body, _BytesBody) and body.length <= _SMALL_BODY_BYTES:
+            self._sock.sendall(head + body.data)
+            return
+        self._sock.sendall(head)
+        if body is not None and body.length:
+            try:
+                body.send(self._sock, self.context is not None)
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+                self._send_error = exc
 
     def getresponse(self) -> _RawResponse:
         """Read the status line and headers of the answer to the last request."""
         response = _RawResponse(self._reader, self._method)
         try:
             response.begin()
-        except BaseException:
+        except BaseException as exc:
             self.close()
+            if self._send_error is not None and isinstance(exc, _CONNECTION_ERRORS):
+                raise self._send_error from None  # no answer: the send's failure says why
             raise
+        if self._send_error is not None:
+            response.will_close = True  # the server stopped reading the body
         return response
 
     def _open(self) -> None:
@@ -1667,6 +1781,20 @@ class _Connection:
         if not 200 <= response.status < 300:
             raise OSError(f"proxy refused the tunnel to {authority}: "
                           f"{response.status} {response.reason}")
+
+    def is_dropped(self) -> bool:
+        """Tell whether an idle connection has been closed (or spoken on) by the server.
+
+        Checked before a body that cannot be sent twice goes on a pooled
+        connection: a stale one would swallow it.
+        """
+        if self._sock is None:
+            return False
+        import select
+        try:
+            return bool(select.select([self._sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
 
     def shutdown(self) -> None:
         """End the socket for both directions: a read blocked in another thread returns.
@@ -1948,11 +2076,15 @@ class _Transport:
         return conn, True
 
     def send(self, method: str, url: str, headers: Mapping[str, str],
-             body: Optional[bytes] = None, verify: bool = True) -> _Response:
+             body: Union[None, bytes, _RequestBody] = None, verify: bool = True) -> _Response:
         """Send one request and return the response with its body unread.
 
         ``verify=False`` skips the certificate check (an --insecure registry).
+        A pooled connection the server has closed is replaced by a fresh one
+        once, unless the body cannot be sent twice.
         """
+        body = _as_body(body)
+        resendable = body is None or body.replayable
         scheme, host, port, path = _split_url(url)
         verify = verify or scheme != "https"
         key = (scheme, host.lower(), port, verify)
@@ -1961,6 +2093,8 @@ class _Transport:
             reused = key in pool
             connection, absolute = pool.pop(key) if reused else \
                 self._connect(scheme, host, port, verify)
+            if reused and not resendable and connection.is_dropped():
+                connection.close()  # it would take the body down with it: a fresh one
             target = url if absolute else path
             with self._count_lock:
                 self.request_count += 1
@@ -1971,7 +2105,7 @@ class _Transport:
                                    headers=headers, body=body)
             except _CONNECTION_ERRORS:  # first: a TLS verify failure is a ValueError too
                 connection.close()
-                if reused and attempt == 0:
+                if reused and attempt == 0 and resendable:
                     continue
                 raise
             except ValueError as exc:  # a value that would break the request apart
@@ -1987,7 +2121,7 @@ class _Transport:
                 connection.close()
                 # A pooled keep-alive connection the server has closed fails
                 # on first use; one fresh attempt is not a retry.
-                if reused and attempt == 0:
+                if reused and attempt == 0 and resendable:
                     continue
                 raise
             if method == "HEAD":
@@ -2019,7 +2153,115 @@ class _Transport:
 
 
 # =============================================================================
-# 13. CREDENTIALS AND TOKEN AUTH
+# 13. RETRIES: which requests are sent again, and when
+# =============================================================================
+# Shared by every client of the transport.  A request that got no answer, or
+# a retryable status, is sent again after a jittered exponential backoff
+# (at least what Retry-After asks), as its method allows: GET, HEAD, DELETE,
+# and PUT and POST with a replayable body; never PATCH, whose chunk the
+# server may have taken (an upload re-syncs from its status instead).
+
+_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_NEVER_RESENT_METHODS = frozenset({"PATCH"})
+
+
+def _is_name_error(exc: BaseException) -> bool:
+    """Tell whether ``exc`` is a DNS failure (not worth retrying)."""
+    import socket
+    return isinstance(exc, socket.gaierror)
+
+
+def _tls_refusal(exc: BaseException, suggest_insecure: bool = True) -> Optional[str]:
+    """Return the rest of a message for a TLS failure no retry can fix, or None.
+
+    ``suggest_insecure`` is false where --insecure would not help: it was
+    given, or the host is not the registry (a blob redirect's target).
+    """
+    ssl = sys.modules.get("ssl")  # not imported: no TLS was attempted
+    if ssl is None or not isinstance(exc, ssl.SSLError):
+        return None
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"presented a TLS certificate that is not trusted ({exc.verify_message}); "
+                "for a private CA, point SSL_CERT_FILE at its certificate"
+                + (" (or skip the check with --insecure)" if suggest_insecure else ""))
+    if exc.reason == "WRONG_VERSION_NUMBER":  # what a plain HTTP answer looks like to TLS
+        return "does not speak TLS: it may serve plain http" + (
+            " (allow that with --insecure)" if suggest_insecure else "")
+    return None
+
+
+def _parse_retry_after(value: str, clock: Callable[[], float]) -> Optional[float]:
+    """Parse Retry-After (delta seconds or HTTP date) into seconds from now."""
+    value = value.strip()
+    if not value:
+        return None
+    seconds = _header_int(value)
+    if seconds is not None:
+        return float(seconds)
+    from email.utils import parsedate_to_datetime
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - clock())
+
+
+def _backoff_delay(attempt: int, retry_after_s: Optional[float]) -> float:
+    """Return the wait before retry ``attempt`` (0-based): jittered exponential,
+    at least what Retry-After asked for, up to RETRY_AFTER_MAX_S."""
+    import random
+    delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_BASE_S * (2 ** attempt))
+    delay *= 0.5 + random.random() / 2
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
+    return delay
+
+
+def _may_resend(method: str, body: Optional[_RequestBody]) -> bool:
+    """Tell whether a request may be sent again (see this section's comment)."""
+    return method not in _NEVER_RESENT_METHODS and (body is None or body.replayable)
+
+
+def _send_with_retries(send: Callable[[], "_Response"], method: str, *, retries: int,
+                       wait: Callable[[int, Optional[float]], None],
+                       unanswered: Callable[[BaseException, bool], Optional[BaseException]],
+                       body: Optional[_RequestBody] = None,
+                       clock: Callable[[], float] = time.time) -> "_Response":
+    """Run ``send`` again on connection errors and retryable statuses, as the method allows.
+
+    ``wait(attempt, retry_after_s)`` sleeps before attempt ``attempt + 1``.
+    ``unanswered(exc, last)`` returns the error to raise for an attempt that
+    got no answer (``last``: none may follow), or None to try again.  A
+    retryable status is returned as it is once no attempt is left, or when
+    the method may not be sent again.
+    """
+    resend = _may_resend(method, body)
+    attempt = 0
+    while True:
+        try:
+            response = send()
+        except ZLayerError:
+            raise
+        except _CONNECTION_ERRORS as exc:
+            error = unanswered(exc, attempt >= retries or not resend)
+            if error is not None:
+                raise error from exc
+            wait(attempt, None)
+            attempt += 1
+            continue
+        if resend and response.status in _RETRYABLE_STATUSES and attempt < retries:
+            retry_after = _parse_retry_after(response.header("Retry-After"), clock)
+            response.close()
+            wait(attempt, retry_after)
+            attempt += 1
+            continue
+        return response
+
+
+# =============================================================================
+# 14. CREDENTIALS AND TOKEN AUTH
 # =============================================================================
 
 class RegistryAuth:
@@ -2453,7 +2695,7 @@ def _choose_challenge(response: _Response, registry: str, auth: RegistryAuth) ->
 
 
 # =============================================================================
-# 14. REGISTRY ANSWERS: errors, retries, hosts that do not answer
+# 15. REGISTRY ANSWERS: errors, retries, hosts that do not answer
 # =============================================================================
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -2461,49 +2703,6 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # net/http (distribution, zot, Harbor) and nginx.
 _TLS_ONLY_ANSWERS = (b"Client sent an HTTP request to an HTTPS server",
                      b"The plain HTTP request was sent to HTTPS port")
-
-
-def _is_name_error(exc: BaseException) -> bool:
-    """Tell whether ``exc`` is a DNS failure (not worth retrying)."""
-    import socket
-    return isinstance(exc, socket.gaierror)
-
-
-def _tls_refusal(exc: BaseException, suggest_insecure: bool = True) -> Optional[str]:
-    """Return the rest of a message for a TLS failure no retry can fix, or None.
-
-    ``suggest_insecure`` is false where --insecure would not help: it was
-    given, or the host is not the registry (a blob redirect's target).
-    """
-    ssl = sys.modules.get("ssl")  # not imported: no TLS was attempted
-    if ssl is None or not isinstance(exc, ssl.SSLError):
-        return None
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (f"presented a TLS certificate that is not trusted ({exc.verify_message}); "
-                "for a private CA, point SSL_CERT_FILE at its certificate"
-                + (" (or skip the check with --insecure)" if suggest_insecure else ""))
-    if exc.reason == "WRONG_VERSION_NUMBER":  # what a plain HTTP answer looks like to TLS
-        return "does not speak TLS: it may serve plain http" + (
-            " (allow that with --insecure)" if suggest_insecure else "")
-    return None
-
-
-def _parse_retry_after(value: str, clock: Callable[[], float]) -> Optional[float]:
-    """Parse Retry-After (delta seconds or HTTP date) into seconds from now."""
-    value = value.strip()
-    if not value:
-        return None
-    seconds = _header_int(value)
-    if seconds is not None:
-        return float(seconds)
-    from email.utils import parsedate_to_datetime
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - clock())
 
 
 def _error_details(body: bytes) -> Tuple[List[str], str]:
@@ -2524,17 +2723,6 @@ def _error_details(body: bytes) -> Tuple[List[str], str]:
             if message:
                 messages.append(message[:200])
     return codes, "; ".join(messages)
-
-
-def _backoff_delay(attempt: int, retry_after_s: Optional[float]) -> float:
-    """Return the wait before retry ``attempt`` (0-based): jittered exponential,
-    at least what Retry-After asked for, up to RETRY_AFTER_MAX_S."""
-    import random
-    delay = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_BASE_S * (2 ** attempt))
-    delay *= 0.5 + random.random() / 2
-    if retry_after_s is not None:
-        delay = max(delay, min(retry_after_s, RETRY_AFTER_MAX_S))
-    return delay
 
 
 def _read_manifest(response: _Response, name: str, identifier: str) -> Manifest:
@@ -2629,15 +2817,20 @@ def _response_error(response: _Response, subject: str, auth: RegistryAuth,
 
 
 # =============================================================================
-# 15. REGISTRY CLIENT: manifests and blobs over the distribution API
+# 16. REGISTRY CLIENT: manifests and blobs over the distribution API
 # =============================================================================
 
 class _RegistryClient:
-    """Talks to one repository of one registry: auth, redirects, retries."""
+    """Talks to one repository of one registry: auth, redirects, retries.
+
+    ``actions`` are what its tokens ask for (``pull``, or ``pull,push``); a
+    request may ask for more scopes (a mount's source repository).
+    """
 
     def __init__(self, reference: Reference, auth: RegistryAuth,
                  transport: _Transport, tokens: _TokenCache, *,
-                 insecure: bool = False, retries: int = DEFAULT_RETRIES,
+                 actions: str = "pull", insecure: bool = False,
+                 retries: int = DEFAULT_RETRIES,
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.time) -> None:
         self.registry = reference.registry
@@ -2650,7 +2843,7 @@ class _RegistryClient:
         # no answer, as docker and crane do.  The first answer settles it.
         self._set_base_url(f"{'http' if self.loopback and not insecure else 'https'}://{host}")
         self._scheme_known = not (insecure or self.loopback)
-        self.scope = f"repository:{self.repository}:pull"
+        self.scope = f"repository:{self.repository}:{actions}"
         self.auth = auth
         self._token_key = _token_cache_key(self.registry, auth)
         self.transport = transport
@@ -2682,7 +2875,13 @@ class _RegistryClient:
         scheme, host, _ = _origin(url)
         return scheme == "https" or _is_loopback_host(host) or self.insecure
 
-    def _authorization(self) -> Optional[str]:
+    def _token_scope(self, scope: Optional[str]) -> str:
+        """Return the scope a token is asked for: the request's, else the last
+        challenge's (registries name their own), else this client's."""
+        challenge = self._challenge
+        return scope or (challenge.params.get("scope") if challenge else None) or self.scope
+
+    def _authorization(self, scope: Optional[str] = None) -> Optional[str]:
         """Return the Authorization value for the registry, fetching a token if due."""
         if self.auth.kind == "bearer" and self.auth.token:
             return f"Bearer {self.auth.token}"
@@ -2693,7 +2892,7 @@ class _RegistryClient:
             return self.auth.basic_header() if self.auth.password else None
         if challenge.scheme != "bearer":
             return None
-        scope = challenge.params.get("scope") or self.scope
+        scope = self._token_scope(scope)
         token = self.tokens.get(self._token_key, scope)
         if token is None:
             with self._auth_lock:  # one token request, not one per worker
@@ -2703,21 +2902,20 @@ class _RegistryClient:
                     self.tokens.put(self._token_key, scope, token, lifetime_s)
         return f"Bearer {token}"
 
-    def _on_unauthorized(self, response: _Response, sent: Optional[str]) -> None:
-        """Learn the challenge of a 401 and forget the token it refused."""
-        chosen = _choose_challenge(response, self.registry, self.auth)
+    def _on_unauthorized(self, response: _Response, sent: Optional[str],
+                         scope: Optional[str]) -> None:
+        """Forget the token a 401 refused, and learn the challenge it brings."""
         if sent and sent.startswith("Bearer "):
-            scope = chosen.params.get("scope") or self.scope
-            self.tokens.drop(self._token_key, scope, sent[7:])
-        self._challenge = chosen
+            self.tokens.drop(self._token_key, self._token_scope(scope), sent[7:])
+        self._challenge = _choose_challenge(response, self.registry, self.auth)
 
     def _fetch_token(self, challenge: _Challenge, scope: str) -> Tuple[str, float]:
         """Get a bearer token from the challenge's realm (Docker token spec)."""
         realm = _checked_realm(challenge, self.registry, self.loopback)
         method, url, body, headers = _token_request(challenge, scope, self.auth)
-        response = self._send_with_retries(
+        response = self._retrying(
             lambda: self.transport.send(method, url, headers, body, verify=self._is_verified(url)),
-            method, realm)
+            method, lambda: realm, _as_body(body))
         with response:
             if response.status != 200:
                 raise self._error(response, AuthError if response.status in (400, 401, 403)
@@ -2727,50 +2925,39 @@ class _RegistryClient:
 
     # -- requests -------------------------------------------------------------
 
-    def _backoff(self, attempt: int, retry_after_s: Optional[float]) -> None:
+    def backoff(self, attempt: int, retry_after_s: Optional[float] = None) -> None:
+        """Wait before retry ``attempt`` (0-based) of a request to this registry."""
         self.sleep(_backoff_delay(attempt, retry_after_s))
 
-    def _send_with_retries(self, send: Callable[[], _Response], method: str,
-                           url: Union[str, Callable[[], str]]) -> _Response:
-        """Run ``send`` again on connection errors and retryable statuses.
+    def _retrying(self, send: Callable[[], _Response], method: str,
+                  failed_url: Callable[[], str], body: Optional[_RequestBody]) -> _Response:
+        """Send with the shared retry policy; ``failed_url()`` (the URL tried last)
+        names the request in the error when no answer comes."""
+        def unanswered(exc: BaseException, last: bool) -> Optional[BaseException]:
+            # A name that does not resolve will not resolve in a second, nor
+            # will a certificate become trusted.
+            failed = failed_url()
+            refusal = _tls_refusal(exc, not self.insecure and self._is_registry_host(failed))
+            if last or _is_name_error(exc) or refusal:
+                return _unreachable_error(self.registry, self.origin[1], self.transport.proxies,
+                                          method, failed, exc, refusal)
+            return None
 
-        ``url`` (or what calling it returns: the URL ``send`` tried last)
-        names the request in the error when no answer comes.
-        """
-        attempt = 0
-        while True:
-            try:
-                response = send()
-            except ZLayerError:
-                raise
-            except _CONNECTION_ERRORS as exc:
-                # A name that does not resolve will not resolve in a second,
-                # nor will a certificate become trusted.
-                failed = url if isinstance(url, str) else url()
-                refusal = _tls_refusal(exc, not self.insecure
-                                       and self._is_registry_host(failed))
-                if attempt >= self.retries or _is_name_error(exc) or refusal:
-                    raise _unreachable_error(self.registry, self.origin[1], self.transport.proxies,
-                                             method, failed, exc, refusal) from exc
-                self._backoff(attempt, None)
-                attempt += 1
-                continue
-            if response.status in _RETRYABLE_STATUSES and attempt < self.retries:
-                retry_after = _parse_retry_after(response.header("Retry-After"), self.clock)
-                response.close()
-                self._backoff(attempt, retry_after)
-                attempt += 1
-                continue
-            return response
+        return _send_with_retries(send, method, retries=self.retries, wait=self.backoff,
+                                  unanswered=unanswered, body=body, clock=self.clock)
 
     def _send_following_redirects(self, method: str, url: str, headers: Mapping[str, str],
-                                  tried: Optional[List[str]] = None
+                                  tried: Optional[List[str]] = None,
+                                  body: Optional[_RequestBody] = None,
+                                  scope: Optional[str] = None
                                   ) -> Tuple[_Response, Optional[str]]:
         """Send a request, following at most MAX_REDIRECTS redirects ourselves.
 
         Authorization goes only to the registry's own origin: blob redirects
         to S3/CloudFront/R2/Azure carry their own auth in the URL, those
         services reject a second one, and it would leak the token to them.
+        A 303 turns the request into a GET without body; other redirects keep
+        the body, which must then be replayable.
         ``tried[0]`` is set to each URL as it is sent, for error messages.
         """
         from urllib.parse import urljoin
@@ -2790,10 +2977,11 @@ class _RegistryClient:
             all_headers.update(headers)
             sent = None
             if (scheme, host, _origin(url)[2]) == self.origin and self._may_send_secret(url):
-                sent = self._authorization()
+                sent = self._authorization(scope)
                 if sent:
                     all_headers["Authorization"] = sent
-            response = self.transport.send(method, url, all_headers, verify=self._is_verified(url))
+            response = self.transport.send(method, url, all_headers, body,
+                                           verify=self._is_verified(url))
             location = response.header("Location")
             if response.status not in _REDIRECT_STATUSES or not location:
                 return response, sent
@@ -2806,12 +2994,17 @@ class _RegistryClient:
                                     f"({exc})", method=method,
                                     url=_redact_url(response.url)) from exc
             if response.status == 303 and method != "HEAD":
-                method = "GET"
+                method, body = "GET", None
+            elif body is not None and not body.replayable:
+                raise RegistryError(f"{self.registry} redirected a {method} whose body "
+                                    "cannot be sent twice", method=method,
+                                    url=_redact_url(response.url))
         raise RegistryError(f"{self.registry} redirected more than {MAX_REDIRECTS} times",
                             method=method, url=_redact_url(url))
 
     def _send_to_registry(self, method: str, path: str, headers: Mapping[str, str],
-                          tried: List[str]) -> Tuple[_Response, Optional[str]]:
+                          tried: List[str], body: Optional[_RequestBody],
+                          scope: Optional[str]) -> Tuple[_Response, Optional[str]]:
         """Send to ``path`` of the registry (``tried[0]``: the URL tried last).
 
         While the scheme is unsettled (see ``__init__``), an --insecure
@@ -2823,22 +3016,25 @@ class _RegistryClient:
             # One request settles the scheme; workers starting meanwhile wait.
             with self._scheme_lock:
                 if not self._scheme_known:
-                    return self._send_settling_scheme(method, path, headers, tried)
-        return self._send_following_redirects(method, self.base_url + path, headers, tried)
+                    return self._send_settling_scheme(method, path, headers, tried, body, scope)
+        return self._send_following_redirects(method, self.base_url + path, headers, tried,
+                                              body, scope)
 
     def _send_settling_scheme(self, method: str, path: str, headers: Mapping[str, str],
-                              tried: List[str]) -> Tuple[_Response, Optional[str]]:
+                              tried: List[str], body: Optional[_RequestBody],
+                              scope: Optional[str]) -> Tuple[_Response, Optional[str]]:
         """Send the request that settles the registry's scheme (``_scheme_lock`` held)."""
         origin = self.origin
         scheme, rest = self.base_url.split("://", 1)
         try:
             result = self._send_following_redirects(method, self.base_url + path, headers,
-                                                    tried)
+                                                    tried, body, scope)
         except _CONNECTION_ERRORS as https_error:
             if scheme != "https" or _origin(tried[0]) != origin:
                 raise  # a redirect's target failed
             try:
-                return self._settle_scheme(f"http://{rest}", method, path, headers, tried)
+                return self._settle_scheme(f"http://{rest}", method, path, headers, tried,
+                                           body, scope)
             except _CONNECTION_ERRORS as http_error:
                 if _is_name_error(http_error):
                     raise
@@ -2846,40 +3042,60 @@ class _RegistryClient:
         if scheme == "https" or result[0].status != 400 or _origin(tried[0]) != origin:
             self._scheme_known = True
             return result
-        body = _read_capped(result[0], MAX_ERROR_BODY_BYTES)
-        if not any(phrase in body for phrase in _TLS_ONLY_ANSWERS):
-            raise self._error(result[0], body=body)
+        answer = _read_capped(result[0], MAX_ERROR_BODY_BYTES)
+        if not any(phrase in answer for phrase in _TLS_ONLY_ANSWERS):
+            raise self._error(result[0], body=answer)
         result[0].close()
-        return self._settle_scheme(f"https://{rest}", method, path, headers, tried)
+        return self._settle_scheme(f"https://{rest}", method, path, headers, tried, body, scope)
 
     def _settle_scheme(self, base_url: str, method: str, path: str, headers: Mapping[str, str],
-                       tried: List[str]) -> Tuple[_Response, Optional[str]]:
+                       tried: List[str], body: Optional[_RequestBody],
+                       scope: Optional[str]) -> Tuple[_Response, Optional[str]]:
         """Send with the other scheme; its answer settles the registry's scheme."""
-        result = self._send_following_redirects(method, base_url + path, headers, tried)
+        result = self._send_following_redirects(method, base_url + path, headers, tried,
+                                                body, scope)
         self._set_base_url(base_url)
         self._scheme_known = True
         return result
 
     def request(self, method: str, path: str, *, headers: Optional[Mapping[str, str]] = None,
-                ok: Sequence[int] = (200,)) -> _Response:
-        """Send a request to the registry; return the response if its status is in ``ok``."""
+                ok: Sequence[int] = (200,), body: Union[None, bytes, _RequestBody] = None,
+                scope: Optional[str] = None) -> _Response:
+        """Send a request to the registry; return the response if its status is in ``ok``.
+
+        ``path`` is a path of the registry's API, or an absolute URL on the
+        registry's own host (an upload's ``Location``).  ``scope`` asks the
+        token for other scopes than this client's (a mount's source too).
+        """
         headers = headers or {}
+        payload = _as_body(body)
+        absolute = path.startswith(("http://", "https://"))
+        if absolute and not self._is_registry_host(path):
+            raise RegistryError(f"{self.registry} named a location on another host "
+                                f"({_redact_url(path)}); refused", method=method,
+                                url=_redact_url(path))
         reauthenticated = False
         sent_box: List[Optional[str]] = [None]
-        tried = [self.base_url + path]
+        tried = [path if absolute else self.base_url + path]
 
         def send() -> _Response:
-            response, sent_box[0] = self._send_to_registry(method, path, headers, tried)
+            if absolute:
+                response, sent_box[0] = self._send_following_redirects(
+                    method, path, headers, tried, payload, scope)
+            else:
+                response, sent_box[0] = self._send_to_registry(method, path, headers, tried,
+                                                               payload, scope)
             return response
 
         while True:
-            response = self._send_with_retries(send, method, lambda: tried[0])
+            response = self._retrying(send, method, lambda: tried[0], payload)
             if response.status in ok:
                 return response
             if response.status == 401 and not reauthenticated \
-                    and _origin(response.url) == self.origin:
+                    and _origin(response.url) == self.origin \
+                    and (payload is None or payload.replayable):
                 response.close()
-                self._on_unauthorized(response, sent_box[0])
+                self._on_unauthorized(response, sent_box[0], scope)
                 reauthenticated = True
                 continue
             if response.status == 401 and self.auth.kind != "anonymous":
@@ -2935,7 +3151,7 @@ class _RegistryClient:
 
 
 # =============================================================================
-# 16. BLOB STORES: the interface every cache implements
+# 17. BLOB STORES: the interface every cache implements
 # =============================================================================
 # A blob store keeps blobs by digest and the references (tags, digests,
 # layout names) that say which of them to keep.  Every write goes through a
@@ -3304,7 +3520,7 @@ def _verify_stored(store: BlobStore, descriptor: Descriptor) -> None:
 
 
 # =============================================================================
-# 17. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
+# 18. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
 # =============================================================================
 
 class _FileBlobWriter(BlobWriter):
@@ -3721,7 +3937,7 @@ class _BlobFiles:
 
 
 # =============================================================================
-# 18. CACHE INDEX: SQLite beside the files
+# 19. CACHE INDEX: SQLite beside the files
 # =============================================================================
 
 # Two statements rather than an UPSERT, which needs SQLite 3.24 (older than
@@ -3908,7 +4124,7 @@ class _SqliteIndex:
 
 
 # =============================================================================
-# 19. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+# 20. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
 # =============================================================================
 
 class DirectoryBlobCache(BlobStore):
@@ -4104,7 +4320,7 @@ class DirectoryBlobCache(BlobStore):
 
 
 # =============================================================================
-# 20. MEMORY CACHE: BlobCache, and where persistent caches are opened
+# 21. MEMORY CACHE: BlobCache, and where persistent caches are opened
 # =============================================================================
 
 class _MemoryBlobWriter(BlobWriter):
@@ -4247,7 +4463,7 @@ class BlobCache(BlobStore):
 
 
 # =============================================================================
-# 21. UNPACK: layer streams (compression, prefetch)
+# 22. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -4415,7 +4631,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 22. UNPACK: the root filesystem tree
+# 23. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -4641,7 +4857,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 23. UNPACK: LayerUnpacker, applying tar entries
+# 24. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 def _layer_name(layer: Any) -> str:
@@ -4953,7 +5169,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 24. OCI LAYOUT: writing layouts, archives and WASM artifacts
+# 25. OCI LAYOUT: writing layouts, archives and WASM artifacts
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -5337,7 +5553,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 25. OCI LAYOUT: reading and importing
+# 26. OCI LAYOUT: reading and importing
 # =============================================================================
 
 # An imported layout is untrusted: every blob it reaches is streamed into a
@@ -5516,7 +5732,7 @@ def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 26. PULL: worker threads
+# 27. PULL: worker threads
 # =============================================================================
 
 class _Cancelled(Exception):
@@ -5656,7 +5872,7 @@ class _WorkerPool:
 
 
 # =============================================================================
-# 27. PULL: resolving references and fetching blobs
+# 28. PULL: resolving references and fetching blobs
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -5996,7 +6212,7 @@ class _PullerCore:
                     if cancel.is_set():
                         raise _Cancelled()
                     if error is not None:
-                        client._backoff(interruptions - 1, None)
+                        client.backoff(interruptions - 1)
                     continue
                 break
             writer.commit()
@@ -6094,7 +6310,7 @@ def _continues_at(response: _Response, offset: int) -> bool:
 
 
 # =============================================================================
-# 28. PULL: the ImagePuller API
+# 29. PULL: the ImagePuller API
 # =============================================================================
 
 class _LayoutOnlyClient:
@@ -6373,7 +6589,7 @@ class ImagePuller(_PullerCore):
 
 
 # =============================================================================
-# 29. CLI: output, the command's caches and the commands
+# 30. CLI: output, the command's caches and the commands
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -6786,7 +7002,7 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 30. CLI: argument types, the parser, main
+# 31. CLI: argument types, the parser, main
 # =============================================================================
 
 def _positive_int(text: str) -> int:
