@@ -1285,9 +1285,10 @@ class TestHttpReviewRegressions:
         server = _Scripted([(reply(data), close)])
         cache = zr.BlobCache()
         puller = make_puller(cache, timeout_s=5)
-        client = puller._client(zr.parse_reference(f"127.0.0.1:{server.port}/app:v1"), None)
-        puller._stream_blob(client, zr.Descriptor("application/octet-stream", digest, len(data)),
-                            _threading.Event())
+        source = puller._session.source(zr.parse_reference(f"127.0.0.1:{server.port}/app:v1"),
+                                        None)
+        puller._fetcher.stream_blob(source, zr.Descriptor("application/octet-stream", digest,
+                                                          len(data)), _threading.Event())
         assert cache.get(digest) == data
         assert [h.get("range") for _, h in server.requests] == [None]
         server.close()
@@ -2171,10 +2172,10 @@ class TestWorkerPool:
         registry.add_image("app", "v1", [layer_bytes(1), layer_bytes(2)])
         puller = make_puller()
         puller.pull(f"{registry.host}/app:v1")
-        threads = list(puller._workers._threads)
+        threads = list(puller._session._workers._threads)
         assert threads and all(t.is_alive() for t in threads)
         puller.close()
-        assert not any(t.is_alive() for t in threads) and puller._workers is None
+        assert not any(t.is_alive() for t in threads) and puller._session._workers is None
 
 
 class TestDirectIoWriter:

@@ -39,21 +39,23 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     14. CREDENTIALS AND TOKEN AUTH
     15. REGISTRY ANSWERS: errors, retries, hosts that do not answer
     16. REGISTRY CLIENT: manifests and blobs over the distribution API
-    17. BLOB STORES: the interface every cache implements
-    18. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
-    19. CACHE INDEX: SQLite beside the files
-    20. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
-    21. MEMORY CACHE: BlobCache, and where persistent caches are opened
-    22. UNPACK: layer streams (compression, prefetch)
-    23. UNPACK: the root filesystem tree
-    24. UNPACK: LayerUnpacker, applying tar entries
-    25. OCI LAYOUT: writing layouts, archives and WASM artifacts
-    26. OCI LAYOUT: reading and importing
-    27. PULL: worker threads
-    28. PULL: resolving references and fetching blobs
-    29. PULL: the ImagePuller API
-    30. CLI: output, the command's caches and the commands
-    31. CLI: argument types, the parser, main
+    17. BLOB SOURCES: where a pull's manifests and blobs come from
+    18. BLOB STORES: the interface every cache implements
+    19. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
+    20. CACHE INDEX: SQLite beside the files
+    21. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+    22. MEMORY CACHE: BlobCache, and where persistent caches are opened
+    23. UNPACK: layer streams (compression, prefetch)
+    24. UNPACK: the root filesystem tree
+    25. UNPACK: LayerUnpacker, applying tar entries
+    26. OCI LAYOUT: writing layouts, archives and WASM artifacts
+    27. OCI LAYOUT: reading and importing
+    28. PULL: worker threads
+    29. PULL: the session and the resolver
+    30. PULL: the fetcher, verified blobs from a source into a store
+    31. PULL: the ImagePuller API
+    32. CLI: output, the command's caches and the commands
+    33. CLI: argument types, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -89,7 +91,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
-                    Mapping, Optional, Sequence, Tuple, Union)
+                    Mapping, Optional, Protocol, Sequence, Tuple, Union)
 
 __version__ = "0.1.0"
 
@@ -3151,7 +3153,172 @@ class _RegistryClient:
 
 
 # =============================================================================
-# 17. BLOB STORES: the interface every cache implements
+# 17. BLOB SOURCES: where a pull's manifests and blobs come from
+# =============================================================================
+# The resolver and the fetcher read through this interface: the registry
+# (``_RegistrySource``), a layout whose blobs were imported already
+# (``_MissingSource``), and next an S3 bucket or a mirror's upstream.  A tier
+# is a ``_SourceChain``: each source is asked in turn, and one that lacks the
+# blob says so with NotFoundError in the same request that would have fetched
+# it (no HEAD first).  Whatever a source hands out is verified by the caller.
+
+class _BlobStream:
+    """A blob's bytes from a source, starting at byte ``offset`` of the blob.
+
+    ``offset`` is the one asked for, or 0 when the source sends the whole
+    blob again (a server that ignored Range).  Reads as the network response
+    under it does: ``readinto1``, ``length_left``, ``close``.
+    """
+
+    def __init__(self, body: _Response, offset: int) -> None:
+        self._body = body
+        self.offset = offset
+        self.url = body.url
+        self.readinto1 = body.readinto1
+
+    @property
+    def length_left(self) -> Optional[int]:
+        """Bytes still to come per Content-Length (None: chunked or until close)."""
+        return self._body.length_left
+
+    def close(self) -> None:
+        """Stop reading (the connection is reused when the body was read to its end)."""
+        self._body.close()
+
+    def __enter__(self) -> "_BlobStream":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class _Source(Protocol):
+    """What a pull reads manifests and blobs from."""
+
+    name: str  # for messages: the registry's name, the layout's location
+
+    def head_manifest(self, tag: str) -> Optional[str]:
+        """Return the digest ``tag`` points at, None when this source cannot tell cheaply."""
+
+    def get_manifest(self, identifier: str) -> Manifest:
+        """Return the manifest a tag or digest names, checked against its digest
+        (NotFoundError when the source has none)."""
+
+    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
+        """Start sending a blob from ``offset`` (NotFoundError when the source lacks it)."""
+
+    def backoff(self, attempt: int) -> None:
+        """Wait before resuming a download from this source for the ``attempt``-th time."""
+
+
+class _RegistrySource:
+    """A repository of a registry as a source: the distribution API's manifest and blob GETs."""
+
+    def __init__(self, client: _RegistryClient) -> None:
+        self.client = client
+        self.name = client.registry
+        self.head_manifest = client.head_manifest
+        self.get_manifest = client.get_manifest
+        self.backoff = client.backoff
+
+    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
+        """GET a blob, with ``Range: bytes=offset-`` when resuming.
+
+        Only a 206 whose Content-Range starts at the offset continues a
+        partial download; a 200 starts over at 0; a 206 for some other range
+        is of no use, so the whole blob is asked for instead.
+        """
+        response = self.client.open_blob(digest, offset)
+        if _continues_at(response, offset):
+            return _BlobStream(response, offset)
+        if response.status == 200:
+            return _BlobStream(response, 0)
+        response.close()
+        response = self.client.open_blob(digest, 0)
+        if not _continues_at(response, 0):
+            response.close()
+            raise RegistryError(f"{self.name} answered blob {digest} with a Content-Range "
+                                "that does not match the request", method="GET",
+                                url=_redact_url(response.url))
+        return _BlobStream(response, 0)
+
+
+def _continues_at(response: _Response, offset: int) -> bool:
+    """Tell whether a blob response's body starts at byte ``offset``.
+
+    Only a 206 whose Content-Range starts at the offset continues a partial
+    download; a 200 means the server ignored Range and sends everything.
+    """
+    if response.status == 200:
+        return offset == 0
+    match = re.fullmatch(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)",
+                         response.header("Content-Range").strip())
+    return bool(match) and int(match.group(1)) == offset
+
+
+class _SourceChain:
+    """Sources asked in turn (a cache tier, a mirror's upstreams): the first that has
+    a manifest or blob serves it; the last one's NotFoundError is the answer."""
+
+    def __init__(self, sources: Sequence[_Source]) -> None:
+        if not sources:
+            raise ValueError("a chain of sources needs at least one")
+        self.sources = list(sources)
+        self.name = " then ".join(source.name for source in self.sources)
+
+    def _first(self, ask: Callable[[_Source], Any]) -> Any:
+        for source in self.sources[:-1]:
+            try:
+                return ask(source)
+            except NotFoundError:
+                continue
+        return ask(self.sources[-1])
+
+    def head_manifest(self, tag: str) -> Optional[str]:
+        """Return the digest the first source that knows ``tag`` gives."""
+        return self._first(lambda source: source.head_manifest(tag))
+
+    def get_manifest(self, identifier: str) -> Manifest:
+        """Return the manifest from the first source that has it."""
+        return self._first(lambda source: source.get_manifest(identifier))
+
+    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
+        """Start sending a blob from the first source that has it."""
+        return self._first(lambda source: source.open_blob(digest, offset))
+
+    def backoff(self, attempt: int) -> None:
+        """Wait as the last source (the authoritative one, a registry) does."""
+        self.sources[-1].backoff(attempt)
+
+
+class _MissingSource:
+    """The source of an image imported from a layout: everything is in the store
+    already, so whatever a pull asks of it is missing from the layout."""
+
+    def __init__(self, location: str) -> None:
+        self.name = location
+
+    def _missing(self, what: str) -> LayoutError:
+        return LayoutError(f"{self.name}: {what} is not in the layout")
+
+    def head_manifest(self, tag: str) -> Optional[str]:
+        """Raise: the layout lacks what was asked for."""
+        raise self._missing(f"manifest {tag}")
+
+    def get_manifest(self, identifier: str) -> Manifest:
+        """Raise: the layout lacks what was asked for."""
+        raise self._missing(f"manifest {identifier}")
+
+    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
+        """Raise: the layout lacks what was asked for."""
+        raise self._missing(f"blob {digest}")
+
+    def backoff(self, attempt: int) -> None:
+        """Nothing to wait for."""
+
+
+# =============================================================================
+# 18. BLOB STORES: the interface every cache implements
 # =============================================================================
 # A blob store keeps blobs by digest and the references (tags, digests,
 # layout names) that say which of them to keep.  Every write goes through a
@@ -3520,7 +3687,7 @@ def _verify_stored(store: BlobStore, descriptor: Descriptor) -> None:
 
 
 # =============================================================================
-# 18. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
+# 19. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
 # =============================================================================
 
 class _FileBlobWriter(BlobWriter):
@@ -3937,7 +4104,7 @@ class _BlobFiles:
 
 
 # =============================================================================
-# 19. CACHE INDEX: SQLite beside the files
+# 20. CACHE INDEX: SQLite beside the files
 # =============================================================================
 
 # Two statements rather than an UPSERT, which needs SQLite 3.24 (older than
@@ -4124,7 +4291,7 @@ class _SqliteIndex:
 
 
 # =============================================================================
-# 20. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+# 21. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
 # =============================================================================
 
 class DirectoryBlobCache(BlobStore):
@@ -4320,7 +4487,7 @@ class DirectoryBlobCache(BlobStore):
 
 
 # =============================================================================
-# 21. MEMORY CACHE: BlobCache, and where persistent caches are opened
+# 22. MEMORY CACHE: BlobCache, and where persistent caches are opened
 # =============================================================================
 
 class _MemoryBlobWriter(BlobWriter):
@@ -4463,7 +4630,7 @@ class BlobCache(BlobStore):
 
 
 # =============================================================================
-# 22. UNPACK: layer streams (compression, prefetch)
+# 23. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -4631,7 +4798,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 23. UNPACK: the root filesystem tree
+# 24. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -4857,7 +5024,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 24. UNPACK: LayerUnpacker, applying tar entries
+# 25. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 def _layer_name(layer: Any) -> str:
@@ -5169,7 +5336,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 25. OCI LAYOUT: writing layouts, archives and WASM artifacts
+# 26. OCI LAYOUT: writing layouts, archives and WASM artifacts
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -5553,7 +5720,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 26. OCI LAYOUT: reading and importing
+# 27. OCI LAYOUT: reading and importing
 # =============================================================================
 
 # An imported layout is untrusted: every blob it reaches is streamed into a
@@ -5732,7 +5899,7 @@ def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 27. PULL: worker threads
+# 28. PULL: worker threads
 # =============================================================================
 
 class _Cancelled(Exception):
@@ -5872,12 +6039,321 @@ class _WorkerPool:
 
 
 # =============================================================================
-# 28. PULL: resolving references and fetching blobs
+# 29. PULL: the session and the resolver
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
 _MAX_CONFIG_BYTES = 16 * 1024 * 1024
 _ProgressCallback = Callable[[Descriptor, int, int], None]
+_WASM_PLATFORM_PREFERENCE = ("wasip2", "wasip1", "wasi")
+
+
+class _Session:
+    """What every registry conversation of one puller (or pusher) shares: the
+    transport (keep-alive pools, proxies, TLS), the token cache and the workers."""
+
+    def __init__(self, *, max_workers: int, insecure: bool, timeout_s: float, retries: int,
+                 environ: Mapping[str, str], sleep: Callable[[float], None],
+                 clock: Callable[[], float], ssl_context: Any) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
+        self.max_workers = max_workers
+        self.insecure = insecure
+        self.retries = retries
+        self._sleep, self._clock = sleep, clock
+        self.transport = _Transport(timeout_s=timeout_s,
+                                    proxies=_ProxySettings.from_environ(environ),
+                                    ssl_context=ssl_context)
+        self._tokens = _TokenCache(clock)
+        self._workers: Optional[_WorkerPool] = None
+
+    def client(self, reference: Reference, auth: Optional[RegistryAuth],
+               actions: str = "pull") -> _RegistryClient:
+        """Return a client for ``reference``'s repository (tokens for ``actions``)."""
+        return _RegistryClient(reference, auth or RegistryAuth.anonymous(), self.transport,
+                               self._tokens, actions=actions, insecure=self.insecure,
+                               retries=self.retries, sleep=self._sleep, clock=self._clock)
+
+    def source(self, reference: Reference, auth: Optional[RegistryAuth]) -> _RegistrySource:
+        """Return ``reference``'s repository as a source to pull from."""
+        return _RegistrySource(self.client(reference, auth))
+
+    def pool(self) -> _WorkerPool:
+        """Return the worker threads (started at first use), each with its connections."""
+        if self._workers is None:
+            self._workers = _WorkerPool(self.max_workers, "zlayer-pull", self.transport.close)
+        return self._workers
+
+    @property
+    def request_count(self) -> int:
+        """Return how many HTTP requests were sent."""
+        return self.transport.request_count
+
+    def close(self) -> None:
+        """Stop the worker threads and close connections."""
+        if self._workers is not None:
+            # A worker blocked on a stalled server would hold close() up for
+            # the read timeout after a Ctrl-C: its read ends at once.
+            self.transport.shutdown()
+            self._workers.close()
+            self._workers = None
+        self.transport.close()
+
+
+def _select_wasm_child(index: Manifest) -> Optional[Descriptor]:
+    """Pick the WASM entry of a mixed index (os wasip2/wasip1/wasi, architecture wasm)."""
+    children = [c for c in index.manifests if c.platform is not None
+                and c.platform.architecture == "wasm"
+                and c.platform.os in _WASM_PLATFORM_PREFERENCE]
+    children.sort(key=lambda c: _WASM_PLATFORM_PREFERENCE.index(c.platform.os))
+    return children[0] if children else None
+
+
+def _config_platform(config_data: Mapping[str, Any]) -> Optional[Platform]:
+    """Return the platform an image config names (None for artifacts without one)."""
+    os_name, architecture = config_data.get("os"), config_data.get("architecture")
+    if not isinstance(os_name, str) or not isinstance(architecture, str) \
+            or not os_name or not architecture:
+        return None
+    variant = config_data.get("variant")
+    return Platform(os_name, architecture, variant if isinstance(variant, str) else "")
+
+
+class _Resolver:
+    """Turns references into manifests, each verified and stored as it is fetched.
+
+    A tag is resolved with HEAD (Docker Hub does not count HEADs against the
+    pull quota), so a stored image costs one request; a digest is looked up
+    in the store first; an index is followed down to one platform.
+    ``platform_given`` says whether ``platform`` was asked for (an image for
+    another platform is then refused) or is the host's default.
+    """
+
+    def __init__(self, store: BlobStore, platform: Platform, platform_given: bool) -> None:
+        self.store = store
+        self.platform = platform
+        self.platform_given = platform_given
+
+    def manifest_by_digest(self, source: _Source, digest: str) -> Manifest:
+        """Return a manifest from the store, else GET it by digest and store it."""
+        raw = self.store.read_small(digest, MAX_MANIFEST_SIZE_BYTES)
+        if raw is not None:
+            return parse_manifest(raw, self.store.media_type(digest), digest)
+        if self.store.has(digest):
+            raise ManifestError(f"{digest} is over the {MAX_MANIFEST_SIZE_BYTES}-byte "
+                                "manifest limit: it is no manifest")
+        manifest = source.get_manifest(digest)
+        self.store.put(manifest.digest, manifest.raw, manifest.media_type)
+        return manifest
+
+    def resolve(self, reference: Reference, source: _Source) -> Manifest:
+        """Resolve a reference to its top-level manifest or index, and record it."""
+        if reference.digest:
+            manifest = self.manifest_by_digest(source, reference.digest)
+        else:
+            # An empty store holds no manifest a HEAD could find: GET the tag
+            # at once, one round trip fewer on a first pull.
+            digest = None if self.store.is_empty() else source.head_manifest(reference.identifier)
+            if digest is not None:
+                manifest = self.manifest_by_digest(source, digest)
+            else:
+                manifest = source.get_manifest(reference.identifier)
+                self.store.put(manifest.digest, manifest.raw, manifest.media_type)
+        # Recorded for digests too: `cache gc` keeps what a recorded reference reaches.
+        self.store.record_reference(str(reference), manifest.digest, manifest.media_type)
+        return manifest
+
+    def resolve_platform(self, source: _Source, top: Manifest, *, prefer_wasm: bool = False,
+                         wanted: Optional[Platform] = None
+                         ) -> Tuple[Manifest, Optional[Manifest], Optional[Platform]]:
+        """Follow an index (nested ones too) down to the platform; return (manifest,
+        the index it came from, the platform chosen).
+
+        With ``prefer_wasm`` and no platform given, a WASM child is chosen
+        (wasip2, then wasip1, then wasi) before the host's platform.
+        """
+        manifest, index, chosen = top, None, None
+        for _ in range(_MAX_INDEX_DEPTH):
+            if not manifest.is_index:
+                return manifest, index, chosen
+            index = manifest
+            child = (_select_wasm_child(manifest) if prefer_wasm and not self.platform_given
+                     else None) or select_platform(manifest, wanted or self.platform)
+            chosen = _normalize_platform(child.platform) if child.platform else None
+            manifest = self.manifest_by_digest(source, child.digest)
+        raise ManifestError(f"index {top.digest} nests more than {_MAX_INDEX_DEPTH} levels deep")
+
+    def walk(self, source: _Source, top: Manifest, *,
+             post_order: bool = False) -> List[_GraphNode]:
+        """Return every node ``top`` reaches, fetching the manifests the store lacks."""
+        def load(descriptor: Descriptor) -> Optional[Manifest]:
+            if descriptor.digest == top.digest:
+                return top
+            if descriptor.media_type not in _MANIFEST_TYPES:
+                return None
+            return self.manifest_by_digest(source, descriptor.digest)
+
+        return list(_walk_graph([top.descriptor()], load, post_order=post_order))
+
+    def read_config(self, descriptor: Descriptor) -> Dict[str, Any]:
+        """Parse a JSON config blob from the store ({} when it is not JSON)."""
+        if descriptor.size > _MAX_CONFIG_BYTES or not (
+                descriptor.media_type.endswith("json") or not descriptor.media_type):
+            return {}
+        raw = self.store.read_small(descriptor.digest, _MAX_CONFIG_BYTES)
+        try:
+            return _json_object(raw) if raw else {}
+        except ValueError:
+            return {}
+
+    def check_platform(self, reference: Union[Reference, str],
+                       config_data: Mapping[str, Any]) -> None:
+        """Refuse a single-platform image built for another platform than the one asked for."""
+        offered = _config_platform(config_data)
+        if offered is not None and _platform_rank(self.platform, offered) is None:
+            raise ManifestError(f"{reference} is a single {offered} image, "
+                                f"not {self.platform} as asked")
+
+
+# =============================================================================
+# 30. PULL: the fetcher, verified blobs from a source into a store
+# =============================================================================
+
+class _Fetcher:
+    """Makes blobs present and verified in a store, downloading what it lacks.
+
+    Downloads run on the session's workers, largest first; each streams into
+    a store writer (verified before it is visible) and resumes with Range
+    after an interruption.  One process downloads a blob while others that
+    want it wait on its lock and then find it stored.
+    """
+
+    def __init__(self, store: BlobStore, pool: Callable[[], _WorkerPool], retries: int,
+                 progress: Optional[_ProgressCallback]) -> None:
+        self.store = store
+        self._pool = pool
+        self.retries = retries
+        self.progress = progress
+
+    def fetch(self, source: _Source, descriptors: Sequence[Descriptor],
+              manifests: Sequence[str] = ()) -> Tuple[int, int]:
+        """Make every blob present and verified; return (downloaded, from the store) bytes.
+
+        The blobs and the ``manifests`` digests (stored already) are marked
+        used, so ``cache prune`` (least recently used first) keeps an image's
+        manifests as long as its layers.
+        """
+        unique: Dict[str, Descriptor] = {}
+        for descriptor in descriptors:
+            unique.setdefault(descriptor.digest, descriptor)
+        missing = []
+        for descriptor in unique.values():
+            size = self.store.size(descriptor.digest)
+            if size is None:
+                missing.append(descriptor)
+            elif size != descriptor.size:
+                raise DigestMismatchError(f"blob {descriptor.digest} is described with the "
+                                          "wrong size", f"{descriptor.size} bytes",
+                                          f"{size} bytes")
+        from_store = sum(d.size for d in unique.values()) - sum(d.size for d in missing)
+        downloaded = 0
+        if missing:
+            # Largest first: a small blob waiting behind the big ones costs a
+            # few milliseconds at the end; a big one queued behind a small one
+            # starts late and finishes alone, with a CPU idle.
+            missing.sort(key=lambda d: d.size, reverse=True)
+            cancel = threading.Event()
+            received = self._pool().run(lambda d: self.download(source, d, cancel),
+                                        missing, cancel, meanwhile=self.store.warm_up)
+            downloaded = sum(n for n in received if n is not None)
+            # None: another process stored the blob while this one waited.
+            from_store += sum(d.size for d, n in zip(missing, received) if n is None)
+        self.store.touch(list(unique) + [d for d in manifests if d not in unique])
+        return downloaded, from_store
+
+    def download(self, source: _Source, descriptor: Descriptor,
+                 cancel: threading.Event) -> Optional[int]:
+        """Download a blob unless another process does; return bytes received or None."""
+        with self.store.lock(descriptor.digest):
+            if self.store.has(descriptor.digest):
+                return None
+            return self.stream_blob(source, descriptor, cancel)
+
+    def stream_blob(self, source: _Source, descriptor: Descriptor,
+                    cancel: threading.Event) -> int:
+        """Stream one blob into the store, resuming after interruptions."""
+        received = interruptions = 0
+        with self.store.begin_write(descriptor.digest, descriptor.size,
+                                    descriptor.media_type) as writer:
+            while True:
+                if cancel.is_set():
+                    raise _Cancelled()
+                with source.open_blob(descriptor.digest, writer.offset) as stream:
+                    if stream.offset != writer.offset:
+                        writer.restart()  # the source sends the whole blob again
+                    count, error = self._copy_body(stream, writer, descriptor, cancel)
+                    received += count
+                # All bytes in: the digest decides, whatever the connection did
+                # after the last one (a lost chunked terminator, a stall).
+                if writer.offset < descriptor.size:
+                    interruptions += 1  # dropped, stalled or ended early: resume
+                    if interruptions > self.retries:
+                        if error is None:
+                            break  # commit() reports the short blob
+                        raise RegistryError(
+                            f"download of blob {descriptor.digest} from {source.name} "
+                            f"kept failing ({error.__class__.__name__}) after "
+                            f"{interruptions - 1} resumptions", temporary=True,
+                            method="GET", url=_redact_url(stream.url)) from error
+                    if cancel.is_set():
+                        raise _Cancelled()
+                    if error is not None:
+                        source.backoff(interruptions - 1)
+                    continue
+                break
+            writer.commit()
+            return received
+
+    def _copy_body(self, stream: _BlobStream, writer: BlobWriter, descriptor: Descriptor,
+                   cancel: threading.Event) -> Tuple[int, Optional[BaseException]]:
+        """Copy a blob stream into a writer; return (bytes, the network error if any).
+
+        ``readinto1`` receives what one socket read brings, straight into the
+        writer's buffer, so a reset or a stall loses nothing already received
+        and the resume starts exactly there.
+        Store write failures are not network errors and propagate.
+        """
+        count = 0
+        while True:
+            if cancel.is_set():
+                raise _Cancelled()
+            if writer.offset >= descriptor.size and stream.length_left is None:
+                # A chunked or until-close body: waiting for its end could mean
+                # waiting for a timeout; the blob is complete, its digest decides.
+                return count, None
+            try:
+                received = stream.readinto1(writer.buffer())
+            except _CONNECTION_ERRORS as exc:
+                return count, exc
+            if not received:
+                return count, None
+            try:
+                writer.filled(received)
+            except OSError as exc:
+                raise CacheError(f"cannot write blob {descriptor.digest} to the cache: "
+                                 f"{exc.strerror or exc}") from exc
+            count += received
+            if self.progress is not None:
+                self.progress(descriptor, writer.offset, descriptor.size)
+
+
+# =============================================================================
+# 31. PULL: the ImagePuller API
+# =============================================================================
+
+def _as_reference(reference: Union[str, Reference]) -> Reference:
+    """Return ``reference`` parsed (a Reference is taken as it is)."""
+    return parse_reference(reference) if isinstance(reference, str) else reference
 
 
 @dataclass(frozen=True)
@@ -5961,6 +6437,18 @@ class PullResult:
             data.update(info.to_json())
         return data
 
+    def wasm_module_info(self) -> WasmArtifactInfo:
+        """Return the WASM metadata of an artifact whose module is a layer of its own;
+        a ManifestError for a container image or a module inside a filesystem layer."""
+        info = self.wasm_info()
+        if info is None:
+            raise ManifestError(f"{self.reference} is a container image, "
+                                "not a WebAssembly artifact")
+        if info.wasm_layer_digest is None:
+            raise ManifestError(f"{self.reference} is a WASM image whose module sits inside "
+                                "a filesystem layer (Docker wasi/wasm style); unpack it instead")
+        return info
+
     def wasm_info(self) -> Optional[WasmArtifactInfo]:
         """Return WASM metadata (WASI level completed from the verified bytes), or None."""
         return _verified_wasm_info(self.manifest, self.config_data,
@@ -5993,23 +6481,20 @@ def _verified_wasm_info(manifest: Manifest, config_data: Mapping[str, Any],
     return info
 
 
-def _config_platform(config_data: Mapping[str, Any]) -> Optional[Platform]:
-    """Return the platform an image config names (None for artifacts without one)."""
-    os_name, architecture = config_data.get("os"), config_data.get("architecture")
-    if not isinstance(os_name, str) or not isinstance(architecture, str) \
-            or not os_name or not architecture:
-        return None
-    variant = config_data.get("variant")
-    return Platform(os_name, architecture, variant if isinstance(variant, str) else "")
-
-
 def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
     return {"digest": descriptor.digest, "size": descriptor.size,
             "media_type": descriptor.media_type}
 
 
-class _PullerCore:
-    """The machinery of ImagePuller: clients, manifests, parallel verified blob downloads."""
+class ImagePuller:
+    """Pulls images and WASM artifacts into a blob cache.
+
+    ``platform`` (``"linux/arm64"`` or a :class:`Platform`) picks the image
+    from an index; the default is this host's.  ``insecure`` skips the
+    registry's certificate check (its own host only, never a blob
+    redirect's) and falls back to plain http when https gets no answer.
+    ``sleep``, ``clock`` and ``environ`` are injectable for tests.
+    """
 
     def __init__(self, cache: Optional[BlobStore] = None, *,
                  max_workers: int = DEFAULT_MAX_WORKERS,
@@ -6021,39 +6506,35 @@ class _PullerCore:
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.time,
                  ssl_context: Any = None) -> None:
-        if max_workers < 1:
-            raise ValueError("max_workers must be at least 1")
         self.cache = cache if cache is not None else BlobCache()
-        self.max_workers = max_workers
         if isinstance(platform, str):
             platform = parse_platform(platform)
-        self._platform_given = platform is not None
         self.platform = platform if platform is not None else host_platform()
-        self.insecure = insecure
-        self.retries = retries
-        self.progress = progress
-        self._sleep, self._clock = sleep, clock
-        env = os.environ if environ is None else environ
-        self._transport = _Transport(timeout_s=timeout_s,
-                                     proxies=_ProxySettings.from_environ(env),
-                                     ssl_context=ssl_context)
-        self._tokens = _TokenCache(clock)
-        self._workers: Optional[_WorkerPool] = None
+        self._session = _Session(max_workers=max_workers, insecure=insecure,
+                                 timeout_s=timeout_s, retries=retries,
+                                 environ=os.environ if environ is None else environ,
+                                 sleep=sleep, clock=clock, ssl_context=ssl_context)
+        self._resolver = _Resolver(self.cache, self.platform, platform_given=platform is not None)
+        self._fetcher = _Fetcher(self.cache, self._session.pool, retries, progress)
+
+    @property
+    def max_workers(self) -> int:
+        """Return how many blobs download at once."""
+        return self._session.max_workers
+
+    @property
+    def insecure(self) -> bool:
+        """Tell whether registries' certificates go unchecked (and plain http is allowed)."""
+        return self._session.insecure
 
     @property
     def request_count(self) -> int:
         """Return how many HTTP requests this puller has sent."""
-        return self._transport.request_count
+        return self._session.request_count
 
     def close(self) -> None:
         """Stop worker threads and close connections."""
-        if self._workers is not None:
-            # A worker blocked on a stalled server would hold close() up for
-            # the read timeout (30 s) after a Ctrl-C: its read ends at once.
-            self._transport.shutdown()
-            self._workers.close()
-            self._workers = None
-        self._transport.close()
+        self._session.close()
 
     def __enter__(self) -> "ImagePuller":
         return self
@@ -6061,289 +6542,11 @@ class _PullerCore:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    # -- manifests ------------------------------------------------------------
-
-    def _client(self, reference: Reference, auth: Optional[RegistryAuth]) -> _RegistryClient:
-        return _RegistryClient(reference, auth or RegistryAuth.anonymous(),
-                               self._transport, self._tokens, insecure=self.insecure,
-                               retries=self.retries, sleep=self._sleep, clock=self._clock)
-
-    def _manifest_by_digest(self, client: _RegistryClient, digest: str) -> Manifest:
-        """Return a manifest from the cache, else GET it by digest and cache it."""
-        raw = self.cache.read_small(digest, MAX_MANIFEST_SIZE_BYTES)
-        if raw is not None:
-            return parse_manifest(raw, self.cache.media_type(digest), digest)
-        if self.cache.has(digest):
-            raise ManifestError(f"{digest} is over the {MAX_MANIFEST_SIZE_BYTES}-byte "
-                                "manifest limit: it is no manifest")
-        manifest = client.get_manifest(digest)
-        self.cache.put(manifest.digest, manifest.raw, manifest.media_type)
-        return manifest
-
-    def _resolve_top(self, reference: Reference, client: _RegistryClient) -> Manifest:
-        """Resolve a reference to its top-level manifest or index.
-
-        A tag is resolved with HEAD (Docker Hub does not count HEADs against
-        the pull quota), so a cached image costs one request.
-        """
-        if reference.digest:
-            manifest = self._manifest_by_digest(client, reference.digest)
-        else:
-            # An empty cache holds no manifest a HEAD could find: GET the tag
-            # at once, one round trip fewer on a first pull.
-            digest = None if self.cache.is_empty() \
-                else client.head_manifest(reference.identifier)
-            if digest is not None:
-                manifest = self._manifest_by_digest(client, digest)
-            else:
-                manifest = client.get_manifest(reference.identifier)
-                self.cache.put(manifest.digest, manifest.raw, manifest.media_type)
-        # Recorded for digests too: `cache gc` keeps what a recorded reference reaches.
-        self.cache.record_reference(str(reference), manifest.digest, manifest.media_type)
-        return manifest
-
-    def _resolve_platform(self, client: _RegistryClient, top: Manifest, *,
-                          prefer_wasm: bool = False, wanted: Optional[Platform] = None
-                          ) -> Tuple[Manifest, Optional[Manifest], Optional[Platform]]:
-        """Follow an index (nested ones too) down to this puller's platform.
-
-        With ``prefer_wasm`` and no platform given, a WASM child is chosen
-        (wasip2, then wasip1, then wasi) before the host's platform.
-        """
-        manifest, index, chosen = top, None, None
-        for _ in range(_MAX_INDEX_DEPTH):
-            if not manifest.is_index:
-                return manifest, index, chosen
-            index = manifest
-            child = (_select_wasm_child(manifest) if prefer_wasm and not self._platform_given
-                     else None) or select_platform(manifest, wanted or self.platform)
-            chosen = _normalize_platform(child.platform) if child.platform else None
-            manifest = self._manifest_by_digest(client, child.digest)
-        raise ManifestError(f"index {top.digest} nests more than {_MAX_INDEX_DEPTH} levels deep")
-
-    # -- blobs ----------------------------------------------------------------
-
-    def _pool(self) -> _WorkerPool:
-        if self._workers is None:
-            self._workers = _WorkerPool(self.max_workers, "zlayer-pull", self._transport.close)
-        return self._workers
-
-    def _fetch_blobs(self, client: _RegistryClient, descriptors: Sequence[Descriptor],
-                     manifests: Sequence[str] = ()) -> Tuple[int, int]:
-        """Make every blob present and verified in the cache; return (downloaded, cached) bytes.
-
-        The blobs and the ``manifests`` digests (already cached) are marked
-        used, so ``cache prune`` (least recently used first) keeps an image's
-        manifests as long as its layers.
-        """
-        unique: Dict[str, Descriptor] = {}
-        for descriptor in descriptors:
-            unique.setdefault(descriptor.digest, descriptor)
-        missing = []
-        for descriptor in unique.values():
-            size = self.cache.size(descriptor.digest)
-            if size is None:
-                missing.append(descriptor)
-            elif size != descriptor.size:
-                raise DigestMismatchError(f"blob {descriptor.digest} is described with the "
-                                          "wrong size", f"{descriptor.size} bytes",
-                                          f"{size} bytes")
-        from_cache = sum(d.size for d in unique.values()) - sum(d.size for d in missing)
-        downloaded = 0
-        if missing:
-            # Largest first: a small blob waiting behind the big ones costs a
-            # few milliseconds at the end; a big one queued behind a small one
-            # starts late and finishes alone, with a CPU idle.
-            missing.sort(key=lambda d: d.size, reverse=True)
-            cancel = threading.Event()
-            received = self._pool().run(lambda d: self._download_blob(client, d, cancel),
-                                        missing, cancel, meanwhile=self.cache.warm_up)
-            downloaded = sum(n for n in received if n is not None)
-            # None: another process stored the blob while this one waited.
-            from_cache += sum(d.size for d, n in zip(missing, received) if n is None)
-        self.cache.touch(list(unique) + [d for d in manifests if d not in unique])
-        return downloaded, from_cache
-
-    def _download_blob(self, client: _RegistryClient, descriptor: Descriptor,
-                       cancel: threading.Event) -> Optional[int]:
-        """Download a blob unless another process does; return bytes received or None."""
-        with self.cache.lock(descriptor.digest):
-            if self.cache.has(descriptor.digest):
-                return None
-            return self._stream_blob(client, descriptor, cancel)
-
-    def _stream_blob(self, client: _RegistryClient, descriptor: Descriptor,
-                     cancel: threading.Event) -> int:
-        """Stream one blob into the cache, resuming with Range after interruptions."""
-        received = interruptions = 0
-        with self.cache.begin_write(descriptor.digest, descriptor.size,
-                                    descriptor.media_type) as writer:
-            while True:
-                if cancel.is_set():
-                    raise _Cancelled()
-                response = client.open_blob(descriptor.digest, writer.offset)
-                with response:
-                    if not _continues_at(response, writer.offset):
-                        writer.restart()
-                        if response.status != 200:
-                            # A 206 for some other range: its bytes are of no use
-                            # here, so ask again for the whole blob.
-                            interruptions += 1
-                            if interruptions > self.retries:
-                                raise RegistryError(
-                                    f"{client.registry} answered blob {descriptor.digest} "
-                                    "with a Content-Range that does not match the request",
-                                    method="GET", url=_redact_url(response.url))
-                            continue
-                    count, error = self._copy_body(response, writer, descriptor, cancel)
-                    received += count
-                # All bytes in: the digest decides, whatever the connection did
-                # after the last one (a lost chunked terminator, a stall).
-                if writer.offset < descriptor.size:
-                    interruptions += 1  # dropped, stalled or ended early: resume
-                    if interruptions > self.retries:
-                        if error is None:
-                            break  # commit() reports the short blob
-                        raise RegistryError(
-                            f"download of blob {descriptor.digest} from {client.registry} "
-                            f"kept failing ({error.__class__.__name__}) after "
-                            f"{interruptions - 1} resumptions", temporary=True,
-                            method="GET", url=_redact_url(response.url)) from error
-                    if cancel.is_set():
-                        raise _Cancelled()
-                    if error is not None:
-                        client.backoff(interruptions - 1)
-                    continue
-                break
-            writer.commit()
-            return received
-
-    def _copy_body(self, response: _Response, writer: BlobWriter, descriptor: Descriptor,
-                   cancel: threading.Event) -> Tuple[int, Optional[BaseException]]:
-        """Copy a response body into a writer; return (bytes, the network error if any).
-
-        ``readinto1`` receives what one socket read brings, straight into the
-        writer's buffer, so a reset or a stall loses nothing already received
-        and the resume starts exactly there.
-        Cache write failures are not network errors and propagate.
-        """
-        count = 0
-        while True:
-            if cancel.is_set():
-                raise _Cancelled()
-            if writer.offset >= descriptor.size and response.length_left is None:
-                # A chunked or until-close body: waiting for its end could mean
-                # waiting for a timeout; the blob is complete, its digest decides.
-                return count, None
-            try:
-                received = response.readinto1(writer.buffer())
-            except _CONNECTION_ERRORS as exc:
-                return count, exc
-            if not received:
-                return count, None
-            try:
-                writer.filled(received)
-            except OSError as exc:
-                raise CacheError(f"cannot write blob {descriptor.digest} to the cache: "
-                                 f"{exc.strerror or exc}") from exc
-            count += received
-            if self.progress is not None:
-                self.progress(descriptor, writer.offset, descriptor.size)
-
-    def _check_platform(self, reference: Union[Reference, str],
-                        config_data: Mapping[str, Any]) -> None:
-        """Refuse a single-platform image built for another platform than the one asked for."""
-        offered = _config_platform(config_data)
-        if offered is not None and _platform_rank(self.platform, offered) is None:
-            raise ManifestError(f"{reference} is a single {offered} image, "
-                                f"not {self.platform} as asked")
-
-    def _read_config(self, descriptor: Descriptor) -> Dict[str, Any]:
-        """Parse a JSON config blob from the cache ({} when it is not JSON)."""
-        if descriptor.size > _MAX_CONFIG_BYTES or not (
-                descriptor.media_type.endswith("json") or not descriptor.media_type):
-            return {}
-        raw = self.cache.read_small(descriptor.digest, _MAX_CONFIG_BYTES)
-        try:
-            data = json.loads(raw.decode("utf-8")) if raw else {}
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def _fetch_index(self, client: _RegistryClient, index: Manifest) -> Tuple[int, int]:
+    def _fetch_index(self, source: _Source, index: Manifest) -> Tuple[int, int]:
         """Fetch every child manifest of an index (nested too) and all their blobs."""
-        def load(descriptor: Descriptor) -> Optional[Manifest]:
-            if descriptor.digest == index.digest:
-                return index
-            if descriptor.media_type not in _MANIFEST_TYPES:
-                return None
-            return self._manifest_by_digest(client, descriptor.digest)
-
-        nodes = list(_walk_graph([index.descriptor()], load))
-        return self._fetch_blobs(client, [d for d, m in nodes if m is None],
-                                 manifests=sorted(d.digest for d, m in nodes if m is not None))
-
-
-_WASM_PLATFORM_PREFERENCE = ("wasip2", "wasip1", "wasi")
-
-
-def _select_wasm_child(index: Manifest) -> Optional[Descriptor]:
-    """Pick the WASM entry of a mixed index (os wasip2/wasip1/wasi, architecture wasm)."""
-    children = [c for c in index.manifests if c.platform is not None
-                and c.platform.architecture == "wasm"
-                and c.platform.os in _WASM_PLATFORM_PREFERENCE]
-    children.sort(key=lambda c: _WASM_PLATFORM_PREFERENCE.index(c.platform.os))
-    return children[0] if children else None
-
-
-def _continues_at(response: _Response, offset: int) -> bool:
-    """Tell whether a blob response's body starts at byte ``offset``.
-
-    Only a 206 whose Content-Range starts at the offset continues a partial
-    download; a 200 means the server ignored Range and sends everything.
-    """
-    if response.status == 200:
-        return offset == 0
-    match = re.fullmatch(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)",
-                         response.header("Content-Range").strip())
-    return bool(match) and int(match.group(1)) == offset
-
-
-# =============================================================================
-# 29. PULL: the ImagePuller API
-# =============================================================================
-
-class _LayoutOnlyClient:
-    """Stands in for a registry client for an image imported from a layout:
-    all of it is in the cache, so a request it is asked for means a blob the
-    layout lacks."""
-
-    def __init__(self, src: str) -> None:
-        self.src = src
-
-    def _missing(self, what: str) -> LayoutError:
-        """Return the error for something the layout lacks."""
-        return LayoutError(f"{self.src}: {what} is not in the layout")
-
-    def get_manifest(self, identifier: str) -> Manifest:
-        raise self._missing(f"manifest {identifier}")
-
-    def head_manifest(self, identifier: str) -> Optional[str]:
-        raise self._missing(f"manifest {identifier}")
-
-    def open_blob(self, digest: str, offset: int = 0) -> _Response:
-        raise self._missing(f"blob {digest}")
-
-
-class ImagePuller(_PullerCore):
-    """Pulls images and WASM artifacts into a blob cache.
-
-    ``platform`` (``"linux/arm64"`` or a :class:`Platform`) picks the image
-    from an index; the default is this host's.  ``insecure`` skips the
-    registry's certificate check (its own host only, never a blob
-    redirect's) and falls back to plain http when https gets no answer.
-    ``sleep``, ``clock`` and ``environ`` are injectable for tests.
-    """
+        nodes = self._resolver.walk(source, index)
+        return self._fetcher.fetch(source, [d for d, m in nodes if m is None],
+                                   manifests=sorted(d.digest for d, m in nodes if m is not None))
 
     def fetch_manifest(self, reference: Union[str, Reference],
                        auth: Optional[RegistryAuth] = None, *,
@@ -6352,34 +6555,34 @@ class ImagePuller(_PullerCore):
 
         With ``resolve_index=False`` an index is returned as it is.
         """
-        ref = parse_reference(reference) if isinstance(reference, str) else reference
-        client = self._client(ref, auth)
-        top = self._resolve_top(ref, client)
-        return self._resolve_platform(client, top)[0] if resolve_index else top
+        reference = _as_reference(reference)
+        source = self._session.source(reference, auth)
+        top = self._resolver.resolve(reference, source)
+        return self._resolver.resolve_platform(source, top)[0] if resolve_index else top
 
     def pull_image(self, reference: Union[str, Reference],
                    auth: Optional[RegistryAuth] = None, *,
                    prefer_wasm: bool = False) -> PullResult:
         """Pull config and layers of ``reference`` into the cache; return what was pulled."""
-        ref = parse_reference(reference) if isinstance(reference, str) else reference
-        client = self._client(ref, auth)
-        top = self._resolve_top(ref, client)
-        manifest, index, platform = self._resolve_platform(client, top,
+        reference = _as_reference(reference)
+        source = self._session.source(reference, auth)
+        top = self._resolver.resolve(reference, source)
+        manifest, index, platform = self._resolver.resolve_platform(source, top,
                                                            prefer_wasm=prefer_wasm)
         config = manifest.config
         layers = manifest.layers
         used = [top.digest] + ([manifest.digest] if manifest is not top else [])
         early, config_data = 0, None
-        if self._platform_given and not top.is_index:
+        if self._resolver.platform_given and not top.is_index:
             # One image, no index to choose from: its config must still match.
-            early = self._fetch_blobs(client, [config], manifests=used)[0]
-            config_data = self._read_config(config)
-            self._check_platform(ref, config_data)
-        downloaded, from_cache = self._fetch_blobs(client, [config] + layers, manifests=used)
+            early = self._fetcher.fetch(source, [config], manifests=used)[0]
+            config_data = self._resolver.read_config(config)
+            self._resolver.check_platform(reference, config_data)
+        downloaded, from_cache = self._fetcher.fetch(source, [config] + layers, manifests=used)
         downloaded, from_cache = downloaded + early, from_cache - early
         if config_data is None:
-            config_data = self._read_config(config)
-        return PullResult(reference=ref, manifest=manifest, config=config,
+            config_data = self._resolver.read_config(config)
+        return PullResult(reference=reference, manifest=manifest, config=config,
                           layers=[Layer(d, self.cache) for d in layers],
                           config_data=config_data, index=index,
                           platform=platform or _config_platform(config_data),
@@ -6398,34 +6601,26 @@ class ImagePuller(_PullerCore):
         From a mixed index the WASM entry is chosen unless a platform was
         given.  A container image is a ``ManifestError``.
         """
-        result, info = self._pull_wasm(reference, auth)
+        info = self.pull_image(reference, auth, prefer_wasm=True).wasm_module_info()
         data = self.cache.get(info.wasm_layer_digest or "")
         if data is None:
             raise CacheError(f"layer {info.wasm_layer_digest} vanished from the cache")
         return data, info
 
-    def _pull_wasm(self, reference: Union[str, Reference], auth: Optional[RegistryAuth]
-                   ) -> Tuple[PullResult, WasmArtifactInfo]:
-        """Pull a WASM artifact; return the pull and its metadata (module layer cached)."""
-        result = self.pull_image(reference, auth, prefer_wasm=True)
-        info = result.wasm_info()
-        if info is None:
-            raise ManifestError(f"{result.reference} is a container image, "
-                                "not a WebAssembly artifact")
-        if info.wasm_layer_digest is None:
-            raise ManifestError(f"{result.reference} is a WASM image whose module sits inside "
-                                "a filesystem layer (Docker wasi/wasm style); unpack it instead")
-        return result, info
+    def read_config(self, manifest: Manifest) -> Dict[str, Any]:
+        """Return the parsed config of an image manifest in the cache ({} when it has
+        none there, or it is not JSON)."""
+        return self._resolver.read_config(manifest.config) if manifest.config else {}
 
     def get_wasm_info(self, reference: Union[str, Reference],
                       auth: Optional[RegistryAuth] = None) -> Optional[WasmArtifactInfo]:
         """Return WASM metadata from the manifest and config only; None for a container."""
-        ref = parse_reference(reference) if isinstance(reference, str) else reference
-        client = self._client(ref, auth)
-        top = self._resolve_top(ref, client)
-        manifest = self._resolve_platform(client, top, prefer_wasm=True)[0]
-        self._fetch_blobs(client, [manifest.config])
-        return extract_wasm_info(manifest, self._read_config(manifest.config))
+        reference = _as_reference(reference)
+        source = self._session.source(reference, auth)
+        top = self._resolver.resolve(reference, source)
+        manifest = self._resolver.resolve_platform(source, top, prefer_wasm=True)[0]
+        self._fetcher.fetch(source, [manifest.config])
+        return extract_wasm_info(manifest, self._resolver.read_config(manifest.config))
 
     def export_image(self, reference: Union[str, Reference], dest: str, *,
                      format: Optional[str] = None,
@@ -6445,25 +6640,25 @@ class ImagePuller(_PullerCore):
             path, tag, format = dest, None, format or "oci"
         if format not in _TRANSPORTS:
             raise LayoutError(f"unknown export format {format!r}")
-        ref = parse_reference(reference) if isinstance(reference, str) else reference
-        load_name = parse_reference(tag) if tag and format == "docker-archive" else ref
-        tag = tag or ref.tag
-        client = self._client(ref, auth)
-        top = self._resolve_top(ref, client)
+        reference = _as_reference(reference)
+        load_name = parse_reference(tag) if tag and format == "docker-archive" else reference
+        tag = tag or reference.tag
+        source = self._session.source(reference, auth)
+        top = self._resolver.resolve(reference, source)
         wanted = parse_platform(platform) if isinstance(platform, str) else platform
         if top.is_index and (wanted is not None or format == "docker-archive"):
-            top = self._resolve_platform(client, top, wanted=wanted)[0]
+            top = self._resolver.resolve_platform(source, top, wanted=wanted)[0]
         if top.is_index:
-            self._fetch_index(client, top)
+            self._fetch_index(source, top)
         else:
-            self._fetch_blobs(client, [top.config] + top.layers)
+            self._fetcher.fetch(source, [top.config] + top.layers)
         if format == "oci":
             written = _write_layout_dir(self.cache, top, path, tag)
         elif format == "oci-archive":
             written = _write_oci_archive(self.cache, top, path, tag)
         else:
             written = _write_docker_archive(self.cache, top, load_name, path)
-        return ExportInfo(reference=str(ref), digest=top.digest, media_type=top.media_type,
+        return ExportInfo(reference=str(reference), digest=top.digest, media_type=top.media_type,
                           destination=os.path.abspath(path), format=format, tag=tag,
                           blobs=len(written), size_bytes=sum(d.size for d in written))
 
@@ -6527,32 +6722,32 @@ class ImagePuller(_PullerCore):
             digests = [self._imported(transport, path, tag)]
         if len(digests) != 1:
             raise LayoutError(f"{src} holds {len(digests)} images: name one with :TAG")
-        local = _LayoutOnlyClient(src)
-        top = self._manifest_by_digest(local, digests[0])  # type: ignore[arg-type]
-        manifest = self._resolve_platform(local, top)[0]  # type: ignore[arg-type]
+        local = _MissingSource(src)
+        top = self._resolver.manifest_by_digest(local, digests[0])
+        manifest = self._resolver.resolve_platform(local, top)[0]
         if manifest.config is None:
             raise ManifestError(f"{src}: manifest {manifest.digest} has no config")
-        config_data = self._read_config(manifest.config)
+        config_data = self._resolver.read_config(manifest.config)
         info = _verified_wasm_info(manifest, config_data, self.cache)
         if info is not None and info.wasm_layer_digest is not None:
             raise UnpackError(f"{src} is a WebAssembly artifact, not a container image")
-        if self._platform_given and not top.is_index:
-            self._check_platform(src, config_data)  # as unpack of a REF does
+        if self._resolver.platform_given and not top.is_index:
+            self._resolver.check_platform(src, config_data)  # as unpack of a REF does
         LayerUnpacker(rootfs).unpack_layers([Layer(d, self.cache) for d in manifest.layers])
         return manifest
 
     def inspect(self, reference: Union[str, Reference],
                 auth: Optional[RegistryAuth] = None) -> Dict[str, Any]:
         """Describe an image without downloading layers (manifest, config, platforms)."""
-        ref = parse_reference(reference) if isinstance(reference, str) else reference
-        client = self._client(ref, auth)
-        top = self._resolve_top(ref, client)
-        data: Dict[str, Any] = {"reference": str(ref), "digest": top.digest,
+        reference = _as_reference(reference)
+        source = self._session.source(reference, auth)
+        top = self._resolver.resolve(reference, source)
+        data: Dict[str, Any] = {"reference": str(reference), "digest": top.digest,
                                 "media_type": top.media_type}
         if top.is_index:
             data["platforms"] = _index_platforms(top)
             try:
-                manifest, _, platform = self._resolve_platform(client, top)
+                manifest, _, platform = self._resolver.resolve_platform(source, top)
             except NotFoundError:
                 return data
             data["platform"] = str(platform) if platform else None
@@ -6562,13 +6757,13 @@ class ImagePuller(_PullerCore):
             manifest = top
             data.update(manifest_digest=top.digest, index_digest=None)
         config = manifest.config
-        self._fetch_blobs(client, [config])
-        config_data = self._read_config(config)
+        self._fetcher.fetch(source, [config])
+        config_data = self._resolver.read_config(config)
         if not top.is_index:
             offered = _config_platform(config_data)  # as pull --json reports it
             data["platform"] = str(offered) if offered else None
-            if self._platform_given:
-                self._check_platform(ref, config_data)  # as pull does
+            if self._resolver.platform_given:
+                self._resolver.check_platform(reference, config_data)  # as pull does
         kind = detect_artifact_type(manifest, config_data)
         data.update(config=_descriptor_summary(config),
                     layers=[_descriptor_summary(d) for d in manifest.layers],
@@ -6580,7 +6775,7 @@ class ImagePuller(_PullerCore):
             # The module is the artifact (usually small): fetch and verify it,
             # so that its bytes settle the WASI level as they do for pull.
             wasm_layer = next(d for d in manifest.layers if d.digest == info.wasm_layer_digest)
-            self._fetch_blobs(client, [wasm_layer])
+            self._fetcher.fetch(source, [wasm_layer])
             info = _verified_wasm_info(manifest, config_data, self.cache)
         if info is not None:
             data["artifact_type"] = "wasm"
@@ -6589,7 +6784,7 @@ class ImagePuller(_PullerCore):
 
 
 # =============================================================================
-# 30. CLI: output, the command's caches and the commands
+# 32. CLI: output, the command's caches and the commands
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -6880,7 +7075,7 @@ def _cmd_unpack(args: Any) -> int:
             manifest = puller.unpack_layout(args.reference, args.directory)
             if manifest.config is not None:
                 _warn_if_foreign(args, args.reference, _config_platform(
-                    puller._read_config(manifest.config)))
+                    puller.read_config(manifest)))
         if not args.quiet:
             print(f"{args.reference}: {manifest.digest}: {_layers(len(manifest.layers))} "
                   f"unpacked into {os.path.abspath(args.directory)}")
@@ -6906,7 +7101,8 @@ def _cmd_pull_wasm(args: Any) -> int:
     reference, auth = _cli_target(args)
     cache = _cli_cache(args)
     with _cli_puller(args, cache) as puller:
-        result, info = puller._pull_wasm(reference, auth)
+        result = puller.pull_image(reference, auth, prefer_wasm=True)
+        info = result.wasm_module_info()
     output = "-" if to_stdout else os.path.abspath(args.output)
     layer = next(l for l in result.layers if l.digest == info.wasm_layer_digest)
     _copy_verified(layer, output)
@@ -7002,7 +7198,7 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 31. CLI: argument types, the parser, main
+# 33. CLI: argument types, the parser, main
 # =============================================================================
 
 def _positive_int(text: str) -> int:
