@@ -3478,13 +3478,13 @@ class TestExport:
                     [loaded]
         for bad in ("docker-archive:x.tar:Bad/Name", "docker-archive:x.tar:app@sha256:" + "0" * 64):
             with pytest.raises(zr.LayoutError, match="image name"):
-                zr._parse_transport(bad)
+                zr._parse_location(bad)
 
     def test_bad_destinations(self, registry, tmp_path):
         registry.add_image("app", "v1", [layer_bytes(1, 500)])
         with pytest.raises(zr.LayoutError, match="unknown export format 'zip'"):
             make_puller().export_image(f"{registry.host}/app:v1", str(tmp_path / "x"),
-                                       format="zip")
+                                       transport="zip")
         out = run_cli("export", f"{registry.host}/app:v1", "tar:x", "--cache", str(tmp_path),
                       cwd=tmp_path)
         assert out.returncode == 2 and "unsupported location" in out.stderr
@@ -3623,9 +3623,13 @@ class TestUnpackLayout:
         ("oci:no-such-dir:v1", True)])
     def test_which_refs_name_a_layout(self, text, layout, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
-        assert zr._is_layout_source(text) is layout
+        try:
+            is_layout = zr._parse_location(text).is_layout
+        except zr.InvalidReferenceError:  # no layout, and no valid reference either
+            is_layout = False
+        assert is_layout is layout
         (tmp_path / "latest").mkdir()
-        assert zr._is_layout_source("oci:latest")  # a directory of that name is a layout
+        assert zr._parse_location("oci:latest").is_layout  # a directory of that name is one
 
     @pytest.mark.parametrize("command", [["pull"], ["inspect"], ["pull-wasm", "-o", "x.wasm"],
                                          ["export", "REF", "oci:out"]])

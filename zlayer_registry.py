@@ -30,32 +30,33 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     5. FILES: safe reads, atomic writes, locks, crash leftovers
     6. DIGESTS AND DESCRIPTORS
     7. REFERENCES: parsing and normalising image references
-    8. MANIFESTS AND PLATFORMS
-    9. MANIFEST GRAPH: walking indexes, images and their blobs
-    10. WASM DETECTION
-    11. HTTP/1.1: connections and responses
-    12. TRANSPORT: keep-alive pooling and proxies
-    13. RETRIES: which requests are sent again, and when
-    14. CREDENTIALS AND TOKEN AUTH
-    15. REGISTRY ANSWERS: errors, retries, hosts that do not answer
-    16. REGISTRY CLIENT: manifests and blobs over the distribution API
-    17. BLOB SOURCES: where a pull's manifests and blobs come from
-    18. BLOB STORES: the interface every cache implements
-    19. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
-    20. CACHE INDEX: SQLite beside the files
-    21. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
-    22. MEMORY CACHE: BlobCache, and where persistent caches are opened
-    23. UNPACK: layer streams (compression, prefetch)
-    24. UNPACK: the root filesystem tree
-    25. UNPACK: LayerUnpacker, applying tar entries
-    26. OCI LAYOUT: writing layouts, archives and WASM artifacts
-    27. OCI LAYOUT: reading and importing
-    28. PULL: worker threads
-    29. PULL: the session and the resolver
-    30. PULL: the fetcher, verified blobs from a source into a store
-    31. PULL: the ImagePuller API
-    32. CLI: output, the command's caches and the commands
-    33. CLI: argument types, the parser, main
+    8. LOCATIONS: where an image lives (registry, layout, archive)
+    9. MANIFESTS AND PLATFORMS
+    10. MANIFEST GRAPH: walking indexes, images and their blobs
+    11. WASM DETECTION
+    12. HTTP/1.1: connections and responses
+    13. TRANSPORT: keep-alive pooling and proxies
+    14. RETRIES: which requests are sent again, and when
+    15. CREDENTIALS AND TOKEN AUTH
+    16. REGISTRY ANSWERS: errors, retries, hosts that do not answer
+    17. REGISTRY CLIENT: manifests and blobs over the distribution API
+    18. BLOB SOURCES: where a pull's manifests and blobs come from
+    19. BLOB STORES: the interface every cache implements
+    20. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
+    21. CACHE INDEX: SQLite beside the files
+    22. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+    23. MEMORY CACHE: BlobCache, and where persistent caches are opened
+    24. UNPACK: layer streams (compression, prefetch)
+    25. UNPACK: the root filesystem tree
+    26. UNPACK: LayerUnpacker, applying tar entries
+    27. OCI LAYOUT: writing layouts, archives and WASM artifacts
+    28. OCI LAYOUT: reading and importing
+    29. PULL: worker threads
+    30. PULL: the session and the resolver
+    31. PULL: the fetcher, verified blobs from a source into a store
+    32. PULL: the ImagePuller API
+    33. CLI: output, the command's caches and the commands
+    34. CLI: argument types, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -903,7 +904,126 @@ def _split_domain(text: str, name: str) -> Tuple[str, str]:
 
 
 # =============================================================================
-# 8. MANIFESTS AND PLATFORMS
+# 8. LOCATIONS: where an image lives (registry, layout, archive)
+# =============================================================================
+# skopeo's transport syntax, which users of every peer know:
+#   [docker://]REF                  a registry reference
+#   oci:DIR[:TAG]                   an OCI image layout directory
+#   oci-archive:FILE[:TAG]          the same as a tar file
+#   docker-archive:FILE[:NAME[:TAG]]  what `docker save` writes (NAME[:TAG]:
+#                                   the name `docker load` gives the image)
+# and next local:NAME[:TAG] (the local registry) and s3://BUCKET/PREFIX.
+
+_LAYOUT_TRANSPORTS = ("oci", "oci-archive")
+_FILE_TRANSPORTS = ("oci", "oci-archive", "docker-archive")
+_LOCATION_FORMS = {
+    "docker": "[docker://]REF",
+    "oci": "oci:DIR[:TAG]",
+    "oci-archive": "oci-archive:FILE[:TAG]",
+    "docker-archive": "docker-archive:FILE[:NAME[:TAG]]",
+}
+
+
+class _Location:
+    """A parsed location: its ``transport`` and, by transport, a ``reference``
+    (docker), or a ``path`` and ``tag`` (the layout's ref name; for a docker
+    archive, the NAME[:TAG] ``docker load`` gives the image)."""
+
+    __slots__ = ("transport", "path", "tag", "reference")
+
+    def __init__(self, transport: str, path: str = "", tag: Optional[str] = None,
+                 reference: Optional[Reference] = None) -> None:
+        self.transport, self.path, self.tag, self.reference = transport, path, tag, reference
+
+    def __str__(self) -> str:
+        if self.reference is not None:
+            return str(self.reference)
+        return f"{self.transport}:{self.path}" + (f":{self.tag}" if self.tag else "")
+
+    def __repr__(self) -> str:
+        return f"_Location({str(self)!r})"
+
+    @property
+    def is_layout(self) -> bool:
+        """Tell whether this is an OCI layout (a directory or an archive of one)."""
+        return self.transport in _LAYOUT_TRANSPORTS
+
+
+def _parse_location(text: str, allowed: Sequence[str] = tuple(_LOCATION_FORMS),
+                    what: str = "location", note: str = "") -> _Location:
+    """Parse a location; one whose transport is not ``allowed`` is a LayoutError
+    (``what`` names the location in it, ``note`` adds to it).
+
+    ``oci:NAME`` is also a Docker Hub reference (the image ``oci``, tag NAME)
+    and ``oci:5000/app`` one on a host named oci: where a registry reference
+    is allowed, it is a layout only if NAME has a ``/`` or a dot, exists, or
+    makes no valid reference.
+    """
+    docker = "docker" in allowed
+    transport, sep, rest = text.partition(":")
+    if text.startswith("docker://"):
+        location = _Location("docker", reference=parse_reference(text[len("docker://"):]))
+    elif sep and transport in _FILE_TRANSPORTS and not (
+            docker and transport in _LAYOUT_TRANSPORTS and not _names_a_layout(text)):
+        location = _parse_file_location(text, transport, rest)
+    elif docker:
+        location = _Location("docker", reference=parse_reference(text))
+    else:
+        location = _Location("")
+    if location.transport not in allowed:
+        forms = [_LOCATION_FORMS[name] for name in allowed]
+        raise LayoutError(f"unsupported {what} {text!r}: expected "
+                          f"{', '.join(forms[:-1]) + ' or ' if len(forms) > 1 else ''}"
+                          f"{forms[-1]}{f' ({note})' if note else ''}")
+    return location
+
+
+def _names_a_layout(text: str) -> bool:
+    """Tell whether ``oci:…`` or ``oci-archive:…`` names a layout rather than a
+    registry reference (see ``_parse_location``)."""
+    rest = text.partition(":")[2]
+    if not rest or re.match(r"[0-9]+/", rest):
+        return False
+    path = rest.rsplit(":", 1)[0]
+    if "/" in path or path.startswith(".") or os.path.exists(path):
+        return True
+    try:
+        parse_reference(text)
+    except InvalidReferenceError:
+        return True
+    return False
+
+
+def _parse_file_location(text: str, transport: str, rest: str) -> _Location:
+    """Parse the part after ``oci:``, ``oci-archive:`` or ``docker-archive:``."""
+    if transport == "docker-archive":
+        # NAME[:TAG] follows the first colon, as skopeo splits it.
+        path, _, name = rest.partition(":")
+        if not path:
+            raise LayoutError(f"location {text!r} names no file")
+        if name:
+            try:
+                named = parse_reference(name)
+            except InvalidReferenceError as exc:
+                raise LayoutError(f"invalid image name in {text!r}: {exc}") from None
+            if named.digest:
+                raise LayoutError(f"the image name in {text!r} cannot hold a digest")
+        return _Location(transport, path, name or None)
+    path, tag = rest, None
+    head, sep, tail = rest.rpartition(":")
+    if sep and not head:  # oci::TAG
+        raise LayoutError(f"location {text!r} names no file or directory")
+    if sep and "/" not in tail:
+        path, tag = head, tail
+    if not path:
+        raise LayoutError(f"location {text!r} names no file or directory")
+    if tag is not None and not _TAG_RE.fullmatch(tag):
+        raise LayoutError(f"invalid tag {tag!r} in {text!r}")
+    return _Location(transport, path, tag)
+
+
+# =============================================================================
+# 9. MANIFESTS AND PLATFORMS
 # =============================================================================
 
 @dataclass(frozen=True)
@@ -1116,7 +1236,7 @@ def _index_platforms(index: Manifest) -> List[Dict[str, str]]:
 
 
 # =============================================================================
-# 9. MANIFEST GRAPH: walking indexes, images and their blobs
+# 10. MANIFEST GRAPH: walking indexes, images and their blobs
 # =============================================================================
 # gc, export, import, index pulls (and push, children before their index)
 # walk the same graph: an index points at manifests, a manifest at its
@@ -1156,7 +1276,7 @@ def _walk_graph(roots: Iterable[Descriptor], load: Callable[[Descriptor], Option
 
 
 # =============================================================================
-# 10. WASM DETECTION
+# 11. WASM DETECTION
 # =============================================================================
 # Signals, most specific first (never the reference's name):
 #   1. the manifest's OCI 1.1 artifactType;
@@ -1356,7 +1476,7 @@ def extract_wasm_info(manifest: Union[Manifest, Mapping[str, Any]],
 
 
 # =============================================================================
-# 11. HTTP/1.1: connections and responses
+# 12. HTTP/1.1: connections and responses
 # =============================================================================
 # The part of http.client a registry client uses, written out: importing
 # http.client (and with it the email package and ssl) costs every cold CLI
@@ -1842,7 +1962,7 @@ class _UnbufferedLines:
 
 
 # =============================================================================
-# 12. TRANSPORT: keep-alive pooling and proxies
+# 13. TRANSPORT: keep-alive pooling and proxies
 # =============================================================================
 # urllib.request opens a new connection (and TLS handshake) per request;
 # here each (thread, scheme, host, port, certificate checked or not) keeps one
@@ -2155,7 +2275,7 @@ class _Transport:
 
 
 # =============================================================================
-# 13. RETRIES: which requests are sent again, and when
+# 14. RETRIES: which requests are sent again, and when
 # =============================================================================
 # Shared by every client of the transport.  A request that got no answer, or
 # a retryable status, is sent again after a jittered exponential backoff
@@ -2263,7 +2383,7 @@ def _send_with_retries(send: Callable[[], "_Response"], method: str, *, retries:
 
 
 # =============================================================================
-# 14. CREDENTIALS AND TOKEN AUTH
+# 15. CREDENTIALS AND TOKEN AUTH
 # =============================================================================
 
 class RegistryAuth:
@@ -2697,7 +2817,7 @@ def _choose_challenge(response: _Response, registry: str, auth: RegistryAuth) ->
 
 
 # =============================================================================
-# 15. REGISTRY ANSWERS: errors, retries, hosts that do not answer
+# 16. REGISTRY ANSWERS: errors, retries, hosts that do not answer
 # =============================================================================
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -2819,7 +2939,7 @@ def _response_error(response: _Response, subject: str, auth: RegistryAuth,
 
 
 # =============================================================================
-# 16. REGISTRY CLIENT: manifests and blobs over the distribution API
+# 17. REGISTRY CLIENT: manifests and blobs over the distribution API
 # =============================================================================
 
 class _RegistryClient:
@@ -3153,7 +3273,7 @@ class _RegistryClient:
 
 
 # =============================================================================
-# 17. BLOB SOURCES: where a pull's manifests and blobs come from
+# 18. BLOB SOURCES: where a pull's manifests and blobs come from
 # =============================================================================
 # The resolver and the fetcher read through this interface: the registry
 # (``_RegistrySource``), a layout whose blobs were imported already
@@ -3318,7 +3438,7 @@ class _MissingSource:
 
 
 # =============================================================================
-# 18. BLOB STORES: the interface every cache implements
+# 19. BLOB STORES: the interface every cache implements
 # =============================================================================
 # A blob store keeps blobs by digest and the references (tags, digests,
 # layout names) that say which of them to keep.  Every write goes through a
@@ -3687,7 +3807,7 @@ def _verify_stored(store: BlobStore, descriptor: Descriptor) -> None:
 
 
 # =============================================================================
-# 19. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
+# 20. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
 # =============================================================================
 
 class _FileBlobWriter(BlobWriter):
@@ -4104,7 +4224,7 @@ class _BlobFiles:
 
 
 # =============================================================================
-# 20. CACHE INDEX: SQLite beside the files
+# 21. CACHE INDEX: SQLite beside the files
 # =============================================================================
 
 # Two statements rather than an UPSERT, which needs SQLite 3.24 (older than
@@ -4291,7 +4411,7 @@ class _SqliteIndex:
 
 
 # =============================================================================
-# 21. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+# 22. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
 # =============================================================================
 
 class DirectoryBlobCache(BlobStore):
@@ -4487,7 +4607,7 @@ class DirectoryBlobCache(BlobStore):
 
 
 # =============================================================================
-# 22. MEMORY CACHE: BlobCache, and where persistent caches are opened
+# 23. MEMORY CACHE: BlobCache, and where persistent caches are opened
 # =============================================================================
 
 class _MemoryBlobWriter(BlobWriter):
@@ -4630,7 +4750,7 @@ class BlobCache(BlobStore):
 
 
 # =============================================================================
-# 23. UNPACK: layer streams (compression, prefetch)
+# 24. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -4798,7 +4918,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 24. UNPACK: the root filesystem tree
+# 25. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -5024,7 +5144,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 25. UNPACK: LayerUnpacker, applying tar entries
+# 26. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 def _layer_name(layer: Any) -> str:
@@ -5336,7 +5456,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 26. OCI LAYOUT: writing layouts, archives and WASM artifacts
+# 27. OCI LAYOUT: writing layouts, archives and WASM artifacts
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -5422,53 +5542,6 @@ class _LayoutWriter:
             _atomic_write(path, json.dumps(index, indent=2).encode())
         except OSError as exc:
             raise LayoutError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-_TRANSPORTS = ("oci", "oci-archive", "docker-archive")
-
-
-def _parse_transport(text: str) -> Tuple[str, str, Optional[str]]:
-    """Parse skopeo's ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` and
-    ``docker-archive:FILE[:NAME[:TAG]]``.
-
-    Returns (transport, path, tag); for docker-archive the "tag" is the name
-    ``docker load`` gives the image (split at the first colon, as skopeo does).
-    """
-    transport, sep, rest = text.partition(":")
-    if not sep or transport not in _TRANSPORTS:
-        raise LayoutError(f"unsupported location {text!r}: expected oci:DIR[:TAG], "
-                          "oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME[:TAG]]")
-    if transport == "docker-archive":
-        path, _, name = rest.partition(":")
-        if not path:
-            raise LayoutError(f"location {text!r} names no file")
-        if name:
-            try:
-                named = parse_reference(name)
-            except InvalidReferenceError as exc:
-                raise LayoutError(f"invalid image name in {text!r}: {exc}") from None
-            if named.digest:
-                raise LayoutError(f"the image name in {text!r} cannot hold a digest")
-        return transport, path, name or None
-    path, tag = rest, None
-    head, sep, tail = rest.rpartition(":")
-    if sep and not head:  # oci::TAG
-        raise LayoutError(f"location {text!r} names no file or directory")
-    if sep and "/" not in tail:
-        path, tag = head, tail
-    if not path:
-        raise LayoutError(f"location {text!r} names no file or directory")
-    if tag is not None and not _TAG_RE.fullmatch(tag):
-        raise LayoutError(f"invalid tag {tag!r} in {text!r}")
-    return transport, path, tag
-
-
-def _parse_layout_target(text: str) -> Tuple[str, Optional[str]]:
-    """Parse ``oci:DIR[:TAG]`` into (directory, tag)."""
-    transport, path, tag = _parse_transport(text)
-    if transport != "oci":
-        raise LayoutError(f"unsupported destination {text!r}: expected oci:DIR[:TAG]")
-    return path, tag
 
 
 def _image_closure(store: BlobStore, top: Manifest) -> List[Descriptor]:
@@ -5720,20 +5793,17 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 27. OCI LAYOUT: reading and importing
+# 28. OCI LAYOUT: reading and importing
 # =============================================================================
 
 # An imported layout is untrusted: every blob it reaches is streamed into a
 # cache writer that hashes it, and nothing is committed to the cache until
 # every blob of every selected image has checked out.
 
-def _parse_import_source(text: str) -> Tuple[str, str, Optional[str]]:
-    """Parse what ``import`` reads: ``oci:DIR[:TAG]`` or ``oci-archive:FILE[:TAG]``."""
-    transport = text.partition(":")[0]
-    if transport not in ("oci", "oci-archive"):
-        raise LayoutError(f"unsupported source {text!r}: expected oci:DIR[:TAG] or "
-                          "oci-archive:FILE[:TAG] (docker-archive files are not imported)")
-    return _parse_transport(text)
+def _parse_import_source(text: str) -> _Location:
+    """Parse what ``import`` and ``unpack`` read: ``oci:DIR[:TAG]`` or ``oci-archive:FILE[:TAG]``."""
+    return _parse_location(text, _LAYOUT_TRANSPORTS, "source",
+                           "docker-archive files are not imported")
 
 
 @dataclass(frozen=True)
@@ -5899,7 +5969,7 @@ def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 28. PULL: worker threads
+# 29. PULL: worker threads
 # =============================================================================
 
 class _Cancelled(Exception):
@@ -6039,7 +6109,7 @@ class _WorkerPool:
 
 
 # =============================================================================
-# 29. PULL: the session and the resolver
+# 30. PULL: the session and the resolver
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -6216,7 +6286,7 @@ class _Resolver:
 
 
 # =============================================================================
-# 30. PULL: the fetcher, verified blobs from a source into a store
+# 31. PULL: the fetcher, verified blobs from a source into a store
 # =============================================================================
 
 class _Fetcher:
@@ -6348,7 +6418,7 @@ class _Fetcher:
 
 
 # =============================================================================
-# 31. PULL: the ImagePuller API
+# 32. PULL: the ImagePuller API
 # =============================================================================
 
 def _as_reference(reference: Union[str, Reference]) -> Reference:
@@ -6623,43 +6693,44 @@ class ImagePuller:
         return extract_wasm_info(manifest, self._resolver.read_config(manifest.config))
 
     def export_image(self, reference: Union[str, Reference], dest: str, *,
-                     format: Optional[str] = None,
+                     transport: Optional[str] = None,
                      platform: Union[str, Platform, None] = None,
                      auth: Optional[RegistryAuth] = None) -> ExportInfo:
         """Pull an image and write it as an OCI layout, OCI archive or docker archive.
 
         ``dest`` is ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` or
-        ``docker-archive:FILE[:NAME[:TAG]]`` (or a plain path with ``format``
+        ``docker-archive:FILE[:NAME[:TAG]]`` (or a plain path with ``transport``
         "oci", "oci-archive" or "docker-archive").  An index keeps every
         platform unless ``platform`` picks one; a docker archive always holds
         one, named NAME:TAG (default: the reference's) for ``docker load``.
         """
-        if ":" in dest and dest.split(":", 1)[0] in _TRANSPORTS:
-            format, path, tag = _parse_transport(dest)
+        if ":" in dest and dest.partition(":")[0] in _FILE_TRANSPORTS:
+            target = _parse_location(dest, _FILE_TRANSPORTS, "destination")
+        elif (transport or "oci") in _FILE_TRANSPORTS:
+            target = _Location(transport or "oci", dest)
         else:
-            path, tag, format = dest, None, format or "oci"
-        if format not in _TRANSPORTS:
-            raise LayoutError(f"unknown export format {format!r}")
+            raise LayoutError(f"unknown export format {transport!r}")
+        path, tag = target.path, target.tag
         reference = _as_reference(reference)
-        load_name = parse_reference(tag) if tag and format == "docker-archive" else reference
+        load_name = parse_reference(tag) if tag and target.transport == "docker-archive" else reference
         tag = tag or reference.tag
         source = self._session.source(reference, auth)
         top = self._resolver.resolve(reference, source)
         wanted = parse_platform(platform) if isinstance(platform, str) else platform
-        if top.is_index and (wanted is not None or format == "docker-archive"):
+        if top.is_index and (wanted is not None or target.transport == "docker-archive"):
             top = self._resolver.resolve_platform(source, top, wanted=wanted)[0]
         if top.is_index:
             self._fetch_index(source, top)
         else:
             self._fetcher.fetch(source, [top.config] + top.layers)
-        if format == "oci":
+        if target.transport == "oci":
             written = _write_layout_dir(self.cache, top, path, tag)
-        elif format == "oci-archive":
+        elif target.transport == "oci-archive":
             written = _write_oci_archive(self.cache, top, path, tag)
         else:
             written = _write_docker_archive(self.cache, top, load_name, path)
         return ExportInfo(reference=str(reference), digest=top.digest, media_type=top.media_type,
-                          destination=os.path.abspath(path), format=format, tag=tag,
+                          destination=os.path.abspath(path), format=target.transport, tag=tag,
                           blobs=len(written), size_bytes=sum(d.size for d in written))
 
     def import_image(self, src: str, *, tag: Optional[str] = None) -> List[ImportInfo]:
@@ -6671,9 +6742,9 @@ class ImagePuller:
         when untagged), so ``cache gc`` keeps it.
         """
         path, transport = src, None
-        if ":" in src and src.split(":", 1)[0] in _TRANSPORTS:
-            transport, path, parsed_tag = _parse_import_source(src)
-            tag = tag or parsed_tag
+        if ":" in src and src.partition(":")[0] in _FILE_TRANSPORTS:
+            location = _parse_import_source(src)
+            path, transport, tag = location.path, location.transport, tag or location.tag
         if not os.path.exists(path):
             raise LayoutError(f"{path} does not exist")
         if transport == "oci" and not os.path.isdir(path):
@@ -6715,7 +6786,8 @@ class ImagePuller:
         name ``import`` recorded).  An index is resolved to this puller's
         platform.  No registry is contacted.
         """
-        transport, path, tag = _parse_import_source(src)
+        location = _parse_import_source(src)
+        transport, path, tag = location.transport, location.path, location.tag
         if os.path.exists(path):
             digests = sorted({info.digest for info in self.import_image(src)})
         else:
@@ -6784,7 +6856,7 @@ class ImagePuller:
 
 
 # =============================================================================
-# 32. CLI: output, the command's caches and the commands
+# 33. CLI: output, the command's caches and the commands
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -6953,11 +7025,18 @@ def _warn_if_foreign(args: Any, name: str, platform: Optional[Platform]) -> None
 def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
     """Parse REF as a registry reference and find its credentials (before any
     cache directory is made, so a usage error leaves nothing behind)."""
-    if _is_layout_source(args.reference):
-        raise _UsageError(f"{args.command} takes a registry reference, not the local layout "
+    location = _parse_location(args.reference)
+    if location.reference is None:
+        what = "layout" if location.is_layout else "archive"
+        raise _UsageError(f"{args.command} takes a registry reference, not the local {what} "
                           f"{args.reference}: import and unpack read layouts")
-    reference = parse_reference(args.reference)
+    reference = location.reference
     return reference, _cli_auth(args, reference.registry)
+
+
+def _parse_destination(text: str) -> _Location:
+    """Parse where ``export`` and ``pull --output`` write: a layout or an archive."""
+    return _parse_location(text, _FILE_TRANSPORTS)
 
 
 def _layers(count: int) -> str:
@@ -6972,7 +7051,7 @@ def _cmd_pull(args: Any) -> int:
         progress = _Progress(sys.stderr)
     cache = _cli_cache(args)
     if args.output:
-        _parse_transport(args.output)
+        _parse_destination(args.output)
     with _cli_puller(args, cache, progress) as puller:
         result = puller.pull_image(reference, auth)
         if args.output:
@@ -7022,7 +7101,7 @@ def _cmd_inspect(args: Any) -> int:
 
 def _cmd_export(args: Any) -> int:
     reference, auth = _cli_target(args)
-    _parse_transport(args.destination)  # a bad destination fails before any download
+    _parse_destination(args.destination)  # a bad destination fails before any download
     progress = None
     if not args.json and sys.stderr.isatty():
         progress = _Progress(sys.stderr)
@@ -7049,28 +7128,8 @@ def _cmd_import(args: Any) -> int:
     return 0
 
 
-def _is_layout_source(text: str) -> bool:
-    """Tell whether a REF names an OCI layout (``oci:`` or ``oci-archive:``).
-
-    ``oci:5000/app`` (a host called oci) and ``oci:latest`` (Docker Hub's
-    oci image) are registry references; a layout's path has a ``/`` or a
-    dot, exists, or makes no valid reference.
-    """
-    transport, _, rest = text.partition(":")
-    if transport not in ("oci", "oci-archive") or not rest or re.match(r"[0-9]+/", rest):
-        return False
-    path = rest.rsplit(":", 1)[0]
-    if "/" in path or path.startswith(".") or os.path.exists(path):
-        return True
-    try:
-        parse_reference(text)
-    except InvalidReferenceError:
-        return True
-    return False
-
-
 def _cmd_unpack(args: Any) -> int:
-    if _is_layout_source(args.reference):
+    if _parse_location(args.reference).is_layout:
         with _cli_puller(args, _cli_cache(args)) as puller:
             manifest = puller.unpack_layout(args.reference, args.directory)
             if manifest.config is not None:
@@ -7151,7 +7210,8 @@ def _copy_verified(layer: Layer, output: str) -> None:
 
 
 def _cmd_wasm_export(args: Any) -> int:
-    directory, tag = _parse_layout_target(args.destination)
+    target = _parse_location(args.destination, ("oci",), "destination")
+    directory, tag = target.path, target.tag
     manifest = export_wasm_as_oci(args.file, directory, tag=tag or "latest",
                                   module_name=args.name)
     info = extract_wasm_info(manifest)
@@ -7198,7 +7258,7 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 33. CLI: argument types, the parser, main
+# 34. CLI: argument types, the parser, main
 # =============================================================================
 
 def _positive_int(text: str) -> int:
@@ -7239,8 +7299,8 @@ def _checked_argument(check: Callable[[str], Any]) -> Callable[[str], str]:
 
 
 _platform_arg = _checked_argument(parse_platform)            # OS/ARCH[/VARIANT]
-_location_arg = _checked_argument(_parse_transport)          # oci:DIR[:TAG] and the like
-_layout_arg = _checked_argument(_parse_layout_target)        # oci:DIR[:TAG] only
+_location_arg = _checked_argument(_parse_destination)        # oci:DIR[:TAG] and the like
+_layout_arg = _checked_argument(lambda text: _parse_location(text, ("oci",), "destination"))
 _import_arg = _checked_argument(_parse_import_source)        # oci: or oci-archive:
 
 
