@@ -7313,44 +7313,24 @@ def _parse_size(text: str) -> int:
     return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
 
 
-_EXAMPLES = {
-    "pull": """examples:
-  zlayer-registry pull alpine:3.20
-  zlayer-registry pull ghcr.io/org/app:v1 --platform linux/arm64 --json
-  zlayer-registry pull localhost:5000/team/app@sha256:<64 hex> --cache /var/cache/zl""",
-    "inspect": """examples:
-  zlayer-registry inspect debian:12
-  zlayer-registry inspect ghcr.io/org/app:v1 --json""",
-    "export": """examples:
-  zlayer-registry export alpine:3.20 oci:./alpine-layout:3.20
-  zlayer-registry export ghcr.io/org/app:v1 oci-archive:app.tar:v1 --platform linux/amd64
-  zlayer-registry export debian:12 docker-archive:debian.tar     # then: docker load -i debian.tar""",
-    "import": """examples:
-  zlayer-registry import oci:./alpine-layout:3.20
-  zlayer-registry import oci-archive:app.tar --json""",
-    "unpack": """examples:
-  zlayer-registry unpack alpine:3.20 ./rootfs
-  zlayer-registry unpack ghcr.io/org/app:v1 /srv/app/rootfs --platform linux/arm64
-  zlayer-registry unpack oci:./app-layout:v1 ./rootfs      (a local OCI layout)""",
-    "pull-wasm": """examples:
-  zlayer-registry pull-wasm ghcr.io/org/plugin:1.0 -o plugin.wasm
-  zlayer-registry pull-wasm localhost:5000/fn:latest -o fn.wasm --json
-  zlayer-registry pull-wasm ghcr.io/org/plugin:1.0 -o - | wasm-objdump -h -""",
-    "wasm-export": """examples:
-  zlayer-registry wasm-export plugin.wasm oci:./plugin-layout:1.0
-  skopeo copy oci:./plugin-layout:1.0 docker://registry.example/org/plugin:1.0""",
-    "cache": """examples:
-  zlayer-registry cache ls
-  zlayer-registry cache verify
-  zlayer-registry cache prune --max-bytes 2G
-  zlayer-registry cache gc""",
-}
-
-
 _HOST_PLATFORM_HELP = ("platform to pick from an index (default: this host's); a single "
                        "image must be for it")
 _JSON_HELP = "print one JSON object"
 _CACHE_HELP = "cache directory (default: $ZLAYER_REGISTRY_CACHE, else ~/.cache/zlayer-registry)"
+
+
+class _Command:
+    """One subcommand: its name and help, the function that runs it, the function that
+    adds its own arguments, the shared options it takes (see ``_add_subcommand``) and
+    its examples (the first is shown in the top-level help)."""
+
+    __slots__ = ("name", "help", "run", "add_arguments", "options", "examples")
+
+    def __init__(self, name: str, help_text: str, run: Callable[[Any], int],
+                 add_arguments: Optional[Callable[[Any], None]], options: Dict[str, Any],
+                 examples: Sequence[str]) -> None:
+        self.name, self.help, self.run = name, help_text, run
+        self.add_arguments, self.options, self.examples = add_arguments, options, examples
 
 
 def _build_parser(only: Optional[str] = None) -> Any:
@@ -7364,7 +7344,7 @@ def _build_parser(only: Optional[str] = None) -> Any:
         prog=_PROG, description="Pull container images and WebAssembly artifacts "
         "from OCI/Docker registries into a verified local cache.",
         epilog="examples (COMMAND --help shows more):\n" + "\n".join(
-            block.splitlines()[1] for block in _EXAMPLES.values()) +
+            f"  {command.examples[0]}" for command in _COMMAND_TABLE) +
         "\n\nCredentials come from --creds or --authfile, else ~/.docker/config.json (and "
         "credential helpers) or podman's auth.json.\nLoopback registries are spoken to "
         "over plain http; others over https (--insecure: unchecked, or plain http).\n"
@@ -7372,21 +7352,25 @@ def _build_parser(only: Optional[str] = None) -> Any:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_text, options, add_arguments in _SUBCOMMANDS:
-        if only is None or name == only:
-            sub = _add_subcommand(commands, name, help_text, **options)
-            if add_arguments is not None:
-                add_arguments(sub)
+    for command in _COMMAND_TABLE:
+        if only is None or command.name == only:
+            sub = _add_subcommand(commands, command)
+            if command.add_arguments is not None:
+                command.add_arguments(sub)
     return parser
 
 
-def _add_subcommand(commands: Any, name: str, help_text: str, *, cache: bool = True,
-                    reference: bool = True, platform: Optional[str] = _HOST_PLATFORM_HELP,
-                    json_help: Optional[str] = _JSON_HELP, example: str = "alpine:3.20") -> Any:
-    """Add a subcommand with the options most commands share."""
+def _add_subcommand(commands: Any, command: _Command) -> Any:
+    """Add a subcommand with the options most commands share (as its record asks)."""
     import argparse
-    sub = commands.add_parser(name, help=help_text, description=help_text,
-                              epilog=_EXAMPLES.get(name, ""),
+    options = command.options
+    cache, reference = options.get("cache", True), options.get("reference", True)
+    platform = options.get("platform", _HOST_PLATFORM_HELP)
+    json_help = options.get("json_help", _JSON_HELP)
+    example = options.get("example", "alpine:3.20")
+    sub = commands.add_parser(command.name, help=command.help, description=command.help,
+                              epilog="examples:\n" + "\n".join(
+                                  f"  {line}" for line in command.examples),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("--debug", action="store_true", default=_suppress(),
                      help="show tracebacks on errors")
@@ -7478,42 +7462,62 @@ def _suppress() -> Any:
     return argparse.SUPPRESS
 
 
-_COMMANDS: Dict[str, Callable[[Any], int]] = {
-    "pull": _cmd_pull,
-    "inspect": _cmd_inspect,
-    "export": _cmd_export,
-    "import": _cmd_import,
-    "unpack": _cmd_unpack,
-    "pull-wasm": _cmd_pull_wasm,
-    "wasm-export": _cmd_wasm_export,
-    "cache": _cmd_cache,
-}
-
-
-# Subcommands in --help order: name, help, shared options, their own arguments.
-_SUBCOMMANDS: Tuple[Tuple[str, str, Dict[str, Any], Optional[Callable[[Any], None]]], ...] = (
-    ("pull", "pull an image into the cache", {}, _add_pull_arguments),
-    ("inspect", "show manifest, config and platforms without downloading layers", {}, None),
-    ("export", "pull an image and write it as an OCI layout or archive",
-     {"platform": "export only this platform of an index (default: all)"},
-     _add_export_arguments),
-    ("import", "verify an OCI layout or archive and add its images to the cache",
-     {"reference": False, "platform": None,
-      "json_help": "print a list of {reference, digest, media_type, cached_as}"},
-     _add_import_arguments),
-    ("unpack", "unpack an image (pulled, or from an OCI layout) into a new root filesystem "
-               "directory",
-     {"json_help": None,
-      "example": "alpine:3.20, or oci:DIR[:TAG] or oci-archive:FILE[:TAG] for a local layout"},
-     _add_unpack_arguments),
-    ("pull-wasm", "pull a WebAssembly artifact and write the module to a file",
-     {"platform": "index entry to pick (default: wasip2, wasip1, then wasi)",
-      "example": "ghcr.io/org/plugin:1.0"}, _add_pull_wasm_arguments),
-    ("wasm-export", "write a .wasm file as an OCI artifact (CNCF Wasm layout)",
-     {"cache": False, "reference": False, "platform": None}, _add_wasm_export_arguments),
-    ("cache", "list, verify, prune or garbage-collect the cache",
-     {"reference": False, "platform": None, "json_help": None}, _add_cache_actions),
+# The subcommands, in --help order: a new one is added here and nowhere else.
+_COMMAND_TABLE: Tuple[_Command, ...] = (
+    _Command("pull", "pull an image into the cache", _cmd_pull, _add_pull_arguments, {}, (
+        "zlayer-registry pull alpine:3.20",
+        "zlayer-registry pull ghcr.io/org/app:v1 --platform linux/arm64 --json",
+        "zlayer-registry pull localhost:5000/team/app@sha256:<64 hex> --cache /var/cache/zl")),
+    _Command("inspect", "show manifest, config and platforms without downloading layers",
+             _cmd_inspect, None, {}, (
+                 "zlayer-registry inspect debian:12",
+                 "zlayer-registry inspect ghcr.io/org/app:v1 --json")),
+    _Command("export", "pull an image and write it as an OCI layout or archive",
+             _cmd_export, _add_export_arguments,
+             {"platform": "export only this platform of an index (default: all)"}, (
+                 "zlayer-registry export alpine:3.20 oci:./alpine-layout:3.20",
+                 "zlayer-registry export ghcr.io/org/app:v1 oci-archive:app.tar:v1 "
+                 "--platform linux/amd64",
+                 "zlayer-registry export debian:12 docker-archive:debian.tar     "
+                 "# then: docker load -i debian.tar")),
+    _Command("import", "verify an OCI layout or archive and add its images to the cache",
+             _cmd_import, _add_import_arguments,
+             {"reference": False, "platform": None,
+              "json_help": "print a list of {reference, digest, media_type, cached_as}"}, (
+                 "zlayer-registry import oci:./alpine-layout:3.20",
+                 "zlayer-registry import oci-archive:app.tar --json")),
+    _Command("unpack", "unpack an image (pulled, or from an OCI layout) into a new root "
+                       "filesystem directory",
+             _cmd_unpack, _add_unpack_arguments,
+             {"json_help": None, "example": "alpine:3.20, or oci:DIR[:TAG] or "
+                                            "oci-archive:FILE[:TAG] for a local layout"}, (
+                 "zlayer-registry unpack alpine:3.20 ./rootfs",
+                 "zlayer-registry unpack ghcr.io/org/app:v1 /srv/app/rootfs "
+                 "--platform linux/arm64",
+                 "zlayer-registry unpack oci:./app-layout:v1 ./rootfs      "
+                 "(a local OCI layout)")),
+    _Command("pull-wasm", "pull a WebAssembly artifact and write the module to a file",
+             _cmd_pull_wasm, _add_pull_wasm_arguments,
+             {"platform": "index entry to pick (default: wasip2, wasip1, then wasi)",
+              "example": "ghcr.io/org/plugin:1.0"}, (
+                 "zlayer-registry pull-wasm ghcr.io/org/plugin:1.0 -o plugin.wasm",
+                 "zlayer-registry pull-wasm localhost:5000/fn:latest -o fn.wasm --json",
+                 "zlayer-registry pull-wasm ghcr.io/org/plugin:1.0 -o - | wasm-objdump -h -")),
+    _Command("wasm-export", "write a .wasm file as an OCI artifact (CNCF Wasm layout)",
+             _cmd_wasm_export, _add_wasm_export_arguments,
+             {"cache": False, "reference": False, "platform": None}, (
+                 "zlayer-registry wasm-export plugin.wasm oci:./plugin-layout:1.0",
+                 "skopeo copy oci:./plugin-layout:1.0 "
+                 "docker://registry.example/org/plugin:1.0")),
+    _Command("cache", "list, verify, prune or garbage-collect the cache",
+             _cmd_cache, _add_cache_actions,
+             {"reference": False, "platform": None, "json_help": None}, (
+                 "zlayer-registry cache ls",
+                 "zlayer-registry cache verify",
+                 "zlayer-registry cache prune --max-bytes 2G",
+                 "zlayer-registry cache gc")),
 )
+_COMMANDS: Dict[str, _Command] = {command.name: command for command in _COMMAND_TABLE}
 
 
 def _named_subcommand(args: Sequence[str]) -> Optional[str]:
@@ -7574,7 +7578,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise _UsageError("cache needs an action: ls, verify, prune or gc "
                               f"(see '{_PROG} cache --help')")
         try:
-            return _COMMANDS[args.command](args)
+            return _COMMANDS[args.command].run(args)
         finally:
             _close_cli_caches()
     except _UsageError as exc:
