@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -184,6 +185,55 @@ class TestModuleShape:
         assert first == f"{image['digest']} [] 3"
         assert "'ssl' module" in second
         assert not (tmp_path / "index.sqlite").exists()
+
+    def test_each_section_uses_only_the_sections_above_it(self):
+        """No top-level name (annotations included) uses a name defined in a later
+        section; the CLI sections, last, may use everything."""
+        text = (HERE / "zlayer_registry.py").read_text()
+        lines = text.split("\n")
+        banners = [(number, int(m.group(1)), m.group(2)) for number, m in
+                   ((i + 1, re.match(r"^# (\d+)\. (.*)$", line)) for i, line in enumerate(lines))
+                   if m and number > 1 and lines[number - 2].startswith("# =====")]
+        assert len(banners) >= 25
+
+        def section(lineno):
+            return max((b for b in banners if b[0] <= lineno), default=(0, 0, "header"))
+
+        tree = ast.parse(text)
+        defined = {}
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = [node.target.id]
+            else:
+                names = []
+            for name in names:
+                defined.setdefault(name, section(node.lineno))
+        upward = []
+        for node in tree.body:
+            where = section(node.lineno)
+            if where[2].startswith("CLI"):
+                continue
+            used = list(ast.walk(node))
+            for sub in list(used):
+                annotations = []
+                if isinstance(sub, ast.FunctionDef):
+                    annotations = [a.annotation for a in sub.args.args + sub.args.kwonlyargs]
+                    annotations.append(sub.returns)
+                elif isinstance(sub, ast.AnnAssign):
+                    annotations = [sub.annotation]
+                for annotation in annotations:
+                    if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
+                        used.extend(ast.walk(ast.parse(annotation.value, mode="eval")))
+            for sub in used:
+                if isinstance(sub, ast.Name) and sub.id in defined \
+                        and defined[sub.id][1] > where[1]:
+                    upward.append(f"{getattr(node, 'name', '?')} (section {where[1]}) uses "
+                                  f"{sub.id} (section {defined[sub.id][1]})")
+        assert upward == []
 
     def test_section_banners_are_numbered_in_order(self):
         text = (HERE / "zlayer_registry.py").read_text()
@@ -3479,6 +3529,15 @@ class TestExport:
         for bad in ("docker-archive:x.tar:Bad/Name", "docker-archive:x.tar:app@sha256:" + "0" * 64):
             with pytest.raises(zr.LayoutError, match="image name"):
                 zr._parse_location(bad)
+
+    def test_a_layout_with_a_broken_oci_layout_file_is_a_layout_error(self, registry, tmp_path,
+                                                                       capsys):
+        registry.add_image("app", "v1", [layer_bytes(1, 500)])
+        (tmp_path / "l").mkdir()
+        (tmp_path / "l" / "oci-layout").write_bytes(b"{broken")
+        with pytest.raises(zr.LayoutError, match="oci-layout is not a readable JSON object"):
+            make_puller().export_image(f"{registry.host}/app:v1", f"oci:{tmp_path}/l:v1")
+        assert "credentials" not in capsys.readouterr().err
 
     def test_bad_destinations(self, registry, tmp_path):
         registry.add_image("app", "v1", [layer_bytes(1, 500)])

@@ -165,7 +165,7 @@ _INDEX_TYPES = (MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST)
 _MANIFEST_TYPES = _IMAGE_MANIFEST_TYPES + _INDEX_TYPES
 # distribution answers 404 to a manifest GET whose Accept lacks the OCI
 # types, so every manifest request names all four.
-_MANIFEST_ACCEPT = ", ".join(_IMAGE_MANIFEST_TYPES + _INDEX_TYPES)
+_MANIFEST_ACCEPT = ", ".join(_MANIFEST_TYPES)
 
 MAX_MANIFEST_SIZE_BYTES = 4 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -1102,8 +1102,8 @@ def parse_manifest(raw: bytes, content_type: str = "",
     else:
         digest = compute_digest(raw)
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting: Recursion
+        data = _loads_json(raw)
+    except ValueError as exc:
         raise ManifestError(f"manifest {digest} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ManifestError(f"manifest {digest} is not a JSON object")
@@ -1131,7 +1131,7 @@ def _manifest_media_type(data: Mapping[str, Any], content_type: str,
             or header in _SCHEMA1_MEDIA_TYPES:
         raise ManifestError(f"manifest {digest} is Docker schema 1, "
                             "which is deprecated and not supported")
-    known = _IMAGE_MANIFEST_TYPES + _INDEX_TYPES
+    known = _MANIFEST_TYPES
     if declared is not None:
         if declared not in known:
             raise ManifestError(f"manifest {digest} has unsupported mediaType {declared!r}")
@@ -2536,7 +2536,7 @@ def _load_json_file(path: str, required: bool = False) -> Dict[str, Any]:
     warning), or an AuthError when the file is ``required`` (named by the user)."""
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read(MAX_MANIFEST_SIZE_BYTES).decode("utf-8"))
+            data = _loads_json(f.read(MAX_MANIFEST_SIZE_BYTES))
     except FileNotFoundError as exc:
         if required:
             raise AuthError(f"cannot read credentials file {path}: no such file") from exc
@@ -2597,10 +2597,7 @@ def _run_credential_helper(name: str, server_url: str) -> Mapping[str, str]:
         # the text is theirs, not a secret, but keep only its first line.
         first = completed.stdout.decode(errors="replace").strip().splitlines()[:1]
         raise OSError(f"exit {completed.returncode}{': ' + first[0] if first else ''}")
-    data = json.loads(completed.stdout.decode("utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError("helper output is not a JSON object")
-    return data
+    return _json_object(completed.stdout)
 
 
 def _auth_from_helper(name: str, registry: str, runner: Callable[[str, str], Mapping[str, str]]
@@ -2761,9 +2758,9 @@ def _parse_token_response(raw: bytes, subject: str, method: str,
                           realm: str) -> Tuple[str, float]:
     """Return (token, lifetime in seconds) from a token endpoint's JSON answer."""
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = _json_object(raw)
         token = data.get("token") or data.get("access_token")
-    except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+    except ValueError:
         token, data = None, {}
     if not isinstance(token, str) or not token:
         raise AuthError(f"{subject} returned no token", method=method, url=_redact_url(realm))
@@ -2830,8 +2827,8 @@ _TLS_ONLY_ANSWERS = (b"Client sent an HTTP request to an HTTPS server",
 def _error_details(body: bytes) -> Tuple[List[str], str]:
     """Extract distribution-spec error codes and a short message from a body."""
     try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        data = _loads_json(body)
+    except ValueError:
         return [], ""
     errors = data.get("errors") if isinstance(data, dict) else None
     if not isinstance(errors, list):
@@ -5468,6 +5465,17 @@ ANNOTATION_TITLE = "org.opencontainers.image.title"
 _LAYOUT_VERSION = "1.0.0"
 
 
+def _read_layout_json(path: str) -> Dict[str, Any]:
+    """Read a layout's own JSON object file (``oci-layout``, ``index.json``)."""
+    raw = _read_regular_file(path, MAX_MANIFEST_SIZE_BYTES + 1)
+    try:
+        if raw is None:
+            raise ValueError("not a readable regular file")
+        return _json_object(raw)
+    except ValueError as exc:
+        raise LayoutError(f"{path} is not a readable JSON object: {exc}") from None
+
+
 class _LayoutWriter:
     """Adds blobs and tagged manifests to an OCI image layout directory."""
 
@@ -5477,7 +5485,7 @@ class _LayoutWriter:
         try:
             os.makedirs(os.path.join(self.root, "blobs"), exist_ok=True)
             if os.path.exists(marker):
-                version = _load_json_file(marker).get("imageLayoutVersion")
+                version = _read_layout_json(marker).get("imageLayoutVersion")
                 if version != _LAYOUT_VERSION:
                     raise LayoutError(f"{self.root} is an OCI layout of unsupported "
                                       f"version {version!r}")
@@ -5515,12 +5523,8 @@ class _LayoutWriter:
         index: Dict[str, Any] = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
                                  "manifests": []}
         if os.path.exists(path):
-            try:
-                with open(path, "rb") as f:
-                    index = json.loads(f.read(MAX_MANIFEST_SIZE_BYTES).decode("utf-8"))
-            except (OSError, ValueError) as exc:
-                raise LayoutError(f"{path} is not a readable JSON index: {exc}") from exc
-            if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+            index = _read_layout_json(path)
+            if not isinstance(index.get("manifests"), list):
                 raise LayoutError(f"{path} has no 'manifests' list")
         entry = descriptor.to_json()
         if ref_name:
@@ -5843,16 +5847,7 @@ class _LayoutSource:
     def open(self, name: str) -> Optional[BinaryIO]:
         """Open a file of the layout, or return None when it is absent."""
         if self._tar is None:
-            import stat as st
-            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-            try:
-                fd = os.open(os.path.join(self.path, name), flags)
-            except OSError:
-                return None  # missing, a symlink (ELOOP), or unreadable
-            if not st.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device would hang or flood
-                os.close(fd)
-                return None
-            return os.fdopen(fd, "rb")
+            return _open_regular_file(os.path.join(self.path, name))
         member = self._members.get(name)
         return None if member is None or not member.isfile() else self._tar.extractfile(member)
 
@@ -5863,8 +5858,8 @@ class _LayoutSource:
         with stream:
             raw = stream.read(MAX_MANIFEST_SIZE_BYTES + 1)
         try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return _loads_json(raw)
+        except ValueError as exc:
             raise LayoutError(f"{name} in {self.path} is not valid JSON: {exc}") from exc
 
     def close(self) -> None:
@@ -5937,24 +5932,21 @@ def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Des
     stream = source.open(f"blobs/{algorithm}/{encoded}")
     if stream is None:
         raise LayoutError(f"{source.path}: blob {descriptor.digest} is missing")
-    is_manifest = descriptor.media_type in _IMAGE_MANIFEST_TYPES + _INDEX_TYPES
+    is_manifest = descriptor.media_type in _MANIFEST_TYPES
     if is_manifest and descriptor.size > MAX_MANIFEST_SIZE_BYTES:
         raise LayoutError(f"{source.path}: manifest {descriptor.digest} is over the "
                           f"{MAX_MANIFEST_SIZE_BYTES}-byte limit")
+    chunks: List[bytes] = []
     with stream:
         if cache.has(descriptor.digest):
-            reader = _HashingReader(stream, descriptor)
-            chunks = [chunk for chunk in iter(lambda: reader.read(_READ_CHUNK_BYTES), b"")
-                      if is_manifest]
             try:
-                reader.check()
+                _drain_checked(stream, descriptor, write=chunks.append if is_manifest else None)
             except DigestMismatchError as exc:
                 raise LayoutError(f"{source.path}: blob {descriptor.digest} is corrupt "
                                   f"({exc})") from exc
             return b"".join(chunks) if is_manifest else None
         writer = cache.begin_write(descriptor.digest, descriptor.size, descriptor.media_type)
         writers.append(writer)
-        chunks = []
         for chunk in iter(lambda: stream.read(_READ_CHUNK_BYTES), b""):
             writer.write(chunk)
             if is_manifest:
