@@ -381,8 +381,10 @@ class TestManifests:
         assert zr.parse_platform(text) == expected
 
     def test_parse_platform_rejects(self):
-        with pytest.raises(zr.ZLayerError, match="OS/ARCH"):
+        with pytest.raises(zr.InvalidPlatformError, match="OS/ARCH"):
             zr.parse_platform("linux")
+        with pytest.raises(ValueError):  # as a bad argument is, in Python
+            zr.ImagePuller(platform="linux/")
 
     def test_select_exact_and_ladder(self):
         index = _index({"os": "linux", "architecture": "amd64"},
@@ -3515,8 +3517,8 @@ class TestExport:
                 assert zr.compute_digest(tar.extractfile(name).read()) == layer["digest"]
         assert listing[0]["RepoTags"] == [f"{registry.host}/multi:v1"]
         assert repositories == {f"{registry.host}/multi": {"v1": amd["layers"][-1]["digest"][7:]}}
-        assert zr._docker_repo_tag(zr.parse_reference("alpine:3.20")) == "alpine:3.20"
-        assert zr._docker_repo_tag(zr.parse_reference("user/app")) == "user/app:latest"
+        assert zr._docker_load_name(zr.parse_reference("alpine:3.20")) == "alpine:3.20"
+        assert zr._docker_load_name(zr.parse_reference("user/app")) == "user/app:latest"
         # docker-archive:FILE:NAME[:TAG] names the image for docker load, as skopeo does.
         for name, loaded in (("app:2", "app:2"), ("foo", "foo:latest"),
                              ("reg.example/team/app:v9", "reg.example/team/app:v9")):

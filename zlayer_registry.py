@@ -5,7 +5,7 @@ resolves image references, authenticates (Docker token auth, basic, bearer,
 Docker/podman credential files and helpers), downloads every blob in parallel
 over keep-alive connections, verifies each against its digest while streaming
 it into a content-addressed cache, and tells container images from WebAssembly
-artifacts.
+artifacts.  Its API is that of the Rust crate zlayer-registry, in Python form.
 
 Quickstart::
 
@@ -108,7 +108,7 @@ __all__ = [
     "WASM_ARTIFACT_COMPONENT", "WASM_ARTIFACT_MODULE", "WASM_CONFIG_V0",
     "WASM_CONFIG_V1", "WASM_LAYER_MEDIA_TYPE",
     # Errors
-    "ZLayerError", "InvalidReferenceError", "InvalidDigestError",
+    "ZLayerError", "InvalidReferenceError", "InvalidDigestError", "InvalidPlatformError",
     "ManifestError", "DigestMismatchError", "RegistryError", "AuthError",
     "NotFoundError", "RateLimitedError", "CacheError", "UnpackError",
     "LayoutError",
@@ -189,8 +189,8 @@ _READ_CHUNK_BYTES = 1024 * 1024
 _NETWORK_READ_BYTES = 256 * 1024
 # Cache blobs at least this large are written with O_DIRECT, through a staging
 # buffer of this size, in multiples of the alignment (the largest logical
-# block size in common use).  1 MiB stages, against 512 KiB: half the
-# receive, hash and write calls, a cold pull 5-8 ms faster, 3 MiB more RSS.
+# block size in common use).  Larger stages mean fewer receive, hash and
+# write calls for a little more memory (bench/RESULTS.md has the trade).
 _DIRECT_IO_MIN_BYTES = 4 * 1024 * 1024
 _DIRECT_IO_STAGE_BYTES = 1024 * 1024
 _DIRECT_IO_ALIGN_BYTES = 4096
@@ -224,6 +224,10 @@ class InvalidDigestError(ZLayerError, ValueError):
         self.digest = digest
         self.reason = reason
         super().__init__(f"invalid digest {digest!r}: {reason}")
+
+
+class InvalidPlatformError(ZLayerError, ValueError):
+    """A platform is not ``OS/ARCH[/VARIANT]``."""
 
 
 class ManifestError(ZLayerError):
@@ -428,7 +432,8 @@ def _open_regular_file(path: str) -> Optional[BinaryIO]:
     """
     import stat as st
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return None  # missing, a symlink (ELOOP), or unreadable
     if not st.S_ISREG(os.fstat(fd).st_mode):
@@ -1156,7 +1161,7 @@ def parse_platform(text: str) -> Platform:
     """Parse ``os/arch[/variant]`` (e.g. ``linux/arm64/v8``), normalising aliases."""
     parts = text.strip().split("/") if isinstance(text, str) else []
     if not 2 <= len(parts) <= 3 or not all(parts):
-        raise ZLayerError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT]")
+        raise InvalidPlatformError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT]")
     os_name, arch = parts[0].lower(), parts[1].lower()
     variant = parts[2].lower() if len(parts) == 3 else ""
     return _normalize_platform(Platform(os_name, arch, variant))
@@ -1327,7 +1332,8 @@ class WasiVersion(enum.Enum):
         return self is WasiVersion.PREVIEW2
 
     def target_triple_suffix(self) -> str:
-        """Return the Rust target triple for this level (``wasm32-wasip1`` ...)."""
+        """Return the whole Rust target triple for this level: ``wasm32-wasip1``,
+        ``wasm32-wasip2``, or ``wasm32-wasi`` when unknown (the name is the Rust crate's)."""
         return {"wasip1": "wasm32-wasip1", "wasip2": "wasm32-wasip2"}.get(
             self.value, "wasm32-wasi")
 
@@ -1479,10 +1485,10 @@ def extract_wasm_info(manifest: Union[Manifest, Mapping[str, Any]],
 # 12. HTTP/1.1: connections and responses
 # =============================================================================
 # The part of http.client a registry client uses, written out: importing
-# http.client (and with it the email package and ssl) costs every cold CLI
-# run about 11 ms.  One request at a time per connection, bodies framed by
-# Content-Length, chunked coding (RFC 9112 section 7.1) or the end of the
-# connection.  Framing errors are _HttpError, a connection error like a reset,
+# http.client (and with it the email package and ssl) is a large share of a
+# cold CLI run's start-up.  One request at a time per connection, bodies
+# framed by Content-Length, chunked coding (RFC 9112 section 7.1) or the end
+# of the connection.  Framing errors are _HttpError, a connection error like a reset,
 # so the registry client retries or resumes; response bodies are verified by
 # size and digest above this layer.
 
@@ -4245,8 +4251,8 @@ class _SqliteIndex:
     Only an index: everything in it but the media types and use times can be
     rebuilt from the files, and the cache works without it.  One connection
     per thread (WAL mode, busy timeout).  Rows of stored blobs are queued and
-    written in one transaction by the next query.  sqlite3 is imported at first use; without it every query returns
-    nothing and the cache works from its files alone.  A ``read_only`` index
+    written in one transaction by the next query.  sqlite3 is imported at
+    first use; without it every query returns nothing.  A ``read_only`` index
     is opened immutable (SQLite writes nothing, not even its -shm file) and
     drops every write.
     """
@@ -4372,7 +4378,7 @@ class _SqliteIndex:
         Workers only append here, so they never wait on SQLite's lock; a
         crash before the batch is harmless, since the files are the truth.
         Importing sqlite3 is left to the batch: here it would delay the first
-        download by the manifest's commit (3 ms under cProfile).
+        download by the manifest's commit.
         """
         if self._module is None or self.read_only:
             return
@@ -4738,7 +4744,7 @@ class BlobCache(BlobStore):
     def references(self) -> Dict[str, str]:
         """Return every recorded reference and its manifest digest."""
         with self._lock:
-            return {ref: entry[0] for ref, entry in sorted(self._references.items())}
+            return {name: entry[0] for name, entry in sorted(self._references.items())}
 
     def forget_reference(self, reference: str) -> bool:
         """Drop a reference record; tell whether there was one."""
@@ -5238,7 +5244,7 @@ class LayerUnpacker(_RootTree):
                 stream = zstd_pipe.stream
             elif compression == "gzip":
                 # GzipFile, not tarfile's "r|gz": that one re-slices its whole
-                # buffer on every 512-byte header read (quadratic, 4x slower).
+                # buffer on every 512-byte header read (quadratic).
                 # A second thread inflates ahead (zlib releases the GIL), as
                 # tar -z does with a gzip process.
                 import gzip
@@ -5693,7 +5699,7 @@ def _write_oci_archive(cache: BlobStore, top: Manifest, path: str,
     return closure
 
 
-def _docker_repo_tag(reference: Reference) -> str:
+def _docker_load_name(reference: Reference) -> str:
     """Return the name ``docker load`` tags an image with (familiar form on Docker Hub)."""
     name = reference.repository if reference.registry == _DOCKER_HUB else reference.name
     if name.startswith("library/") and reference.registry == _DOCKER_HUB:
@@ -5713,10 +5719,10 @@ def _write_docker_archive(cache: BlobStore, manifest: Manifest, reference: Refer
         raise LayoutError("docker-archive holds one platform's image, not an index")
     blobs = [manifest.config] + manifest.layers
     names = [f"blobs/{d.digest.replace(':', '/')}" for d in blobs]
-    repo_tag = _docker_repo_tag(reference)
-    listing = [{"Config": names[0], "RepoTags": [repo_tag], "Layers": names[1:]}]
+    load_name = _docker_load_name(reference)
+    listing = [{"Config": names[0], "RepoTags": [load_name], "Layers": names[1:]}]
     top_layer = manifest.layers[-1].digest.split(":", 1)[1] if manifest.layers else ""
-    repo, _, tag_part = repo_tag.rpartition(":")
+    repository, _, tag_part = load_name.rpartition(":")
 
     def fill(tar: Any) -> None:
         seen = set()
@@ -5725,7 +5731,8 @@ def _write_docker_archive(cache: BlobStore, manifest: Manifest, reference: Refer
                 seen.add(name)
                 _tar_add_blob(tar, cache, descriptor, name)
         _tar_add_bytes(tar, "manifest.json", json.dumps(listing).encode())
-        _tar_add_bytes(tar, "repositories", json.dumps({repo: {tag_part: top_layer}}).encode())
+        _tar_add_bytes(tar, "repositories",
+                       json.dumps({repository: {tag_part: top_layer}}).encode())
 
     _write_archive(path, fill)
     return blobs
@@ -5748,10 +5755,10 @@ def export_wasm_as_oci(wasm_path: Union[str, "os.PathLike[str]"],
             data = f.read()
         mtime = os.stat(path).st_mtime
     except OSError as exc:
-        raise ZLayerError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise LayoutError(f"cannot read {path}: {exc.strerror or exc}") from exc
     version = wasi_version_from_bytes(data[:8])
     if version is None:
-        raise ZLayerError(f"{path} is not a WebAssembly module or component")
+        raise LayoutError(f"{path} is not a WebAssembly module or component")
     os_name = "wasip2" if version is WasiVersion.PREVIEW2 else "wasip1"
     name = module_name or os.path.basename(path)
     writer = _LayoutWriter(os.fspath(layout_dir))
@@ -5777,7 +5784,7 @@ def export_wasm_as_oci(wasm_path: Union[str, "os.PathLike[str]"],
 
 
 class _Namespace:
-    """A read-only bundle of names (stands in for the seed's submodules)."""
+    """A read-only bundle of names, standing in for a submodule (``wasm``)."""
 
     def __init__(self, doc: str, **names: Any) -> None:
         self.__dict__.update(names)
@@ -5789,7 +5796,7 @@ class _Namespace:
 
 
 wasm = _Namespace(
-    "Hold the seed's ``zlayer_registry::wasm`` names: "
+    "Hold the WebAssembly names: "
     "``from zlayer_registry import wasm; wasm.detect_artifact_type(m)``.",
     ArtifactType=ArtifactType, WasiVersion=WasiVersion, WasmArtifactInfo=WasmArtifactInfo,
     detect_artifact_type=detect_artifact_type, extract_wasm_info=extract_wasm_info,
@@ -5805,7 +5812,8 @@ wasm = _Namespace(
 # every blob of every selected image has checked out.
 
 def _parse_import_source(text: str) -> _Location:
-    """Parse what ``import`` and ``unpack`` read: ``oci:DIR[:TAG]`` or ``oci-archive:FILE[:TAG]``."""
+    """Parse what ``import`` and ``unpack`` read: ``oci:DIR[:TAG]`` or
+    ``oci-archive:FILE[:TAG]``."""
     return _parse_location(text, _LAYOUT_TRANSPORTS, "source",
                            "docker-archive files are not imported")
 
@@ -5996,8 +6004,8 @@ class _Batch:
 class _WorkerPool:
     """Worker threads kept between batches, so each keeps its keep-alive connections.
 
-    Lighter than concurrent.futures (whose import alone costs a cold CLI run
-    about 5 ms) and stricter on failure: the first error sets the batch's
+    Lighter than concurrent.futures (whose import alone slows a cold CLI run)
+    and stricter on failure: the first error sets the batch's
     cancel event (running tasks stop at their next read), drops the tasks not
     yet started, and is raised once the running ones have stopped.  An
     interrupt of the waiting caller (Ctrl-C) cancels the same way without
@@ -6652,7 +6660,8 @@ class ImagePuller:
 
     def pull(self, reference: Union[str, Reference],
              auth: Optional[RegistryAuth] = None) -> Tuple[Manifest, List[Layer]]:
-        """Pull an image; return its manifest and its verified layers (as the seed does)."""
+        """Pull an image; return its manifest and its verified layers (``pull_image``
+        returns all it resolved)."""
         result = self.pull_image(reference, auth)
         return result.manifest, result.layers
 
@@ -6704,7 +6713,8 @@ class ImagePuller:
             raise LayoutError(f"unknown export format {transport!r}")
         path, tag = target.path, target.tag
         reference = _as_reference(reference)
-        load_name = parse_reference(tag) if tag and target.transport == "docker-archive" else reference
+        docker_named = tag and target.transport == "docker-archive"
+        load_name = parse_reference(tag) if docker_named else reference
         tag = tag or reference.tag
         source = self._session.source(reference, auth)
         top = self._resolver.resolve(reference, source)
@@ -7225,8 +7235,8 @@ def _cmd_cache(args: Any) -> int:
             _print_json({"root": cache.root, "blobs": entries,
                          "references": cache.references()})
             return 0
-        for ref, digest in cache.references().items():
-            print(f"{ref}  {digest}")
+        for reference, digest in cache.references().items():
+            print(f"{reference}  {digest}")
         for entry in entries:
             print(f"{entry['digest']}  {_format_bytes(entry['size']):>10}  "
                   f"{entry['media_type'] or '-'}")
@@ -7328,9 +7338,9 @@ class _Command:
 def _build_parser(only: Optional[str] = None) -> Any:
     """Build the argument parser; with ``only`` (a subcommand), leave the others out.
 
-    Each argparse parser costs gettext lookups and terminal-size queries;
-    building all of them is about 4 ms of every CLI run, while parsing
-    ``pull ...`` needs only the ``pull`` parser.
+    Each argparse parser costs gettext lookups and terminal-size queries,
+    paid on every CLI run, while parsing ``pull ...`` needs only the ``pull``
+    parser.
     """
     parser = _ArgumentParser.make(
         prog=_PROG, description="Pull container images and WebAssembly artifacts "
@@ -7618,9 +7628,8 @@ def _console_main() -> None:
     SIGTERM (sent by timeout, systemd, docker stop and CI cancels) takes
     Ctrl-C's way out, so it too leaves no partial file or staging directory.
     Ends with ``os._exit`` once the output is flushed: the interpreter's
-    teardown (module and object cleanup, about 12 ms measured after a pull)
-    does nothing a finished command needs, as main() has closed the cache
-    and no download is left running.
+    teardown (module and object cleanup) does nothing a finished command
+    needs, as main() has closed the cache and no download is left running.
     """
     import signal
     signal.signal(signal.SIGTERM, _raise_terminated)
