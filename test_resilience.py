@@ -28,8 +28,6 @@ from __future__ import annotations
 import base64
 import errno
 import gc
-import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -47,19 +45,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-_spec = importlib.util.spec_from_file_location("zlayer_registry", HERE / "zlayer_registry.py")
-zr = importlib.util.module_from_spec(_spec)
-sys.modules["zlayer_registry"] = zr
-_spec.loader.exec_module(zr)
+from _testsupport import (HERE, KiB, MiB, Sleeps, cli_env, layer_bytes,
+                          make_puller, run_cli, start_cli, zr)
 
 import _fake_registry as fake  # noqa: E402
 from _fault_proxy import FaultProxy, repeat_bytes  # noqa: E402
 
-KiB = 1024
-MiB = 1024 * KiB
 GiB = 1024 * MiB
 def read_slack_bytes(read_bytes: int) -> int:
     """Bytes a server may get rid of beyond the ``read_bytes`` a client read before closing.
@@ -84,53 +75,6 @@ PASSWORD = "hunter2-Sup3rS3cret"
 # =============================================================================
 # helpers and fixtures
 # =============================================================================
-
-class Sleeps(list):
-    """A sleep() stand-in that records the delays asked for."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
-
-
-def layer_bytes(seed: int, size: int = 200_000) -> bytes:
-    """Deterministic incompressible bytes."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}-{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
-
-
-def make_puller(cache=None, sleeps=None, **kwargs):
-    kwargs.setdefault("environ", {})
-    kwargs.setdefault("platform", "linux/amd64")
-    return zr.ImagePuller(cache if cache is not None else zr.BlobCache(),
-                          sleep=sleeps if sleeps is not None else Sleeps(), **kwargs)
-
-
-def cli_env(home: Path, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    env = dict(os.environ)
-    for name in ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "HTTP_PROXY",
-                 "HTTPS_PROXY", "http_proxy", "https_proxy", "ZLAYER_REGISTRY_CACHE"):
-        env.pop(name, None)
-    env["HOME"] = str(home)
-    env.update(extra or {})
-    return env
-
-
-def run_cli(*args, env=None, cwd=None, timeout=60):
-    home = Path(cwd or HERE)
-    return subprocess.run([sys.executable, str(HERE / "zlayer_registry.py"), *args],
-                          capture_output=True, text=True, env=cli_env(home, env),
-                          cwd=str(home), timeout=timeout)
-
-
-def start_cli(*args, home: Path, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HERE / "zlayer_registry.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(home, env), cwd=str(home))
-
 
 def assert_one_line_error(out, code: int) -> None:
     assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
@@ -1224,7 +1168,9 @@ class TestCliInput:
             if os.geteuid() == 0:
                 os.chown(locked, 65534, 65534)
             locked.chmod(0o500)
-            out = subprocess.run([python, str(HERE / "zlayer_registry.py"), "pull",
+            # A copy the unprivileged user can read, wherever this checkout is.
+            shutil.copy(HERE / "zlayer_registry.py", base)
+            out = subprocess.run([python, "-m", "zlayer_registry", "pull",
                                   "127.0.0.1:9/app", "--cache", str(locked / "c")],
                                  capture_output=True, text=True, cwd=str(base),
                                  env=cli_env(base), timeout=60, **kwargs)

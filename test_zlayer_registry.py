@@ -22,18 +22,11 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-_spec = importlib.util.spec_from_file_location("zlayer_registry", HERE / "zlayer_registry.py")
-zr = importlib.util.module_from_spec(_spec)
-sys.modules["zlayer_registry"] = zr
-_spec.loader.exec_module(zr)
+from _testsupport import (CLI, HERE, SHA_A, SHA_B, Sleeps, cli_env, dead_pid, layer_bytes,
+                          make_puller, run_cli, run_python, start_cli, zr)
 
 import _fake_registry as fake  # noqa: E402
 
-SHA_A = "sha256:" + "a" * 64
-SHA_B = "sha256:" + "b" * 64
 ACCEPT = {"Accept": zr._MANIFEST_ACCEPT}
 
 
@@ -55,42 +48,9 @@ def object_store():
     server.close()
 
 
-class Sleeps(list):
-    """A sleep() stand-in that records the delays asked for."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
-
-
 @pytest.fixture
 def sleeps():
     return Sleeps()
-
-
-def make_puller(cache=None, sleeps=None, **kwargs):
-    kwargs.setdefault("environ", {})
-    kwargs.setdefault("platform", "linux/amd64")
-    return zr.ImagePuller(cache if cache is not None else zr.BlobCache(),
-                          sleep=sleeps if sleeps is not None else Sleeps(), **kwargs)
-
-
-def layer_bytes(seed: int, size: int = 200_000) -> bytes:
-    """Deterministic incompressible bytes."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}-{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
-
-
-def run_cli(*args, env=None, cwd=None):
-    full_env = dict(os.environ)
-    full_env.pop("DOCKER_CONFIG", None)
-    full_env["HOME"] = str(cwd or HERE)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, str(HERE / "zlayer_registry.py"), *args],
-                          capture_output=True, text=True, env=full_env, timeout=120)
 
 
 # -----------------------------------------------------------------------------
@@ -141,13 +101,12 @@ class TestModuleShape:
         assert modules - set(stdlib) - {"__future__"} == set()
 
     def test_import_has_no_side_effects(self):
-        code = ("import sys, threading; before = set(sys.modules); n = threading.active_count();"
-                f"sys.path.insert(0, {str(HERE)!r}); import zlayer_registry;"
+        code = ("import threading; before = set(sys.modules); n = threading.active_count();"
+                "import zlayer_registry;"
                 "heavy = {'sqlite3', 'ssl', 'http.client', 'concurrent.futures', 'tarfile',"
                 " 'subprocess'} & (set(sys.modules) - before);"
                 "assert threading.active_count() == n; print(sorted(heavy))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={"PATH": os.environ.get("PATH", "")})
+        out = run_python(code, env={"PATH": os.environ.get("PATH", "")})
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "[]"
 
@@ -156,14 +115,13 @@ class TestModuleShape:
         waits until downloads run.  The reference is still in the index afterwards."""
         image = registry.add_image("app", "v1", [layer_bytes(1), layer_bytes(2)])
         # Site hooks may have imported some already: only what the pull adds counts.
-        code = (f"import sys; before = set(sys.modules); sys.path.insert(0, {str(HERE)!r});"
+        code = ("before = set(sys.modules);"
                 f"import zlayer_registry as zr; c = zr.BlobCache.open({str(tmp_path / 'c')!r});"
                 "print('sqlite3' in set(sys.modules) - before);"
                 f"zr.ImagePuller(c, environ={{}}).pull('{registry.host}/app:v1');"
                 "print(sorted({'concurrent.futures', 'tempfile', 'platform', 'tarfile'}"
                 " & (set(sys.modules) - before)))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={"PATH": os.environ.get("PATH", "")})
+        out = run_python(code, env={"PATH": os.environ.get("PATH", "")})
         assert out.returncode == 0, out.stderr
         assert out.stdout.split("\n")[:2] == ["False", "[]"]
         assert zr.BlobCache.open(tmp_path / "c").references() == {
@@ -171,15 +129,13 @@ class TestModuleShape:
 
     def test_import_works_without_sqlite3_and_ssl(self, registry, tmp_path):
         image = registry.add_image("app", "v1", [layer_bytes(1)])
-        code = ("import sys; sys.modules['sqlite3'] = None; sys.modules['ssl'] = None;"
-                f"sys.path.insert(0, {str(HERE)!r}); import zlayer_registry as zr;"
-                f"c = zr.BlobCache.open({str(tmp_path)!r});"
+        code = ("sys.modules['sqlite3'] = None; sys.modules['ssl'] = None;"
+                f"import zlayer_registry as zr; c = zr.BlobCache.open({str(tmp_path)!r});"
                 f"m, layers = zr.ImagePuller(c, environ={{}}).pull('{registry.host}/app:v1');"
                 "print(m.digest, c.verify(), len(c.entries()))\n"
                 "try:\n    zr.ImagePuller(c, environ={}).pull('example.com/app:v1')\n"
                 "except zr.ZLayerError as e:\n    print(e)")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=60)
+        out = run_python(code)
         assert out.returncode == 0, out.stderr
         first, second = out.stdout.strip().splitlines()
         assert first == f"{image['digest']} [] 3"
@@ -245,7 +201,7 @@ class TestModuleShape:
 
 
 # -----------------------------------------------------------------------------
-# 5. digests and descriptors
+# DIGESTS AND DESCRIPTORS
 # -----------------------------------------------------------------------------
 
 class TestDigests:
@@ -276,7 +232,7 @@ class TestDigests:
 
 
 # -----------------------------------------------------------------------------
-# 6. references
+# REFERENCES
 # -----------------------------------------------------------------------------
 
 class TestReferences:
@@ -326,7 +282,7 @@ class TestReferences:
 
 
 # -----------------------------------------------------------------------------
-# 7. manifests and platforms
+# MANIFESTS AND PLATFORMS
 # -----------------------------------------------------------------------------
 
 def _index(*platforms):
@@ -414,9 +370,14 @@ class TestManifests:
         assert host.os == "linux" and host.architecture in (
             "amd64", "arm64", "arm", "386", "ppc64le", "s390x", "riscv64")
 
+    def test_deeply_nested_json_is_a_clean_error(self):
+        with pytest.raises(zr.ManifestError, match="not valid JSON"):
+            zr.parse_manifest(b"[" * 50000)
+        assert zr._error_details(b"[" * 50000) == ([], "")
+
 
 # -----------------------------------------------------------------------------
-# 11. credentials and token auth
+# CREDENTIALS and TOKEN AUTH
 # -----------------------------------------------------------------------------
 
 def _write_json(path: Path, data) -> Path:
@@ -570,7 +531,8 @@ class TestCredentials:
 
 
 # -----------------------------------------------------------------------------
-# 9. HTTP/1.1: our own client, against scripted servers, TLS and a CONNECT proxy
+# HTTP/1.1, TRANSPORT and RETRIES: our own client, against scripted servers, TLS and a
+# CONNECT proxy
 # -----------------------------------------------------------------------------
 
 import socket as _socket  # noqa: E402
@@ -1077,6 +1039,24 @@ class TestHttp:
         assert message.endswith(f"(through the proxy http://127.0.0.1:{dead} from HTTP_PROXY)")
         assert "secret" not in message and len(sleeps) == 1
 
+    def test_folded_header_lines_count_toward_the_limit(self):
+        server = _Scripted([(b"HTTP/1.1 200 OK\r\nX-Fold: a\r\n" + b" b\r\n" * 200
+                             + b"Content-Length: 0\r\n\r\n", True)])
+        with pytest.raises(zr._HttpError, match="more than 100 header lines"):
+            zr._Transport().send("GET", server.url(), {})
+        server.close()
+
+    def test_odd_numbers_elsewhere(self):
+        assert zr._parse_retry_after("\u00b2", lambda: 0) is None
+        response = type("R", (), {"status": 206, "header": lambda self, name:
+                                  "bytes " + "0" * 5000 + "1-2/3"})()
+        assert zr._continues_at(response, 1) is False
+
+    def test_redirect_or_realm_to_a_non_ascii_or_broken_host_is_refused(self):
+        for url in ("https://\u00e9..example/x", "https://token.example\rX-Injected: 1/token"):
+            with pytest.raises(zr.RegistryError, match="invalid host name"):
+                zr._split_url(url)
+
 
 class _Sink(_Listener):
     """Reads each request body in 64 KiB pieces, hashing it (nothing is kept), and
@@ -1328,8 +1308,8 @@ class TestRegistryRequests:
             "repository:app:pull,push", "repository:other:pull"]
 
 
-class TestHttpReviewRegressions:
-    """Bugs a review of the HTTP client and the worker pool found, each pinned."""
+class TestBlobFraming:
+    """Blob bodies framed in ways that end early or late: the digest decides."""
 
     def _blob(self, reply, close):
         data = layer_bytes(3, 5000)
@@ -1352,71 +1332,16 @@ class TestHttpReviewRegressions:
     def test_a_complete_unframed_blob_does_not_wait_for_the_connection_to_close(self):
         self._blob(lambda d: b"HTTP/1.1 200 OK\r\n\r\n" + d, False)
 
-    def test_folded_header_lines_count_toward_the_limit(self):
-        server = _Scripted([(b"HTTP/1.1 200 OK\r\nX-Fold: a\r\n" + b" b\r\n" * 200
-                             + b"Content-Length: 0\r\n\r\n", True)])
-        with pytest.raises(zr._HttpError, match="more than 100 header lines"):
-            zr._Transport().send("GET", server.url(), {})
-        server.close()
 
-    def test_odd_numbers_elsewhere(self):
-        assert zr._parse_retry_after("\u00b2", lambda: 0) is None
-        response = type("R", (), {"status": 206, "header": lambda self, name:
-                                  "bytes " + "0" * 5000 + "1-2/3"})()
-        assert zr._continues_at(response, 1) is False
 
-    def test_deeply_nested_json_is_a_clean_error(self):
-        with pytest.raises(zr.ManifestError, match="not valid JSON"):
-            zr.parse_manifest(b"[" * 50000)
-        assert zr._error_details(b"[" * 50000) == ([], "")
 
-    def test_https_proxy_is_refused_before_anything_is_sent(self):
-        seen = []
-        listener = _Listener(lambda conn: seen.append(conn.recv(4096)))
-        environ = {"HTTPS_PROXY": f"https://user:s3cret@127.0.0.1:{listener.port}"}
-        with pytest.raises(zr.RegistryError, match="only http:// proxies") as info:
-            make_puller(environ=environ, retries=0).pull("registry.example:443/app:v1")
-        assert seen == [] and "s3cret" not in str(info.value)
-        listener.close()
 
-    def test_redirect_or_realm_to_a_non_ascii_or_broken_host_is_refused(self):
-        for url in ("https://\u00e9..example/x", "https://token.example\rX-Injected: 1/token"):
-            with pytest.raises(zr.RegistryError, match="invalid host name"):
-                zr._split_url(url)
 
-    def test_closing_the_pool_mid_run_ends_the_wait(self):
-        import time as _time
-        pool = zr._WorkerPool(1, "t", lambda: None)
-        outcome = []
 
-        def caller():
-            try:
-                pool.run(lambda n: _time.sleep(0.2) or n, [1, 2, 3], _threading.Event())
-            except zr.ZLayerError as exc:
-                outcome.append(str(exc))
-
-        thread = _threading.Thread(target=caller)
-        thread.start()
-        while not pool._threads:
-            _time.sleep(0.01)
-        pool.close()
-        thread.join(10)
-        assert not thread.is_alive() and outcome == ["the puller was closed in the middle of a pull"]
-
-    def test_a_thread_that_cannot_start_leaves_nothing_queued(self, monkeypatch):
-        pool = zr._WorkerPool(2, "t", lambda: None)
-
-        def refuse(self):
-            raise RuntimeError("can't start new thread")
-
-        monkeypatch.setattr(_threading.Thread, "start", refuse)
-        with pytest.raises(zr.ZLayerError, match="cannot start a download thread"):
-            pool.run(lambda n: n, [1, 2, 3], _threading.Event())
-        assert pool._queue == []
 
 
 # -----------------------------------------------------------------------------
-# 10. transport and 12-13. registry answers and client, against the fake registry
+# REGISTRY ANSWERS, REGISTRY CLIENT, BLOB SOURCES, FETCHER: against the fake registry
 # -----------------------------------------------------------------------------
 
 class TestProxies:
@@ -1495,6 +1420,15 @@ class TestProxies:
                                           for r in proxy.requests)
         finally:
             proxy.close()
+
+    def test_https_proxy_is_refused_before_anything_is_sent(self):
+        seen = []
+        listener = _Listener(lambda conn: seen.append(conn.recv(4096)))
+        environ = {"HTTPS_PROXY": f"https://user:s3cret@127.0.0.1:{listener.port}"}
+        with pytest.raises(zr.RegistryError, match="only http:// proxies") as info:
+            make_puller(environ=environ, retries=0).pull("registry.example:443/app:v1")
+        assert seen == [] and "s3cret" not in str(info.value)
+        listener.close()
 
 
 class TestPull:
@@ -1693,6 +1627,53 @@ class TestPull:
         _, layers = make_puller(zr.BlobCache.open(tmp_path)).pull(f"{registry.host}/app:v1")
         assert not any(isinstance(v, (bytes, bytearray)) for v in vars(layers[0]).values())
         assert layers[0].path.startswith(str(tmp_path))
+
+    def test_a_huge_cached_blob_named_as_config_or_child_is_not_read(self, registry, tmp_path):
+        big = registry.add_image("app", "big", [layer_bytes(1, 5 * 1024 * 1024)])
+        cache = zr.BlobCache.open(tmp_path)
+        make_puller(cache).pull(f"{registry.host}/app:big")
+        layer = big["layers"][0]
+        hostile = {"schemaVersion": 2, "mediaType": fake.OCI_MANIFEST,
+                   "config": {"mediaType": fake.OCI_CONFIG, "digest": layer["digest"], "size": 2},
+                   "layers": []}
+        registry.add_manifest("app", "hostile", hostile)
+        with pytest.raises(zr.DigestMismatchError, match="wrong size"):
+            make_puller(cache).pull(f"{registry.host}/app:hostile")
+        assert cache.read_small(layer["digest"], 1024) is None
+        index = {"schemaVersion": 2, "mediaType": fake.OCI_INDEX, "manifests": [
+            {"mediaType": fake.OCI_MANIFEST, "digest": layer["digest"], "size": layer["size"],
+             "platform": {"os": "linux", "architecture": "amd64"}}]}
+        registry.add_manifest("app", "hostile-index", index)
+        with pytest.raises(zr.ManifestError, match="no manifest"):
+            make_puller(cache).pull(f"{registry.host}/app:hostile-index")
+
+    @pytest.mark.parametrize("location", ["http://127.0.0.1:99999/x", "http://[::1/x",
+                                          "http://[::1]:abc/x"])
+    def test_malformed_redirect_locations_are_registry_errors(self, registry, location):
+        image = registry.add_image("app", "v1", [layer_bytes(1, 100)])
+        digest = image["layers"][0]["digest"]
+        registry.faults.append(lambda m, p, h: {"status": 302, "body": b"", "headers": {
+            "Location": location}} if p.endswith(digest) else None)
+        with pytest.raises(zr.RegistryError):
+            make_puller(retries=0).pull(f"{registry.host}/app:v1")
+
+    def test_remote_registry_cannot_redirect_to_loopback_http(self):
+        client = zr._RegistryClient(zr.parse_reference("registry.example/app"),
+                                    zr.RegistryAuth.anonymous(), zr._Transport(),
+                                    zr._TokenCache())
+
+        class Redirecting:
+            status, url, method = 302, "https://registry.example/v2/app/blobs/x", "GET"
+            headers = {}
+
+            def header(self, name, default=""):
+                return "http://127.0.0.1:6379/" if name == "Location" else default
+
+            def close(self):
+                pass
+        client.transport.send = lambda method, url, headers, body=None, verify=True: Redirecting()
+        with pytest.raises(zr.RegistryError, match="refusing plain http to 127.0.0.1"):
+            client._send_following_redirects("GET", "https://registry.example/v2/app/blobs/x", {})
 
 
 class TestRetriesAndResume:
@@ -1905,9 +1886,65 @@ class TestAuthFlows:
         with pytest.raises(zr.RegistryError, match="refusing plain http to blobs.example.com"):
             make_puller().pull(f"{registry.host}/app:v1")
 
+    def test_tokens_are_not_shared_between_credentials(self, registry):
+        registry.auth = "bearer"
+        registry.add_image("private", "v1", [layer_bytes(1, 500)])
+        puller = make_puller()
+        puller.fetch_manifest(f"{registry.host}/private:v1", zr.RegistryAuth.basic("user", "secret"))
+        assert len(registry.token_requests) == 1
+        puller.fetch_manifest(f"{registry.host}/private:v1", zr.RegistryAuth.anonymous())
+        assert len(registry.token_requests) == 2  # the anonymous call got its own token
+        assert registry.token_requests[1]["authorization"] is None
+
+    def test_multiple_www_authenticate_headers(self, registry):
+        registry.auth = "bearer"
+        registry.add_image("app", "v1", [layer_bytes(1, 100)])
+        original = registry._challenge
+        # A Basic challenge first, on its own header line, then the Bearer one.
+        handler_send = fake._Base.send_body
+
+        def send_body(h, status, body, headers=None, content_type="application/json"):
+            if status == 401:
+                h.send_response(401)
+                h.send_header("WWW-Authenticate", 'Basic realm="reg"')
+                h.send_header("WWW-Authenticate", original())
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
+            handler_send(h, status, body, headers, content_type)
+        fake._Base.send_body = send_body
+        try:
+            manifest, _ = make_puller().pull(f"{registry.host}/app:v1")  # anonymous bearer works
+        finally:
+            fake._Base.send_body = handler_send
+        assert manifest.media_type == fake.OCI_MANIFEST
+
+    def test_several_scopes_are_separate_parameters(self, registry):
+        registry.auth = "bearer"
+        registry.add_image("app", "v1", [layer_bytes(1, 100)])
+        original = registry._challenge
+        registry._challenge = lambda: original() + ',scope="repository:app:pull repository:base:pull"'
+        make_puller().pull(f"{registry.host}/app:v1")
+        assert registry.token_requests[0]["query"]["scope"] == ["repository:app:pull",
+                                                                "repository:base:pull"]
+
+    def test_a_token_with_control_characters_is_refused(self, registry):
+        registry.auth = "bearer"
+        registry.add_image("app", "v1", [layer_bytes(1, 100)])
+        original = registry._token
+
+        def evil(h, body):
+            h.send_body(200, json.dumps({"token": "abc\r\nX-Evil: 1"}).encode())
+        registry._token = evil
+        try:
+            with pytest.raises(zr.AuthError, match="malformed token"):
+                make_puller().pull(f"{registry.host}/app:v1")
+        finally:
+            registry._token = original
+
 
 # -----------------------------------------------------------------------------
-# 14-16. blob caches, cache files, the directory cache
+# BLOB STORES, CACHE FILES, CACHE INDEX, DIRECTORY and MEMORY CACHES, WORKER POOL
 # -----------------------------------------------------------------------------
 
 class TestCaches:
@@ -2023,15 +2060,13 @@ class TestCaches:
 
     def test_gc_without_sqlite3_keeps_every_pulled_image(self, registry, tmp_path):
         image = registry.add_image("app", "v1", [layer_bytes(63, 3000)])
-        code = ("import sys; sys.modules['sqlite3'] = None;"
-                f"sys.path.insert(0, {str(HERE)!r}); import zlayer_registry as zr;"
+        code = ("sys.modules['sqlite3'] = None; import zlayer_registry as zr;"
                 f"c = zr.BlobCache.open({str(tmp_path / 'c')!r});"
                 f"zr.ImagePuller(c, environ={{}}).pull('{registry.host}/app:v1');"
                 "c.put(zr.compute_digest(b'stray'), b'stray');"
                 "print(c.gc() == [zr.compute_digest(b'stray')], len(list(c.digests())),"
                 " sorted(c.references().values()))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=60)
+        out = run_python(code)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["True", "3", f"['{image['digest']}']"]
         assert not (tmp_path / "c" / "index.sqlite").exists()
@@ -2105,8 +2140,7 @@ class TestCaches:
 
     def test_stale_partial_files_of_dead_processes_are_removed(self, tmp_path):
         zr.BlobCache.open(tmp_path)
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True).stdout.strip()
+        dead = str(dead_pid())
         stale = tmp_path / "tmp" / f"abcd.{dead}.x.partial"
         stale.write_bytes(b"half")
         live = tmp_path / "tmp" / f"abcd.{os.getppid()}.y.partial"
@@ -2143,10 +2177,22 @@ class TestCaches:
         assert zr.BlobCache.default_path({"XDG_CACHE_HOME": "/c"}) == "/c/zlayer-registry"
         assert zr.BlobCache.default_path({"HOME": "/h"}) == "/h/.cache/zlayer-registry"
 
+    def test_partial_files_locked_by_a_writer_survive_cleanup(self, tmp_path):
+        cache = zr.BlobCache.open(tmp_path)
+        writer = cache.begin_write(SHA_A, 10)
+        writer.write(b"12345")
+        partial = next((tmp_path / "tmp").iterdir())
+        # The same name, but as another PID namespace would see it: a dead PID.
+        dead = str(dead_pid())
+        parts = partial.name.split(".")
+        foreign = partial.with_name(".".join([parts[0], dead] + parts[2:]))
+        os.rename(partial, foreign)
+        writer._tmp_path = str(foreign)
+        zr.BlobCache.open(tmp_path)  # cleanup runs: the file is locked, so it stays
+        assert foreign.exists()
+        writer.abort()
+        assert list((tmp_path / "tmp").iterdir()) == []
 
-# -----------------------------------------------------------------------------
-# 25-26. CLI (and 22. the worker pool)
-# -----------------------------------------------------------------------------
 
 class TestWorkerPool:
     """The puller's own thread pool: results in order, first error wins, Ctrl-C cancels."""
@@ -2228,6 +2274,36 @@ class TestWorkerPool:
         assert threads and all(t.is_alive() for t in threads)
         puller.close()
         assert not any(t.is_alive() for t in threads) and puller._session._workers is None
+
+    def test_closing_the_pool_mid_run_ends_the_wait(self):
+        import time as _time
+        pool = zr._WorkerPool(1, "t", lambda: None)
+        outcome = []
+
+        def caller():
+            try:
+                pool.run(lambda n: _time.sleep(0.2) or n, [1, 2, 3], _threading.Event())
+            except zr.ZLayerError as exc:
+                outcome.append(str(exc))
+
+        thread = _threading.Thread(target=caller)
+        thread.start()
+        while not pool._threads:
+            _time.sleep(0.01)
+        pool.close()
+        thread.join(10)
+        assert not thread.is_alive() and outcome == ["the puller was closed in the middle of a pull"]
+
+    def test_a_thread_that_cannot_start_leaves_nothing_queued(self, monkeypatch):
+        pool = zr._WorkerPool(2, "t", lambda: None)
+
+        def refuse(self):
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(_threading.Thread, "start", refuse)
+        with pytest.raises(zr.ZLayerError, match="cannot start a download thread"):
+            pool.run(lambda n: n, [1, 2, 3], _threading.Event())
+        assert pool._queue == []
 
 
 class TestDirectIoWriter:
@@ -2348,6 +2424,10 @@ class TestDirectIoWriter:
         assert [r["headers"].get("Range") for r in blob_gets] == [None, f"bytes={cut}-"]
         assert Path(result.layers[0].path).read_bytes() == data
 
+
+# -----------------------------------------------------------------------------
+# CLI
+# -----------------------------------------------------------------------------
 
 class TestCli:
     def test_pull_json(self, registry, tmp_path):
@@ -2485,11 +2565,9 @@ class TestCli:
         _write_json(tmp_path / "auth.json", {"auths": {registry.host: {"auth": _b64("user:secret")}}})
         flags = {"inline": ["--creds", "user:secret"], "stdin": ["--creds", "user"],
                  "authfile": ["--authfile", str(tmp_path / "auth.json")]}[how]
-        out = subprocess.run(
-            [sys.executable, str(HERE / "zlayer_registry.py"), "pull", f"{registry.host}/app:v1",
-             "--cache", str(tmp_path / "c"), "-q", *flags], input="secret\n",
-            capture_output=True, text=True, timeout=120,
-            env=dict(os.environ, HOME=str(tmp_path), DOCKER_CONFIG=str(tmp_path / "dc")))
+        out = run_cli("pull", f"{registry.host}/app:v1", "--cache", str(tmp_path / "c"), "-q",
+                      *flags, input="secret\n", cwd=tmp_path,
+                      env={"DOCKER_CONFIG": str(tmp_path / "dc")})
         assert out.returncode == 0, out.stderr
         assert [r["authorization"] for r in registry.token_requests] == ["Basic " + _b64("user:secret")]
 
@@ -2597,9 +2675,7 @@ class TestCli:
         cache = str(tmp_path / "c")
         assert run_cli("pull", f"{registry.host}/app:v1", "--cache", cache, "-q",
                        cwd=tmp_path).returncode == 0
-        process = subprocess.Popen([sys.executable, str(HERE / "zlayer_registry.py"), "cache",
-                                    "ls", "--cache", cache], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
+        process = start_cli("cache", "ls", "--cache", cache, home=tmp_path, text=False)
         process.stdout.close()  # as `| head -0` would, before the first line
         _, err = process.communicate(timeout=60)
         assert process.returncode == 141 and err == b""
@@ -2629,7 +2705,7 @@ class TestProgress:
 
 
 # -----------------------------------------------------------------------------
-# 8. WASM detection, pull_wasm, export
+# WASM DETECTION and WASM ARTIFACTS: detection, pull_wasm, export
 # -----------------------------------------------------------------------------
 
 CORE_MODULE = b"\0asm\x01\x00\x00\x00"            # the smallest valid core module
@@ -2825,9 +2901,10 @@ class TestWasmPull:
 
     def test_cli_pull_wasm_to_stdout(self, registry, tmp_path):
         pushed = _push_wasm(registry, "fn", "v1", CORE_WITH_FUNC)
-        cmd = [sys.executable, str(HERE / "zlayer_registry.py"), "pull-wasm",
-               f"{registry.host}/fn:v1", "-o", "-", "--cache", str(tmp_path / "c")]
-        out = subprocess.run(cmd, capture_output=True, timeout=120, cwd=str(tmp_path))
+        cmd = [*CLI, "pull-wasm", f"{registry.host}/fn:v1", "-o", "-",
+               "--cache", str(tmp_path / "c")]
+        out = subprocess.run(cmd, capture_output=True, timeout=120, cwd=str(tmp_path),
+                             env=cli_env(tmp_path))
         assert out.returncode == 0, out.stderr
         assert out.stdout == CORE_WITH_FUNC and b"stdout: wasip1" in out.stderr
         assert list(tmp_path.iterdir()) == [tmp_path / "c"]  # no file written
@@ -2835,10 +2912,12 @@ class TestWasmPull:
         layer_file = tmp_path / "c" / "blobs" / "sha256" / pushed["layer"]["digest"][7:]
         layer_file.chmod(0o644)
         layer_file.write_bytes(CORE_WITH_FUNC[:-1] + b"\xff")
-        out = subprocess.run(cmd, capture_output=True, timeout=120, cwd=str(tmp_path))
+        out = subprocess.run(cmd, capture_output=True, timeout=120, cwd=str(tmp_path),
+                             env=cli_env(tmp_path))
         assert out.returncode == 1 and out.stdout == b"" and b"is corrupt" in out.stderr
         layer_file.write_bytes(CORE_WITH_FUNC)  # mended: --json goes to stderr then
-        out = subprocess.run(cmd + ["--json"], capture_output=True, timeout=120)
+        out = subprocess.run(cmd + ["--json"], capture_output=True, timeout=120,
+                             cwd=str(tmp_path), env=cli_env(tmp_path))
         assert out.returncode == 0 and out.stdout == CORE_WITH_FUNC
         assert json.loads(out.stderr)["output"] == "-"
 
@@ -2928,7 +3007,7 @@ class TestWasmExport:
 
 
 # -----------------------------------------------------------------------------
-# 17-19. unpack
+# UNPACK
 # -----------------------------------------------------------------------------
 
 import stat as _stat  # noqa: E402
@@ -3413,7 +3492,7 @@ class TestUnpackImage:
 
 
 # -----------------------------------------------------------------------------
-# 20-21. OCI layout export and import
+# OCI LAYOUT: export and import
 # -----------------------------------------------------------------------------
 
 def _multi(registry):
@@ -3551,6 +3630,22 @@ class TestExport:
         assert out.returncode == 2 and "unsupported location" in out.stderr
         assert registry.count() == 0  # refused before any request
 
+    def test_an_index_listing_children_many_times_is_walked_once(self, registry, tmp_path):
+        child = registry.add_image("fan", None, [layer_bytes(1, 100)])
+        entry = {"mediaType": child["mediaType"], "digest": child["digest"], "size": child["size"],
+                 "platform": {"os": "linux", "architecture": "amd64"}}
+        inner = registry.add_manifest("fan", None, {"schemaVersion": 2, "mediaType": fake.OCI_INDEX,
+                                                    "manifests": [entry] * 300})
+        inner_size = len(registry.manifests[("fan", inner)][0])
+        registry.add_manifest("fan", "v1", {"schemaVersion": 2, "mediaType": fake.OCI_INDEX,
+                                            "manifests": [{"mediaType": fake.OCI_INDEX,
+                                                           "digest": inner, "size": inner_size}] * 300})
+        info = make_puller().export_image(f"{registry.host}/fan:v1", f"oci-archive:{tmp_path}/a.tar")
+        assert info.blobs == 5  # outer, inner, child, config, layer
+        with _tarfile.open(tmp_path / "a.tar") as tar:
+            names = tar.getnames()
+        assert len(names) == len(set(names))
+
 
 def _tree_state(root: Path):
     """Every file under root with its size and mtime (to show nothing was written)."""
@@ -3617,7 +3712,7 @@ class TestReadOnlyCache:
             before = _tree_state(cache)
 
             def cli(*args):
-                return subprocess.run([python, str(shared / "zlayer_registry.py"),
+                return subprocess.run([python, "-m", "zlayer_registry",
                                        *args, "--cache", str(cache)], capture_output=True,
                                       text=True, timeout=120, cwd=str(shared),
                                       env=dict(os.environ, HOME=str(shared)), **as_reader)
@@ -3848,148 +3943,6 @@ class TestImport:
                           (f"docker-archive:{tmp_path}/e.tar", "are not imported")):
             out = run_cli("import", src, "--cache", str(tmp_path / "c3"), cwd=tmp_path)
             assert out.returncode in (1, 2) and text in out.stderr, (src, out.stderr)
-
-
-# -----------------------------------------------------------------------------
-# regressions found in review
-# -----------------------------------------------------------------------------
-
-class TestReviewRegressions:
-    def test_tokens_are_not_shared_between_credentials(self, registry):
-        registry.auth = "bearer"
-        registry.add_image("private", "v1", [layer_bytes(1, 500)])
-        puller = make_puller()
-        puller.fetch_manifest(f"{registry.host}/private:v1", zr.RegistryAuth.basic("user", "secret"))
-        assert len(registry.token_requests) == 1
-        puller.fetch_manifest(f"{registry.host}/private:v1", zr.RegistryAuth.anonymous())
-        assert len(registry.token_requests) == 2  # the anonymous call got its own token
-        assert registry.token_requests[1]["authorization"] is None
-
-    def test_a_huge_cached_blob_named_as_config_or_child_is_not_read(self, registry, tmp_path):
-        big = registry.add_image("app", "big", [layer_bytes(1, 5 * 1024 * 1024)])
-        cache = zr.BlobCache.open(tmp_path)
-        make_puller(cache).pull(f"{registry.host}/app:big")
-        layer = big["layers"][0]
-        hostile = {"schemaVersion": 2, "mediaType": fake.OCI_MANIFEST,
-                   "config": {"mediaType": fake.OCI_CONFIG, "digest": layer["digest"], "size": 2},
-                   "layers": []}
-        registry.add_manifest("app", "hostile", hostile)
-        with pytest.raises(zr.DigestMismatchError, match="wrong size"):
-            make_puller(cache).pull(f"{registry.host}/app:hostile")
-        assert cache.read_small(layer["digest"], 1024) is None
-        index = {"schemaVersion": 2, "mediaType": fake.OCI_INDEX, "manifests": [
-            {"mediaType": fake.OCI_MANIFEST, "digest": layer["digest"], "size": layer["size"],
-             "platform": {"os": "linux", "architecture": "amd64"}}]}
-        registry.add_manifest("app", "hostile-index", index)
-        with pytest.raises(zr.ManifestError, match="no manifest"):
-            make_puller(cache).pull(f"{registry.host}/app:hostile-index")
-
-    def test_an_index_listing_children_many_times_is_walked_once(self, registry, tmp_path):
-        child = registry.add_image("fan", None, [layer_bytes(1, 100)])
-        entry = {"mediaType": child["mediaType"], "digest": child["digest"], "size": child["size"],
-                 "platform": {"os": "linux", "architecture": "amd64"}}
-        inner = registry.add_manifest("fan", None, {"schemaVersion": 2, "mediaType": fake.OCI_INDEX,
-                                                    "manifests": [entry] * 300})
-        inner_size = len(registry.manifests[("fan", inner)][0])
-        registry.add_manifest("fan", "v1", {"schemaVersion": 2, "mediaType": fake.OCI_INDEX,
-                                            "manifests": [{"mediaType": fake.OCI_INDEX,
-                                                           "digest": inner, "size": inner_size}] * 300})
-        info = make_puller().export_image(f"{registry.host}/fan:v1", f"oci-archive:{tmp_path}/a.tar")
-        assert info.blobs == 5  # outer, inner, child, config, layer
-        with _tarfile.open(tmp_path / "a.tar") as tar:
-            names = tar.getnames()
-        assert len(names) == len(set(names))
-
-    def test_partial_files_locked_by_a_writer_survive_cleanup(self, tmp_path):
-        cache = zr.BlobCache.open(tmp_path)
-        writer = cache.begin_write(SHA_A, 10)
-        writer.write(b"12345")
-        partial = next((tmp_path / "tmp").iterdir())
-        # The same name, but as another PID namespace would see it: a dead PID.
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True).stdout.strip()
-        parts = partial.name.split(".")
-        foreign = partial.with_name(".".join([parts[0], dead] + parts[2:]))
-        os.rename(partial, foreign)
-        writer._tmp_path = str(foreign)
-        zr.BlobCache.open(tmp_path)  # cleanup runs: the file is locked, so it stays
-        assert foreign.exists()
-        writer.abort()
-        assert list((tmp_path / "tmp").iterdir()) == []
-
-    def test_multiple_www_authenticate_headers(self, registry):
-        registry.auth = "bearer"
-        registry.add_image("app", "v1", [layer_bytes(1, 100)])
-        original = registry._challenge
-        # A Basic challenge first, on its own header line, then the Bearer one.
-        handler_send = fake._Base.send_body
-
-        def send_body(h, status, body, headers=None, content_type="application/json"):
-            if status == 401:
-                h.send_response(401)
-                h.send_header("WWW-Authenticate", 'Basic realm="reg"')
-                h.send_header("WWW-Authenticate", original())
-                h.send_header("Content-Length", "0")
-                h.end_headers()
-                return
-            handler_send(h, status, body, headers, content_type)
-        fake._Base.send_body = send_body
-        try:
-            manifest, _ = make_puller().pull(f"{registry.host}/app:v1")  # anonymous bearer works
-        finally:
-            fake._Base.send_body = handler_send
-        assert manifest.media_type == fake.OCI_MANIFEST
-
-    @pytest.mark.parametrize("location", ["http://127.0.0.1:99999/x", "http://[::1/x",
-                                          "http://[::1]:abc/x"])
-    def test_malformed_redirect_locations_are_registry_errors(self, registry, location):
-        image = registry.add_image("app", "v1", [layer_bytes(1, 100)])
-        digest = image["layers"][0]["digest"]
-        registry.faults.append(lambda m, p, h: {"status": 302, "body": b"", "headers": {
-            "Location": location}} if p.endswith(digest) else None)
-        with pytest.raises(zr.RegistryError):
-            make_puller(retries=0).pull(f"{registry.host}/app:v1")
-
-    def test_several_scopes_are_separate_parameters(self, registry):
-        registry.auth = "bearer"
-        registry.add_image("app", "v1", [layer_bytes(1, 100)])
-        original = registry._challenge
-        registry._challenge = lambda: original() + ',scope="repository:app:pull repository:base:pull"'
-        make_puller().pull(f"{registry.host}/app:v1")
-        assert registry.token_requests[0]["query"]["scope"] == ["repository:app:pull",
-                                                                "repository:base:pull"]
-
-    def test_a_token_with_control_characters_is_refused(self, registry):
-        registry.auth = "bearer"
-        registry.add_image("app", "v1", [layer_bytes(1, 100)])
-        original = registry._token
-
-        def evil(h, body):
-            h.send_body(200, json.dumps({"token": "abc\r\nX-Evil: 1"}).encode())
-        registry._token = evil
-        try:
-            with pytest.raises(zr.AuthError, match="malformed token"):
-                make_puller().pull(f"{registry.host}/app:v1")
-        finally:
-            registry._token = original
-
-    def test_remote_registry_cannot_redirect_to_loopback_http(self):
-        client = zr._RegistryClient(zr.parse_reference("registry.example/app"),
-                                    zr.RegistryAuth.anonymous(), zr._Transport(),
-                                    zr._TokenCache())
-
-        class Redirecting:
-            status, url, method = 302, "https://registry.example/v2/app/blobs/x", "GET"
-            headers = {}
-
-            def header(self, name, default=""):
-                return "http://127.0.0.1:6379/" if name == "Location" else default
-
-            def close(self):
-                pass
-        client.transport.send = lambda method, url, headers, body=None, verify=True: Redirecting()
-        with pytest.raises(zr.RegistryError, match="refusing plain http to 127.0.0.1"):
-            client._send_following_redirects("GET", "https://registry.example/v2/app/blobs/x", {})
 
     def test_layouts_with_odd_index_or_corrupt_blobs_are_handled(self, tmp_path):
         layout = tmp_path / "l"

@@ -26,7 +26,7 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     1. IMPORTS AND COMPATIBILITY
     2. CONSTANTS: media types and limits
     3. ERRORS
-    4. UTILITIES: private helpers
+    4. UTILITIES: warnings, URLs, hosts, sizes, capped reads
     5. FILES: safe reads, atomic writes, locks, crash leftovers
     6. DIGESTS AND DESCRIPTORS
     7. REFERENCES: parsing and normalising image references
@@ -34,29 +34,34 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     9. MANIFESTS AND PLATFORMS
     10. MANIFEST GRAPH: walking indexes, images and their blobs
     11. WASM DETECTION
-    12. HTTP/1.1: connections and responses
-    13. TRANSPORT: keep-alive pooling and proxies
-    14. RETRIES: which requests are sent again, and when
-    15. CREDENTIALS AND TOKEN AUTH
-    16. REGISTRY ANSWERS: errors, retries, hosts that do not answer
-    17. REGISTRY CLIENT: manifests and blobs over the distribution API
-    18. BLOB SOURCES: where a pull's manifests and blobs come from
-    19. BLOB STORES: the interface every cache implements
-    20. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
-    21. CACHE INDEX: SQLite beside the files
-    22. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
-    23. MEMORY CACHE: BlobCache, and where persistent caches are opened
-    24. UNPACK: layer streams (compression, prefetch)
-    25. UNPACK: the root filesystem tree
-    26. UNPACK: LayerUnpacker, applying tar entries
-    27. OCI LAYOUT: writing layouts, archives and WASM artifacts
-    28. OCI LAYOUT: reading and importing
-    29. PULL: worker threads
-    30. PULL: the session and the resolver
-    31. PULL: the fetcher, verified blobs from a source into a store
-    32. PULL: the ImagePuller API
-    33. CLI: output, the command's caches and the commands
-    34. CLI: argument types, the parser, main
+    12. HTTP/1.1: headers and responses
+    13. HTTP/1.1: request bodies and connections
+    14. TRANSPORT: keep-alive pooling and proxies
+    15. RETRIES: which requests are sent again, and when
+    16. CREDENTIALS: RegistryAuth, docker and podman files, credential helpers
+    17. TOKEN AUTH: challenges, token requests, the token cache
+    18. REGISTRY ANSWERS: errors, manifests, hosts that do not answer
+    19. REGISTRY CLIENT: scheme, auth, redirects and the distribution API
+    20. BLOB SOURCES: where a pull's manifests and blobs come from
+    21. BLOB STORES: the interface every cache implements
+    22. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
+    23. CACHE INDEX: SQLite beside the files
+    24. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+    25. MEMORY CACHE: BlobCache, and where persistent caches are opened
+    26. UNPACK: layer streams (compression, prefetch)
+    27. UNPACK: the root filesystem tree
+    28. UNPACK: LayerUnpacker, applying tar entries
+    29. OCI LAYOUT: writing layouts and archives
+    30. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
+    31. OCI LAYOUT: reading and importing
+    32. WORKER POOL: threads that keep their connections between batches
+    33. SESSION AND RESOLVER: what transfers share; references to manifests
+    34. FETCHER: verified blobs from a source into a store
+    35. PULL: what a pull returns (Layer, PullResult)
+    36. PULL: the ImagePuller API
+    37. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+    38. CLI: the commands
+    39. CLI: argument types, the command table, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -297,7 +302,7 @@ class LayoutError(ZLayerError):
 
 
 # =============================================================================
-# 4. UTILITIES: private helpers
+# 4. UTILITIES: warnings, URLs, hosts, sizes, capped reads
 # =============================================================================
 
 def _warn(message: str) -> None:
@@ -1482,15 +1487,15 @@ def extract_wasm_info(manifest: Union[Manifest, Mapping[str, Any]],
 
 
 # =============================================================================
-# 12. HTTP/1.1: connections and responses
+# 12. HTTP/1.1: headers and responses
 # =============================================================================
 # The part of http.client a registry client uses, written out: importing
 # http.client (and with it the email package and ssl) is a large share of a
 # cold CLI run's start-up.  One request at a time per connection, bodies
 # framed by Content-Length, chunked coding (RFC 9112 section 7.1) or the end
-# of the connection.  Framing errors are _HttpError, a connection error like a reset,
-# so the registry client retries or resumes; response bodies are verified by
-# size and digest above this layer.
+# of the connection.  Framing errors are _HttpError, a connection error like
+# a reset, so the registry client retries or resumes; response bodies are
+# verified by size and digest above this layer.
 
 class _HttpError(Exception):
     """The server broke HTTP/1.1: a malformed status line, header or chunk."""
@@ -1540,22 +1545,6 @@ def _header_int(text: str) -> Optional[int]:
 def _header_tokens(headers: _Headers, name: str) -> List[str]:
     """Return the comma-separated tokens of a header, lowercase (Connection, Transfer-Encoding)."""
     return [t.strip().lower() for v in headers.get_all(name) for t in v.split(",") if t.strip()]
-
-
-def _request_head(request_line: str, fields: Mapping[str, str]) -> bytes:
-    """Encode a request line and header fields; refuse a value that would split the request."""
-    lines = [request_line]
-    for name, value in fields.items():
-        if not _HEADER_NAME.fullmatch(name) or _UNSAFE_HEADER_VALUE.search(str(value)):
-            raise ValueError(f"the {name!r} header holds a line break (credentials?)")
-        lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def _host_header(scheme: str, host: str, port: int) -> str:
-    """Return the Host header value for a URL's host and port (default ports left out)."""
-    name = f"[{host}]" if ":" in host else host
-    return name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
 
 
 class _RawResponse:
@@ -1720,6 +1709,29 @@ class _RawResponse:
                 return False
         self.close()
         raise _HttpError(f"more than {_MAX_HEADERS} trailer lines")
+
+
+# =============================================================================
+# 13. HTTP/1.1: request bodies and connections
+# =============================================================================
+# A request goes out as its head, then its body (a _RequestBody: bytes, a
+# file streamed from disk, or an iterator), on a connection that is plain,
+# TLS, or TLS through a proxy's CONNECT tunnel.
+
+def _request_head(request_line: str, fields: Mapping[str, str]) -> bytes:
+    """Encode a request line and header fields; refuse a value that would split the request."""
+    lines = [request_line]
+    for name, value in fields.items():
+        if not _HEADER_NAME.fullmatch(name) or _UNSAFE_HEADER_VALUE.search(str(value)):
+            raise ValueError(f"the {name!r} header holds a line break (credentials?)")
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _host_header(scheme: str, host: str, port: int) -> str:
+    """Return the Host header value for a URL's host and port (default ports left out)."""
+    name = f"[{host}]" if ":" in host else host
+    return name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
 
 
 class _RequestBody:
@@ -1968,7 +1980,7 @@ class _UnbufferedLines:
 
 
 # =============================================================================
-# 13. TRANSPORT: keep-alive pooling and proxies
+# 14. TRANSPORT: keep-alive pooling and proxies
 # =============================================================================
 # urllib.request opens a new connection (and TLS handshake) per request;
 # here each (thread, scheme, host, port, certificate checked or not) keeps one
@@ -2281,7 +2293,7 @@ class _Transport:
 
 
 # =============================================================================
-# 14. RETRIES: which requests are sent again, and when
+# 15. RETRIES: which requests are sent again, and when
 # =============================================================================
 # Shared by every client of the transport.  A request that got no answer, or
 # a retryable status, is sent again after a jittered exponential backoff
@@ -2389,7 +2401,7 @@ def _send_with_retries(send: Callable[[], "_Response"], method: str, *, retries:
 
 
 # =============================================================================
-# 15. CREDENTIALS AND TOKEN AUTH
+# 16. CREDENTIALS: RegistryAuth, docker and podman files, credential helpers
 # =============================================================================
 
 class RegistryAuth:
@@ -2629,6 +2641,13 @@ def _auth_from_helper(name: str, registry: str, runner: Callable[[str, str], Map
     return RegistryAuth("basic", username=username, password=secret, source=source)
 
 
+# =============================================================================
+# 17. TOKEN AUTH: challenges, token requests, the token cache
+# =============================================================================
+# Docker token auth (the distribution spec's): a 401 names a realm, a
+# service and a scope; the client asks the realm for a bearer token (a GET
+# with basic credentials, or the OAuth2 refresh-token POST) and sends it.
+
 @dataclass(frozen=True)
 class _Challenge:
     """One WWW-Authenticate challenge: scheme (lowercase) and parameters."""
@@ -2820,7 +2839,7 @@ def _choose_challenge(response: _Response, registry: str, auth: RegistryAuth) ->
 
 
 # =============================================================================
-# 16. REGISTRY ANSWERS: errors, retries, hosts that do not answer
+# 18. REGISTRY ANSWERS: errors, manifests, hosts that do not answer
 # =============================================================================
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -2942,7 +2961,7 @@ def _response_error(response: _Response, subject: str, auth: RegistryAuth,
 
 
 # =============================================================================
-# 17. REGISTRY CLIENT: manifests and blobs over the distribution API
+# 19. REGISTRY CLIENT: scheme, auth, redirects and the distribution API
 # =============================================================================
 
 class _RegistryClient:
@@ -3276,7 +3295,7 @@ class _RegistryClient:
 
 
 # =============================================================================
-# 18. BLOB SOURCES: where a pull's manifests and blobs come from
+# 20. BLOB SOURCES: where a pull's manifests and blobs come from
 # =============================================================================
 # The resolver and the fetcher read through this interface: the registry
 # (``_RegistrySource``), a layout whose blobs were imported already
@@ -3441,7 +3460,7 @@ class _MissingSource:
 
 
 # =============================================================================
-# 19. BLOB STORES: the interface every cache implements
+# 21. BLOB STORES: the interface every cache implements
 # =============================================================================
 # A blob store keeps blobs by digest and the references (tags, digests,
 # layout names) that say which of them to keep.  Every write goes through a
@@ -3810,7 +3829,7 @@ def _verify_stored(store: BlobStore, descriptor: Descriptor) -> None:
 
 
 # =============================================================================
-# 20. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
+# 22. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
 # =============================================================================
 
 class _FileBlobWriter(BlobWriter):
@@ -4227,7 +4246,7 @@ class _BlobFiles:
 
 
 # =============================================================================
-# 21. CACHE INDEX: SQLite beside the files
+# 23. CACHE INDEX: SQLite beside the files
 # =============================================================================
 
 # Two statements rather than an UPSERT, which needs SQLite 3.24 (older than
@@ -4414,7 +4433,7 @@ class _SqliteIndex:
 
 
 # =============================================================================
-# 22. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+# 24. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
 # =============================================================================
 
 class DirectoryBlobCache(BlobStore):
@@ -4610,7 +4629,7 @@ class DirectoryBlobCache(BlobStore):
 
 
 # =============================================================================
-# 23. MEMORY CACHE: BlobCache, and where persistent caches are opened
+# 25. MEMORY CACHE: BlobCache, and where persistent caches are opened
 # =============================================================================
 
 class _MemoryBlobWriter(BlobWriter):
@@ -4753,7 +4772,7 @@ class BlobCache(BlobStore):
 
 
 # =============================================================================
-# 24. UNPACK: layer streams (compression, prefetch)
+# 26. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -4921,7 +4940,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 25. UNPACK: the root filesystem tree
+# 27. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -5147,7 +5166,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 26. UNPACK: LayerUnpacker, applying tar entries
+# 28. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 def _layer_name(layer: Any) -> str:
@@ -5459,7 +5478,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 27. OCI LAYOUT: writing layouts, archives and WASM artifacts
+# 29. OCI LAYOUT: writing layouts and archives
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -5534,7 +5553,8 @@ class _LayoutWriter:
                 raise LayoutError(f"{path} has no 'manifests' list")
         entry = descriptor.to_json()
         if ref_name:
-            entry["annotations"] = dict(entry.get("annotations", {}), **{ANNOTATION_REF_NAME: ref_name})
+            entry["annotations"] = dict(entry.get("annotations", {}),
+                                        **{ANNOTATION_REF_NAME: ref_name})
 
         def replaced(item: Any) -> bool:
             # One entry per ref name; untagged, one per digest (as skopeo does:
@@ -5738,6 +5758,10 @@ def _write_docker_archive(cache: BlobStore, manifest: Manifest, reference: Refer
     return blobs
 
 
+# =============================================================================
+# 30. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
+# =============================================================================
+
 def export_wasm_as_oci(wasm_path: Union[str, "os.PathLike[str]"],
                        layout_dir: Union[str, "os.PathLike[str]"], *,
                        tag: Optional[str] = "latest", module_name: Optional[str] = None,
@@ -5804,7 +5828,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 28. OCI LAYOUT: reading and importing
+# 31. OCI LAYOUT: reading and importing
 # =============================================================================
 
 # An imported layout is untrusted: every blob it reaches is streamed into a
@@ -5969,7 +5993,7 @@ def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 29. PULL: worker threads
+# 32. WORKER POOL: threads that keep their connections between batches
 # =============================================================================
 
 class _Cancelled(Exception):
@@ -6109,7 +6133,7 @@ class _WorkerPool:
 
 
 # =============================================================================
-# 30. PULL: the session and the resolver
+# 33. SESSION AND RESOLVER: what transfers share; references to manifests
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -6286,7 +6310,7 @@ class _Resolver:
 
 
 # =============================================================================
-# 31. PULL: the fetcher, verified blobs from a source into a store
+# 34. FETCHER: verified blobs from a source into a store
 # =============================================================================
 
 class _Fetcher:
@@ -6418,13 +6442,8 @@ class _Fetcher:
 
 
 # =============================================================================
-# 32. PULL: the ImagePuller API
+# 35. PULL: what a pull returns (Layer, PullResult)
 # =============================================================================
-
-def _as_reference(reference: Union[str, Reference]) -> Reference:
-    """Return ``reference`` parsed (a Reference is taken as it is)."""
-    return parse_reference(reference) if isinstance(reference, str) else reference
-
 
 @dataclass(frozen=True)
 class Layer:
@@ -6554,6 +6573,15 @@ def _verified_wasm_info(manifest: Manifest, config_data: Mapping[str, Any],
 def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
     return {"digest": descriptor.digest, "size": descriptor.size,
             "media_type": descriptor.media_type}
+
+
+# =============================================================================
+# 36. PULL: the ImagePuller API
+# =============================================================================
+
+def _as_reference(reference: Union[str, Reference]) -> Reference:
+    """Return ``reference`` parsed (a Reference is taken as it is)."""
+    return parse_reference(reference) if isinstance(reference, str) else reference
 
 
 class ImagePuller:
@@ -6858,7 +6886,7 @@ class ImagePuller:
 
 
 # =============================================================================
-# 33. CLI: output, the command's caches and the commands
+# 37. CLI: output, progress, and what every command opens (caches, pullers, credentials)
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -7003,6 +7031,11 @@ def _read_password(username: str, registry: str) -> str:
     return password
 
 
+def _layers(count: int) -> str:
+    """Return "1 layer" or "N layers"."""
+    return f"{count} layer{'' if count == 1 else 's'}"
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
@@ -7036,15 +7069,9 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
     return reference, _cli_auth(args, reference.registry)
 
 
-def _parse_destination(text: str) -> _Location:
-    """Parse where ``export`` and ``pull --output`` write: a layout or an archive."""
-    return _parse_location(text, _FILE_TRANSPORTS)
-
-
-def _layers(count: int) -> str:
-    """Return "1 layer" or "N layers"."""
-    return f"{count} layer{'' if count == 1 else 's'}"
-
+# =============================================================================
+# 38. CLI: the commands
+# =============================================================================
 
 def _cmd_pull(args: Any) -> int:
     reference, auth = _cli_target(args)
@@ -7260,8 +7287,13 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 34. CLI: argument types, the parser, main
+# 39. CLI: argument types, the command table, the parser, main
 # =============================================================================
+
+def _parse_destination(text: str) -> _Location:
+    """Parse where ``export`` and ``pull --output`` write: a layout or an archive."""
+    return _parse_location(text, _FILE_TRANSPORTS)
+
 
 def _positive_int(text: str) -> int:
     """Parse a whole number of at least 1 (argparse type)."""
