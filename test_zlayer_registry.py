@@ -1994,6 +1994,29 @@ class TestCaches:
         writer.abort()
         assert not cache.has(zr.compute_digest(other))
 
+    def test_an_upload_names_its_digest_at_the_end(self, cache):
+        data = layer_bytes(81, 70_000)
+        digest = zr.compute_digest(data)
+        writer = cache.begin_write(size=None)
+        assert writer.digest is None
+        for start in range(0, len(data), 10_000):
+            writer.write(data[start:start + 10_000])
+        assert writer.actual_digest() == digest
+        assert writer.commit(digest) == digest
+        assert cache.get(digest) == data and cache.verify() == []
+        wrong = cache.begin_write()
+        wrong.write(b"not what it claims")
+        with pytest.raises(zr.DigestMismatchError):
+            wrong.commit(SHA_A)
+        assert not cache.has(SHA_A)
+        other = cache.begin_write()
+        other.write(b"x")
+        with pytest.raises(zr.InvalidDigestError, match="hashed with sha256"):
+            other.commit(zr.compute_digest(b"x", "sha512"))
+        assert sorted(cache.digests()) == [digest]
+        if isinstance(cache, zr.DirectoryBlobCache):
+            assert os.listdir(Path(cache.root) / "tmp") == []  # nothing partial is left
+
     def test_sha512_blobs(self, cache):
         data = b"sha512 content"
         digest = zr.compute_digest(data, "sha512")
