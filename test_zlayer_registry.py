@@ -57,19 +57,23 @@ def sleeps():
 # meta: the module's shape
 # -----------------------------------------------------------------------------
 
+def _top_level_names(tree):
+    """Yield (name, node) for every name a module's top level defines."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            yield node.name, node
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    yield target.id, node
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            yield node.target.id, node
+
+
 class TestModuleShape:
     def test_all_lists_exactly_the_public_names(self):
         tree = ast.parse((HERE / "zlayer_registry.py").read_text())
-        public = set()
-        for node in tree.body:
-            names = []
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                names = [node.name]
-            elif isinstance(node, ast.Assign):
-                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
-            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                names = [node.target.id]
-            public |= {n for n in names if not n.startswith("_")}
+        public = {name for name, _ in _top_level_names(tree) if not name.startswith("_")}
         assert public == set(zr.__all__)
 
     def test_public_names_have_docstrings(self):
@@ -157,17 +161,8 @@ class TestModuleShape:
 
         tree = ast.parse(text)
         defined = {}
-        for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                names = [node.name]
-            elif isinstance(node, ast.Assign):
-                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
-            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                names = [node.target.id]
-            else:
-                names = []
-            for name in names:
-                defined.setdefault(name, section(node.lineno))
+        for name, node in _top_level_names(tree):
+            defined.setdefault(name, section(node.lineno))
         upward = []
         for node in tree.body:
             where = section(node.lineno)
