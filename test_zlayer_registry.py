@@ -3237,6 +3237,18 @@ class TestWhiteouts:
                                                               "d/sub/added"]
         assert t["other"][2] == b"x" and not any(".wh." in p for p in t)
 
+    @pytest.mark.parametrize("whiteout_first", [True, False])
+    def test_whiteout_of_a_directory_the_layer_declares_hides_the_lower_one(
+            self, tmp_path, whiteout_first):
+        """layer.md: whiteouts apply to lower layers only; what the same layer holds
+        (x/ and x/new) stays, and the lower x/old goes, whichever comes first."""
+        upper = [D("x"), F("x/new", b"n")]
+        upper = [W("x")] + upper if whiteout_first else upper + [W("x")]
+        rootfs = unpack(tmp_path, [D("x"), F("x/old", b"o"), F("y", b"y")], upper)
+        t = tree(rootfs)
+        assert sorted(p for p in t if p.startswith("x")) == ["x", "x/new"]
+        assert t["x/new"][2] == b"n" and t["y"][2] == b"y"
+
     def test_whiteout_after_the_layers_own_child_spares_it(self, tmp_path):
         rootfs = unpack(tmp_path, [F("d/old", b"o")], [F("d/new", b"n"), W("d")])
         assert sorted(p for p in tree(rootfs) if p.startswith("d")) == ["d", "d/new"]

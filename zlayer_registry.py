@@ -5361,11 +5361,12 @@ class LayerUnpacker(_RootTree):
             opaque.append(parent)  # applied after the layer: order inside it does not matter
             return
         target = _join(parent, hidden)
-        if target in self._written:
-            return  # a whiteout hides lower layers only
         prefix = target + "/"
-        if any(path.startswith(prefix) for path in self._written):
-            self._apply_opaque(target)  # keep what this layer already put inside
+        # A whiteout hides lower layers only (layer.md): what this layer put at
+        # or under the path stays, and a directory it declared loses the
+        # lower layers' content, as an opaque one would.
+        if target in self._written or any(path.startswith(prefix) for path in self._written):
+            self._apply_opaque(target)
         else:
             self._remove(target)
 
