@@ -298,16 +298,29 @@ class TestWireFaults:
         assert 200_000 - 128 * KiB < resumed_at <= 200_000
         assert proxy.body_bytes(path=blob["digest"]) <= blob["size"] + 128 * KiB
 
-    def test_flipped_byte_is_a_digest_mismatch_and_nothing_unverified_is_visible(
-            self, proxy, image, tmp_path, sleeps):
+    def test_a_byte_flipped_once_is_downloaded_again(self, proxy, image, tmp_path, sleeps,
+                                                     capfd):
         blob = image["layers"][0]
         rule = proxy.add_rule("flip", method="GET", path=blob["digest"], offset=123_457)
+        with Bounded(10):
+            result, _ = self.pull(proxy, tmp_path, sleeps)
+        assert rule.reached.is_set() and result.manifest.digest == image["digest"]
+        gets = blob_gets(proxy, blob["digest"])
+        assert len(gets) == 2 and "Range" not in gets[1]["headers"]  # again from byte 0
+        assert "failed its digest check" in capfd.readouterr().err
+        check_cache(tmp_path / "cache", image["contents"])
+
+    def test_a_byte_flipped_twice_is_a_digest_mismatch_and_nothing_unverified_is_visible(
+            self, proxy, image, tmp_path, sleeps):
+        blob = image["layers"][0]
+        rule = proxy.add_rule("flip", method="GET", path=blob["digest"], offset=123_457,
+                              times=2)
         with Bounded(10), pytest.raises(zr.DigestMismatchError) as info:
             self.pull(proxy, tmp_path, sleeps)
         assert rule.reached.is_set()
         assert info.value.expected == blob["digest"] and info.value.actual != blob["digest"]
         assert blob["digest"] in str(info.value)
-        assert len(blob_gets(proxy, blob["digest"])) == 1  # not silently re-fetched
+        assert len(blob_gets(proxy, blob["digest"])) == 2  # once more, then it is the error
         check_cache(tmp_path / "cache", image["contents"], failed=[blob["digest"]])
 
     def test_stall_mid_body_times_out_and_completes(self, proxy, image, tmp_path, sleeps):
@@ -1230,7 +1243,7 @@ class TestSecrets:
                                                               authed, tmp_path, fault):
         digest = image["layers"][0]["digest"]
         if fault == "flip":
-            proxy.add_rule("flip", method="GET", path=digest, offset=10)
+            proxy.add_rule("flip", method="GET", path=digest, offset=10, times=2)
         elif fault == "unauthorized":
             proxy.add_rule("unauthorized", method="GET", path=digest, times=None)
         else:

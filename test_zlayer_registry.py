@@ -1593,7 +1593,9 @@ class TestPull:
     def test_corrupted_byte_is_a_digest_mismatch_and_nothing_is_cached(self, registry, tmp_path):
         image = registry.add_image("app", "v1", [layer_bytes(1)])
         digest = image["layers"][0]["digest"]
-        registry.faults.append(lambda m, p, h: {"corrupt_at": 1234} if p.endswith(digest) else None)
+        for _ in range(2):  # once is downloaded again; twice is the error
+            registry.faults.append(
+                lambda m, p, h: {"corrupt_at": 1234} if p.endswith(digest) else None)
         cache = zr.BlobCache.open(tmp_path)
         with pytest.raises(zr.DigestMismatchError) as info:
             make_puller(cache).pull(f"{registry.host}/app:v1")

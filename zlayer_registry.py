@@ -3472,6 +3472,10 @@ class _MissingSource:
 # The stores: BlobCache (in memory), DirectoryBlobCache (files, with a
 # SQLite index beside them); next an S3 bucket and the local registry.
 
+class _ContentMismatch(DigestMismatchError):
+    """The bytes have the announced size but not the digest: corrupted on the way."""
+
+
 class BlobWriter:
     """Receives one blob's bytes, hashing them as they come; ``commit()`` publishes it.
 
@@ -3560,7 +3564,7 @@ class BlobWriter:
         actual = self.actual_digest()
         if actual != self.digest:
             self.abort()
-            raise DigestMismatchError("blob digest mismatch", self.digest, actual)
+            raise _ContentMismatch("blob digest mismatch", self.digest, actual)
 
     def _settle_digest(self, digest: str) -> None:
         """Take the digest an upload names at its end (it must use our algorithm)."""
@@ -6376,6 +6380,23 @@ class _Fetcher:
 
     def stream_blob(self, source: _Source, descriptor: Descriptor,
                     cancel: threading.Event) -> int:
+        """Stream one blob into the store; return the bytes received.
+
+        Bytes of the right size that fail the digest check are fetched once
+        more from byte 0 (a flaky proxy or CDN edge corrupts one transfer); a
+        second failure is the error.  A blob of the wrong size is not: the
+        resumptions have had their chance, and a registry that serves too
+        much or too little does so again.
+        """
+        try:
+            return self._stream_once(source, descriptor, cancel)
+        except _ContentMismatch as first:
+            _warn(f"blob {descriptor.digest} from {source.name} failed its digest check "
+                  f"({first.actual}); downloading it once more")
+        return self._stream_once(source, descriptor, cancel)
+
+    def _stream_once(self, source: _Source, descriptor: Descriptor,
+                     cancel: threading.Event) -> int:
         """Stream one blob into the store, resuming after interruptions."""
         received = interruptions = 0
         with self.store.begin_write(descriptor.digest, descriptor.size,
