@@ -1442,6 +1442,84 @@ class TestPull:
         assert cache.verify() == []
         assert os.listdir(tmp_path / "tmp") == []
 
+    def test_a_layer_changed_in_the_cache_cannot_be_read_to_its_end(self, registry, tmp_path):
+        data = layer_bytes(91, 300_000)
+        image = registry.add_image("app", "v1", [data])
+        cache = zr.BlobCache.open(tmp_path)
+        manifest, (layer,) = make_puller(cache).pull(f"{registry.host}/app:v1")
+        path = Path(layer.path)
+        path.chmod(0o644)
+        path.write_bytes(data[:1000] + b"X" + data[1001:])
+        # A warm pull trusts what the cache verified (right size): it succeeds ...
+        again = make_puller(cache)
+        assert again.pull(f"{registry.host}/app:v1")[0].digest == image["digest"]
+        # ... but the bytes never reach the end of a read unchecked.
+        with layer.open() as f:
+            assert len(f.read(500)) == 500  # reads that stop short are not checked
+        for read_all in (lambda f: f.read(), lambda f: [f.read(65536) for _ in range(10)],
+                         lambda f: (f.read(7000), f.seek(0), f.read())):
+            with layer.open() as f, pytest.raises(zr.DigestMismatchError, match="is corrupt"):
+                read_all(f)
+        with pytest.raises(zr.DigestMismatchError):
+            layer.read_bytes()
+        with layer.open() as f:  # read out of order: not checked, and not claimed to be
+            f.seek(1000)
+            assert f.read() == b"X" + data[1001:]
+
+    def test_pull_verify_downloads_again_what_changed_in_the_cache(self, registry, tmp_path,
+                                                                   capfd):
+        data = layer_bytes(92, 300_000)
+        image = registry.add_image("app", "v1", [data])
+        cache = zr.BlobCache.open(tmp_path)
+        layer = make_puller(cache).pull(f"{registry.host}/app:v1")[1][0]
+        _spoil_cached(cache, layer.digest, lambda b: b.__setitem__(10, b[10] ^ 1))
+        before = registry.count("GET", "blobs")
+        result = make_puller(cache).pull_image(f"{registry.host}/app:v1", verify=True)
+        assert result.bytes_downloaded == len(data)
+        assert registry.count("GET", "blobs") == before + 1  # only the changed layer
+        assert cache.verify() == [] and Path(layer.path).read_bytes() == data
+        assert "is corrupt; downloading it again" in capfd.readouterr().err
+        out = run_cli("pull", f"{registry.host}/app:v1", "--verify", "--cache", str(tmp_path),
+                      "-q", cwd=tmp_path)
+        assert out.returncode == 0 and out.stdout.strip() == image["digest"]
+        assert registry.count("GET", "blobs") == before + 1  # intact: nothing downloaded
+
+    def test_a_config_changed_in_the_cache_is_an_error(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(93, 1000)])
+        cache = zr.BlobCache.open(tmp_path)
+        make_puller(cache).pull(f"{registry.host}/app:v1")
+        _spoil_cached(cache, image["config"]["digest"], lambda b: b.__setitem__(2, ord("X")))
+        with pytest.raises(zr.DigestMismatchError, match="cached config .* is corrupt"):
+            make_puller(cache).pull(f"{registry.host}/app:v1")
+
+    def test_an_interrupted_pull_is_recorded_as_incomplete(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(94, 5000), layer_bytes(95, 5000)])
+        missing = image["layers"][1]["digest"]
+        registry.faults.append(lambda m, p, h: {"status": 404} if p.endswith(missing) else None)
+        cache_dir = str(tmp_path / "c")
+        failed = run_cli("pull", f"{registry.host}/app:v1", "--cache", cache_dir, cwd=tmp_path)
+        assert failed.returncode == 1
+        listed = run_cli("cache", "ls", "--cache", cache_dir, cwd=tmp_path)
+        assert f"{registry.host}/app:v1  {image['digest']}  (incomplete" in listed.stdout
+        listing = json.loads(run_cli("cache", "ls", "--json", "--cache", cache_dir,
+                                     cwd=tmp_path).stdout)
+        assert listing["incomplete"] == [f"{registry.host}/app:v1"]
+        # gc keeps what the interrupted pull stored, so the next pull resumes from it.
+        assert run_cli("cache", "gc", "--cache", cache_dir, cwd=tmp_path).returncode == 0
+        assert zr.BlobCache.open(cache_dir).has(image["layers"][0]["digest"])
+        assert run_cli("pull", f"{registry.host}/app:v1", "--cache", cache_dir,
+                       cwd=tmp_path).returncode == 0
+        listing = json.loads(run_cli("cache", "ls", "--json", "--cache", cache_dir,
+                                     cwd=tmp_path).stdout)
+        assert listing["incomplete"] == [] and listing["references"] == {
+            f"{registry.host}/app:v1": image["digest"]}
+
+    def test_inspect_records_no_reference(self, registry):
+        registry.add_image("app", "v1", [layer_bytes(96, 1000)])
+        cache = zr.BlobCache()
+        make_puller(cache).inspect(f"{registry.host}/app:v1")
+        assert cache.references() == {}
+
     def test_tag_into_an_empty_cache_is_one_get_else_head_then_get_by_digest(self, registry):
         registry.add_image("app", "v1", [layer_bytes(1)])
         second = registry.add_image("app", "v2", [layer_bytes(2)])
@@ -2146,6 +2224,24 @@ class TestCaches:
         assert cache.forget_reference(odd_reference) and not cache.forget_reference(odd_reference)
         assert cache.lookup_reference(odd_reference) is None
         assert cache.lookup_reference(long_reference) == SHA_A
+
+    def test_cache_rm_forgets_a_reference_so_gc_can_reclaim_it(self, registry, tmp_path):
+        kept = registry.add_image("app", "v1", [layer_bytes(97, 2000)])
+        gone = registry.add_image("app", "v2", [layer_bytes(98, 2000)])
+        cache_dir = str(tmp_path / "c")
+        for tag in ("v1", "v2"):
+            assert run_cli("pull", f"{registry.host}/app:{tag}", "--cache", cache_dir,
+                           cwd=tmp_path).returncode == 0
+        out = run_cli("cache", "rm", f"{registry.host}/app:v2", "--cache", cache_dir,
+                      cwd=tmp_path)
+        assert out.returncode == 0 and f"forgot {registry.host}/app:v2" in out.stdout
+        assert run_cli("cache", "gc", "--cache", cache_dir, cwd=tmp_path).returncode == 0
+        cache = zr.BlobCache.open(cache_dir)
+        assert cache.references() == {f"{registry.host}/app:v1": kept["digest"]}
+        assert not cache.has(gone["layers"][0]["digest"]) and cache.has(kept["layers"][0]["digest"])
+        again = run_cli("cache", "rm", f"{registry.host}/app:v2", "--cache", cache_dir,
+                        cwd=tmp_path)
+        assert again.returncode == 1 and "no reference" in again.stderr
 
     def test_verify_finds_corruption(self, tmp_path):
         cache = zr.BlobCache.open(tmp_path)

@@ -742,30 +742,59 @@ class _HashingReader(io.RawIOBase):
     """Wraps a blob stream, hashing and counting what is read, for ``check()``.
 
     A raw stream too (``readinto``), so an ``io.BufferedReader`` can sit on top.
+    With ``check_at_end`` (the subject of its error), reaching the end of the
+    stream checks it: a reader of a stored blob then cannot read it to the end
+    without learning that it changed since it was stored.  Seeking is allowed;
+    only bytes read in order from the start count, and a seek back to 0 starts
+    the hash afresh.
     """
 
-    def __init__(self, stream: BinaryIO, descriptor: Descriptor) -> None:
+    def __init__(self, stream: BinaryIO, descriptor: Descriptor,
+                 check_at_end: Optional[str] = None) -> None:
         super().__init__()
         self._stream = stream
         self._descriptor = descriptor
         self._hasher = _hasher_for(descriptor.digest)
+        self._check_at_end = check_at_end
+        self._in_order = True  # every byte so far read in order from byte 0
+        self._checked = False
         self.count = 0
 
     def readable(self) -> bool:
         return True
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: Optional[int] = -1) -> bytes:
         data = self._stream.read(size)
-        self._hasher.update(data)
-        self.count += len(data)
+        self._took(data, len(data), at_end=not data or size is None or size < 0)
         return data
 
     def readinto(self, buffer: Any) -> int:
         count = self._stream.readinto(buffer)
-        if count:
-            self._hasher.update(memoryview(buffer)[:count])
-            self.count += count
+        self._took(memoryview(buffer)[:count] if count else b"", count or 0, at_end=not count)
         return count
+
+    def _took(self, data: Any, count: int, at_end: bool) -> None:
+        if count and self._in_order:
+            self._hasher.update(data)
+            self.count += count
+        if at_end and self._check_at_end is not None and self._in_order and not self._checked:
+            self._checked = True
+            self.check(self._check_at_end)
+
+    def seekable(self) -> bool:
+        return bool(getattr(self._stream, "seekable", lambda: False)())
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        position = self._stream.seek(offset, whence)
+        if position == 0:
+            self._hasher = _hasher_for(self._descriptor.digest)
+            self.count, self._in_order, self._checked = 0, True, False
+        elif position != self.count:
+            self._in_order = False
+        return position
+
+    def tell(self) -> int:
+        return self._stream.tell()
 
     def close(self) -> None:
         self._stream.close()
@@ -3678,21 +3707,31 @@ class BlobStore:
 
     # -- references -----------------------------------------------------------
 
-    def record_reference(self, reference: str, digest: str, media_type: str) -> None:
-        """Remember which manifest ``reference`` resolved to."""
+    def record_reference(self, reference: str, digest: str, media_type: str, *,
+                         complete: bool = True) -> None:
+        """Remember which manifest ``reference`` resolved to.
+
+        A pull records it ``complete=False`` before it adds blobs (gc keeps
+        what an incomplete record reaches too) and complete at its end; an
+        incomplete record never replaces a complete one of the same digest.
+        """
         raise NotImplementedError
 
     def lookup_reference(self, reference: str) -> Optional[str]:
         """Return the manifest digest last recorded for ``reference``."""
         raise NotImplementedError
 
-    def references(self) -> Dict[str, str]:
-        """Return every recorded reference and its manifest digest.
+    def reference_records(self) -> List[Dict[str, Any]]:
+        """Return every reference record: reference, digest, media_type, complete.
 
         Raises CacheError when a record cannot be read: ``gc`` must never
         mistake references it cannot see for references that are not there.
         """
         raise NotImplementedError
+
+    def references(self) -> Dict[str, str]:
+        """Return every recorded reference (complete or not) and its manifest digest."""
+        return {r["reference"]: r["digest"] for r in self.reference_records()}
 
     def forget_reference(self, reference: str) -> bool:
         """Drop a reference record; tell whether there was one."""
@@ -4188,13 +4227,19 @@ class _BlobFiles:
         except OSError as exc:
             raise CacheError(f"cannot create {self.refs_dir}: {exc.strerror or exc}") from exc
 
-    def write_reference(self, reference: str, digest: str, media_type: str) -> None:
-        """Record ``reference`` → ``digest`` atomically (nothing is written when unchanged)."""
-        record = json.dumps({"reference": reference, "digest": digest,
-                             "media_type": media_type}, sort_keys=True).encode() + b"\n"
+    def write_reference(self, reference: str, digest: str, media_type: str,
+                        complete: bool) -> None:
+        """Record ``reference`` → ``digest`` atomically; nothing is written when the
+        record is there already, or when an incomplete one would replace a complete
+        one of the same digest (a warm pull of the same tag writes nothing)."""
+        fields = {"reference": reference, "digest": digest, "media_type": media_type}
+        whole = json.dumps(fields, sort_keys=True).encode() + b"\n"
+        record = whole if complete else \
+            json.dumps(dict(fields, complete=False), sort_keys=True).encode() + b"\n"
         path = os.path.join(self.refs_dir, _reference_file_name(reference))
-        if _read_regular_file(path, len(record) + 1) == record:
-            return  # a warm pull of the same tag writes nothing
+        existing = _read_regular_file(path, _MAX_REFERENCE_RECORD_BYTES)
+        if existing in (record, whole):
+            return
         try:
             if not self.has_refs():
                 self.create_refs()
@@ -4235,7 +4280,8 @@ class _BlobFiles:
             raise CacheError(f"reference record {path} is damaged ({exc}): remove it, "
                              "then pull that image again") from None
         return {"reference": record["reference"], "digest": record["digest"],
-                "media_type": str(record.get("media_type") or "")}
+                "media_type": str(record.get("media_type") or ""),
+                "complete": record.get("complete", True) is not False}
 
     def remove_reference(self, reference: str) -> bool:
         """Remove a reference record; tell whether there was one."""
@@ -4488,7 +4534,7 @@ class DirectoryBlobCache(BlobStore):
         if not rows and not new and not self._files.is_empty():
             return  # blobs but no records (refs/ removed?): gc refuses until a pull records one
         for reference, digest, media_type in rows:
-            self._files.write_reference(reference, digest, media_type)
+            self._files.write_reference(reference, digest, media_type, complete=True)
         self._files.create_refs()
         if rows:
             self._index.drop_legacy_references()
@@ -4582,10 +4628,11 @@ class DirectoryBlobCache(BlobStore):
 
     # -- references -------------------------------------------------------------
 
-    def record_reference(self, reference: str, digest: str, media_type: str) -> None:
+    def record_reference(self, reference: str, digest: str, media_type: str, *,
+                         complete: bool = True) -> None:
         """Remember which manifest ``reference`` resolved to (a read-only cache keeps none)."""
         if not self.read_only:
-            self._files.write_reference(reference, digest, media_type)
+            self._files.write_reference(reference, digest, media_type, complete)
 
     def lookup_reference(self, reference: str) -> Optional[str]:
         """Return the manifest digest last recorded for ``reference``."""
@@ -4594,12 +4641,13 @@ class DirectoryBlobCache(BlobStore):
         record = self._files.read_reference(reference)
         return record["digest"] if record else None
 
-    def references(self) -> Dict[str, str]:
-        """Return every recorded reference and its manifest digest."""
+    def reference_records(self) -> List[Dict[str, Any]]:
+        """Return every reference record (from its file)."""
         if not self._files.has_refs():
             # A read-only cache an older version wrote: its index has them.
-            return {r: d for r, d, _ in self._index.legacy_references()}
-        return {r["reference"]: r["digest"] for r in self._files.read_references()}
+            return [{"reference": r, "digest": d, "media_type": m, "complete": True}
+                    for r, d, m in self._index.legacy_references()]
+        return self._files.read_references()
 
     def forget_reference(self, reference: str) -> bool:
         """Drop a reference record; tell whether there was one."""
@@ -4669,7 +4717,7 @@ class BlobCache(BlobStore):
     def __init__(self) -> None:
         self._blobs: Dict[str, bytes] = {}
         self._meta: Dict[str, Dict[str, Any]] = {}
-        self._references: Dict[str, Tuple[str, str]] = {}
+        self._references: Dict[str, Tuple[str, str, bool]] = {}
         self._lock = threading.Lock()
         self._blob_locks: Dict[str, Any] = {}
 
@@ -4754,20 +4802,25 @@ class BlobCache(BlobStore):
         with self._lock:
             return self._blob_locks.setdefault(digest, threading.Lock())
 
-    def record_reference(self, reference: str, digest: str, media_type: str) -> None:
+    def record_reference(self, reference: str, digest: str, media_type: str, *,
+                         complete: bool = True) -> None:
         """Remember which manifest ``reference`` resolved to."""
         with self._lock:
-            self._references[reference] = (digest, media_type)
+            old = self._references.get(reference)
+            if complete or old is None or old[0] != digest:
+                self._references[reference] = (digest, media_type, complete)
 
     def lookup_reference(self, reference: str) -> Optional[str]:
         """Return the manifest digest last recorded for ``reference``."""
         entry = self._references.get(reference)
         return entry[0] if entry else None
 
-    def references(self) -> Dict[str, str]:
-        """Return every recorded reference and its manifest digest."""
+    def reference_records(self) -> List[Dict[str, Any]]:
+        """Return every reference record."""
         with self._lock:
-            return {name: entry[0] for name, entry in sorted(self._references.items())}
+            return [{"reference": name, "digest": digest, "media_type": media_type,
+                     "complete": complete}
+                    for name, (digest, media_type, complete) in sorted(self._references.items())]
 
     def forget_reference(self, reference: str) -> bool:
         """Drop a reference record; tell whether there was one."""
@@ -5297,15 +5350,14 @@ class LayerUnpacker(_RootTree):
                     prefetch.close()
                 if zstd_pipe is not None:
                     zstd_pipe.close(check=sys.exc_info()[0] is None and broken is None)
-            checking = getattr(raw, "raw", None)
-            if isinstance(checking, _HashingReader):
-                # Hash the rest (bytes after the end of the tar, or after the
-                # point where it broke): a cached layer changed on disk usually
-                # breaks its compression first, and is reported as corrupt.
-                while raw.read(_READ_CHUNK_BYTES):
-                    pass
+            if isinstance(getattr(raw, "raw", None), _HashingReader):
+                # Read the rest (bytes after the end of the tar, or after the
+                # point where it broke) to its end, where it is checked: a cached
+                # layer changed on disk usually breaks its compression first,
+                # and is reported as corrupt.
                 try:
-                    checking.check(_corrupt_cached_layer(layer.digest))
+                    while raw.read(_READ_CHUNK_BYTES):
+                        pass
                 except DigestMismatchError as exc:
                     raise exc from broken
             if broken is not None:
@@ -5321,8 +5373,7 @@ class LayerUnpacker(_RootTree):
         if hasattr(layer, "open") and hasattr(layer, "media_type"):  # a pulled Layer
             # Hashed as it is read (by the inflating thread for gzip): a cache
             # file changed since it was verified is caught, not unpacked.
-            raw = _HashingReader(layer.open(), layer.descriptor)
-            return io.BufferedReader(raw, _READ_CHUNK_BYTES), media_type or layer.media_type
+            return layer.open(), media_type or layer.media_type
         if isinstance(layer, (str, os.PathLike)):
             try:
                 return open(os.fspath(layer), "rb", buffering=_READ_CHUNK_BYTES), media_type or ""
@@ -6246,7 +6297,7 @@ class _Resolver:
         return manifest
 
     def resolve(self, reference: Reference, source: _Source) -> Manifest:
-        """Resolve a reference to its top-level manifest or index, and record it."""
+        """Resolve a reference to its top-level manifest or index."""
         if reference.digest:
             manifest = self.manifest_by_digest(source, reference.digest)
         else:
@@ -6258,8 +6309,6 @@ class _Resolver:
             else:
                 manifest = source.get_manifest(reference.identifier)
                 self.store.put(manifest.digest, manifest.raw, manifest.media_type)
-        # Recorded for digests too: `cache gc` keeps what a recorded reference reaches.
-        self.store.record_reference(str(reference), manifest.digest, manifest.media_type)
         return manifest
 
     def resolve_platform(self, source: _Source, top: Manifest, *, prefer_wasm: bool = False,
@@ -6295,11 +6344,15 @@ class _Resolver:
         return list(_walk_graph([top.descriptor()], load, post_order=post_order))
 
     def read_config(self, descriptor: Descriptor) -> Dict[str, Any]:
-        """Parse a JSON config blob from the store ({} when it is not JSON)."""
+        """Parse a JSON config blob from the store, checked against its digest
+        ({} when it is absent or not JSON)."""
         if descriptor.size > _MAX_CONFIG_BYTES or not (
                 descriptor.media_type.endswith("json") or not descriptor.media_type):
             return {}
         raw = self.store.read_small(descriptor.digest, _MAX_CONFIG_BYTES)
+        if raw is not None:
+            _check_bytes(_corrupt_cached_blob(descriptor.digest, "config"), raw,
+                         descriptor.digest)
         try:
             return _json_object(raw) if raw else {}
         except ValueError:
@@ -6335,12 +6388,15 @@ class _Fetcher:
         self.progress = progress
 
     def fetch(self, source: _Source, descriptors: Sequence[Descriptor],
-              manifests: Sequence[str] = ()) -> Tuple[int, int]:
+              manifests: Sequence[str] = (), verify: bool = False) -> Tuple[int, int]:
         """Make every blob present and verified; return (downloaded, from the store) bytes.
 
-        The blobs and the ``manifests`` digests (stored already) are marked
-        used, so ``cache prune`` (least recently used first) keeps an image's
-        manifests as long as its layers.
+        A stored blob counts as present when its size is the descriptor's;
+        with ``verify`` it is hashed again, and one that changed since it was
+        stored is replaced by a fresh download.  The blobs and the
+        ``manifests`` digests (stored already) are marked used, so ``cache
+        prune`` (least recently used first) keeps an image's manifests as long
+        as its layers.
         """
         unique: Dict[str, Descriptor] = {}
         for descriptor in descriptors:
@@ -6354,6 +6410,8 @@ class _Fetcher:
                 raise DigestMismatchError(f"blob {descriptor.digest} is described with the "
                                           "wrong size", f"{descriptor.size} bytes",
                                           f"{size} bytes")
+            elif verify and not self._still_intact(descriptor):
+                missing.append(descriptor)
         from_store = sum(d.size for d in unique.values()) - sum(d.size for d in missing)
         downloaded = 0
         if missing:
@@ -6369,6 +6427,18 @@ class _Fetcher:
             from_store += sum(d.size for d, n in zip(missing, received) if n is None)
         self.store.touch(list(unique) + [d for d in manifests if d not in unique])
         return downloaded, from_store
+
+    def _still_intact(self, descriptor: Descriptor) -> bool:
+        """Hash a stored blob again; drop it (False) when it changed since it was stored."""
+        try:
+            _verify_stored(self.store, descriptor)
+        except DigestMismatchError:
+            if self.store.read_only:
+                raise
+            _warn(f"cached blob {descriptor.digest} is corrupt; downloading it again")
+            self.store.delete(descriptor.digest)
+            return False
+        return True
 
     def download(self, source: _Source, descriptor: Descriptor,
                  cancel: threading.Event) -> Optional[int]:
@@ -6495,11 +6565,13 @@ class Layer:
         return self.cache.path(self.digest)
 
     def open(self) -> BinaryIO:
-        """Open the verified layer blob for reading."""
+        """Open the layer blob for reading, hashed as it is read: reading it to the end
+        raises DigestMismatchError if the cached bytes changed since they were verified."""
         stream = self.cache.open_blob(self.digest)
         if stream is None:
             raise CacheError(f"layer {self.digest} is no longer in the cache")
-        return stream
+        checked = _HashingReader(stream, self.descriptor, _corrupt_cached_layer(self.digest))
+        return io.BufferedReader(checked, _READ_CHUNK_BYTES)
 
     def read_bytes(self) -> bytes:
         """Return the whole layer (only for small layers: it is held in memory)."""
@@ -6682,26 +6754,34 @@ class ImagePuller:
 
     def pull_image(self, reference: Union[str, Reference],
                    auth: Optional[RegistryAuth] = None, *,
-                   prefer_wasm: bool = False) -> PullResult:
-        """Pull config and layers of ``reference`` into the cache; return what was pulled."""
+                   prefer_wasm: bool = False, verify: bool = False) -> PullResult:
+        """Pull config and layers of ``reference`` into the cache; return what was pulled.
+
+        A warm pull trusts what the cache verified when it stored it (a blob of
+        the right size is taken as it is); ``verify`` hashes every cached blob
+        the image uses again, and downloads again one that changed.
+        """
         reference = _as_reference(reference)
         source = self._session.source(reference, auth)
         top = self._resolver.resolve(reference, source)
         manifest, index, platform = self._resolver.resolve_platform(source, top,
-                                                           prefer_wasm=prefer_wasm)
+                                                                    prefer_wasm=prefer_wasm)
+        self._record(reference, top, complete=False)
         config = manifest.config
         layers = manifest.layers
         used = [top.digest] + ([manifest.digest] if manifest is not top else [])
         early, config_data = 0, None
         if self._resolver.platform_given and not top.is_index:
             # One image, no index to choose from: its config must still match.
-            early = self._fetcher.fetch(source, [config], manifests=used)[0]
+            early = self._fetcher.fetch(source, [config], manifests=used, verify=verify)[0]
             config_data = self._resolver.read_config(config)
             self._resolver.check_platform(reference, config_data)
-        downloaded, from_cache = self._fetcher.fetch(source, [config] + layers, manifests=used)
+        downloaded, from_cache = self._fetcher.fetch(source, [config] + layers, manifests=used,
+                                                     verify=verify)
         downloaded, from_cache = downloaded + early, from_cache - early
         if config_data is None:
             config_data = self._resolver.read_config(config)
+        self._record(reference, top, complete=True)
         return PullResult(reference=reference, manifest=manifest, config=config,
                           layers=[Layer(d, self.cache) for d in layers],
                           config_data=config_data, index=index,
@@ -6709,11 +6789,19 @@ class ImagePuller:
                           bytes_downloaded=downloaded, bytes_from_cache=from_cache)
 
     def pull(self, reference: Union[str, Reference],
-             auth: Optional[RegistryAuth] = None) -> Tuple[Manifest, List[Layer]]:
+             auth: Optional[RegistryAuth] = None, *,
+             verify: bool = False) -> Tuple[Manifest, List[Layer]]:
         """Pull an image; return its manifest and its verified layers (``pull_image``
         returns all it resolved)."""
-        result = self.pull_image(reference, auth)
+        result = self.pull_image(reference, auth, verify=verify)
         return result.manifest, result.layers
+
+    def _record(self, reference: Reference, top: Manifest, complete: bool) -> None:
+        """Record what ``reference`` names: first incomplete (so that gc keeps the blobs
+        a pull is adding), then complete once every blob is in.  Digest references too:
+        ``cache gc`` keeps what a recorded reference reaches."""
+        self.cache.record_reference(str(reference), top.digest, top.media_type,
+                                    complete=complete)
 
     def pull_wasm(self, reference: Union[str, Reference],
                   auth: Optional[RegistryAuth] = None) -> Tuple[bytes, WasmArtifactInfo]:
@@ -6722,11 +6810,10 @@ class ImagePuller:
         From a mixed index the WASM entry is chosen unless a platform was
         given.  A container image is a ``ManifestError``.
         """
-        info = self.pull_image(reference, auth, prefer_wasm=True).wasm_module_info()
-        data = self.cache.get(info.wasm_layer_digest or "")
-        if data is None:
-            raise CacheError(f"layer {info.wasm_layer_digest} vanished from the cache")
-        return data, info
+        result = self.pull_image(reference, auth, prefer_wasm=True)
+        info = result.wasm_module_info()
+        layer = next(layer for layer in result.layers if layer.digest == info.wasm_layer_digest)
+        return layer.read_bytes(), info
 
     def read_config(self, manifest: Manifest) -> Dict[str, Any]:
         """Return the parsed config of an image manifest in the cache ({} when it has
@@ -6767,14 +6854,16 @@ class ImagePuller:
         load_name = parse_reference(tag) if docker_named else reference
         tag = tag or reference.tag
         source = self._session.source(reference, auth)
-        top = self._resolver.resolve(reference, source)
+        top = resolved = self._resolver.resolve(reference, source)
         wanted = parse_platform(platform) if isinstance(platform, str) else platform
         if top.is_index and (wanted is not None or target.transport == "docker-archive"):
             top = self._resolver.resolve_platform(source, top, wanted=wanted)[0]
+        self._record(reference, resolved, complete=False)
         if top.is_index:
             self._fetch_index(source, top)
         else:
             self._fetcher.fetch(source, [top.config] + top.layers)
+        self._record(reference, resolved, complete=True)
         if target.transport == "oci":
             written = _write_layout_dir(self.cache, top, path, tag)
         elif target.transport == "oci-archive":
@@ -7104,7 +7193,7 @@ def _cmd_pull(args: Any) -> int:
     if args.output:
         _parse_destination(args.output)
     with _cli_puller(args, cache, progress) as puller:
-        result = puller.pull_image(reference, auth)
+        result = puller.pull_image(reference, auth, verify=args.verify)
         if args.output:
             # Only what was pulled (this platform's image) goes into the layout.
             puller.export_image(result.reference.with_digest(result.manifest.digest)
@@ -7231,8 +7320,9 @@ def _cmd_pull_wasm(args: Any) -> int:
 
 
 def _copy_layer_into(layer: Layer, f: BinaryIO) -> None:
-    """Write a cached layer into ``f``, hashed on the way (CacheError if it changed)."""
-    with _HashingReader(layer.open(), layer.descriptor) as reader:
+    """Write a cached layer into ``f``, hashed on the way (``Layer.open`` checks it at
+    its end: DigestMismatchError if it changed)."""
+    with layer.open() as reader:
         while True:
             try:
                 data = reader.read(_READ_CHUNK_BYTES)
@@ -7242,7 +7332,6 @@ def _copy_layer_into(layer: Layer, f: BinaryIO) -> None:
             if not data:
                 break
             f.write(data)
-        reader.check(_corrupt_cached_layer(layer.digest))
 
 
 def _copy_verified(layer: Layer, output: str) -> None:
@@ -7275,17 +7364,37 @@ def _cmd_wasm_export(args: Any) -> int:
     return 0
 
 
+def _forget_references(cache: BlobStore, names: Sequence[str]) -> int:
+    """Forget recorded references (as given, or as their normalised image reference)."""
+    recorded = cache.references()
+    for name in names:
+        reference = name
+        if name not in recorded:
+            try:
+                reference = str(parse_reference(name))
+            except InvalidReferenceError:
+                pass
+        if reference not in recorded:
+            raise CacheError(f"no reference {name} in the cache ('cache ls' lists them)")
+        cache.forget_reference(reference)
+        print(f"forgot {reference} ('cache gc' deletes what nothing else uses)")
+    return 0
+
+
 def _cmd_cache(args: Any) -> int:
     cache = _cli_cache(args, create=False)
     action = args.action
     if action == "ls":
         entries = cache.entries()
+        records = cache.reference_records()
         if args.json:
             _print_json({"root": cache.root, "blobs": entries,
-                         "references": cache.references()})
+                         "references": {r["reference"]: r["digest"] for r in records},
+                         "incomplete": [r["reference"] for r in records if not r["complete"]]})
             return 0
-        for reference, digest in cache.references().items():
-            print(f"{reference}  {digest}")
+        for record in records:
+            print(f"{record['reference']}  {record['digest']}"
+                  + ("" if record["complete"] else "  (incomplete: its pull did not finish)"))
         for entry in entries:
             print(f"{entry['digest']}  {_format_bytes(entry['size']):>10}  "
                   f"{entry['media_type'] or '-'}")
@@ -7299,6 +7408,8 @@ def _cmd_cache(args: Any) -> int:
             print(f"corrupt: {digest}" + (" (removed)" if args.remove else ""))
         print(f"{max(checked, len(bad))} blobs checked, {len(bad)} corrupt")
         return 1 if bad else 0
+    if action == "rm":
+        return _forget_references(cache, args.references)
     if action == "prune":
         removed = cache.prune(args.max_bytes)
         print(f"removed {len(removed)} blobs; {_format_bytes(cache.stats()['size_bytes'])} remain")
@@ -7458,6 +7569,10 @@ def _add_pull_arguments(pull: Any) -> None:
                            "oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME[:TAG]]")
     pull.add_argument("-q", "--quiet", action="store_true",
                       help="no progress; print only the manifest digest")
+    pull.add_argument("--verify", action="store_true",
+                      help="hash every cached blob the image uses again (a warm pull "
+                           "trusts what the cache verified when it stored it), and "
+                           "download again one that changed")
     pull.add_argument("--max-workers", type=_positive_int, default=DEFAULT_MAX_WORKERS,
                       metavar="N", help=f"parallel blob downloads (default {DEFAULT_MAX_WORKERS})")
 
@@ -7492,10 +7607,11 @@ def _add_wasm_export_arguments(wasm_export: Any) -> None:
 
 
 def _add_cache_actions(cache: Any) -> None:
-    """Add the ``cache ls | verify | prune | gc`` actions."""
+    """Add the ``cache ls | verify | rm | prune | gc`` actions."""
     cache_actions = cache.add_subparsers(dest="action", metavar="ACTION")
     for name, help_text in (("ls", "list blobs and references"),
                             ("verify", "re-hash every blob; exit 1 if any is corrupt"),
+                            ("rm", "forget references, so that gc can delete their blobs"),
                             ("prune", "delete least recently used blobs down to a size"),
                             ("gc", "delete blobs no recorded reference uses")):
         action = cache_actions.add_parser(name, help=help_text, description=help_text)
@@ -7507,6 +7623,9 @@ def _add_cache_actions(cache: Any) -> None:
         if name == "verify":
             action.add_argument("--remove", action="store_true",
                                 help="delete corrupt blobs")
+        if name == "rm":
+            action.add_argument("references", metavar="REF", nargs="+",
+                                help="a reference as 'cache ls' lists it (alpine:3.20 will do)")
         if name == "prune":
             action.add_argument("--max-bytes", type=_parse_size, required=True, metavar="N",
                                 help="size to prune down to (e.g. 2G, 500M, 1048576)")
@@ -7565,13 +7684,13 @@ _COMMAND_TABLE: Tuple[_Command, ...] = (
                  "zlayer-registry wasm-export plugin.wasm oci:./plugin-layout:1.0",
                  "skopeo copy oci:./plugin-layout:1.0 "
                  "docker://registry.example/org/plugin:1.0")),
-    _Command("cache", "list, verify, prune or garbage-collect the cache",
+    _Command("cache", "list, verify, forget, prune or garbage-collect the cache",
              _cmd_cache, _add_cache_actions,
              {"reference": False, "platform": None, "json_help": None}, (
                  "zlayer-registry cache ls",
                  "zlayer-registry cache verify",
                  "zlayer-registry cache prune --max-bytes 2G",
-                 "zlayer-registry cache gc")),
+                 "zlayer-registry cache rm alpine:3.20 && zlayer-registry cache gc")),
 )
 _COMMANDS: Dict[str, _Command] = {command.name: command for command in _COMMAND_TABLE}
 
@@ -7631,7 +7750,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         if args.command == "cache" and args.action is None:
-            raise _UsageError("cache needs an action: ls, verify, prune or gc "
+            raise _UsageError("cache needs an action: ls, verify, rm, prune or gc "
                               f"(see '{_PROG} cache --help')")
         try:
             return _COMMANDS[args.command].run(args)
