@@ -7,13 +7,16 @@ users are told to run it (the script form compiles the whole file every time).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.util
+import io
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -55,6 +58,18 @@ def layer_bytes(seed: int, size: int = 200_000) -> bytes:
         out += hashlib.sha256(f"{seed}-{counter}".encode()).digest()
         counter += 1
     return bytes(out[:size])
+
+
+def tar_gz(files: Sequence[Tuple[str, bytes]]) -> bytes:
+    """A gzip-compressed tar of regular files (name, bytes), in order, mtime 0."""
+    raw = io.BytesIO()
+    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=1) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
 
 
 def make_puller(cache: Any = None, sleeps: Optional[Sleeps] = None, **kwargs: Any) -> Any:

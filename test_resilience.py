@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import pytest
 
 from _testsupport import (HERE, KiB, MiB, Sleeps, cli_env, layer_bytes,
-                          make_puller, run_cli, start_cli, zr)
+                          make_puller, run_cli, start_cli, tar_gz, zr)
 
 import _fake_registry as fake  # noqa: E402
 from _fault_proxy import FaultProxy, repeat_bytes  # noqa: E402
@@ -540,6 +540,45 @@ class TestCrashes:
         assert all(blob_file(cache_dir, d).read_bytes() == contents[d] for d in layer_digests)
         assert run_cli("cache", "verify", "--cache", str(cache_dir),
                        cwd=tmp_path).returncode == 0
+
+    @pytest.mark.parametrize("command", ["oci-archive", "docker-archive", "unpack"])
+    def test_sigkill_while_writing_leaves_what_the_next_run_removes(self, registry, tmp_path,
+                                                                      command):
+        """A SIGKILL while an archive or a root filesystem is written leaves a temporary
+        named with the dead writer's PID beside the target; the next run there removes it."""
+        files = [(f"f{i:04d}", layer_bytes(i, 2048)) for i in range(3000)]
+        layer = tar_gz(files)
+        big = tar_gz([("big", layer_bytes(7, 24 * MiB))])
+        registry.add_image("crash/big", "v1", [layer, big])
+        cache_dir, out = tmp_path / "cache", tmp_path / "out"
+        out.mkdir()
+        assert run_cli("pull", f"{registry.host}/crash/big:v1", "--cache", str(cache_dir), "-q",
+                       cwd=tmp_path).returncode == 0
+        if command == "unpack":
+            args = ["unpack", f"{registry.host}/crash/big:v1", str(out / "rootfs")]
+            temporary = re.compile(r"^\.rootfs\.staging\.(\d+)\.[0-9a-f]+$")
+        else:
+            args = ["export", f"{registry.host}/crash/big:v1", f"{command}:{out}/image.tar"]
+            temporary = re.compile(r"^\.tmp\.(\d+)\.[0-9a-f]+\.partial$")
+        process = start_cli(*args, "--cache", str(cache_dir), home=tmp_path)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(temporary.match(name) for name in os.listdir(out)):
+                assert process.poll() is None, ("finished before it could be killed",
+                                                process.communicate())
+                assert time.monotonic() < deadline, "no temporary appeared"
+                time.sleep(0.001)
+            process.send_signal(signal.SIGKILL)
+            process.communicate(timeout=10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        left = [name for name in os.listdir(out) if temporary.match(name)]
+        assert left and all(not zr._pid_alive(int(temporary.match(n).group(1))) for n in left)
+        again = run_cli(*args, "--cache", str(cache_dir), cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert sorted(os.listdir(out)) == (["rootfs"] if command == "unpack" else ["image.tar"])
 
     @staticmethod
     def pull_and_kill(proxy: FaultProxy, rule: Any, cache_dir: Path, home: Path) -> None:
