@@ -199,6 +199,34 @@ class TestModuleShape:
 # DIGESTS AND DESCRIPTORS
 # -----------------------------------------------------------------------------
 
+class TestValues:
+    """Descriptor, Reference, Platform, Manifest... are immutable values (``_value``)."""
+
+    def test_values_compare_hash_copy_and_refuse_assignment(self):
+        import copy
+        import pickle
+        ref = zr.Reference("ghcr.io", "org/app", "v1")
+        same = zr.Reference(registry="ghcr.io", repository="org/app", tag="v1")
+        assert ref == same and hash(ref) == hash(same) and ref != ref.replace(tag="v2")
+        assert ref.replace(tag="v2").tag == "v2" and ref.tag == "v1" and ref.digest is None
+        assert repr(ref) == ("Reference(registry='ghcr.io', repository='org/app', tag='v1', "
+                             "digest=None)")
+        with pytest.raises(AttributeError, match="immutable"):
+            ref.tag = "v3"
+        assert pickle.loads(pickle.dumps(ref)) == ref and copy.copy(ref) == ref
+        with pytest.raises(TypeError):
+            zr.Reference("ghcr.io")  # repository is required
+        with pytest.raises(TypeError):
+            zr.Reference("ghcr.io", "a", colour="red")
+        manifest = zr.parse_manifest(json.dumps({
+            "schemaVersion": 2, "mediaType": zr.MEDIA_TYPE_OCI_MANIFEST,
+            "config": {"mediaType": zr.MEDIA_TYPE_OCI_CONFIG, "digest": SHA_A, "size": 2},
+            "layers": []}).encode())
+        assert "raw=" not in repr(manifest) and "data=" not in repr(manifest)
+        assert zr.Descriptor("x", SHA_A, 1).annotations == {}  # a fresh dict each
+        assert zr.Descriptor("x", SHA_A, 1).annotations is not zr.Descriptor("x", SHA_A, 1).annotations
+
+
 class TestDigests:
     def test_compute_and_validate(self):
         assert zr.compute_digest(b"") == \
@@ -1493,11 +1521,13 @@ class TestPull:
             make_puller(cache).pull(f"{registry.host}/app:v1")
 
     def test_an_interrupted_pull_is_recorded_as_incomplete(self, registry, tmp_path):
-        image = registry.add_image("app", "v1", [layer_bytes(94, 5000), layer_bytes(95, 5000)])
+        image = registry.add_image("app", "v1", [layer_bytes(94, 50_000), layer_bytes(95, 5000)])
         missing = image["layers"][1]["digest"]
         registry.faults.append(lambda m, p, h: {"status": 404} if p.endswith(missing) else None)
         cache_dir = str(tmp_path / "c")
-        failed = run_cli("pull", f"{registry.host}/app:v1", "--cache", cache_dir, cwd=tmp_path)
+        # One worker, largest blob first: the first layer is stored before the 404.
+        failed = run_cli("pull", f"{registry.host}/app:v1", "--cache", cache_dir,
+                         "--max-workers", "1", cwd=tmp_path)
         assert failed.returncode == 1
         listed = run_cli("cache", "ls", "--cache", cache_dir, cwd=tmp_path)
         assert f"{registry.host}/app:v1  {image['digest']}  (incomplete" in listed.stdout

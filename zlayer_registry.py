@@ -95,9 +95,14 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List,
-                    Mapping, Optional, Protocol, Sequence, Tuple, Union)
+from typing import (TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator,
+                    List, Mapping, Optional, Protocol, Sequence, Tuple, TypeVar, Union)
+
+if TYPE_CHECKING:  # type checkers read _value as a dataclass (typing has it from 3.11)
+    from typing import dataclass_transform as _dataclass_transform
+else:
+    def _dataclass_transform(**_: Any) -> Callable[[Any], Any]:
+        return lambda decorator: decorator
 
 __version__ = "0.1.0"
 
@@ -302,8 +307,97 @@ class LayoutError(ZLayerError):
 
 
 # =============================================================================
-# 4. UTILITIES: warnings, URLs, hosts, sizes, capped reads
+# 4. UTILITIES: value classes, warnings, URLs, hosts, sizes, capped reads
 # =============================================================================
+# Immutable values (Reference, Descriptor, Platform, Manifest...) are made
+# by ``_value``, which does what ``dataclass(frozen=True)`` does for them:
+# importing dataclasses (and inspect with it) and decorating with it are a
+# large share of a CLI run's start-up (bench/RESULTS.md).
+
+_MISSING: Any = object()
+_ValueClass = TypeVar("_ValueClass", bound=type)
+
+
+class _FieldSpec:
+    """What ``_field`` says of one field: its default (or a factory making it), and
+    whether it shows in ``repr`` and counts for ``==`` and ``hash``."""
+
+    __slots__ = ("default", "factory", "in_repr", "in_eq")
+
+    def __init__(self, default: Any, factory: Optional[Callable[[], Any]], in_repr: bool,
+                 in_eq: bool) -> None:
+        self.default, self.factory, self.in_repr, self.in_eq = default, factory, in_repr, in_eq
+
+
+def _field(default: Any = _MISSING, *, default_factory: Optional[Callable[[], Any]] = None,
+           in_repr: bool = True, in_eq: bool = True) -> Any:
+    """Describe a field of a ``_value`` class (as ``dataclasses.field`` does)."""
+    return _FieldSpec(default, default_factory, in_repr, in_eq)
+
+
+def _frozen_setattr(self: Any, name: str, value: Any) -> None:
+    raise AttributeError(f"cannot assign to field {name!r}: {type(self).__name__} is immutable")
+
+
+@_dataclass_transform(frozen_default=True, field_specifiers=(_field,))
+def _value(cls: _ValueClass) -> _ValueClass:
+    """Make ``cls`` an immutable value from its annotated fields: ``__init__``
+    (positional or by keyword, defaults last), ``__repr__``, ``__eq__``,
+    ``__hash__``, ``replace(**changes)``; assigning to an attribute raises."""
+    specs: Dict[str, _FieldSpec] = {}
+    for name in cls.__dict__.get("__annotations__", {}):
+        spec = cls.__dict__.get(name, _MISSING)
+        specs[name] = spec if isinstance(spec, _FieldSpec) else _FieldSpec(spec, None, True, True)
+        if isinstance(spec, _FieldSpec):
+            delattr(cls, name)
+    names = tuple(specs)
+    compared = tuple(name for name in names if specs[name].in_eq)
+    shown = tuple(name for name in names if specs[name].in_repr)
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(names):
+            raise TypeError(f"{cls.__name__}() takes at most {len(names)} arguments")
+        values = dict(zip(names, args))
+        for name, value in kwargs.items():
+            if name not in specs or name in values:
+                raise TypeError(f"{cls.__name__}() got an unexpected or repeated "
+                                f"argument {name!r}")
+            values[name] = value
+        for name in names:
+            if name not in values:
+                spec = specs[name]
+                if spec.factory is not None:
+                    values[name] = spec.factory()
+                elif spec.default is not _MISSING:
+                    values[name] = spec.default
+                else:
+                    raise TypeError(f"{cls.__name__}() misses the argument {name!r}")
+            object.__setattr__(self, name, values[name])
+
+    def __repr__(self: Any) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in shown)
+        return f"{cls.__qualname__}({fields})"
+
+    def __eq__(self: Any, other: Any) -> Any:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in compared)
+
+    def __hash__(self: Any) -> int:
+        return hash(tuple(getattr(self, name) for name in compared))
+
+    def replace(self: Any, **changes: Any) -> Any:
+        """Return a copy with ``changes`` to its fields (as ``dataclasses.replace``)."""
+        return cls(**dict({name: getattr(self, name) for name in names}, **changes))
+
+    for function in (__init__, __repr__, __eq__, __hash__, replace):
+        function.__qualname__ = f"{cls.__qualname__}.{function.__name__}"
+        setattr(cls, function.__name__, function)
+    cls.__setattr__ = _frozen_setattr  # type: ignore[assignment]
+    cls.__delattr__ = _frozen_setattr  # type: ignore[assignment]
+    cls.__match_args__ = names  # type: ignore[attr-defined]
+    return cls
+
 
 def _warn(message: str) -> None:
     """Print a one-line warning on stderr (library warnings stay terse)."""
@@ -655,7 +749,7 @@ def _check_bytes(subject: str, data: bytes, digest: str) -> None:
         raise DigestMismatchError(subject, digest, actual)
 
 
-@dataclass(frozen=True)
+@_value
 class Platform:
     """An OS/architecture pair, as in an image index or image config."""
 
@@ -678,14 +772,14 @@ class Platform:
         return data
 
 
-@dataclass(frozen=True)
+@_value
 class Descriptor:
     """A content descriptor: media type, digest and size of one blob."""
 
     media_type: str
     digest: str
     size: int
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = _field(default_factory=dict)
     platform: Optional[Platform] = None
     artifact_type: str = ""
     urls: Tuple[str, ...] = ()
@@ -839,7 +933,7 @@ _TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
 _MAX_NAME_LENGTH = 255
 
 
-@dataclass(frozen=True)
+@_value
 class Reference:
     """A fully qualified image reference.
 
@@ -1065,14 +1159,14 @@ def _parse_file_location(text: str, transport: str, rest: str) -> _Location:
 # 9. MANIFESTS AND PLATFORMS
 # =============================================================================
 
-@dataclass(frozen=True)
+@_value
 class Manifest:
     """A parsed image manifest or image index, with its exact bytes and digest."""
 
     media_type: str
     digest: str
-    raw: bytes = field(repr=False)
-    data: Mapping[str, Any] = field(repr=False, compare=False)
+    raw: bytes = _field(in_repr=False)
+    data: Mapping[str, Any] = _field(in_repr=False, in_eq=False)
 
     @property
     def is_index(self) -> bool:
@@ -1372,7 +1466,7 @@ class WasiVersion(enum.Enum):
             self.value, "wasm32-wasi")
 
 
-@dataclass(frozen=True)
+@_value
 class ArtifactType:
     """Whether an artifact is a container image or a WASM artifact (and which WASI)."""
 
@@ -1405,7 +1499,7 @@ class ArtifactType:
         return self.wasi
 
 
-@dataclass(frozen=True)
+@_value
 class WasmArtifactInfo:
     """Metadata of a WASM artifact: WASI level, the module's layer and name."""
 
@@ -2045,7 +2139,7 @@ def _origin(url: str) -> Tuple[str, str, int]:
     return scheme, host.lower(), port
 
 
-@dataclass(frozen=True)
+@_value
 class _ProxySettings:
     """Proxy URLs and the NO_PROXY list, read once from the environment."""
 
@@ -2677,7 +2771,7 @@ def _auth_from_helper(name: str, registry: str, runner: Callable[[str, str], Map
 # service and a scope; the client asks the realm for a bearer token (a GET
 # with basic credentials, or the OAuth2 refresh-token POST) and sends it.
 
-@dataclass(frozen=True)
+@_value
 class _Challenge:
     """One WWW-Authenticate challenge: scheme (lowercase) and parameters."""
 
@@ -5647,7 +5741,7 @@ def _image_closure(store: BlobStore, top: Manifest) -> List[Descriptor]:
     return [d for d, m in nodes if m is not None] + [d for d, m in nodes if m is None]
 
 
-@dataclass(frozen=True)
+@_value
 class ExportInfo:
     """What ``ImagePuller.export_image`` wrote."""
 
@@ -5898,7 +5992,7 @@ def _parse_import_source(text: str) -> _Location:
                            "docker-archive files are not imported")
 
 
-@dataclass(frozen=True)
+@_value
 class ImportInfo:
     """One image imported from a layout: its ref name (tag), digest and media type,
     and the reference the cache records it under (``oci:/abs/dir:tag``)."""
@@ -6537,12 +6631,12 @@ class _Fetcher:
 # 35. PULL: what a pull returns (Layer, PullResult)
 # =============================================================================
 
-@dataclass(frozen=True)
+@_value
 class Layer:
     """A pulled, verified layer: its descriptor and where the cache keeps it."""
 
     descriptor: Descriptor
-    cache: BlobStore = field(repr=False, compare=False)
+    cache: BlobStore = _field(in_repr=False, in_eq=False)
 
     @property
     def digest(self) -> str:
@@ -6579,7 +6673,7 @@ class Layer:
             return stream.read()
 
 
-@dataclass(frozen=True)
+@_value
 class PullResult:
     """Everything a pull resolved and fetched."""
 
@@ -6587,7 +6681,7 @@ class PullResult:
     manifest: Manifest
     config: Descriptor
     layers: List[Layer]
-    config_data: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    config_data: Mapping[str, Any] = _field(default_factory=dict, in_repr=False)
     index: Optional[Manifest] = None
     platform: Optional[Platform] = None
     bytes_downloaded: int = 0
