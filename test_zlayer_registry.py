@@ -2848,6 +2848,39 @@ class TestProgress:
         assert text.count("done") == 2
         assert text.count(SHA_A[:19] + "     2.0 KiB / 2.0 KiB     done") == 1
         assert "KiB/s" in text  # a rate while in progress
+        progress.finish()
+        assert stream.getvalue().rstrip("\n").rsplit("\n", 1)[-1].endswith(
+            "total 2 blobs     2.9 KiB / 2.9 KiB     667 B/s")
+
+    def test_lines_fit_the_terminal_and_a_dumb_one_gets_plain_lines(self):
+        for env, redrawn in (({"COLUMNS": "40"}, True), ({"TERM": "dumb", "COLUMNS": "200"},
+                                                        False)):
+            stream, now = io.StringIO(), [0.0]
+            progress = zr._Progress(stream, clock=lambda: now[0], environ=env, verb="unpack")
+            for step in range(1, 6):
+                now[0] += 0.5
+                progress(zr.Descriptor("m", SHA_A, 5000), 1000 * step, 5000)
+            progress.finish()
+            text = stream.getvalue()
+            assert ("\x1b[" in text) is redrawn
+            lines = [line for line in re.sub(r"\x1b\[\d*[A-Za-z]", "", text).split("\n") if line]
+            assert all(line.startswith("unpack ") for line in lines)
+            if redrawn:
+                assert max(len(line) for line in lines) <= 39
+            else:  # one line as the blob ends, one total
+                assert lines == [f"unpack {SHA_A[:19]}     4.9 KiB / 4.9 KiB     done",
+                                 "unpack total 1 blob     4.9 KiB / 4.9 KiB     2.4 KiB/s"]
+
+    def test_unpack_reports_progress_per_layer(self, registry, tmp_path):
+        registry.add_image("app", "v1", [make_layer([F(f"f{i}", layer_bytes(i, 5000))
+                                                     for i in range(50)]),
+                                         make_layer([F("g", b"g")])])
+        seen = []
+        make_puller(zr.BlobCache()).unpack(f"{registry.host}/app:v1", tmp_path / "root",
+                                           progress=lambda d, done, total: seen.append(
+                                               (d.digest, done, total)))
+        finals = [entry for entry in seen if entry[1] == entry[2]]
+        assert len(finals) == 2 and len({digest for digest, _, _ in finals}) == 2
 
 
 # -----------------------------------------------------------------------------
@@ -3908,7 +3941,7 @@ class TestUnpackLayout:
         out = run_cli("unpack", f"oci:{tmp_path}/layout:v1", str(tmp_path / "root2"),
                       "--platform", "linux/amd64", "--cache", str(tmp_path / "c"), cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.startswith(f"oci:{tmp_path}/layout:v1: {amd['digest']}: 1 layer "
+        assert out.stdout.startswith(f"oci:{tmp_path}/layout:v1: {amd['digest']}\n1 layer "
                                      "unpacked into")
         assert (tmp_path / "root2" / "which").read_bytes() == b"amd64"
 

@@ -894,6 +894,10 @@ class _HashingReader(io.RawIOBase):
         self._stream.close()
         super().close()
 
+    def check_end(self) -> None:
+        """Check what was read, as reaching the end does (``check_at_end``'s subject)."""
+        self.check(self._check_at_end or "")
+
     def check(self, subject: str = "") -> None:
         """Raise DigestMismatchError unless everything read matches the descriptor."""
         actual = f"{self._hasher.name}:{self._hasher.hexdigest()}"
@@ -5020,7 +5024,9 @@ class _PrefetchReader:
     """Reads a stream ahead in a background thread, at most ``depth`` chunks ahead.
 
     Errors of the source are raised to the reader; ``close()`` stops the
-    thread even when the reader gave up half way.
+    thread even when the reader gave up half way.  It counts what it hands
+    out (``tell``) and seeks forward by skipping, which is all a tarfile
+    reading members in order asks of its file.
     """
 
     def __init__(self, source: Any, chunk_bytes: int = _READ_CHUNK_BYTES, depth: int = 4) -> None:
@@ -5029,6 +5035,7 @@ class _PrefetchReader:
         self._stop = threading.Event()
         self._buffer = b""
         self._position = 0
+        self._consumed = 0  # bytes of the chunks before the current one
         self._ended = False
         self._thread = threading.Thread(target=self._run, args=(source, chunk_bytes),
                                         name="zlayer-inflate", daemon=True)
@@ -5062,6 +5069,7 @@ class _PrefetchReader:
                 if not item:
                     self._ended = True
                     break
+                self._consumed += len(self._buffer)
                 self._buffer, self._position = item, 0
             end = len(self._buffer) if size < 0 else min(len(self._buffer), self._position + size)
             parts.append(self._buffer[self._position:end])
@@ -5069,6 +5077,22 @@ class _PrefetchReader:
                 size -= end - self._position
             self._position = end
         return b"".join(parts)
+
+    def tell(self) -> int:
+        """Return how many bytes were read so far."""
+        return self._consumed + self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Skip forward to ``offset`` (at most to the end); backwards is an error."""
+        if whence != 0 or offset < self.tell():
+            raise OSError(errno.ESPIPE, "a layer stream only seeks forward")
+        while offset > self.tell() and not self._ended:
+            left = len(self._buffer) - self._position
+            if left:
+                self._position += min(left, offset - self.tell())
+            else:
+                self.read(min(offset - self.tell(), _READ_CHUNK_BYTES))
+        return self.tell()
 
     def close(self) -> None:
         """Stop the background thread."""
@@ -5360,14 +5384,18 @@ class LayerUnpacker(_RootTree):
     whole image in a staging directory beside ``rootfs`` and renames it into
     place at the end, so a failure leaves ``rootfs`` as it was.  ``as_root``
     (default: the effective uid is 0) decides whether ownership, xattrs and
-    device nodes are applied and setuid/setgid bits kept.
+    device nodes are applied and setuid/setgid bits kept.  ``progress``
+    (descriptor, bytes read, size) is called as a pulled Layer is read, at
+    most every 0.1 s and once at its end.
     """
 
     def __init__(self, rootfs: Union[str, "os.PathLike[str]"], *,
-                 as_root: Optional[bool] = None) -> None:
+                 as_root: Optional[bool] = None,
+                 progress: Optional[Callable[[Descriptor, int, int], None]] = None) -> None:
         self.rootfs = os.path.abspath(os.fspath(rootfs))
         super().__init__(self.rootfs, _is_root() if as_root is None else as_root)
         self.skipped: List[str] = []
+        self.progress = progress
 
     def unpack_layers(self, layers: Iterable[Any]) -> str:
         """Unpack every layer, in order, into a new ``rootfs``; return its path."""
@@ -5408,27 +5436,30 @@ class LayerUnpacker(_RootTree):
         with opened as raw:
             head = raw.peek(8)[:8] if hasattr(raw, "peek") else b""
             compression = _layer_compression(media_type or "", head)
-            zstd_pipe = prefetch = None
+            zstd_pipe = None
             if compression == "zstd":
                 zstd_pipe = _ZstdPipe(raw)
-                stream = zstd_pipe.stream
+                source: Any = zstd_pipe.stream
             elif compression == "gzip":
-                # GzipFile, not tarfile's "r|gz": that one re-slices its whole
-                # buffer on every 512-byte header read (quadratic).
-                # A second thread inflates ahead (zlib releases the GIL), as
-                # tar -z does with a gzip process.
                 import gzip
-                prefetch = _PrefetchReader(gzip.GzipFile(fileobj=raw, mode="rb"))
-                stream = prefetch
+                source = gzip.GzipFile(fileobj=raw, mode="rb")
             else:
-                stream = raw
+                source = raw
+            # A second thread reads (inflates, hashes) ahead: zlib and sha256
+            # release the GIL, as tar -z runs gzip in a process of its own.
+            # The tarfile reads it as a plain file, in order: tarfile's stream
+            # mode ("r|") re-slices its buffer on every read it makes.
+            prefetch = _PrefetchReader(source)
             self._written = set()
             opaque: List[str] = []
             stream_errors = _stream_errors()
             broken: Optional[UnpackError] = None
+            report = self._reporter(layer, getattr(raw, "raw", None))
             try:
-                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                with tarfile.TarFile(fileobj=prefetch, mode="r") as tar:
                     for member in _tar_members(tar):
+                        if report is not None:
+                            report(False)
                         try:
                             self._apply(tar, member, opaque)
                         except stream_errors:
@@ -5440,26 +5471,46 @@ class LayerUnpacker(_RootTree):
                 broken = UnpackError(f"layer {_layer_name(layer)}is not a valid tar stream: {exc}")
                 broken.__cause__ = exc
             finally:
-                if prefetch is not None:
-                    prefetch.close()
+                prefetch.close()
                 if zstd_pipe is not None:
                     zstd_pipe.close(check=sys.exc_info()[0] is None and broken is None)
-            if isinstance(getattr(raw, "raw", None), _HashingReader):
+            checking = getattr(raw, "raw", None)
+            if isinstance(checking, _HashingReader):
                 # Read the rest (bytes after the end of the tar, or after the
-                # point where it broke) to its end, where it is checked: a cached
-                # layer changed on disk usually breaks its compression first,
-                # and is reported as corrupt.
+                # point where it broke) and check the whole: a cached layer
+                # changed on disk usually breaks its compression first, and is
+                # reported as corrupt.  (The reading thread may have met the end
+                # already, its error unread: the check is made here again.)
                 try:
                     while raw.read(_READ_CHUNK_BYTES):
                         pass
+                    checking.check_end()
                 except DigestMismatchError as exc:
                     raise exc from broken
             if broken is not None:
                 raise broken
             for directory in opaque:
                 self._apply_opaque(directory)
+            if report is not None:
+                report(True)
         if self.root == self.rootfs:
             self._finish_directories()
+
+    def _reporter(self, layer: Any, counted: Any) -> Optional[Callable[[bool], None]]:
+        """Return what reports a pulled Layer's progress (``report(final)``), or None."""
+        if self.progress is None or not isinstance(counted, _HashingReader):
+            return None
+        progress, descriptor = self.progress, layer.descriptor
+        last = [0.0]
+
+        def report(final: bool) -> None:
+            now = time.monotonic()
+            if final or now - last[0] >= 0.1:
+                last[0] = now
+                # The reading thread updates the count: an int, read whole.
+                done = descriptor.size if final else min(counted.count, descriptor.size - 1)
+                progress(descriptor, done, descriptor.size)
+        return report
 
     @staticmethod
     def _open_layer(layer: Any, media_type: Optional[str]) -> Tuple[Any, str]:
@@ -7001,17 +7052,19 @@ class ImagePuller:
 
     def unpack(self, reference: Union[str, Reference],
                rootfs: Union[str, "os.PathLike[str]"],
-               auth: Optional[RegistryAuth] = None) -> PullResult:
+               auth: Optional[RegistryAuth] = None, *,
+               progress: Optional[_ProgressCallback] = None) -> PullResult:
         """Pull what is missing and unpack the image into a new root filesystem ``rootfs``."""
         result = self.pull_image(reference, auth)
         info = result.wasm_info()
         if info is not None and info.wasm_layer_digest is not None:
             raise UnpackError(f"{result.reference} is a WebAssembly artifact, not a container "
                               "image: use pull-wasm to write its module")
-        LayerUnpacker(rootfs).unpack_layers(result.layers)
+        LayerUnpacker(rootfs, progress=progress).unpack_layers(result.layers)
         return result
 
-    def unpack_layout(self, src: str, rootfs: Union[str, "os.PathLike[str]"]) -> Manifest:
+    def unpack_layout(self, src: str, rootfs: Union[str, "os.PathLike[str]"], *,
+                      progress: Optional[_ProgressCallback] = None) -> Manifest:
         """Unpack the image of ``oci:DIR[:TAG]`` or ``oci-archive:FILE[:TAG]`` into a new
         root filesystem, as umoci does; return the image manifest unpacked.
 
@@ -7040,7 +7093,8 @@ class ImagePuller:
             raise UnpackError(f"{src} is a WebAssembly artifact, not a container image")
         if self._resolver.platform_given and not top.is_index:
             self._resolver.check_platform(src, config_data)  # as unpack of a REF does
-        LayerUnpacker(rootfs).unpack_layers([Layer(d, self.cache) for d in manifest.layers])
+        LayerUnpacker(rootfs, progress=progress).unpack_layers(
+            [Layer(d, self.cache) for d in manifest.layers])
         return manifest
 
     def inspect(self, reference: Union[str, Reference],
@@ -7117,45 +7171,106 @@ class _ArgumentParser:
 
 
 class _Progress:
-    """Per-blob progress lines (bytes and rate) on a terminal's stderr."""
+    """Progress on a terminal's stderr: a line per blob (bytes and rate), a total line.
 
-    def __init__(self, stream: Any, clock: Callable[[], float] = time.monotonic) -> None:
+    Finished blobs are printed once; the active ones and the total are
+    redrawn in place, at most every 0.1 s, each cut to the terminal's width
+    (``COLUMNS``, else the terminal's).  With ``TERM=dumb`` nothing is
+    redrawn: a line per blob as it finishes, and the total at the end.
+    ``verb`` starts every line ("unpack").
+    """
+
+    def __init__(self, stream: Any, clock: Callable[[], float] = time.monotonic,
+                 verb: str = "", environ: Optional[Mapping[str, str]] = None) -> None:
+        env = os.environ if environ is None else environ
         self._stream = stream
         self._clock = clock
+        self._verb = f"{verb} " if verb else ""
+        self._plain = env.get("TERM") == "dumb"
+        self._width = _terminal_width(stream, env)
         self._lock = threading.Lock()
         self._active: Dict[str, Tuple[int, int, float]] = {}
+        self._sizes: Dict[str, Tuple[int, int]] = {}  # every blob seen: (done, total)
+        self._started: Optional[float] = None
         self._lines_drawn = 0
         self._last_draw = 0.0
 
     def __call__(self, descriptor: Descriptor, done: int, total: int) -> None:
         with self._lock:
             now = self._clock()
+            if self._started is None:
+                self._started = now
             started = self._active.get(descriptor.digest, (0, 0, now))[2]
             self._active[descriptor.digest] = (done, total, started)
+            self._sizes[descriptor.digest] = (done, total)
             if done < total and now - self._last_draw < 0.1:
                 return
             self._last_draw = now
             self._draw(now)
 
+    def _fit(self, text: str) -> str:
+        return text[:max(self._width - 1, 20)]
+
     def _line(self, digest: str, now: float) -> str:
         done, total, started = self._active[digest]
         state = "done" if done >= total else \
             f"{_format_bytes(done / max(now - started, 1e-3))}/s"
-        return (f"\x1b[K{digest[:19]}  {_format_bytes(done):>10} / "
-                f"{_format_bytes(total):<10}  {state}\n")
+        return self._fit(f"{self._verb}{digest[:19]}  {_format_bytes(done):>10} / "
+                         f"{_format_bytes(total):<10}  {state}")
+
+    def _total(self, now: float) -> str:
+        done = sum(d for d, _ in self._sizes.values())
+        total = sum(t for _, t in self._sizes.values())
+        rate = done / max(now - (self._started or now), 1e-3)
+        return self._fit(f"{self._verb}total {len(self._sizes)} blob"
+                         f"{'' if len(self._sizes) == 1 else 's'}  {_format_bytes(done):>10} / "
+                         f"{_format_bytes(total):<10}  {_format_bytes(rate)}/s")
 
     def _draw(self, now: float) -> None:
-        """Print finished blobs once, then redraw the lines of the active ones."""
-        out = [f"\x1b[{self._lines_drawn}A"] if self._lines_drawn else []
+        """Print finished blobs once, then redraw the lines of the active ones and the total."""
         finished = [d for d, (done, total, _) in self._active.items() if done >= total]
+        if self._plain:
+            lines = [self._line(digest, now) for digest in finished]
+            for digest in finished:
+                del self._active[digest]
+            if lines:
+                self._stream.write("".join(f"{line}\n" for line in lines))
+                self._stream.flush()
+            return
+        out = [f"\x1b[{self._lines_drawn}A"] if self._lines_drawn else []
         for digest in finished:
-            out.append(self._line(digest, now))
+            out.append(f"\x1b[K{self._line(digest, now)}\n")
             del self._active[digest]
-        out.extend(self._line(digest, now) for digest in self._active)
-        out.append("\x1b[J")
+        out.extend(f"\x1b[K{self._line(digest, now)}\n" for digest in self._active)
+        out.append(f"\x1b[K{self._total(now)}\n\x1b[J")
         self._stream.write("".join(out))
         self._stream.flush()
-        self._lines_drawn = len(self._active)
+        self._lines_drawn = len(self._active) + 1
+
+    def finish(self) -> None:
+        """Print the total once more, as the last line (plain output: its only one)."""
+        with self._lock:
+            if self._started is None:
+                return
+            now = self._clock()
+            if self._plain:
+                self._stream.write(f"{self._total(now)}\n")
+            else:
+                up = f"\x1b[{self._lines_drawn}A" if self._lines_drawn else ""
+                self._stream.write(f"{up}\x1b[J\x1b[K{self._total(now)}\n")
+            self._stream.flush()
+            self._lines_drawn = 0
+
+
+def _terminal_width(stream: Any, environ: Mapping[str, str]) -> int:
+    """Return ``COLUMNS``, else the width of the terminal ``stream`` is, else 80."""
+    columns = _header_int(environ.get("COLUMNS", ""))
+    if columns:
+        return columns
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, OSError, ValueError):
+        return 80
 
 
 # Caches the running command opened; main() closes them when it ends.
@@ -7236,6 +7351,40 @@ def _read_password(username: str, registry: str) -> str:
     return password
 
 
+def _cli_progress(args: Any, verb: str = "") -> Optional[_Progress]:
+    """Return progress lines for stderr when it is a terminal and output is not quiet."""
+    if getattr(args, "quiet", False) or getattr(args, "json", False) \
+            or not sys.stderr.isatty():
+        return None
+    return _Progress(sys.stderr, verb=verb)
+
+
+def _then(first: Optional[_Progress], second: Optional[_Progress]) -> Optional[_Progress]:
+    """Finish ``first`` (the downloads) when ``second`` (what follows) is first called."""
+    if first is None or second is None:
+        return second
+
+    def report(descriptor: Descriptor, done: int, total: int) -> None:
+        _finish(first)
+        second(descriptor, done, total)
+    return report  # type: ignore[return-value]
+
+
+def _finish(progress: Optional[_Progress]) -> None:
+    """Print the total line of a progress display, if there is one."""
+    if progress is not None:
+        progress.finish()
+
+
+def _print_summary(result: PullResult, cache: DirectoryBlobCache, then: str = "") -> None:
+    """Print what a pull did: reference, platform and digest; layers and bytes."""
+    platform = f" ({result.platform})" if result.platform else ""
+    print(f"{result.reference}{platform}: {result.manifest.digest}")
+    print(f"{_layers(len(result.layers))}; {_format_bytes(result.bytes_downloaded)} "
+          f"downloaded, {_format_bytes(result.bytes_from_cache)} from cache "
+          f"({cache.root}){then}")
+
+
 def _layers(count: int) -> str:
     """Return "1 layer" or "N layers"."""
     return f"{count} layer{'' if count == 1 else 's'}"
@@ -7280,9 +7429,7 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
 
 def _cmd_pull(args: Any) -> int:
     reference, auth = _cli_target(args)
-    progress = None
-    if not args.quiet and not args.json and sys.stderr.isatty():
-        progress = _Progress(sys.stderr)
+    progress = _cli_progress(args)
     cache = _cli_cache(args)
     if args.output:
         _parse_destination(args.output)
@@ -7293,17 +7440,14 @@ def _cmd_pull(args: Any) -> int:
             puller.export_image(result.reference.with_digest(result.manifest.digest)
                                 if result.index else result.reference, args.output,
                                 auth=auth)
+    _finish(progress)
     _warn_foreign_platform(args, result)
     if args.json:
         _print_json(result.to_json())
     elif args.quiet:
         print(result.manifest.digest)
     else:
-        platform = f" ({result.platform})" if result.platform else ""
-        print(f"{result.reference}{platform}: {result.manifest.digest}")
-        print(f"{_layers(len(result.layers))}; {_format_bytes(result.bytes_downloaded)} "
-              f"downloaded, {_format_bytes(result.bytes_from_cache)} from cache "
-              f"({cache.root})")
+        _print_summary(result, cache, f"; written to {args.output}" if args.output else "")
     return 0
 
 
@@ -7336,12 +7480,11 @@ def _cmd_inspect(args: Any) -> int:
 def _cmd_export(args: Any) -> int:
     reference, auth = _cli_target(args)
     _parse_destination(args.destination)  # a bad destination fails before any download
-    progress = None
-    if not args.json and sys.stderr.isatty():
-        progress = _Progress(sys.stderr)
+    progress = _cli_progress(args)
     with _cli_puller(args, _cli_cache(args), progress) as puller:
         info = puller.export_image(reference, args.destination, platform=args.platform,
                                    auth=auth)
+    _finish(progress)
     if args.json:
         _print_json(info.to_json())
     else:
@@ -7363,26 +7506,28 @@ def _cmd_import(args: Any) -> int:
 
 
 def _cmd_unpack(args: Any) -> int:
+    unpacking = _cli_progress(args, "unpack")
     if _parse_location(args.reference).is_layout:
         with _cli_puller(args, _cli_cache(args)) as puller:
-            manifest = puller.unpack_layout(args.reference, args.directory)
+            manifest = puller.unpack_layout(args.reference, args.directory, progress=unpacking)
             if manifest.config is not None:
                 _warn_if_foreign(args, args.reference, _config_platform(
                     puller.read_config(manifest)))
+        _finish(unpacking)
         if not args.quiet:
-            print(f"{args.reference}: {manifest.digest}: {_layers(len(manifest.layers))} "
+            print(f"{args.reference}: {manifest.digest}\n{_layers(len(manifest.layers))} "
                   f"unpacked into {os.path.abspath(args.directory)}")
         return 0
     reference, auth = _cli_target(args)
-    progress = None
-    if not args.quiet and sys.stderr.isatty():
-        progress = _Progress(sys.stderr)
-    with _cli_puller(args, _cli_cache(args), progress) as puller:
-        result = puller.unpack(reference, args.directory, auth)
+    downloads = _cli_progress(args)
+    cache = _cli_cache(args)
+    with _cli_puller(args, cache, downloads) as puller:
+        result = puller.unpack(reference, args.directory, auth,
+                               progress=_then(downloads, unpacking))
+    _finish(unpacking)
     _warn_foreign_platform(args, result)
     if not args.quiet:
-        print(f"{result.reference}: {result.manifest.digest}: {_layers(len(result.layers))} "
-              f"unpacked into {os.path.abspath(args.directory)}")
+        _print_summary(result, cache, f"; unpacked into {os.path.abspath(args.directory)}")
     return 0
 
 

@@ -3,7 +3,7 @@
 
 Usage::
 
-    python3 bench/unpack.py [--rounds 5] [--small] [--level 6] [--python PATH]
+    python3 bench/unpack.py [--rounds 5] [--small | --pull-image] [--level 6] [--python PATH]
                             [--profile] [--json FILE] [--keep]
 
 It writes an OCI image layout of four layers, each one file of 32 MiB incompressible
@@ -106,6 +106,8 @@ class Shape:
 
 FULL = Shape(big_files=4, big_file_bytes=32 * kit.MIB, small_files=10_000, small_dirs=100)
 SMALL = Shape(big_files=4, big_file_bytes=4 * kit.MIB, small_files=1_000, small_dirs=10)
+# The pull benchmark's image (bench/pull.py): six 48 MiB layers and 10,000 small files.
+PULL = Shape(big_files=6, big_file_bytes=48 * kit.MIB, small_files=10_000, small_dirs=100)
 
 
 def _small_file_entries(shape: Shape) -> List[kit.TarEntry]:
@@ -425,6 +427,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--small", action="store_true",
                         help="4 x 4 MiB and 1,000 small files, for a quick run")
+    parser.add_argument("--pull-image", action="store_true",
+                        help="the shape of bench/pull.py's image: 6 x 48 MiB and 10,000 "
+                             "small files (use with --level 1, as that image is written)")
     parser.add_argument("--level", type=int, default=6, choices=range(1, 10),
                         help="gzip level of the layers (default 6)")
     parser.add_argument("--python", default=sys.executable, help="interpreter of ours")
@@ -474,7 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the benchmark; returns 0, 1 on a failed step, 130 on interrupt."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    shape = SMALL if args.small else FULL
+    shape = SMALL if args.small else PULL if args.pull_image else FULL
     work = Path(tempfile.mkdtemp(prefix="zlayer-bench-unpack-",
                                  dir=None if args.workdir is None else str(args.workdir)))
     (work / "logs").mkdir()
