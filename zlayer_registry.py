@@ -119,8 +119,8 @@ __all__ = [
     "WASM_CONFIG_V1", "WASM_LAYER_MEDIA_TYPE",
     # Errors
     "ZLayerError", "InvalidReferenceError", "InvalidDigestError", "InvalidPlatformError",
-    "ManifestError", "DigestMismatchError", "RegistryError", "AuthError",
-    "NotFoundError", "RateLimitedError", "CacheError", "UnpackError",
+    "ManifestError", "PlatformNotFoundError", "DigestMismatchError", "RegistryError",
+    "AuthError", "NotFoundError", "RateLimitedError", "CacheError", "UnpackError",
     "LayoutError",
     # Digests, descriptors, references
     "Descriptor", "Platform", "Reference", "parse_reference", "parse_platform",
@@ -242,6 +242,16 @@ class InvalidPlatformError(ZLayerError, ValueError):
 
 class ManifestError(ZLayerError):
     """A manifest or index is malformed, too large or of an unsupported type."""
+
+
+class PlatformNotFoundError(ManifestError):
+    """An index has no manifest for the platform asked for; ``platform`` names it and
+    ``offered`` lists what the index has."""
+
+    def __init__(self, message: str, platform: str, offered: Sequence[str]) -> None:
+        self.platform = platform
+        self.offered = tuple(offered)
+        super().__init__(message)
 
 
 class DigestMismatchError(ZLayerError):
@@ -1353,9 +1363,10 @@ def select_platform(index: Manifest, wanted: Platform) -> Descriptor:
         offered = sorted({str(c.platform) for c in index.manifests
                           if c.platform is not None
                           and c.platform.os != "unknown"})
-        raise NotFoundError(f"no manifest for platform {wanted} in index "
-                            f"{index.digest}; it offers: "
-                            f"{', '.join(offered) or 'no platforms'}")
+        raise PlatformNotFoundError(f"no manifest for platform {wanted} in index "
+                                    f"{index.digest}; it offers: "
+                                    f"{', '.join(offered) or 'no platforms'}",
+                                    str(wanted), offered)
     return best[2]
 
 
@@ -2958,10 +2969,10 @@ def _choose_challenge(response: _Response, registry: str, auth: RegistryAuth) ->
                         "challenge", status=401, method=response.method,
                         url=_redact_url(response.url))
     if chosen.scheme == "basic" and not auth.password:
-        raise AuthError(f"{registry} requires credentials (basic auth): give --creds or "
-                        "--authfile, log in with docker or podman, or point DOCKER_CONFIG or "
-                        "REGISTRY_AUTH_FILE at a file holding them", status=401,
-                        method=response.method, url=_redact_url(response.url))
+        error = AuthError(f"{registry} requires credentials (basic auth) and none were given",
+                          status=401, method=response.method, url=_redact_url(response.url))
+        error.needs_credentials = True  # the CLI says where they can come from
+        raise error
     return chosen
 
 
@@ -7109,7 +7120,7 @@ class ImagePuller:
             data["platforms"] = _index_platforms(top)
             try:
                 manifest, _, platform = self._resolver.resolve_platform(source, top)
-            except NotFoundError:
+            except PlatformNotFoundError:
                 return data
             data["platform"] = str(platform) if platform else None
             data["manifest_digest"] = manifest.digest
@@ -7975,6 +7986,14 @@ def _creds_values(args: Sequence[str]) -> Optional[List[str]]:
     return values
 
 
+def _hint(exc: ZLayerError) -> str:
+    """Return what the CLI adds to a library error: the flags that would help."""
+    if getattr(exc, "needs_credentials", False):
+        return ("; give --creds or --authfile, log in with docker or podman, or point "
+                "DOCKER_CONFIG or REGISTRY_AUTH_FILE at a file holding them")
+    return ""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 failure, 2 usage,
     130 interrupted, 141 output closed, 143 terminated)."""
@@ -8005,7 +8024,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if debug:
             import traceback
             traceback.print_exc()
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        print(f"{_PROG}: error: {exc}{_hint(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         if isinstance(exc, _Terminated):
