@@ -1096,6 +1096,38 @@ class TestHostileRegistries:
 # =============================================================================
 
 class TestCliInput:
+    def test_a_pull_that_fails_before_any_blob_leaves_no_cache(self, tmp_path):
+        out = run_cli("pull", "127.0.0.1:9/app", "--cache", str(tmp_path / "new"),
+                      cwd=tmp_path)
+        assert_one_line_error(out, 1)
+        assert not (tmp_path / "new").exists()
+        (tmp_path / "old").mkdir()
+        run_cli("pull", "127.0.0.1:9/app", "--cache", str(tmp_path / "old"), cwd=tmp_path)
+        assert (tmp_path / "old").is_dir()  # one that was there stays
+
+    def test_an_empty_cache_option_is_an_error(self, tmp_path):
+        out = run_cli("pull", "127.0.0.1:9/app", "--cache", "", cwd=tmp_path)
+        assert_one_line_error(out, 1)
+        assert "--cache is empty" in out.stderr
+
+    def test_a_broken_docker_config_warning_says_where_it_broke(self, tmp_path):
+        (tmp_path / "dc").mkdir()
+        (tmp_path / "dc" / "config.json").write_text('{"auths": {\n  "x": secret-ish}')
+        out = run_cli("pull", "127.0.0.1:9/app", "--cache", str(tmp_path / "c"),
+                      env={"DOCKER_CONFIG": str(tmp_path / "dc")}, cwd=tmp_path)
+        assert "not JSON (line 2, column 8)" in out.stderr and "secret-ish" not in out.stderr
+
+    def test_a_host_that_does_not_resolve_is_named(self):
+        import socket as _socket
+        error = zr._unreachable_error(
+            "docker.io", "registry-1.docker.io", zr._ProxySettings(), "GET",
+            "https://registry-1.docker.io/v2/", _socket.gaierror(-2, "Name not known"), None)
+        assert str(error).startswith("cannot reach docker.io (registry-1.docker.io): ")
+        local = zr._unreachable_error(
+            "localhost:5000", "localhost", zr._ProxySettings(), "GET",
+            "http://localhost:5000/v2/", ConnectionRefusedError(111, "refused"), None)
+        assert str(local).startswith("cannot reach localhost:5000: ")
+
     @pytest.mark.parametrize("reference, text", [
         ("", "empty reference"),
         ("a b", "whitespace"),

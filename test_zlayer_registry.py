@@ -2697,8 +2697,11 @@ class TestCli:
         (["pull", "127.0.0.1:9/app", "--creds", "u:p", "--authfile", "f"], 2, "not allowed"),
         (["pull", "127.0.0.1:9/app", "--authfile", "/no/such.json"], 1, "no such file"),
         (["pull", "127.0.0.1:9/app", "--creds", "user", "pw-secret"], 2,
-         "unrecognized arguments: 1, not shown"),
-        (["pull", "127.0.0.1:9/app", "--creds=u:pw-secret", "--x"], 2, "not shown"),
+         "1 unrecognized argument (not shown, as --creds is given"),
+        (["pull", "127.0.0.1:9/app", "--creds=u:pw-secret", "--x", "--y"], 2,
+         "2 unrecognized arguments (not shown"),
+        (["pull", "127.0.0.1:9/app", "--creds", "alice:pw-secret", "--platform", "x"], 2,
+         "invalid platform"),
         (["pull", "127.0.0.1:9/app", "--creds", "user:"], 2, "expected a password"),
     ])
     def test_bad_input_is_one_line_and_exit_code(self, args, code, text, tmp_path):
@@ -2707,6 +2710,11 @@ class TestCli:
         assert out.returncode == code
         assert text in out.stderr and "pw-secret" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+    def test_a_creds_usage_error_keeps_the_user_name(self, tmp_path):
+        out = run_cli("pull", "127.0.0.1:9/app", "--creds", "alice", "--cache", str(tmp_path),
+                      input="", cwd=tmp_path)
+        assert out.returncode == 2 and "--creds alice: no password given" in out.stderr
 
     @pytest.mark.parametrize("how", ["inline", "stdin", "authfile"])
     def test_cli_credentials_from_flags(self, registry, tmp_path, how):

@@ -2699,15 +2699,15 @@ def _load_json_file(path: str, required: bool = False) -> Dict[str, Any]:
         return {}
     except (OSError, ValueError) as exc:
         # Never the text of the file (secrets): where JSON broke, or the OS error.
+        if isinstance(exc, json.JSONDecodeError):
+            detail = f"not JSON (line {exc.lineno}, column {exc.colno})"
+        elif isinstance(exc, OSError) and exc.strerror:
+            detail = exc.strerror
+        else:
+            detail = exc.__class__.__name__
         if required:
-            if isinstance(exc, json.JSONDecodeError):
-                detail = f"not JSON (line {exc.lineno}, column {exc.colno})"
-            elif isinstance(exc, OSError) and exc.strerror:
-                detail = exc.strerror
-            else:
-                detail = exc.__class__.__name__
             raise AuthError(f"cannot read credentials file {path}: {detail}") from None
-        _warn(f"ignoring credentials file {path}: {exc.__class__.__name__}")
+        _warn(f"ignoring credentials file {path}: {detail}")
         return {}
     if not isinstance(data, dict) and required:
         raise AuthError(f"credentials file {path} does not hold a JSON object")
@@ -3049,7 +3049,10 @@ def _unreachable_error(registry: str, registry_host: str, proxies: _ProxySetting
     ``refusal`` is the rest of the message for a TLS failure (``_tls_refusal``).
     """
     scheme, host, port = _origin(url)
-    where = registry if host == registry_host else f"{registry} ({host})"
+    # The host that failed, when it is not the registry's name (docker.io is
+    # registry-1.docker.io): what a firewall's allow-list needs.
+    named = _split_name_port(registry)[0].strip("[]").lower()
+    where = registry if host == named else f"{registry} ({host})"
     detail = str(exc) if isinstance(exc, _SchemesUnanswered) else \
         f"{exc.__class__.__name__}: {exc}"
     message = f"{where} {refusal}" if refusal else f"cannot reach {where}: {detail}"
@@ -7285,24 +7288,33 @@ def _terminal_width(stream: Any, environ: Mapping[str, str]) -> int:
 
 
 # Caches the running command opened; main() closes them when it ends.
-_CLI_CACHES: List[DirectoryBlobCache] = []
+_CLI_CACHES: List[Tuple[DirectoryBlobCache, bool]] = []
 
 
 def _cli_cache(args: Any, create: bool = True) -> DirectoryBlobCache:
-    root = args.cache or BlobCache.default_path()
+    root = args.cache if args.cache is not None else BlobCache.default_path()
+    if root == "":
+        raise CacheError("--cache is empty (an unset variable?)")
     if not create and not os.path.isdir(root):  # a mistyped --cache must not make one
         if os.path.exists(root):
             raise CacheError(f"{os.path.abspath(root)} is not a directory, so not a cache")
         raise CacheError(f"no cache at {os.path.abspath(root)} (nothing was pulled there)")
+    created = not os.path.exists(root)
     cache = BlobCache.open(root)
-    _CLI_CACHES.append(cache)
+    _CLI_CACHES.append((cache, created))
     return cache
 
 
-def _close_cli_caches() -> None:
+def _close_cli_caches(failed: bool) -> None:
+    """Close the command's caches; one it created for nothing (it failed before any
+    blob was stored) is removed again."""
+    import shutil
     while _CLI_CACHES:
+        cache, created = _CLI_CACHES.pop()
         try:
-            _CLI_CACHES.pop().close()
+            cache.close()
+            if failed and created and cache.is_empty() and not cache.references():
+                shutil.rmtree(cache.root, ignore_errors=True)
         except (ZLayerError, OSError):
             pass  # the index only speeds things up; the next open rebuilds it
 
@@ -7970,19 +7982,21 @@ def _unrecognized(extras: Sequence[str], command: Optional[str],
     """Return the usage error for arguments no parser took."""
     where = f"{_PROG} {command}" if command else _PROG
     # "--creds user s3cret" (a space for the colon) leaves the password over.
-    shown = f"{len(extras)}, not shown as --creds is given" \
-        if _creds_values(args) is not None else " ".join(extras)
-    return _UsageError(f"unrecognized arguments: {shown} (see '{where} --help')")
+    if _creds_passwords(args) is not None:
+        count = f"{len(extras)} unrecognized argument{'' if len(extras) == 1 else 's'}"
+        return _UsageError(f"{count} (not shown, as --creds is given; see '{where} --help')")
+    return _UsageError(f"unrecognized arguments: {' '.join(extras)} (see '{where} --help')")
 
 
-def _creds_values(args: Sequence[str]) -> Optional[List[str]]:
-    """Return the --creds values (and their passwords) in ``args``, None without --creds."""
+def _creds_passwords(args: Sequence[str]) -> Optional[List[str]]:
+    """Return the passwords --creds gives in ``args`` (the user names are no secret),
+    None without --creds."""
     values: Optional[List[str]] = None
     for index, arg in enumerate(args):
         if arg == "--creds" or arg.startswith("--creds="):
             value = arg[len("--creds="):] if "=" in arg else \
                 (args[index + 1] if index + 1 < len(args) else "")
-            values = (values or []) + [v for v in (value, value.partition(":")[2]) if v]
+            values = (values or []) + [p for p in (value.partition(":")[2],) if p]
     return values
 
 
@@ -8010,13 +8024,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "cache" and args.action is None:
             raise _UsageError("cache needs an action: ls, verify, rm, prune or gc "
                               f"(see '{_PROG} cache --help')")
+        failed = True
         try:
-            return _COMMANDS[args.command].run(args)
+            status = _COMMANDS[args.command].run(args)
+            failed = status != 0
+            return status
         finally:
-            _close_cli_caches()
+            _close_cli_caches(failed)
     except _UsageError as exc:
         message = str(exc)
-        for value in _creds_values(args_list) or ():
+        for value in _creds_passwords(args_list) or ():
             message = message.replace(value, "<redacted>")
         print(f"{_PROG}: error: {message}", file=sys.stderr)
         return 2
