@@ -227,6 +227,15 @@ class TestValues:
         assert zr.Descriptor("x", SHA_A, 1).annotations is not zr.Descriptor("x", SHA_A, 1).annotations
 
 
+class TestErrors:
+    def test_a_digest_mismatch_names_the_digest_once(self):
+        error = zr.DigestMismatchError(f"cached layer {SHA_A} is corrupt", SHA_A, SHA_B)
+        assert str(error) == f"cached layer {SHA_A} is corrupt: got {SHA_B}"
+        assert str(zr.DigestMismatchError("blob digest mismatch", SHA_A, SHA_B)) == \
+            f"blob digest mismatch: expected {SHA_A}, got {SHA_B}"
+        assert error.expected == SHA_A and error.actual == SHA_B
+
+
 class TestDigests:
     def test_compute_and_validate(self):
         assert zr.compute_digest(b"") == \

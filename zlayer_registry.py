@@ -261,7 +261,9 @@ class DigestMismatchError(ZLayerError):
         self.subject = subject
         self.expected = expected
         self.actual = actual
-        super().__init__(f"{subject}: expected {expected}, got {actual}")
+        # A subject that names the digest already need not repeat it.
+        named = expected.startswith(("sha256:", "sha512:")) and expected.split()[0] in subject
+        super().__init__(f"{subject}: {'' if named else f'expected {expected}, '}got {actual}")
 
 
 class RegistryError(ZLayerError):
@@ -6190,7 +6192,7 @@ def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Des
                 _drain_checked(stream, descriptor, write=chunks.append if is_manifest else None)
             except DigestMismatchError as exc:
                 raise LayoutError(f"{source.path}: blob {descriptor.digest} is corrupt "
-                                  f"({exc})") from exc
+                                  f"(its bytes hash to {exc.actual})") from exc
             return b"".join(chunks) if is_manifest else None
         writer = cache.begin_write(descriptor.digest, descriptor.size, descriptor.media_type)
         writers.append(writer)
@@ -6203,7 +6205,7 @@ def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Des
         except DigestMismatchError as exc:
             writers.remove(writer)
             raise LayoutError(f"{source.path}: blob {descriptor.digest} is corrupt "
-                              f"({exc})") from exc
+                              f"(its bytes hash to {exc.actual})") from exc
     return b"".join(chunks) if is_manifest else None
 
 
