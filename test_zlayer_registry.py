@@ -3835,6 +3835,23 @@ class TestExport:
             make_puller().export_image(f"{registry.host}/app:v1", f"oci:{tmp_path}/l:v1")
         assert "credentials" not in capsys.readouterr().err
 
+    def test_an_archive_may_name_its_image_name_and_tag(self, registry, tmp_path):
+        image = registry.add_image("app", "v1", [layer_bytes(1, 500)])
+        archive = tmp_path / "a.tar"
+        info = make_puller().export_image(f"{registry.host}/app:v1",
+                                          f"oci-archive:{archive}:localhost/app:v1")
+        assert info.tag == "localhost/app:v1"
+        with _tarfile.open(archive) as tar:
+            index = json.loads(tar.extractfile("index.json").read())
+        assert index["manifests"][0]["annotations"][zr.ANNOTATION_REF_NAME] == "localhost/app:v1"
+        imported = make_puller().import_image(f"oci-archive:{archive}:localhost/app:v1")
+        assert [i.digest for i in imported] == [image["digest"]]
+        odd = tmp_path / "with:colon"
+        odd.mkdir()  # a path that exists is taken whole
+        assert zr._parse_location(f"oci:{odd}").path == str(odd)
+        with pytest.raises(zr.LayoutError, match="invalid tag"):
+            zr._parse_location(f"oci:{tmp_path}/x:Bad Tag")
+
     def test_bad_destinations(self, registry, tmp_path):
         registry.add_image("app", "v1", [layer_bytes(1, 500)])
         with pytest.raises(zr.LayoutError, match="unknown export format 'zip'"):
@@ -4001,6 +4018,23 @@ class TestUnpackLayout:
         assert is_layout is layout
         (tmp_path / "latest").mkdir()
         assert zr._parse_location("oci:latest").is_layout  # a directory of that name is one
+
+    def test_a_missing_layout_taken_for_a_registry_image_is_said(self, tmp_path):
+        out = run_cli("pull", "oci:latest", "--cache", str(tmp_path / "c"), cwd=tmp_path,
+                      env={"HTTPS_PROXY": "http://127.0.0.1:9"})
+        assert out.returncode == 1
+        assert ("warning: no layout latest here; taken as the image "
+                "docker.io/library/oci:latest") in out.stderr
+
+    def test_archives_that_are_no_tar_are_one_line(self, tmp_path):
+        (tmp_path / "empty.tar").write_bytes(b"")
+        (tmp_path / "text.tar").write_bytes(b"hello\n")
+        for name, text in (("empty.tar", "is not a tar archive (empty file)"),
+                           ("text.tar", "is not a tar archive")):
+            out = run_cli("import", f"oci-archive:{tmp_path}/{name}", "--cache",
+                          str(tmp_path / "c"), cwd=tmp_path)
+            assert out.returncode == 1 and out.stderr.strip().endswith(text)
+            assert len(out.stderr.strip().splitlines()) == 1
 
     @pytest.mark.parametrize("command", [["pull"], ["inspect"], ["pull-wasm", "-o", "x.wasm"],
                                          ["export", "REF", "oci:out"]])

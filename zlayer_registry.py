@@ -1057,7 +1057,8 @@ def _split_domain(text: str, name: str) -> Tuple[str, str]:
 # =============================================================================
 # skopeo's transport syntax, which users of every peer know:
 #   [docker://]REF                  a registry reference
-#   oci:DIR[:TAG]                   an OCI image layout directory
+#   oci:DIR[:TAG]                   an OCI image layout directory (TAG may be
+#                                   NAME:TAG, the image's name for podman load)
 #   oci-archive:FILE[:TAG]          the same as a tar file
 #   docker-archive:FILE[:NAME[:TAG]]  what `docker save` writes (NAME[:TAG]:
 #                                   the name `docker load` gives the image)
@@ -1133,7 +1134,7 @@ def _names_a_layout(text: str) -> bool:
     rest = text.partition(":")[2]
     if not rest or re.match(r"[0-9]+/", rest):
         return False
-    path = rest.rsplit(":", 1)[0]
+    path = rest.partition(":")[0]
     if "/" in path or path.startswith(".") or os.path.exists(path):
         return True
     try:
@@ -1158,17 +1159,27 @@ def _parse_file_location(text: str, transport: str, rest: str) -> _Location:
             if named.digest:
                 raise LayoutError(f"the image name in {text!r} cannot hold a digest")
         return _Location(transport, path, name or None)
+    # PATH:NAME splits at the first colon, as skopeo does, so that NAME may be
+    # a tag or a whole NAME:TAG (what podman load names the image); a path
+    # that exists is taken whole, colons and all.
     path, tag = rest, None
-    head, sep, tail = rest.rpartition(":")
-    if sep and not head:  # oci::TAG
-        raise LayoutError(f"location {text!r} names no file or directory")
-    if sep and "/" not in tail:
-        path, tag = head, tail
+    if not os.path.exists(rest):
+        head, sep, tail = rest.partition(":")
+        if sep:
+            path, tag = head, tail
     if not path:
         raise LayoutError(f"location {text!r} names no file or directory")
-    if tag is not None and not _TAG_RE.fullmatch(tag):
-        raise LayoutError(f"invalid tag {tag!r} in {text!r}")
+    if tag is not None and not (_TAG_RE.fullmatch(tag) or _is_image_name(tag)):
+        raise LayoutError(f"invalid tag {tag!r} in {text!r} (a tag, or NAME:TAG)")
     return _Location(transport, path, tag)
+
+
+def _is_image_name(text: str) -> bool:
+    """Tell whether ``text`` is a reference without a digest (a layout's NAME:TAG)."""
+    try:
+        return parse_reference(text).digest is None
+    except InvalidReferenceError:
+        return False
 
 
 # =============================================================================
@@ -6090,6 +6101,10 @@ class _LayoutSource:
             for member in self._tar:
                 name = member.name[2:] if member.name.startswith("./") else member.name
                 self._members[name] = member
+        except tarfile.ReadError as exc:  # tarfile's own text lists every codec it tried
+            empty = os.path.isfile(path) and os.path.getsize(path) == 0
+            raise LayoutError(f"{path} is not a tar archive"
+                              f"{' (empty file)' if empty else ''}") from exc
         except (OSError, tarfile.TarError, EOFError) as exc:
             raise LayoutError(f"cannot read OCI archive {path}: {exc}") from exc
 
@@ -7445,6 +7460,11 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
         raise _UsageError(f"{args.command} takes a registry reference, not the local {what} "
                           f"{args.reference}: import and unpack read layouts")
     reference = location.reference
+    transport, _, rest = args.reference.partition(":")
+    if transport in _LAYOUT_TRANSPORTS and not re.match(r"[0-9]+/", rest):
+        # oci:NAME is a layout only where NAME exists (see _parse_location).
+        print(f"{_PROG}: warning: no layout {rest.split(':')[0]} here; taken as the image "
+              f"{reference}", file=sys.stderr)
     return reference, _cli_auth(args, reference.registry)
 
 
