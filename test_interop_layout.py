@@ -662,9 +662,9 @@ class TestCli:
         proc = _run_cli(tmp_path, "import", "oci-archive:%s:v1" % archive, "--json",
                         "--cache", cache)
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout) == [{"reference": "v1", "digest": single.digest,
-                                            "media_type": kit.MEDIA_TYPE_OCI_MANIFEST,
-                                            "cached_as": "oci-archive:%s:v1" % archive}]
+        assert json.loads(proc.stdout) == [{"reference": "oci-archive:%s:v1" % archive,
+                                            "tag": "v1", "digest": single.digest,
+                                            "media_type": kit.MEDIA_TYPE_OCI_MANIFEST}]
         proc = _run_cli(tmp_path, "pull", single.reference, "--json", "--cache", cache)
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)

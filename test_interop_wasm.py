@@ -414,7 +414,7 @@ class TestStyles:
         out = _cli_json(tmp_path, "pull-wasm", pushed.reference, "-o", str(output), "--json",
                         "--cache", str(tmp_path / "cache"))
         assert output.read_bytes() == case.artifact.module
-        assert out["output"] == str(output)
+        assert out["destination"] == str(output)
         assert out["wasi_version"] == case.wasi
         assert out["wasm_layer_digest"] == kit.sha256_file(output)
 

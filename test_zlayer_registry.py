@@ -2592,6 +2592,31 @@ class TestDirectIoWriter:
 # -----------------------------------------------------------------------------
 
 class TestCli:
+    def test_quiet_prints_only_the_digest_or_nothing(self, registry, tmp_path):
+        config = {"architecture": "amd64", "os": "linux", "created": "2026-01-02T03:04:05Z",
+                  "config": {"Entrypoint": ["/bin/app"], "Cmd": ["--serve"],
+                             "Env": ["PATH=/bin", "MODE=prod"], "WorkingDir": "/srv"}}
+        image = registry.add_image("app", "v1", [make_layer([F("f", b"x")])], config=config)
+        cache = ["--cache", str(tmp_path / "c")]
+        ref = f"{registry.host}/app:v1"
+        digest = image["digest"]
+        for args, expected in ((["pull", ref], digest), (["inspect", ref], digest),
+                               (["export", ref, f"oci:{tmp_path}/l:v1"], digest),
+                               (["import", f"oci:{tmp_path}/l:v1"], digest),
+                               (["unpack", ref, str(tmp_path / "root")], ""),
+                               (["cache", "ls"], ref + "\n" + f"oci:{tmp_path}/l:v1"),
+                               (["cache", "verify"], ""), (["cache", "gc"], "")):
+            out = run_cli(*args, "-q", *cache, cwd=tmp_path)
+            assert out.returncode == 0, (args, out.stderr)
+            assert out.stdout.strip() == expected, args
+        text = run_cli("inspect", ref, *cache, cwd=tmp_path).stdout
+        for line in ("created:    2026-01-02T03:04:05Z", 'entrypoint: ["/bin/app"]',
+                     'cmd:        ["--serve"]', "workdir:    /srv", "  env       MODE=prod"):
+            assert line in text, line
+        zr.BlobCache.open(tmp_path / "one").put(zr.compute_digest(b"x"), b"x")
+        listed = run_cli("cache", "ls", "--cache", str(tmp_path / "one"), cwd=tmp_path).stdout
+        assert listed.splitlines()[-1].startswith("1 blob, 1 B in ")
+
     def test_pull_json(self, registry, tmp_path):
         image = registry.add_image("app", "v1", [layer_bytes(1)])
         out = run_cli("pull", f"{registry.host}/app:v1", "--cache", str(tmp_path / "c"),
@@ -3085,7 +3110,7 @@ class TestWasmPull:
         out = run_cli("pull-wasm", f"{registry.host}/fn:v1", "-o", str(target), "--json",
                       "--cache", str(tmp_path / "c"), cwd=tmp_path)
         data = json.loads(out.stdout)
-        assert data["digest"] == pushed["digest"] and data["output"] == str(target)
+        assert data["digest"] == pushed["digest"] and data["destination"] == str(target)
         # A cached module changed on disk is caught while it is copied out.
         layer_file = tmp_path / "c" / "blobs" / "sha256" / pushed["layer"]["digest"][7:]
         layer_file.chmod(0o644)
@@ -3122,7 +3147,7 @@ class TestWasmPull:
         out = subprocess.run(cmd + ["--json"], capture_output=True, timeout=120,
                              cwd=str(tmp_path), env=cli_env(tmp_path))
         assert out.returncode == 0 and out.stdout == CORE_WITH_FUNC
-        assert json.loads(out.stderr)["output"] == "-"
+        assert json.loads(out.stderr)["destination"] == "-"
 
     def test_unpack_of_a_wasm_artifact_points_to_pull_wasm(self, registry, tmp_path):
         _push_wasm(registry, "fn", "v1", CORE_WITH_FUNC)
@@ -4180,9 +4205,9 @@ class TestImport:
         assert json.loads(out.stdout)["format"] == "oci-archive"
         out = run_cli("import", f"oci-archive:{tmp_path}/e.tar", "--json", "--cache",
                       str(tmp_path / "c2"), cwd=tmp_path)
-        assert json.loads(out.stdout) == [{"reference": "v1", "digest": image["digest"],
-                                           "media_type": fake.OCI_MANIFEST,
-                                           "cached_as": f"oci-archive:{tmp_path}/e.tar:v1"}]
+        assert json.loads(out.stdout) == [{"reference": f"oci-archive:{tmp_path}/e.tar:v1",
+                                           "tag": "v1", "digest": image["digest"],
+                                           "media_type": fake.OCI_MANIFEST}]
         listing = json.loads(run_cli("cache", "ls", "--json", "--cache", str(tmp_path / "c2"),
                                      cwd=tmp_path).stdout)
         assert listing["references"] == {f"oci-archive:{tmp_path}/e.tar:v1": image["digest"]}

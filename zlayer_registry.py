@@ -12,9 +12,9 @@ Quickstart::
     from zlayer_registry import BlobCache, ImagePuller, RegistryAuth
 
     cache = BlobCache.open("/var/lib/zlayer/cache")
-    puller = ImagePuller(cache)
-    manifest, layers = puller.pull("ghcr.io/org/image:latest",
-                                   RegistryAuth.anonymous())
+    with ImagePuller(cache) as puller:
+        manifest, layers = puller.pull("ghcr.io/org/image:latest",
+                                       RegistryAuth.anonymous())
     print(f"pulled {len(layers)} layers")
     for layer in layers:
         with layer.open() as f:           # verified bytes, streamed from disk
@@ -1018,9 +1018,12 @@ def parse_reference(text: str) -> Reference:
     registry, path = _split_domain(text, name)
     for component in path.split("/"):
         if not _PATH_COMPONENT_RE.fullmatch(component):
-            reason = ("repository names must be lowercase"
-                      if component.lower() != component
-                      else f"invalid path component {component!r}")
+            if ":" in component:
+                reason = "more than one tag (a reference has at most one ':TAG')"
+            elif component.lower() != component:
+                reason = "repository names must be lowercase"
+            else:
+                reason = f"invalid path component {component!r}"
             raise InvalidReferenceError(text, reason)
     if len(registry) + 1 + len(path) > _MAX_NAME_LENGTH:
         raise InvalidReferenceError(text, f"name longer than {_MAX_NAME_LENGTH} characters")
@@ -6081,9 +6084,10 @@ class ImportInfo:
     cached_as: str = ""
 
     def to_json(self) -> Dict[str, Any]:
-        """Return the JSON form ``import --json`` prints."""
-        return {"reference": self.reference, "digest": self.digest,
-                "media_type": self.media_type, "cached_as": self.cached_as}
+        """Return the JSON form ``import --json`` prints: ``reference`` is the name the
+        cache records it under, ``tag`` its ref name in the layout."""
+        return {"reference": self.cached_as, "tag": self.reference, "digest": self.digest,
+                "media_type": self.media_type}
 
 
 class _LayoutSource:
@@ -7425,9 +7429,14 @@ def _print_summary(result: PullResult, cache: DirectoryBlobCache, then: str = ""
           f"({cache.root}){then}")
 
 
+def _count(count: int, noun: str) -> str:
+    """Return "1 layer", "2 layers" (for any noun that takes an s)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _layers(count: int) -> str:
     """Return "1 layer" or "N layers"."""
-    return f"{count} layer{'' if count == 1 else 's'}"
+    return _count(count, "layer")
 
 
 def _print_json(data: Any) -> None:
@@ -7503,6 +7512,9 @@ def _cmd_inspect(args: Any) -> int:
     if args.json:
         _print_json(data)
         return 0
+    if args.quiet:
+        print(data["digest"])
+        return 0
     print(f"reference:  {data['reference']}")
     print(f"digest:     {data['digest']}")
     print(f"media type: {data['media_type']}")
@@ -7519,7 +7531,22 @@ def _cmd_inspect(args: Any) -> int:
     for layer in data["layers"]:
         print(f"  layer     {layer['digest']} {_format_bytes(layer['size']):>10} "
               f"{layer['media_type']}")
+    _print_config_summary(data.get("config_data") or {})
     return 0
+
+
+def _print_config_summary(config: Mapping[str, Any]) -> None:
+    """Print what an image runs: created, entrypoint, cmd, working dir, user, env."""
+    runs = config.get("config") if isinstance(config.get("config"), dict) else {}
+    rows = [("created", config.get("created")), ("entrypoint", runs.get("Entrypoint")),
+            ("cmd", runs.get("Cmd")), ("workdir", runs.get("WorkingDir")),
+            ("user", runs.get("User"))]
+    for label, value in rows:
+        if value:
+            shown = json.dumps(value) if isinstance(value, list) else str(value)
+            print(f"{label + ':':<12}{shown}")
+    for variable in runs.get("Env") or []:
+        print(f"  env       {variable}")
 
 
 def _cmd_export(args: Any) -> int:
@@ -7532,10 +7559,12 @@ def _cmd_export(args: Any) -> int:
     _finish(progress)
     if args.json:
         _print_json(info.to_json())
+    elif args.quiet:
+        print(info.digest)
     else:
         print(f"{info.reference}: {info.digest} -> {info.format}:{info.destination}"
               f"{':' + info.tag if info.tag and info.format != 'docker-archive' else ''} "
-              f"({info.blobs} blobs, {_format_bytes(info.size_bytes)})")
+              f"({_count(info.blobs, 'blob')}, {_format_bytes(info.size_bytes)})")
     return 0
 
 
@@ -7546,7 +7575,8 @@ def _cmd_import(args: Any) -> int:
         _print_json([info.to_json() for info in infos])
     else:
         for info in infos:
-            print(f"{info.cached_as}: {info.digest} ({info.media_type})")
+            print(info.digest if args.quiet else
+                  f"{info.cached_as}: {info.digest} ({info.media_type})")
     return 0
 
 
@@ -7592,9 +7622,11 @@ def _cmd_pull_wasm(args: Any) -> int:
     # The module took stdout: then the summary, JSON or not, goes to stderr.
     summary = sys.stderr if to_stdout else sys.stdout
     if args.json:
-        print(json.dumps(dict(info.to_json(), reference=str(reference),
-                              digest=result.manifest.digest, output=output), indent=2),
+        print(json.dumps(dict({"reference": str(reference), "digest": result.manifest.digest,
+                               "destination": output}, **info.to_json()), indent=2),
               file=summary)
+    elif args.quiet:
+        print(result.manifest.digest, file=summary)
     else:
         print(f"{'stdout' if to_stdout else output}: {info.wasi_version} "
               f"({info.wasi_version.target_triple_suffix()}), {info.wasm_size} bytes, "
@@ -7640,15 +7672,18 @@ def _cmd_wasm_export(args: Any) -> int:
                                   module_name=args.name)
     info = extract_wasm_info(manifest)
     if args.json:
-        _print_json({"digest": manifest.digest, "layout": os.path.abspath(directory),
+        _print_json({"reference": f"oci:{os.path.abspath(directory)}:{tag or 'latest'}",
+                     "digest": manifest.digest, "destination": os.path.abspath(directory),
                      "tag": tag or "latest", **(info.to_json() if info else {})})
+    elif args.quiet:
+        print(manifest.digest)
     else:
         print(f"oci:{directory}:{tag or 'latest'}: {manifest.digest} "
               f"({info.wasi_version if info else 'unknown'})")
     return 0
 
 
-def _forget_references(cache: BlobStore, names: Sequence[str]) -> int:
+def _forget_references(cache: BlobStore, names: Sequence[str], quiet: bool = False) -> int:
     """Forget recorded references (as given, or as their normalised image reference)."""
     recorded = cache.references()
     for name in names:
@@ -7661,13 +7696,14 @@ def _forget_references(cache: BlobStore, names: Sequence[str]) -> int:
         if reference not in recorded:
             raise CacheError(f"no reference {name} in the cache ('cache ls' lists them)")
         cache.forget_reference(reference)
-        print(f"forgot {reference} ('cache gc' deletes what nothing else uses)")
+        if not quiet:
+            print(f"forgot {reference} ('cache gc' deletes what nothing else uses)")
     return 0
 
 
 def _cmd_cache(args: Any) -> int:
     cache = _cli_cache(args, create=False)
-    action = args.action
+    action, quiet = args.action, getattr(args, "quiet", False)
     if action == "ls":
         entries = cache.entries()
         records = cache.reference_records()
@@ -7677,29 +7713,36 @@ def _cmd_cache(args: Any) -> int:
                          "incomplete": [r["reference"] for r in records if not r["complete"]]})
             return 0
         for record in records:
-            print(f"{record['reference']}  {record['digest']}"
+            print(record["reference"] if quiet else f"{record['reference']}  {record['digest']}"
                   + ("" if record["complete"] else "  (incomplete: its pull did not finish)"))
+        if quiet:
+            return 0
         for entry in entries:
             print(f"{entry['digest']}  {_format_bytes(entry['size']):>10}  "
                   f"{entry['media_type'] or '-'}")
         stats = cache.stats()
-        print(f"{stats['blobs']} blobs, {_format_bytes(stats['size_bytes'])} in {cache.root}")
+        print(f"{_count(stats['blobs'], 'blob')}, {_format_bytes(stats['size_bytes'])} "
+              f"in {cache.root}")
         return 0
     if action == "verify":
         checked = len(cache.entries())  # before --remove takes the corrupt ones out
         bad = cache.verify(remove=args.remove)
         for digest in bad:
             print(f"corrupt: {digest}" + (" (removed)" if args.remove else ""))
-        print(f"{max(checked, len(bad))} blobs checked, {len(bad)} corrupt")
+        if not quiet:
+            print(f"{_count(max(checked, len(bad)), 'blob')} checked, {len(bad)} corrupt")
         return 1 if bad else 0
     if action == "rm":
-        return _forget_references(cache, args.references)
+        return _forget_references(cache, args.references, quiet)
     if action == "prune":
         removed = cache.prune(args.max_bytes)
-        print(f"removed {len(removed)} blobs; {_format_bytes(cache.stats()['size_bytes'])} remain")
+        if not quiet:
+            print(f"removed {_count(len(removed), 'blob')}; "
+                  f"{_format_bytes(cache.stats()['size_bytes'])} remain")
         return 0
     removed = cache.gc()
-    print(f"removed {len(removed)} unreferenced blobs")
+    if not quiet:
+        print(f"removed {_count(len(removed), 'unreferenced blob')}")
     return 0
 
 
@@ -7844,6 +7887,9 @@ def _add_subcommand(commands: Any, command: _Command) -> Any:
                          help=platform)
     if json_help:
         sub.add_argument("--json", action="store_true", help=json_help)
+    sub.add_argument("-q", "--quiet", action="store_true", default=_suppress() if
+                     command.name == "cache" else False,
+                     help=options.get("quiet_help", "print only the digest of the result"))
     return sub
 
 
@@ -7851,8 +7897,6 @@ def _add_pull_arguments(pull: Any) -> None:
     pull.add_argument("--output", metavar="DEST", type=_location_arg,
                       help="also write the pulled image to oci:DIR[:TAG], "
                            "oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME[:TAG]]")
-    pull.add_argument("-q", "--quiet", action="store_true",
-                      help="no progress; print only the manifest digest")
     pull.add_argument("--verify", action="store_true",
                       help="hash every cached blob the image uses again (a warm pull "
                            "trusts what the cache verified when it stored it), and "
@@ -7875,7 +7919,6 @@ def _add_import_arguments(importer: Any) -> None:
 def _add_unpack_arguments(unpack: Any) -> None:
     unpack.add_argument("directory", metavar="DIR",
                         help="root filesystem to create (must not exist, or be empty)")
-    unpack.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
 
 def _add_pull_wasm_arguments(pull_wasm: Any) -> None:
@@ -7902,6 +7945,9 @@ def _add_cache_actions(cache: Any) -> None:
         action.add_argument("--cache", metavar="DIR", default=_suppress(), help=_CACHE_HELP)
         action.add_argument("--debug", action="store_true", default=_suppress(),
                             help="show tracebacks on errors")
+        action.add_argument("-q", "--quiet", action="store_true", default=_suppress(),
+                            help="print only what was asked for (ls: the references; "
+                                 "verify: corrupt blobs), or nothing")
         if name == "ls":
             action.add_argument("--json", action="store_true", help="print JSON")
         if name == "verify":
@@ -7923,7 +7969,8 @@ def _suppress() -> Any:
 
 # The subcommands, in --help order: a new one is added here and nowhere else.
 _COMMAND_TABLE: Tuple[_Command, ...] = (
-    _Command("pull", "pull an image into the cache", _cmd_pull, _add_pull_arguments, {}, (
+    _Command("pull", "pull an image into the cache", _cmd_pull, _add_pull_arguments,
+             {"quiet_help": "no progress; print only the manifest digest"}, (
         "zlayer-registry pull alpine:3.20",
         "zlayer-registry pull ghcr.io/org/app:v1 --platform linux/arm64 --json",
         "zlayer-registry pull localhost:5000/team/app@sha256:<64 hex> --cache /var/cache/zl")),
@@ -7942,14 +7989,17 @@ _COMMAND_TABLE: Tuple[_Command, ...] = (
     _Command("import", "verify an OCI layout or archive and add its images to the cache",
              _cmd_import, _add_import_arguments,
              {"reference": False, "platform": None,
-              "json_help": "print a list of {reference, digest, media_type, cached_as}"}, (
+              "json_help": "print a list of {reference (the name the cache records), tag, "
+                           "digest, media_type}",
+              "quiet_help": "print only the digest of each image imported"}, (
                  "zlayer-registry import oci:./alpine-layout:3.20",
                  "zlayer-registry import oci-archive:app.tar --json")),
     _Command("unpack", "unpack an image (pulled, or from an OCI layout) into a new root "
                        "filesystem directory",
              _cmd_unpack, _add_unpack_arguments,
-             {"json_help": None, "example": "alpine:3.20, or oci:DIR[:TAG] or "
-                                            "oci-archive:FILE[:TAG] for a local layout"}, (
+             {"json_help": None, "quiet_help": "no progress; print nothing on success",
+              "example": "alpine:3.20, or oci:DIR[:TAG] or "
+                         "oci-archive:FILE[:TAG] for a local layout"}, (
                  "zlayer-registry unpack alpine:3.20 ./rootfs",
                  "zlayer-registry unpack ghcr.io/org/app:v1 /srv/app/rootfs "
                  "--platform linux/arm64",
