@@ -139,7 +139,12 @@ class FakeRegistry:
         self.uploads: Dict[str, bytearray] = {}
         self.body_sizes: List[int] = []
         self.max_body_bytes: Optional[int] = None   # a larger request body is a 413
-        self.support_mount = True
+        self.support_mount = True                   # ?mount=&from= (a repository's blob)
+        self.support_anonymous_mount = False        # ?mount= alone (spec 1.1; distribution no)
+        # Which repository holds which blob: with strict_repositories, a blob is
+        # found (HEAD, GET, mount) only in the repositories that have it.
+        self.repository_blobs: Dict[str, set] = {}
+        self.strict_repositories = False
         # Faults: callables taking (method, path, headers) and returning an
         # action dict or None; consumed in order.
         self.faults: List[Callable[[str, str, Dict[str, str]], Optional[Dict[str, Any]]]] = []
@@ -213,6 +218,8 @@ class FakeRegistry:
         manifest = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST if docker else OCI_MANIFEST,
                     "config": config_desc, "layers": layer_descs}
         manifest.update(manifest_extra or {})
+        self.repository_blobs.setdefault(repository, set()).update(
+            [config_desc["digest"]] + [d["digest"] for d in layer_descs])
         digest = self.add_manifest(repository, tag, manifest)
         body = self.manifests[(repository, digest)][0]
         return {"digest": digest, "size": len(body), "mediaType": manifest["mediaType"],
@@ -281,7 +288,7 @@ class FakeRegistry:
         elif kind == "manifests":
             self._manifest(h, repository, ref)
         else:
-            self._blob(h, ref)
+            self._blob(h, repository, ref)
 
     # -- pushes -----------------------------------------------------------------
 
@@ -294,8 +301,10 @@ class FakeRegistry:
     def _upload(self, h: _Base, repository: str, upload_id: str, body: bytes) -> None:
         query = parse_qs(urlsplit(h.path).query)
         if h.command == "POST" and not upload_id:
-            mount = query.get("mount", [""])[0]
-            if mount and self.support_mount and mount in self.blobs:
+            mount, source = query.get("mount", [""])[0], query.get("from", [""])[0]
+            if mount and ((source and self.support_mount and self._has(source, mount)) or
+                          (not source and self.support_anonymous_mount and mount in self.blobs)):
+                self.repository_blobs.setdefault(repository, set()).add(mount)
                 h.send_body(201, b"", {"Location": f"/v2/{repository}/blobs/{mount}",
                                        "Docker-Content-Digest": mount})
                 return
@@ -341,6 +350,7 @@ class FakeRegistry:
             self._error(h, 400, "DIGEST_INVALID", "provided digest did not match uploaded content")
             return
         self.blobs[digest] = bytes(data)
+        self.repository_blobs.setdefault(repository, set()).add(digest)
         h.send_body(201, b"", {"Location": f"/v2/{repository}/blobs/{digest}",
                                "Docker-Content-Digest": digest})
 
@@ -479,8 +489,12 @@ class FakeRegistry:
         match = re.fullmatch(r"bytes=(\d+)-", h.headers.get("Range", ""))
         return int(match.group(1)) if match else 0
 
-    def _blob(self, h: _Base, digest: str) -> None:
-        data = self.blobs.get(digest)
+    def _has(self, repository: str, digest: str) -> bool:
+        return digest in self.blobs and (not self.strict_repositories or
+                                         digest in self.repository_blobs.get(repository, ()))
+
+    def _blob(self, h: _Base, repository: str, digest: str) -> None:
+        data = self.blobs.get(digest) if self._has(repository, digest) else None
         if data is None:
             h.send_body(404, json.dumps({"errors": [{"code": "BLOB_UNKNOWN",
                                                      "message": "blob unknown"}]}).encode())

@@ -26,7 +26,7 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     1. IMPORTS AND COMPATIBILITY
     2. CONSTANTS: media types and limits
     3. ERRORS
-    4. UTILITIES: warnings, URLs, hosts, sizes, capped reads
+    4. UTILITIES: value classes, warnings, URLs, hosts, sizes, capped reads
     5. FILES: safe reads, atomic writes, locks, crash leftovers
     6. DIGESTS AND DESCRIPTORS
     7. REFERENCES: parsing and normalising image references
@@ -43,25 +43,28 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     18. REGISTRY ANSWERS: errors, manifests, hosts that do not answer
     19. REGISTRY CLIENT: scheme, auth, redirects and the distribution API
     20. BLOB SOURCES: where a pull's manifests and blobs come from
-    21. BLOB STORES: the interface every cache implements
-    22. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
-    23. CACHE INDEX: SQLite beside the files
-    24. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
-    25. MEMORY CACHE: BlobCache, and where persistent caches are opened
-    26. UNPACK: layer streams (compression, prefetch)
-    27. UNPACK: the root filesystem tree
-    28. UNPACK: LayerUnpacker, applying tar entries
-    29. OCI LAYOUT: writing layouts and archives
-    30. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
-    31. OCI LAYOUT: reading and importing
-    32. WORKER POOL: threads that keep their connections between batches
-    33. SESSION AND RESOLVER: what transfers share; references to manifests
-    34. FETCHER: verified blobs from a source into a store
-    35. PULL: what a pull returns (Layer, PullResult)
-    36. PULL: the ImagePuller API
-    37. CLI: output, progress, and what every command opens (caches, pullers, credentials)
-    38. CLI: the commands
-    39. CLI: argument types, the command table, the parser, main
+    21. REGISTRY PUSH: uploads, mounts and manifests
+    22. BLOB STORES: the interface every cache implements
+    23. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
+    24. CACHE INDEX: SQLite beside the files
+    25. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+    26. MEMORY CACHE: BlobCache, and where persistent caches are opened
+    27. UNPACK: layer streams (compression, prefetch)
+    28. UNPACK: the root filesystem tree
+    29. UNPACK: LayerUnpacker, applying tar entries
+    30. OCI LAYOUT: writing layouts and archives
+    31. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
+    32. OCI LAYOUT: reading and importing
+    33. WORKER POOL: threads that keep their connections between batches
+    34. SESSION AND RESOLVER: what transfers share; references to manifests
+    35. FETCHER: verified blobs from a source into a store
+    36. PULL: what a pull returns (Layer, PullResult)
+    37. PULL: the ImagePuller API
+    38. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
+    39. PUSH: ImagePusher, push and copy
+    40. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+    41. CLI: the commands
+    42. CLI: argument types, the command table, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -139,6 +142,8 @@ __all__ = [
     "BlobStore", "BlobWriter", "BlobCache", "DirectoryBlobCache",
     # Pull and unpack
     "ImagePuller", "Layer", "PullResult", "LayerUnpacker",
+    # Push and copy
+    "ImagePusher", "CopyResult",
     # CLI
     "main",
 ]
@@ -3231,7 +3236,8 @@ class _RegistryClient:
         self.sleep(_backoff_delay(attempt, retry_after_s))
 
     def _retrying(self, send: Callable[[], _Response], method: str,
-                  failed_url: Callable[[], str], body: Optional[_RequestBody]) -> _Response:
+                  failed_url: Callable[[], str], body: Optional[_RequestBody],
+                  retries: Optional[int] = None) -> _Response:
         """Send with the shared retry policy; ``failed_url()`` (the URL tried last)
         names the request in the error when no answer comes."""
         def unanswered(exc: BaseException, last: bool) -> Optional[BaseException]:
@@ -3244,8 +3250,10 @@ class _RegistryClient:
                                           method, failed, exc, refusal)
             return None
 
-        return _send_with_retries(send, method, retries=self.retries, wait=self.backoff,
-                                  unanswered=unanswered, body=body, clock=self.clock)
+        return _send_with_retries(send, method,
+                                  retries=self.retries if retries is None else retries,
+                                  wait=self.backoff, unanswered=unanswered, body=body,
+                                  clock=self.clock)
 
     def _send_following_redirects(self, method: str, url: str, headers: Mapping[str, str],
                                   tried: Optional[List[str]] = None,
@@ -3361,12 +3369,14 @@ class _RegistryClient:
 
     def request(self, method: str, path: str, *, headers: Optional[Mapping[str, str]] = None,
                 ok: Sequence[int] = (200,), body: Union[None, bytes, _RequestBody] = None,
-                scope: Optional[str] = None) -> _Response:
+                scope: Optional[str] = None, retries: Optional[int] = None) -> _Response:
         """Send a request to the registry; return the response if its status is in ``ok``.
 
         ``path`` is a path of the registry's API, or an absolute URL on the
         registry's own host (an upload's ``Location``).  ``scope`` asks the
         token for other scopes than this client's (a mount's source too).
+        ``retries`` overrides the client's (0: a request whose repetition the
+        caller manages, as an upload's PUT, which must not append twice).
         """
         headers = headers or {}
         payload = _as_body(body)
@@ -3389,7 +3399,7 @@ class _RegistryClient:
             return response
 
         while True:
-            response = self._retrying(send, method, lambda: tried[0], payload)
+            response = self._retrying(send, method, lambda: tried[0], payload, retries)
             if response.status in ok:
                 return response
             if response.status == 401 and not reauthenticated \
@@ -3495,6 +3505,7 @@ class _Source(Protocol):
     """What a pull reads manifests and blobs from."""
 
     name: str  # for messages: the registry's name, the layout's location
+    location: Optional[Tuple[str, str]]  # (registry, repository) when it is one
 
     def head_manifest(self, tag: str) -> Optional[str]:
         """Return the digest ``tag`` points at, None when this source cannot tell cheaply."""
@@ -3516,6 +3527,7 @@ class _RegistrySource:
     def __init__(self, client: _RegistryClient) -> None:
         self.client = client
         self.name = client.registry
+        self.location = (client.registry, client.repository)
         self.head_manifest = client.head_manifest
         self.get_manifest = client.get_manifest
         self.backoff = client.backoff
@@ -3564,6 +3576,7 @@ class _SourceChain:
             raise ValueError("a chain of sources needs at least one")
         self.sources = list(sources)
         self.name = " then ".join(source.name for source in self.sources)
+        self.location: Optional[Tuple[str, str]] = None
 
     def _first(self, ask: Callable[[_Source], Any]) -> Any:
         for source in self.sources[:-1]:
@@ -3596,6 +3609,7 @@ class _MissingSource:
 
     def __init__(self, location: str) -> None:
         self.name = location
+        self.location: Optional[Tuple[str, str]] = None
 
     def _missing(self, what: str) -> LayoutError:
         return LayoutError(f"{self.name}: {what} is not in the layout")
@@ -3617,7 +3631,306 @@ class _MissingSource:
 
 
 # =============================================================================
-# 21. BLOB STORES: the interface every cache implements
+# 21. REGISTRY PUSH: uploads, mounts and manifests
+# =============================================================================
+# distribution-spec "Pushing": a blob is mounted from another repository of
+# the registry (POST ?mount=&from=; 201 when it was, 202 with an upload
+# session when not: the push then uses that session), or uploaded into a
+# session: one PUT ?digest= with the whole body, or PATCH chunks with
+# Content-Range and a final empty PUT ?digest=.  The newest Location is
+# always followed; a session interrupted is asked where it stands (GET, its
+# Range) and resumed there.  An upload's PUT is never repeated blindly: it
+# would append to what the registry already has.  Manifests are PUT byte for
+# byte with their own media type.
+
+_UPLOAD_CHUNK_BYTES = 16 * 1024 * 1024  # chunked uploads, unless asked otherwise
+_UPLOAD_PIECE_BYTES = 1024 * 1024       # what one send of a streamed body reads
+_MAX_UPLOAD_ATTEMPTS = 4
+
+
+class _HashingFileBody(_RequestBody):
+    """``length`` bytes of a file from ``offset``, read in pieces and hashed as they go.
+
+    Replayable: every send starts again at ``offset`` with a fresh hash;
+    ``actual_digest()`` is the digest of the last send.  ``progress(sent)``
+    is called after each piece.
+    """
+
+    def __init__(self, file: BinaryIO, offset: int, length: int, algorithm: str = "sha256",
+                 progress: Optional[Callable[[int], None]] = None) -> None:
+        super().__init__(length, True)
+        self.file, self.offset, self._algorithm = file, offset, algorithm
+        self._progress = progress
+        self._hasher = hashlib.new(algorithm)
+
+    def send(self, sock: Any, tls: bool) -> None:
+        self._hasher = hashlib.new(self._algorithm)
+        self.file.seek(self.offset)
+        sent = 0
+        while sent < self.length:
+            chunk = self.file.read(min(self.length - sent, _UPLOAD_PIECE_BYTES))
+            if not chunk:
+                raise ValueError(f"the blob's file ended after {sent} of {self.length} bytes")
+            self._hasher.update(chunk)
+            sock.sendall(chunk)
+            sent += len(chunk)
+            if self._progress is not None:
+                self._progress(sent)
+
+    def actual_digest(self) -> str:
+        """Return the digest of what the last send read."""
+        return f"{self._algorithm}:{self._hasher.hexdigest()}"
+
+
+def _upload_location(response: _Response, registry: str) -> str:
+    """Return the absolute Location of an upload answer, refusing one that is missing
+    or carries credentials (a hostile registry must not make us send them on)."""
+    from urllib.parse import urljoin, urlsplit
+    location = response.header("Location")
+    if not location:
+        raise RegistryError(f"{registry} answered {response.status} to {response.method} "
+                            f"{_redact_url(response.url)} without a Location",
+                            status=response.status, method=response.method,
+                            url=_redact_url(response.url))
+    url = urljoin(response.url, location)
+    if "@" in (urlsplit(url).netloc or ""):
+        raise RegistryError(f"{registry} named an upload location with credentials in it; "
+                            "refused", method=response.method, url=_redact_url(url))
+    return url
+
+
+def _with_query(url: str, name: str, value: str) -> str:
+    """Add ``name=value`` to a URL's query (an upload Location may carry its own)."""
+    from urllib.parse import quote
+    return f"{url}{'&' if '?' in url else '?'}{name}={quote(value, safe='')}"
+
+
+def _uploaded_range(response: _Response) -> Optional[int]:
+    """Return how many bytes an upload session holds, from its Range header
+    (``0-N``: N+1 bytes; distribution answers ``0-0`` for none), None without one."""
+    match = re.fullmatch(r"(?:bytes=)?([0-9]{1,19})-([0-9]{1,19})", response.header("Range"))
+    if match is None:
+        return None
+    return int(match.group(2)) + 1 if int(match.group(2)) > 0 else 0
+
+
+class _UploadRefused(Exception):
+    """Internal: the registry refused the request for its size (413): send chunks."""
+
+
+class _Uploader:
+    """Puts blobs and manifests into one repository of a registry (a push client).
+
+    ``chunk_bytes`` sends every blob in PATCH chunks of that size; without
+    it a blob goes up in one PUT, and in chunks once the registry refuses a
+    request that large (413).  ``progress(descriptor, sent, size)`` follows
+    the bytes that go out.
+    """
+
+    def __init__(self, client: _RegistryClient, chunk_bytes: Optional[int] = None,
+                 progress: Optional[Callable[[Descriptor, int, int], None]] = None) -> None:
+        self.client = client
+        self.registry = client.registry
+        self.repository = client.repository
+        self.chunk_bytes = chunk_bytes
+        self.progress = progress
+        self._whole_refused = False
+
+    # -- blobs ------------------------------------------------------------------
+
+    def has_blob(self, digest: str) -> bool:
+        """Tell whether the repository has the blob (HEAD)."""
+        try:
+            self.client.request("HEAD", f"/v2/{self.repository}/blobs/{digest}").close()
+        except NotFoundError:
+            return False
+        return True
+
+    def mount(self, digest: str, source_repository: Optional[str]
+              ) -> Tuple[bool, Optional[str], Optional[int]]:
+        """Mount a blob from another repository (``None``: any, as spec 1.1 allows).
+
+        Returns (mounted, the upload session's Location when not, the chunk
+        size the registry asks for at least).
+        """
+        query = f"mount={digest}" + (f"&from={source_repository}" if source_repository else "")
+        scope = None
+        if source_repository and source_repository != self.repository:
+            scope = f"{self.client.scope} repository:{source_repository}:pull"
+        response = self.client.request("POST", f"/v2/{self.repository}/blobs/uploads/?{query}",
+                                       ok=(201, 202), scope=scope)
+        response.close()
+        if response.status == 201:
+            return True, None, None
+        return False, _upload_location(response, self.registry), \
+            _header_int(response.header("OCI-Chunk-Min-Length"))
+
+    def start(self) -> Tuple[str, Optional[int]]:
+        """Open an upload session; return its Location and the chunk size it asks for."""
+        response = self.client.request("POST", f"/v2/{self.repository}/blobs/uploads/",
+                                       ok=(202,))
+        response.close()
+        return _upload_location(response, self.registry), \
+            _header_int(response.header("OCI-Chunk-Min-Length"))
+
+    def upload(self, descriptor: Descriptor, file: BinaryIO, offset: int,
+               session: Optional[Tuple[str, Optional[int]]] = None) -> None:
+        """Upload a blob (``length`` bytes of ``file`` from ``offset``) into a session."""
+        location, minimum = session or self.start()
+        chunk = self.chunk_bytes
+        if chunk is None and not self._whole_refused:
+            try:
+                self._put_whole(location, descriptor, file, offset)
+                return
+            except _UploadRefused:
+                self._whole_refused = True  # and for the rest of this push
+                location, minimum = self.start()
+        chunk = max(chunk or _UPLOAD_CHUNK_BYTES, minimum or 0)
+        self._put_chunks(location, descriptor, file, offset, chunk)
+
+    def _put_whole(self, location: str, descriptor: Descriptor, file: BinaryIO,
+                   offset: int) -> None:
+        """PUT the whole blob; an attempt cut off is resumed from what the session holds."""
+        report = self._reporter(descriptor)
+        body = _HashingFileBody(file, offset, descriptor.size,
+                                descriptor.digest.split(":", 1)[0], report)
+        for attempt in range(_MAX_UPLOAD_ATTEMPTS):
+            try:
+                response = self.client.request(
+                    "PUT", _with_query(location, "digest", descriptor.digest),
+                    headers={"Content-Type": "application/octet-stream"}, body=body,
+                    ok=(201, 204), retries=0)
+            except RegistryError as exc:
+                if exc.status == 413:
+                    raise _UploadRefused() from exc
+                if exc.status is not None and not exc.temporary:
+                    raise
+                # Cut off, or a 5xx: where does the session stand?
+                self.client.backoff(attempt)
+                held = self._held(location)
+                if held is None:
+                    location = self.start()[0]  # the session is gone: a fresh one
+                elif held:
+                    _verify_part(file, offset, descriptor)
+                    self._put_chunks(location, descriptor, file, offset, _UPLOAD_CHUNK_BYTES,
+                                     start=held)
+                    return
+                continue
+            response.close()
+            if body.actual_digest() != descriptor.digest:
+                raise DigestMismatchError(f"blob {descriptor.digest} read for the upload",
+                                          descriptor.digest, body.actual_digest())
+            self._check_stored(response, descriptor.digest)
+            return
+        raise RegistryError(f"upload of blob {descriptor.digest} to {self.registry} kept "
+                            f"failing after {_MAX_UPLOAD_ATTEMPTS} attempts", temporary=True,
+                            method="PUT", url=_redact_url(location))
+
+    def _held(self, location: str) -> Optional[int]:
+        """Return how many bytes an upload session holds (GET), None when it is gone."""
+        try:
+            response = self.client.request("GET", location, ok=(204, 200))
+        except NotFoundError:
+            return None
+        response.close()
+        return _uploaded_range(response) or 0
+
+    def _put_chunks(self, location: str, descriptor: Descriptor, file: BinaryIO, offset: int,
+                    chunk: int, start: int = 0) -> None:
+        """PATCH the blob in chunks from byte ``start``, then PUT ?digest= to finish.
+
+        Each answer's Location is the next request's; a chunk refused with 416
+        or cut off re-syncs from the Range the session reports.
+        """
+        report = self._reporter(descriptor)
+        if start == 0:
+            _verify_part(file, offset, descriptor)  # no hash is taken on the way here
+        done, setbacks = start, 0
+        while done < descriptor.size:
+            count = min(chunk, descriptor.size - done)
+            try:
+                response = self.client.request(
+                    "PATCH", location, ok=(202, 204), body=_FileBody(file, offset + done, count),
+                    headers={"Content-Type": "application/octet-stream",
+                             "Content-Range": f"{done}-{done + count - 1}"})
+            except RegistryError as exc:
+                if exc.status == 413 and chunk > _UPLOAD_PIECE_BYTES // 16:
+                    chunk //= 2  # the registry (or a proxy before it) takes less at once
+                    continue
+                if exc.status is not None and exc.status != 416 and not exc.temporary:
+                    raise
+                setbacks += 1
+                if setbacks > _MAX_UPLOAD_ATTEMPTS:
+                    raise
+                self.client.backoff(setbacks - 1)
+                held = self._held(location)
+                if held is None:
+                    raise RegistryError(f"{self.registry} lost the upload session of blob "
+                                        f"{descriptor.digest}", method="PATCH",
+                                        url=_redact_url(location)) from exc
+                done = held
+                continue
+            response.close()
+            location = _upload_location(response, self.registry)
+            held = _uploaded_range(response)
+            done = held if held is not None and done < held <= done + count else done + count
+            if report is not None:
+                report(done)
+        response = self.client.request("PUT", _with_query(location, "digest", descriptor.digest),
+                                       ok=(201, 204), body=b"", retries=0)
+        response.close()
+        self._check_stored(response, descriptor.digest)
+
+    def _check_stored(self, response: _Response, digest: str) -> None:
+        """Refuse an answer that says a blob was stored under another digest."""
+        stored = response.header("Docker-Content-Digest")
+        if stored and stored != digest:
+            raise RegistryError(f"{self.registry} stored blob {digest} as {stored[:80]}",
+                                method="PUT", url=_redact_url(response.url))
+
+    def _reporter(self, descriptor: Descriptor) -> Optional[Callable[[int], None]]:
+        if self.progress is None:
+            return None
+        progress = self.progress
+        return lambda sent: progress(descriptor, sent, descriptor.size)
+
+    # -- manifests --------------------------------------------------------------
+
+    def put_manifest(self, identifier: str, raw: bytes, media_type: str) -> None:
+        """PUT a manifest byte for byte under a tag or its digest."""
+        response = self.client.request("PUT", f"/v2/{self.repository}/manifests/{identifier}",
+                                       headers={"Content-Type": media_type}, body=raw,
+                                       ok=(201, 200, 204))
+        response.close()
+        digest = compute_digest(raw)
+        stored = response.header("Docker-Content-Digest")
+        if stored and stored != digest:
+            raise RegistryError(f"{self.registry} stored manifest {digest} as {stored[:80]}",
+                                method="PUT", url=_redact_url(response.url))
+
+
+def _verify_part(file: BinaryIO, offset: int, descriptor: Descriptor) -> None:
+    """Hash ``descriptor.size`` bytes of ``file`` from ``offset`` against the descriptor."""
+    file.seek(offset)
+    limited = _LimitedReader(file, descriptor.size)
+    _drain_checked(limited, descriptor, f"blob {descriptor.digest} to upload")
+
+
+class _LimitedReader:
+    """Reads at most ``limit`` bytes of a file (a blob inside an archive)."""
+
+    def __init__(self, file: BinaryIO, limit: int) -> None:
+        self._file, self._left = file, limit
+
+    def read(self, size: int = -1) -> bytes:
+        count = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._file.read(count) if count else b""
+        self._left -= len(data)
+        return data
+
+
+# =============================================================================
+# 22. BLOB STORES: the interface every cache implements
 # =============================================================================
 # A blob store keeps blobs by digest and the references (tags, digests,
 # layout names) that say which of them to keep.  Every write goes through a
@@ -3833,6 +4146,14 @@ class BlobStore:
     def warm_up(self) -> None:
         """Prepare for the queries that end a pull (called while its downloads run)."""
 
+    def record_location(self, digest: str, registry: str, repository: str) -> None:
+        """Remember that a repository of a registry has a blob (it was pulled from or
+        pushed there): a push to that registry mounts it instead of uploading it."""
+
+    def locations(self, digest: str, registry: str) -> List[str]:
+        """Return the repositories of ``registry`` known to have the blob, newest first."""
+        return []
+
     # -- references -----------------------------------------------------------
 
     def record_reference(self, reference: str, digest: str, media_type: str, *,
@@ -4000,7 +4321,7 @@ def _verify_stored(store: BlobStore, descriptor: Descriptor) -> None:
 
 
 # =============================================================================
-# 22. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
+# 23. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
 # =============================================================================
 
 class _FileBlobWriter(BlobWriter):
@@ -4424,7 +4745,7 @@ class _BlobFiles:
 
 
 # =============================================================================
-# 23. CACHE INDEX: SQLite beside the files
+# 24. CACHE INDEX: SQLite beside the files
 # =============================================================================
 
 # Two statements rather than an UPSERT, which needs SQLite 3.24 (older than
@@ -4439,6 +4760,9 @@ CREATE TABLE IF NOT EXISTS blobs (
 CREATE TABLE IF NOT EXISTS refs (
     reference TEXT PRIMARY KEY, digest TEXT NOT NULL, media_type TEXT NOT NULL,
     updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS locations (
+    digest TEXT NOT NULL, registry TEXT NOT NULL, repository TEXT NOT NULL,
+    seen_at REAL NOT NULL, PRIMARY KEY (digest, registry, repository));
 """
 
 
@@ -4462,6 +4786,7 @@ class _SqliteIndex:
         self._connections: List[Any] = []
         self._lock = threading.Lock()
         self._pending_rows: List[Tuple[str, int, str, float]] = []
+        self._pending_locations: List[Tuple[str, str, str, float]] = []
 
     @property
     def sqlite(self) -> Any:
@@ -4582,13 +4907,24 @@ class _SqliteIndex:
         with self._lock:
             self._pending_rows.append((digest, size, media_type, time.time()))
 
+    def queue_location(self, digest: str, registry: str, repository: str) -> None:
+        """Queue a row saying where a blob was seen (written with the next query)."""
+        if self._module is None or self.read_only:
+            return
+        with self._lock:
+            self._pending_locations.append((digest, registry, repository, time.time()))
+
     def flush(self) -> None:
-        """Write the queued blob rows in one transaction."""
+        """Write the queued blob and location rows, each kind in one transaction."""
         with self._lock:
             rows, self._pending_rows = self._pending_rows, []
+            seen, self._pending_locations = self._pending_locations, []
         if rows:
             self.executemany(_INSERT_BLOB, [(d, n, m, t, t) for d, n, m, t in rows], flush=False,
                              then=(_UPDATE_BLOB, [(t, m, m, d) for d, n, m, t in rows]))
+        if seen:
+            self.executemany("INSERT OR REPLACE INTO locations VALUES (?, ?, ?, ?)", seen,
+                             flush=False)
 
     def legacy_references(self) -> List[Tuple[str, str, str]]:
         """Return the (reference, digest, media type) rows older versions kept here."""
@@ -4611,7 +4947,7 @@ class _SqliteIndex:
 
 
 # =============================================================================
-# 24. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+# 25. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
 # =============================================================================
 
 class DirectoryBlobCache(BlobStore):
@@ -4742,6 +5078,16 @@ class DirectoryBlobCache(BlobStore):
         self._index.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
         return self._files.delete(digest)
 
+    def record_location(self, digest: str, registry: str, repository: str) -> None:
+        """Remember where a blob was seen (in the index; without one, nowhere)."""
+        self._index.queue_location(digest, registry, repository)
+
+    def locations(self, digest: str, registry: str) -> List[str]:
+        """Return the repositories of ``registry`` the index saw the blob in."""
+        return [str(r[0]) for r in self._index.execute(
+            "SELECT repository FROM locations WHERE digest = ? AND registry = ? "
+            "ORDER BY seen_at DESC LIMIT 8", (digest, registry))]
+
     def touch(self, digests: Iterable[str]) -> None:
         """Mark blobs as used now, in one transaction (file mtimes without an index);
         a read-only cache keeps its times."""
@@ -4809,7 +5155,7 @@ class DirectoryBlobCache(BlobStore):
 
 
 # =============================================================================
-# 25. MEMORY CACHE: BlobCache, and where persistent caches are opened
+# 26. MEMORY CACHE: BlobCache, and where persistent caches are opened
 # =============================================================================
 
 class _MemoryBlobWriter(BlobWriter):
@@ -4846,6 +5192,7 @@ class BlobCache(BlobStore):
         self._blobs: Dict[str, bytes] = {}
         self._meta: Dict[str, Dict[str, Any]] = {}
         self._references: Dict[str, Tuple[str, str, bool]] = {}
+        self._locations: Dict[Tuple[str, str], List[str]] = {}
         self._lock = threading.Lock()
         self._blob_locks: Dict[str, Any] = {}
 
@@ -4930,6 +5277,19 @@ class BlobCache(BlobStore):
         with self._lock:
             return self._blob_locks.setdefault(digest, threading.Lock())
 
+    def record_location(self, digest: str, registry: str, repository: str) -> None:
+        """Remember that a repository of a registry has a blob."""
+        with self._lock:
+            known = self._locations.setdefault((digest, registry), [])
+            if repository in known:
+                known.remove(repository)
+            known.insert(0, repository)
+
+    def locations(self, digest: str, registry: str) -> List[str]:
+        """Return the repositories of ``registry`` known to have the blob, newest first."""
+        with self._lock:
+            return list(self._locations.get((digest, registry), ()))
+
     def record_reference(self, reference: str, digest: str, media_type: str, *,
                          complete: bool = True) -> None:
         """Remember which manifest ``reference`` resolved to."""
@@ -4957,7 +5317,7 @@ class BlobCache(BlobStore):
 
 
 # =============================================================================
-# 26. UNPACK: layer streams (compression, prefetch)
+# 27. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -5145,7 +5505,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 27. UNPACK: the root filesystem tree
+# 28. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -5371,7 +5731,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 28. UNPACK: LayerUnpacker, applying tar entries
+# 29. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 def _layer_name(layer: Any) -> str:
@@ -5709,7 +6069,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 29. OCI LAYOUT: writing layouts and archives
+# 30. OCI LAYOUT: writing layouts and archives
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -5989,8 +6349,19 @@ def _write_docker_archive(cache: BlobStore, manifest: Manifest, reference: Refer
     return blobs
 
 
+def _write_image(store: BlobStore, top: Manifest, target: _Location,
+                 load_name: Reference) -> List[Descriptor]:
+    """Write a stored image to a layout, an OCI archive or a docker archive (named
+    ``load_name`` for ``docker load``); return the descriptors written."""
+    if target.transport == "oci":
+        return _write_layout_dir(store, top, target.path, target.tag)
+    if target.transport == "oci-archive":
+        return _write_oci_archive(store, top, target.path, target.tag)
+    return _write_docker_archive(store, top, load_name, target.path)
+
+
 # =============================================================================
-# 30. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
+# 31. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
 # =============================================================================
 
 def export_wasm_as_oci(wasm_path: Union[str, "os.PathLike[str]"],
@@ -6059,7 +6430,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 31. OCI LAYOUT: reading and importing
+# 32. OCI LAYOUT: reading and importing
 # =============================================================================
 
 # An imported layout is untrusted: every blob it reaches is streamed into a
@@ -6118,6 +6489,33 @@ class _LayoutSource:
             return _open_regular_file(os.path.join(self.path, name))
         member = self._members.get(name)
         return None if member is None or not member.isfile() else self._tar.extractfile(member)
+
+    def open_at(self, name: str) -> Optional[Tuple[BinaryIO, int]]:
+        """Open a file of the layout as (a file, the offset its bytes start at) for a
+        reader that seeks (an upload); None when it is absent, or only a stream (a
+        compressed archive)."""
+        if self._tar is None:
+            stream = self.open(name)
+            return None if stream is None else (stream, 0)
+        member = self._members.get(name)
+        if member is None or not member.isfile() or member.sparse is not None \
+                or not isinstance(self._tar.fileobj, io.BufferedReader):
+            return None
+        return open(self.path, "rb"), member.offset_data
+
+    def seekable(self) -> bool:
+        """Tell whether ``open_at`` works: a directory, or an uncompressed archive."""
+        return self._tar is None or isinstance(self._tar.fileobj, io.BufferedReader)
+
+    def size(self, name: str) -> int:
+        """Return the size of a file of the layout (0 when it is absent)."""
+        if self._tar is None:
+            try:
+                return os.path.getsize(os.path.join(self.path, name))
+            except OSError:
+                return 0
+        member = self._members.get(name)
+        return member.size if member is not None else 0
 
     def read_json(self, name: str) -> Any:
         stream = self.open(name)
@@ -6229,7 +6627,7 @@ def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 32. WORKER POOL: threads that keep their connections between batches
+# 33. WORKER POOL: threads that keep their connections between batches
 # =============================================================================
 
 class _Cancelled(Exception):
@@ -6369,7 +6767,7 @@ class _WorkerPool:
 
 
 # =============================================================================
-# 33. SESSION AND RESOLVER: what transfers share; references to manifests
+# 34. SESSION AND RESOLVER: what transfers share; references to manifests
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -6548,7 +6946,7 @@ class _Resolver:
 
 
 # =============================================================================
-# 34. FETCHER: verified blobs from a source into a store
+# 35. FETCHER: verified blobs from a source into a store
 # =============================================================================
 
 class _Fetcher:
@@ -6606,6 +7004,9 @@ class _Fetcher:
             # None: another process stored the blob while this one waited.
             from_store += sum(d.size for d, n in zip(missing, received) if n is None)
         self.store.touch(list(unique) + [d for d in manifests if d not in unique])
+        if source.location is not None:  # a push to that registry can mount them from there
+            for digest in unique:
+                self.store.record_location(digest, *source.location)
         return downloaded, from_store
 
     def _still_intact(self, descriptor: Descriptor) -> bool:
@@ -6714,7 +7115,7 @@ class _Fetcher:
 
 
 # =============================================================================
-# 35. PULL: what a pull returns (Layer, PullResult)
+# 36. PULL: what a pull returns (Layer, PullResult)
 # =============================================================================
 
 @_value
@@ -6850,7 +7251,7 @@ def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
 
 
 # =============================================================================
-# 36. PULL: the ImagePuller API
+# 37. PULL: the ImagePuller API
 # =============================================================================
 
 def _as_reference(reference: Union[str, Reference]) -> Reference:
@@ -7044,12 +7445,7 @@ class ImagePuller:
         else:
             self._fetcher.fetch(source, [top.config] + top.layers)
         self._record(reference, resolved, complete=True)
-        if target.transport == "oci":
-            written = _write_layout_dir(self.cache, top, path, tag)
-        elif target.transport == "oci-archive":
-            written = _write_oci_archive(self.cache, top, path, tag)
-        else:
-            written = _write_docker_archive(self.cache, top, load_name, path)
+        written = _write_image(self.cache, top, _Location(target.transport, path, tag), load_name)
         return ExportInfo(reference=str(reference), digest=top.digest, media_type=top.media_type,
                           destination=os.path.abspath(path), format=target.transport, tag=tag,
                           blobs=len(written), size_bytes=sum(d.size for d in written))
@@ -7180,7 +7576,477 @@ class ImagePuller:
 
 
 # =============================================================================
-# 37. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+# 38. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
+# =============================================================================
+# A copy walks one image graph (an index, its manifests, their blobs) and
+# needs each blob as a file it can seek in (an upload is sent again after a
+# setback).  Manifests are checked against their digests as they are read;
+# a blob is checked as it goes up (its PUT hashes what it sends) or before
+# (chunks).  What a registry serves is first pulled into the cache.
+
+class _Content:
+    """An image to copy: its top manifest, and where what it reaches is read.
+
+    ``load`` returns a child manifest (verified); ``prepare`` makes a blob
+    readable (a registry's is downloaded into the cache); ``open_blob``
+    returns (a file, the offset the blob starts at); ``repository`` is the
+    (registry, repository) it lives in, when a registry: the destination
+    can mount from it.
+    """
+
+    def __init__(self, name: str, top: Manifest, load: Callable[[Descriptor], Manifest],
+                 open_blob: Callable[[Descriptor], Tuple[BinaryIO, int]],
+                 prepare: Optional[Callable[[Descriptor], Any]] = None,
+                 repository: Optional[Tuple[str, str]] = None,
+                 close: Optional[Callable[[], None]] = None) -> None:
+        self.name, self.top, self._load = name, top, load
+        self.open_blob, self.repository = open_blob, repository
+        self._prepare, self._close = prepare, close
+
+    def nodes(self, post_order: bool = True) -> List[_GraphNode]:
+        """Return what the top reaches, children before their index by default."""
+        def load(descriptor: Descriptor) -> Optional[Manifest]:
+            if descriptor.digest == self.top.digest:
+                return self.top
+            return self._load(descriptor) if descriptor.media_type in _MANIFEST_TYPES else None
+        return list(_walk_graph([self.top.descriptor()], load, post_order=post_order))
+
+    def with_top(self, top: Manifest) -> "_Content":
+        """Return the same content with another top (one platform of an index)."""
+        return _Content(self.name, top, self._load, self.open_blob, self._prepare,
+                        self.repository, self._close)
+
+    def prepare(self, descriptor: Descriptor) -> None:
+        """Make a blob readable by ``open_blob``."""
+        if self._prepare is not None:
+            self._prepare(descriptor)
+
+    def close(self) -> None:
+        """Release what reading held (an archive)."""
+        if self._close is not None:
+            self._close()
+
+
+def _store_content(store: BlobStore, top: Manifest, name: str,
+                   load: Optional[Callable[[Descriptor], Manifest]] = None,
+                   prepare: Optional[Callable[[Descriptor], Any]] = None,
+                   repository: Optional[Tuple[str, str]] = None) -> _Content:
+    """An image whose blobs are (or will be, by ``prepare``) in a store."""
+    def load_stored(descriptor: Descriptor) -> Manifest:
+        raw = store.read_small(descriptor.digest, MAX_MANIFEST_SIZE_BYTES)
+        if raw is None:
+            raise CacheError(f"manifest {descriptor.digest} is not in the cache")
+        return parse_manifest(raw, descriptor.media_type, descriptor.digest)
+
+    def open_stored(descriptor: Descriptor) -> Tuple[BinaryIO, int]:
+        path = store.path(descriptor.digest)
+        return (open(path, "rb") if path else _open_stored(store, descriptor)), 0
+
+    return _Content(name, top, load or load_stored, open_stored, prepare, repository)
+
+
+def _layout_content(location: _Location, store: BlobStore) -> _Content:
+    """An image of an OCI layout or archive (it must name one: give TAG when it holds
+    several); from a compressed archive, it is imported into ``store`` first."""
+    path = location.path
+    if not os.path.exists(path):
+        raise LayoutError(f"{path} does not exist")
+    source = _LayoutSource(path)
+    try:
+        entries = _select_layout_entries(source.read_json("index.json"), path, location.tag)
+        if len({entry.digest for entry in entries}) != 1:
+            raise LayoutError(f"{location} holds {len(entries)} images: name one with :TAG")
+
+        def read(descriptor: Descriptor) -> Manifest:
+            algorithm, encoded = descriptor.digest.split(":", 1)
+            stream = source.open(f"blobs/{algorithm}/{encoded}")
+            if stream is None:
+                raise LayoutError(f"{path}: blob {descriptor.digest} is missing")
+            with stream:
+                raw = _read_capped(stream, MAX_MANIFEST_SIZE_BYTES + 1)
+            try:
+                return parse_manifest(raw, descriptor.media_type, descriptor.digest)
+            except (ManifestError, DigestMismatchError) as exc:
+                raise LayoutError(f"{path}: {exc}") from exc
+
+        def open_blob(descriptor: Descriptor) -> Tuple[BinaryIO, int]:
+            algorithm, encoded = descriptor.digest.split(":", 1)
+            found = source.open_at(f"blobs/{algorithm}/{encoded}")
+            if found is None:
+                raise LayoutError(f"{path}: blob {descriptor.digest} is missing")
+            return found
+
+        top = read(entries[0])
+        if not source.seekable():
+            # A compressed archive: its blobs cannot be seeked in, so they go
+            # through the cache (verified on the way in).
+            source.close()
+            _import_layout(store, path, location.tag)
+            return _store_content(store, top, str(location))
+    except BaseException:
+        source.close()
+        raise
+    return _Content(str(location), top, read, open_blob, close=source.close)
+
+
+_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+def _docker_archive_content(location: _Location, store: BlobStore) -> _Content:
+    """An image of what ``docker save`` or ``podman save`` wrote: an OCI layout inside
+    (docker 25 and later), or manifest.json naming a config and layer files, from
+    which a Docker v2 manifest is made (the digests are of the files as they are)."""
+    path = location.path
+    if not os.path.isfile(path):
+        raise LayoutError(f"{path} is not a file")
+    source = _LayoutSource(path)
+    try:
+        if source.open("index.json") is not None and source.open("oci-layout") is not None:
+            source.close()
+            return _layout_content(_Location("oci-archive", path, None), store)
+        listing = source.read_json("manifest.json")
+        entry = _docker_archive_entry(listing, location)
+        files = [entry["Config"]] + list(entry["Layers"])
+        descriptors = []
+        for index, name in enumerate(files):
+            found = source.open_at(name) if isinstance(name, str) else None
+            if found is None:
+                raise LayoutError(f"{path}: {name!r} is not a file of the archive "
+                                  "(a compressed archive? give the .tar docker save wrote)")
+            file, offset = found
+            with file:
+                file.seek(offset)
+                hasher, size, head = hashlib.sha256(), 0, b""
+                limited = _LimitedReader(file, source.size(name))
+                for chunk in iter(lambda: limited.read(_READ_CHUNK_BYTES), b""):
+                    head = head or chunk[:2]
+                    hasher.update(chunk)
+                    size += len(chunk)
+            media_type = MEDIA_TYPE_DOCKER_CONFIG if index == 0 else \
+                _DOCKER_LAYER_GZIP if head == _GZIP_MAGIC else _DOCKER_LAYER
+            descriptors.append((name, Descriptor(media_type, f"sha256:{hasher.hexdigest()}",
+                                                 size)))
+        raw = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_TYPE_DOCKER_MANIFEST,
+                          "config": descriptors[0][1].to_json(),
+                          "layers": [d.to_json() for _, d in descriptors[1:]]},
+                         indent=3).encode()
+        top = parse_manifest(raw)
+        by_digest = {d.digest: name for name, d in descriptors}
+
+        def open_blob(descriptor: Descriptor) -> Tuple[BinaryIO, int]:
+            found = source.open_at(by_digest[descriptor.digest])
+            assert found is not None  # it was opened above
+            return found
+    except BaseException:
+        source.close()
+        raise
+    return _Content(str(location), top, lambda d: top, open_blob, close=source.close)
+
+
+def _docker_archive_entry(listing: Any, location: _Location) -> Dict[str, Any]:
+    """Pick the manifest.json entry of a docker archive (by NAME[:TAG], else the only one)."""
+    entries = [e for e in listing if isinstance(e, dict)] if isinstance(listing, list) else []
+    if not entries or not all(isinstance(e.get("Config"), str) and
+                              isinstance(e.get("Layers"), list) for e in entries):
+        raise LayoutError(f"{location.path} has no usable manifest.json (Config, Layers)")
+    if location.tag:
+        wanted = {location.tag, _docker_load_name(parse_reference(location.tag))}
+        chosen = [e for e in entries if wanted & set(e.get("RepoTags") or [])]
+        if not chosen:
+            raise LayoutError(f"no image named {location.tag} in {location.path}")
+        return chosen[0]
+    if len(entries) != 1:
+        raise LayoutError(f"{location.path} holds {len(entries)} images: name one with "
+                          "docker-archive:FILE:NAME:TAG")
+    return entries[0]
+
+
+# =============================================================================
+# 39. PUSH: ImagePusher, push and copy
+# =============================================================================
+
+@_value
+class CopyResult:
+    """What ``ImagePusher.copy`` did: the image copied, and each blob's fate."""
+
+    source: str
+    destination: str
+    digest: str
+    media_type: str
+    uploaded: List[Descriptor] = _field(default_factory=list)
+    mounted: List[Descriptor] = _field(default_factory=list)
+    skipped: List[Descriptor] = _field(default_factory=list)
+    manifests: int = 0
+
+    def to_json(self) -> Dict[str, Any]:
+        """Return the JSON form ``push --json`` and ``copy --json`` print."""
+        def listed(descriptors: List[Descriptor]) -> List[Dict[str, Any]]:
+            return [_descriptor_summary(d) for d in descriptors]
+        return {"reference": self.source, "destination": self.destination,
+                "digest": self.digest, "media_type": self.media_type,
+                "uploaded": listed(self.uploaded), "mounted": listed(self.mounted),
+                "skipped": listed(self.skipped), "manifests": self.manifests,
+                "bytes_uploaded": sum(d.size for d in self.uploaded)}
+
+
+class ImagePusher:
+    """Pushes images to registries and copies them between registries, layouts and archives.
+
+    A copy's source is a registry reference (``docker://`` optional),
+    ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` or ``docker-archive:FILE``;
+    its destination any of those (an image reaches a registry by push, a
+    layout or archive by export).  Blobs go up in parallel, largest first,
+    each checked with HEAD and skipped when the repository has it, mounted
+    when the registry has it elsewhere (the source repository, or one the
+    cache saw it in), else uploaded; manifests go last, children before
+    their index, the tag last of all.  What a registry serves comes through
+    the cache.  ``insecure``/``src_insecure`` are per side, as for pulls;
+    ``chunk_bytes`` sends every blob in chunks of that size.
+    """
+
+    def __init__(self, cache: Optional[BlobStore] = None, *,
+                 max_workers: int = DEFAULT_MAX_WORKERS,
+                 platform: Union[str, Platform, None] = None,
+                 insecure: bool = False, src_insecure: Optional[bool] = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
+                 chunk_bytes: Optional[int] = None,
+                 progress: Optional[_ProgressCallback] = None,
+                 environ: Optional[Mapping[str, str]] = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.time, ssl_context: Any = None) -> None:
+        if chunk_bytes is not None and chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be at least 1")
+        env = os.environ if environ is None else environ
+        self.puller = ImagePuller(cache, max_workers=max_workers, platform=platform,
+                                  insecure=insecure if src_insecure is None else src_insecure,
+                                  timeout_s=timeout_s, retries=retries, environ=env,
+                                  sleep=sleep, clock=clock, ssl_context=ssl_context)
+        self.cache = self.puller.cache
+        self.chunk_bytes = chunk_bytes
+        self.progress = progress
+        self._session = _Session(max_workers=max_workers, insecure=insecure,
+                                 timeout_s=timeout_s, retries=retries, environ=env,
+                                 sleep=sleep, clock=clock, ssl_context=ssl_context)
+
+    @property
+    def request_count(self) -> int:
+        """Return how many HTTP requests this pusher sent (both sides)."""
+        return self._session.request_count + self.puller.request_count
+
+    def close(self) -> None:
+        """Stop worker threads and close connections."""
+        self._session.close()
+        self.puller.close()
+
+    def __enter__(self) -> "ImagePusher":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _uploader(self, reference: Reference, auth: Optional[RegistryAuth]) -> _Uploader:
+        return _Uploader(self._session.client(reference, auth, actions="pull,push"),
+                         self.chunk_bytes, self.progress)
+
+    # -- the parts --------------------------------------------------------------
+
+    def push_blob(self, reference: Union[str, Reference], descriptor: Descriptor,
+                  file: BinaryIO, offset: int = 0,
+                  auth: Optional[RegistryAuth] = None) -> str:
+        """Put one blob (``descriptor.size`` bytes of ``file`` from ``offset``) into the
+        repository of ``reference``; return "skipped", "mounted" or "uploaded"."""
+        uploader = self._uploader(_as_reference(reference), auth)
+        return self._push_one(uploader, descriptor, lambda: (file, offset), (), close=False)
+
+    def push_manifest(self, reference: Union[str, Reference], manifest: Manifest,
+                      auth: Optional[RegistryAuth] = None) -> None:
+        """PUT a manifest byte for byte under the reference's tag (or its digest)."""
+        reference = _as_reference(reference)
+        if reference.digest and reference.digest != manifest.digest:
+            raise ManifestError(f"{reference} names {reference.digest}, not the manifest "
+                                f"{manifest.digest} to push")
+        self._uploader(reference, auth).put_manifest(
+            reference.tag if reference.tag and not reference.digest else manifest.digest,
+            manifest.raw, manifest.media_type)
+
+    def _push_one(self, uploader: _Uploader, descriptor: Descriptor,
+                  open_blob: Callable[[], Tuple[BinaryIO, int]], mount_from: Sequence[str],
+                  close: bool = True, prepare: Optional[Callable[[], Any]] = None) -> str:
+        """HEAD, then mount, then upload one blob; return what became of it."""
+        if uploader.has_blob(descriptor.digest):
+            return "skipped"
+        session = None
+        for repository in list(dict.fromkeys(mount_from))[:3]:
+            if repository == uploader.repository:
+                continue
+            mounted, location, minimum = uploader.mount(descriptor.digest, repository)
+            if mounted:
+                return "mounted"
+            session = (location, minimum)  # the registry's answer: an upload session
+        if session is None:
+            # Spec 1.1: a registry may mount a blob it has anywhere; one that
+            # does not answers with a session, which the upload uses.
+            mounted, location, minimum = uploader.mount(descriptor.digest, None)
+            if mounted:
+                return "mounted"
+            session = (location, minimum)
+        if prepare is not None:
+            prepare()
+        file, offset = open_blob()
+        try:
+            uploader.upload(descriptor, file, offset, session)
+        finally:
+            if close:
+                file.close()
+        return "uploaded"
+
+    # -- copy -------------------------------------------------------------------
+
+    def push(self, src: str, destination: Union[str, Reference], *,
+             src_auth: Optional[RegistryAuth] = None,
+             auth: Optional[RegistryAuth] = None, platform: Union[str, Platform, None] = None
+             ) -> CopyResult:
+        """Push the image of ``src`` (any copy source) to a registry reference."""
+        target = destination if isinstance(destination, Reference) else \
+            _parse_location(str(destination), ("docker",), "destination").reference
+        return self.copy(src, f"docker://{target}", src_auth=src_auth, dst_auth=auth,
+                         platform=platform)
+
+    def copy(self, src: str, dst: str, *, src_auth: Optional[RegistryAuth] = None,
+             dst_auth: Optional[RegistryAuth] = None,
+             platform: Union[str, Platform, None] = None) -> CopyResult:
+        """Copy an image from ``src`` to ``dst`` (see the class); return what was done.
+
+        An index is copied whole unless ``platform`` picks one of its images
+        (a docker archive holds one: the host's, unless ``platform`` says).
+        """
+        source = _parse_location(src, what="source")
+        target = _parse_location(dst, what="destination")
+        wanted = parse_platform(platform) if isinstance(platform, str) else platform
+        content = self._content(source, src_auth)
+        try:
+            top = content.top
+            if top.is_index and (wanted is not None or target.transport == "docker-archive"):
+                content = content.with_top(self._pick_platform(content, wanted))
+            if target.reference is None:
+                return self._write(content, source, target)
+            return self._push_content(content, target.reference, dst_auth)
+        finally:
+            content.close()
+
+    def _content(self, source: _Location, auth: Optional[RegistryAuth]) -> _Content:
+        """Open what a copy reads from."""
+        if source.transport in _LAYOUT_TRANSPORTS:
+            return _layout_content(source, self.cache)
+        if source.transport == "docker-archive":
+            return _docker_archive_content(source, self.cache)
+        reference = source.reference
+        assert reference is not None
+        puller = self.puller
+        registry_source = puller._session.source(reference, auth)
+        top = puller._resolver.resolve(reference, registry_source)
+        cancel = threading.Event()
+
+        def load(descriptor: Descriptor) -> Manifest:
+            return puller._resolver.manifest_by_digest(registry_source, descriptor.digest)
+
+        def prepare(descriptor: Descriptor) -> None:
+            puller._fetcher.download(registry_source, descriptor, cancel)
+            self.cache.record_location(descriptor.digest, reference.registry,
+                                       reference.repository)
+
+        return _store_content(self.cache, top, str(reference), load, prepare,
+                              (reference.registry, reference.repository))
+
+    def _pick_platform(self, content: _Content, wanted: Optional[Platform]) -> Manifest:
+        """Follow an index down to one platform (the puller's when none is asked for)."""
+        manifest = content.top
+        for _ in range(_MAX_INDEX_DEPTH):
+            if not manifest.is_index:
+                return manifest
+            child = select_platform(manifest, wanted or self.puller.platform)
+            manifest = content._load(child)
+        raise ManifestError(f"index {content.top.digest} nests more than "
+                            f"{_MAX_INDEX_DEPTH} levels deep")
+
+    def _write(self, content: _Content, source: _Location, target: _Location) -> CopyResult:
+        """Copy into a layout or an archive: through the cache, then written out."""
+        nodes = content.nodes(post_order=False)
+        stored: List[Descriptor] = []
+        for descriptor, manifest in nodes:
+            if self.cache.has(descriptor.digest):
+                continue
+            if manifest is not None:
+                self.cache.put(descriptor.digest, manifest.raw, manifest.media_type)
+                continue
+            content.prepare(descriptor)
+            if not self.cache.has(descriptor.digest):
+                file, offset = content.open_blob(descriptor)
+                with file, self.cache.begin_write(descriptor.digest, descriptor.size,
+                                                  descriptor.media_type) as writer:
+                    file.seek(offset)
+                    limited = _LimitedReader(file, descriptor.size + 1)
+                    for chunk in iter(lambda: limited.read(_READ_CHUNK_BYTES), b""):
+                        writer.write(chunk)
+                    writer.commit()
+            stored.append(descriptor)
+        if target.tag is None and target.transport != "docker-archive":
+            tag = source.reference.tag if source.reference else source.tag
+            target = _Location(target.transport, target.path, tag)
+        if target.transport == "docker-archive" and target.tag:
+            load_name = parse_reference(target.tag)
+        elif source.reference is not None:
+            load_name = source.reference
+        else:  # a layout's image has no name of its own: its tag, if it is one
+            tag = source.tag if source.tag and "/" in source.tag else None
+            load_name = parse_reference(tag if tag and _is_image_name(tag) else "localhost/image")
+        _write_image(self.cache, content.top, target, load_name)
+        return CopyResult(str(source), str(target), content.top.digest,
+                          content.top.media_type, uploaded=stored,
+                          manifests=sum(1 for _, m in nodes if m is not None))
+
+    def _push_content(self, content: _Content, destination: Reference,
+                      auth: Optional[RegistryAuth]) -> CopyResult:
+        """Push an image to a registry: blobs in parallel, then manifests, then the tag."""
+        if destination.digest and destination.digest != content.top.digest:
+            raise ManifestError(f"{destination} names {destination.digest}, but the image "
+                                f"copied is {content.top.digest}")
+        uploader = self._uploader(destination, auth)
+        nodes = content.nodes(post_order=True)
+        blobs = sorted({d.digest: d for d, m in nodes if m is None}.values(),
+                       key=lambda d: d.size, reverse=True)
+        same_registry = content.repository is not None and \
+            content.repository[0] == destination.registry
+
+        def push(descriptor: Descriptor) -> str:
+            mount_from = ([content.repository[1]] if same_registry else []) + \
+                self.cache.locations(descriptor.digest, destination.registry)
+            fate = self._push_one(uploader, descriptor,
+                                  lambda: content.open_blob(descriptor), mount_from,
+                                  prepare=lambda: content.prepare(descriptor))
+            self.cache.record_location(descriptor.digest, destination.registry,
+                                       destination.repository)
+            return fate
+
+        cancel = threading.Event()
+        fates = self._session.pool().run(push, blobs, cancel) if blobs else []
+        manifests = [(d, m) for d, m in nodes if m is not None]
+        for descriptor, manifest in manifests[:-1]:  # children first, by digest
+            uploader.put_manifest(manifest.digest, manifest.raw, manifest.media_type)
+        top = manifests[-1][1]
+        assert top is not None and top.digest == content.top.digest
+        tag = destination.tag if destination.tag and not destination.digest else top.digest
+        uploader.put_manifest(tag, top.raw, top.media_type)
+        result: Dict[str, List[Descriptor]] = {"uploaded": [], "mounted": [], "skipped": []}
+        for descriptor, fate in zip(blobs, fates):
+            result[fate].append(descriptor)
+        return CopyResult(content.name, str(destination), top.digest, top.media_type,
+                          manifests=len(manifests), **result)
+
+
+# =============================================================================
+# 40. CLI: output, progress, and what every command opens (caches, pullers, credentials)
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -7478,7 +8344,7 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
 
 
 # =============================================================================
-# 38. CLI: the commands
+# 41. CLI: the commands
 # =============================================================================
 
 def _cmd_pull(args: Any) -> int:
@@ -7747,7 +8613,7 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 39. CLI: argument types, the command table, the parser, main
+# 42. CLI: argument types, the command table, the parser, main
 # =============================================================================
 
 def _parse_destination(text: str) -> _Location:
