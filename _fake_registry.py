@@ -263,6 +263,11 @@ class FakeRegistry:
                 with self._lock:
                     if fault in self.faults and action.get("once", True):
                         self.faults.remove(fault)
+                if action.get("keep_bytes") is not None:  # a cut-off upload kept in part
+                    upload_id = path.rsplit("/", 1)[-1]
+                    with self._lock:
+                        if upload_id in self.uploads:
+                            self.uploads[upload_id] += body[:action["keep_bytes"]]
                 if self._apply_fault(h, action, path):
                     return
                 break

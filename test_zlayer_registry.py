@@ -4246,3 +4246,315 @@ class TestImport:
         victim.symlink_to("/dev/zero")
         with pytest.raises(zr.LayoutError, match="is missing"):
             make_puller(zr.BlobCache()).import_image(f"oci:{tmp_path}/l")
+
+
+# -----------------------------------------------------------------------------
+# 38-39. PUSH: uploads, mounts, manifests; ImagePusher and the push/copy commands
+# -----------------------------------------------------------------------------
+
+import _oci_testkit as kit  # noqa: E402
+
+
+def _pusher(cache=None, **kwargs):
+    kwargs.setdefault("environ", {})
+    kwargs.setdefault("platform", "linux/amd64")
+    return zr.ImagePusher(cache if cache is not None else zr.BlobCache(), sleep=Sleeps(),
+                          **kwargs)
+
+
+def _small_image(layout, tag="v1", seed=1):
+    return kit.build_image(layout, tag, layers=kit.default_layers(2, random_bytes=300_000,
+                                                                  small_files=3, seed=seed))
+
+
+class TestPush:
+    def test_push_layout_uploads_each_blob_in_one_put_and_the_manifest_byte_for_byte(
+            self, registry, tmp_path):
+        image = _small_image(tmp_path / "layout")
+        with _pusher() as pusher:
+            result = pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        raw = (tmp_path / "layout" / "blobs" / "sha256" / image.digest[7:]).read_bytes()
+        assert registry.manifests[("team/app", "v1")][0] == raw
+        assert result.digest == image.digest
+        assert sorted(d.digest for d in result.uploaded) == sorted(
+            [image.config.digest] + [l.digest for l in image.layers])
+        for blob in [image.config, *image.layers]:
+            assert zr.compute_digest(registry.blobs[blob.digest]) == blob.digest
+        assert registry.count("PATCH") == 0
+        # Blob PUTs and one manifest PUT; the largest blob went first.
+        puts = [r for r in registry.requests if r["method"] == "PUT"]
+        assert len(puts) == 3 + 1
+        assert puts[-1]["path"].endswith("/manifests/v1")
+
+    def test_re_push_sends_one_head_per_blob_and_no_blob_bytes(self, registry, tmp_path):
+        _small_image(tmp_path / "layout")
+        with _pusher() as pusher:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        before = len(registry.requests)
+        with _pusher() as pusher:
+            result = pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        again = registry.requests[before:]
+        assert [r["method"] for r in again].count("HEAD") == 3
+        assert not [r for r in again if "/blobs/uploads/" in r["path"]]
+        assert len(result.skipped) == 3 and not result.uploaded
+
+    def test_chunked_upload_sends_ranges_in_order(self, registry, tmp_path):
+        image = _small_image(tmp_path / "layout")
+        with _pusher(chunk_bytes=100_000) as pusher:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        patches = [r for r in registry.requests if r["method"] == "PATCH"]
+        expected = sum(-(-b.size // 100_000) for b in [image.config, *image.layers])
+        assert len(patches) == expected
+        ranges = [p["headers"]["Content-Range"] for p in patches]
+        assert "0-99999" in ranges and "100000-199999" in ranges
+        for blob in [image.config, *image.layers]:
+            assert zr.compute_digest(registry.blobs[blob.digest]) == blob.digest
+
+    def test_a_413_turns_the_upload_into_chunks(self, registry, tmp_path):
+        image = _small_image(tmp_path / "layout")
+        registry.max_body_bytes = 64 * 1024
+        with _pusher() as pusher:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        assert registry.count("PATCH") > 0
+        for blob in image.layers:
+            assert registry.blobs[blob.digest] == kit.read_blob(tmp_path / "layout", blob.digest)
+
+    def test_copy_within_a_registry_mounts_every_blob(self, registry, tmp_path):
+        registry.strict_repositories = True
+        registry.add_image("src/app", "v1", [layer_bytes(1), layer_bytes(2)])
+        with _pusher() as pusher:
+            result = pusher.copy(f"{registry.host}/src/app:v1", f"{registry.host}/dst/app:v1")
+        mounts = [r for r in registry.requests if "mount=" in r["path"]]
+        assert len(result.mounted) == 3 and not result.uploaded
+        assert all("from=src%2Fapp" in r["path"] or "from=src/app" in r["path"] for r in mounts)
+        assert not [r for r in registry.requests if r["method"] in ("PATCH",) or
+                    (r["method"] == "PUT" and "/blobs/" in r["path"])]
+        assert registry.manifests[("dst/app", "v1")] == registry.manifests[("src/app", "v1")]
+
+    def test_a_pushed_blob_is_mounted_into_the_next_repository(self, registry, tmp_path):
+        registry.strict_repositories = True
+        _small_image(tmp_path / "layout")
+        cache = zr.BlobCache()
+        with _pusher(cache) as pusher:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/one/app:v1")
+            result = pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/two/app:v1")
+        assert len(result.mounted) == 3 and not result.uploaded
+        assert all("from=one" in r["path"] for r in registry.requests if "mount=" in r["path"]
+                   and "/two/" in r["path"] and "from=" in r["path"])
+
+    def test_a_registry_that_ignores_mount_gets_the_upload_in_its_session(self, registry,
+                                                                          tmp_path):
+        registry.support_mount = False
+        registry.strict_repositories = True
+        registry.add_image("src/app", "v1", [layer_bytes(3)])
+        with _pusher() as pusher:
+            result = pusher.copy(f"{registry.host}/src/app:v1", f"{registry.host}/dst/app:v1")
+        assert len(result.uploaded) == 2
+        # One POST per blob: the mount's 202 session was used, not a second POST.
+        posts = [r for r in registry.requests if r["method"] == "POST"]
+        assert len(posts) == 2
+
+    def test_anonymous_mount_is_tried_where_the_registry_allows_it(self, registry, tmp_path):
+        registry.support_anonymous_mount = True
+        registry.strict_repositories = True
+        _small_image(tmp_path / "layout")
+        with _pusher() as pusher:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/one/app:v1")
+        with _pusher() as pusher:  # a new cache: no known location
+            result = pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/two/app:v1")
+        assert len(result.mounted) == 3
+
+    def test_an_interrupted_put_resumes_from_what_the_session_holds(self, registry, tmp_path):
+        image = _small_image(tmp_path / "layout")
+        big = max(image.layers, key=lambda b: b.size)
+        registry.faults.append(lambda m, p, h: {"status": 500, "keep_bytes": 120_000}
+                               if m == "PUT" and "/blobs/uploads/" in p else None)
+        with _pusher() as pusher:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        patches = [r for r in registry.requests if r["method"] == "PATCH"]
+        assert patches and patches[0]["headers"]["Content-Range"].startswith("120000-")
+        assert any(r["method"] == "GET" and "/blobs/uploads/" in r["path"]
+                   for r in registry.requests)
+        assert registry.blobs[big.digest] == kit.read_blob(tmp_path / "layout", big.digest)
+
+    def test_a_416_resyncs_from_the_range_the_session_reports(self, registry, tmp_path):
+        image = _small_image(tmp_path / "layout")
+        calls = []
+
+        def once(method, path, headers):
+            if method == "PATCH" and headers.get("Content-Range", "").startswith("100000-") \
+                    and not calls:
+                calls.append(1)
+                return {"status": 416, "headers": {"Range": "0-99999"}}
+            return None
+        registry.faults.append(once)
+        with _pusher(chunk_bytes=100_000) as pusher:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        assert calls
+        for blob in image.layers:
+            assert registry.blobs[blob.digest] == kit.read_blob(tmp_path / "layout", blob.digest)
+
+    def test_an_upload_location_on_another_host_is_refused(self, registry, tmp_path):
+        _small_image(tmp_path / "layout")
+        registry.faults.append(lambda m, p, h: {
+            "status": 202, "headers": {"Location": "http://127.0.0.2:9/v2/x/blobs/uploads/1"},
+            "body": b""} if m == "POST" else None)
+        with _pusher() as pusher, pytest.raises(zr.RegistryError) as info:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        assert "127.0.0.2" in str(info.value) or "another host" in str(info.value)
+
+    def test_an_upload_location_with_credentials_is_refused(self, registry, tmp_path):
+        _small_image(tmp_path / "layout")
+        registry.faults.append(lambda m, p, h: {
+            "status": 202, "headers": {"Location": f"http://u:pw@{registry.host}/v2/x/up/1"},
+            "body": b"", "once": False} if m == "POST" else None)
+        with _pusher() as pusher, pytest.raises(zr.RegistryError) as info:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        assert "credentials" in str(info.value) and "pw" not in str(info.value)
+
+    def test_a_201_naming_another_digest_is_refused(self, registry, tmp_path):
+        _small_image(tmp_path / "layout")
+        registry.faults.append(lambda m, p, h: {
+            "status": 201, "headers": {"Docker-Content-Digest": SHA_A}, "body": b"",
+            "once": False} if m == "PUT" and "/blobs/uploads/" in p else None)
+        with _pusher() as pusher, pytest.raises(zr.RegistryError) as info:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        assert SHA_A in str(info.value)
+        assert ("team/app", "v1") not in registry.manifests
+
+    def test_an_index_goes_children_first_and_its_tag_last(self, registry, tmp_path):
+        index = kit.build_index(tmp_path / "layout", "v1")
+        with _pusher() as pusher:
+            result = pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/multi:v1")
+        puts = [r["path"] for r in registry.requests
+                if r["method"] == "PUT" and "/manifests/" in r["path"]]
+        assert puts[-1].endswith("/manifests/v1") and len(puts) == 4
+        assert {p.rsplit("/", 1)[1] for p in puts[:-1]} == {
+            i.digest for i in index.images.values()}
+        assert result.digest == index.digest and result.manifests == 4
+
+    def test_platform_pushes_one_image_of_an_index(self, registry, tmp_path):
+        index = kit.build_index(tmp_path / "layout", "v1")
+        with _pusher() as pusher:
+            result = pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/one:v1",
+                                 platform="linux/arm64")
+        assert result.digest == index.images["linux/arm64/v8"].digest
+        assert registry.manifests[("one", "v1")][0] == kit.read_blob(
+            tmp_path / "layout", result.digest)
+
+    def test_a_rejected_manifest_names_the_registrys_answer(self, registry, tmp_path):
+        _small_image(tmp_path / "layout")
+        registry.faults.append(lambda m, p, h: {
+            "status": 400, "body": json.dumps({"errors": [{"code": "MANIFEST_INVALID",
+                                                           "message": "artifactType refused"}]
+                                              }).encode()}
+            if m == "PUT" and "/manifests/" in p else None)
+        with _pusher() as pusher, pytest.raises(zr.RegistryError) as info:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        assert "MANIFEST_INVALID" in str(info.value) or "artifactType refused" in str(info.value)
+
+    def test_registry_to_layout_copy_equals_the_source(self, registry, tmp_path):
+        _small_image(tmp_path / "layout")
+        with _pusher() as pusher:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+            result = pusher.copy(f"{registry.host}/team/app:v1", f"oci:{tmp_path / 'back'}:v1")
+        for blob in result.uploaded:
+            assert kit.read_blob(tmp_path / "back", blob.digest) == kit.read_blob(
+                tmp_path / "layout", blob.digest)
+        assert kit.describe_layout(tmp_path / "back", "v1") == kit.describe_layout(
+            tmp_path / "layout", "v1")
+
+    def test_docker_archive_source_becomes_a_docker_v2_manifest(self, registry, tmp_path):
+        _small_image(tmp_path / "layout")
+        with _pusher() as pusher:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1",
+                        f"docker-archive:{tmp_path / 'saved.tar'}:app:v1")
+            result = pusher.copy(f"docker-archive:{tmp_path / 'saved.tar'}",
+                                 f"{registry.host}/saved:v1")
+        raw, media_type = registry.manifests[("saved", "v1")]
+        assert media_type == zr.MEDIA_TYPE_DOCKER_MANIFEST
+        assert zr.compute_digest(raw) == result.digest
+        manifest = json.loads(raw)
+        for layer in manifest["layers"]:
+            assert layer["digest"] in registry.blobs
+        # And it pulls back as an image.
+        with make_puller() as puller:
+            pulled = puller.pull_image(f"{registry.host}/saved:v1")
+        assert len(pulled.layers) == 2
+
+    def test_a_corrupt_layout_blob_is_never_pushed(self, registry, tmp_path):
+        image = _small_image(tmp_path / "layout")
+        path = tmp_path / "layout" / "blobs" / "sha256" / image.layers[0].digest[7:]
+        data = bytearray(path.read_bytes())
+        data[1000] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with _pusher() as pusher, pytest.raises(zr.DigestMismatchError):
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        assert image.layers[0].digest not in registry.blobs
+        assert ("team/app", "v1") not in registry.manifests
+
+
+class TestPushCli:
+    def test_push_json_reports_each_blob(self, registry, tmp_path):
+        registry.strict_repositories = True
+        _small_image(tmp_path / "layout")
+        done = run_cli("push", f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/cli/app:v1",
+                       "--cache", str(tmp_path / "cache"), "--json", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        data = json.loads(done.stdout)
+        assert data["destination"] == f"{registry.host}/cli/app:v1"
+        assert len(data["uploaded"]) == 3 and data["bytes_uploaded"] > 300_000
+        again = run_cli("push", f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/cli/b:v1",
+                        "--cache", str(tmp_path / "cache"), cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert "3 mounted" in again.stdout
+
+    def test_progress_json_is_one_object_per_line(self, registry, tmp_path):
+        _small_image(tmp_path / "layout")
+        done = run_cli("copy", f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/cli/app:v1",
+                       "--cache", str(tmp_path / "cache"), "--progress=json", "-q",
+                       cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        records = [json.loads(line) for line in done.stderr.splitlines()]
+        events = {(r["event"], r.get("digest")) for r in records}
+        assert {e for e, _ in events} >= {"start", "done", "total"}
+        assert records[-1]["event"] == "total" and records[-1]["blobs"] == 3
+        assert done.stdout.strip().startswith("sha256:")
+
+    def test_pull_takes_progress_json_too(self, registry, tmp_path):
+        registry.add_image("p/app", "v1", [layer_bytes(5)])
+        done = run_cli("pull", f"{registry.host}/p/app:v1", "--cache", str(tmp_path / "c"),
+                       "--progress", "json", "-q", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        actions = {json.loads(line)["action"] for line in done.stderr.splitlines()}
+        assert actions == {"download"}
+
+    @pytest.mark.parametrize("args, expected", [
+        (["push", "oci:./missing:v1", "127.0.0.1:1/x:v1"], "does not exist"),
+        (["push", "oci:./layout:v1", "oci:./other"], "unsupported destination"),
+        (["copy", "oci:./layout:v1", "127.0.0.1:1/x:v1", "--all", "--platform", "linux/amd64"],
+         "contradict"),
+        (["copy", "oci:./layout:v1"], "required"),
+        (["push", "oci:./layout:v1", "127.0.0.1:1/x:v1"], "127.0.0.1:1"),
+    ])
+    def test_bad_input_is_one_line(self, tmp_path, args, expected):
+        _small_image(tmp_path / "layout")
+        done = run_cli(*args, "--cache", str(tmp_path / "cache"), cwd=tmp_path, timeout=60)
+        assert done.returncode in (1, 2)
+        assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, \
+            done.stderr
+        assert "Traceback" not in done.stderr
+
+    def test_dest_creds_password_is_never_printed(self, registry, tmp_path):
+        registry.auth = "basic"
+        _small_image(tmp_path / "layout")
+        done = run_cli("copy", f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/c/app:v1",
+                       "--dest-creds", "user:wrongpass", "--cache", str(tmp_path / "c"),
+                       cwd=tmp_path)
+        assert done.returncode == 1
+        assert "wrongpass" not in done.stderr + done.stdout
+        ok = run_cli("copy", f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/c/app:v1",
+                     "--dest-creds", "user:secret", "--cache", str(tmp_path / "c"), "-q",
+                     cwd=tmp_path)
+        assert ok.returncode == 0, ok.stderr
+        assert ("c/app", "v1") in registry.manifests

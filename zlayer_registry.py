@@ -3662,11 +3662,12 @@ class _HashingFileBody(_RequestBody):
         self.file, self.offset, self._algorithm = file, offset, algorithm
         self._progress = progress
         self._hasher = hashlib.new(algorithm)
+        self.sent = 0
 
     def send(self, sock: Any, tls: bool) -> None:
         self._hasher = hashlib.new(self._algorithm)
         self.file.seek(self.offset)
-        sent = 0
+        sent = self.sent = 0
         while sent < self.length:
             chunk = self.file.read(min(self.length - sent, _UPLOAD_PIECE_BYTES))
             if not chunk:
@@ -3674,6 +3675,7 @@ class _HashingFileBody(_RequestBody):
             self._hasher.update(chunk)
             sock.sendall(chunk)
             sent += len(chunk)
+            self.sent = sent
             if self._progress is not None:
                 self._progress(sent)
 
@@ -3801,6 +3803,10 @@ class _Uploader:
                     headers={"Content-Type": "application/octet-stream"}, body=body,
                     ok=(201, 204), retries=0)
             except RegistryError as exc:
+                if body.sent == body.length and body.actual_digest() != descriptor.digest:
+                    # The registry refused what it got: our copy is what is wrong.
+                    raise DigestMismatchError(f"blob {descriptor.digest} read for the upload",
+                                              descriptor.digest, body.actual_digest()) from exc
                 if exc.status == 413:
                     raise _UploadRefused() from exc
                 if exc.status is not None and not exc.temporary:
@@ -7598,10 +7604,11 @@ class _Content:
                  open_blob: Callable[[Descriptor], Tuple[BinaryIO, int]],
                  prepare: Optional[Callable[[Descriptor], Any]] = None,
                  repository: Optional[Tuple[str, str]] = None,
-                 close: Optional[Callable[[], None]] = None) -> None:
+                 close: Optional[Callable[[], None]] = None,
+                 prepare_all: Optional[Callable[[List[Descriptor]], Any]] = None) -> None:
         self.name, self.top, self._load = name, top, load
         self.open_blob, self.repository = open_blob, repository
-        self._prepare, self._close = prepare, close
+        self._prepare, self._close, self._prepare_all = prepare, close, prepare_all
 
     def nodes(self, post_order: bool = True) -> List[_GraphNode]:
         """Return what the top reaches, children before their index by default."""
@@ -7614,12 +7621,20 @@ class _Content:
     def with_top(self, top: Manifest) -> "_Content":
         """Return the same content with another top (one platform of an index)."""
         return _Content(self.name, top, self._load, self.open_blob, self._prepare,
-                        self.repository, self._close)
+                        self.repository, self._close, self._prepare_all)
 
     def prepare(self, descriptor: Descriptor) -> None:
         """Make a blob readable by ``open_blob``."""
         if self._prepare is not None:
             self._prepare(descriptor)
+
+    def prepare_all(self, descriptors: List[Descriptor]) -> None:
+        """Make blobs readable, in parallel where their source allows."""
+        if self._prepare_all is not None:
+            self._prepare_all(descriptors)
+        else:
+            for descriptor in descriptors:
+                self.prepare(descriptor)
 
     def close(self) -> None:
         """Release what reading held (an archive)."""
@@ -7630,7 +7645,8 @@ class _Content:
 def _store_content(store: BlobStore, top: Manifest, name: str,
                    load: Optional[Callable[[Descriptor], Manifest]] = None,
                    prepare: Optional[Callable[[Descriptor], Any]] = None,
-                   repository: Optional[Tuple[str, str]] = None) -> _Content:
+                   repository: Optional[Tuple[str, str]] = None,
+                   prepare_all: Optional[Callable[[List[Descriptor]], Any]] = None) -> _Content:
     """An image whose blobs are (or will be, by ``prepare``) in a store."""
     def load_stored(descriptor: Descriptor) -> Manifest:
         raw = store.read_small(descriptor.digest, MAX_MANIFEST_SIZE_BYTES)
@@ -7642,7 +7658,8 @@ def _store_content(store: BlobStore, top: Manifest, name: str,
         path = store.path(descriptor.digest)
         return (open(path, "rb") if path else _open_stored(store, descriptor)), 0
 
-    return _Content(name, top, load or load_stored, open_stored, prepare, repository)
+    return _Content(name, top, load or load_stored, open_stored, prepare, repository,
+                    prepare_all=prepare_all)
 
 
 def _layout_content(location: _Location, store: BlobStore) -> _Content:
@@ -7957,7 +7974,9 @@ class ImagePusher:
                                        reference.repository)
 
         return _store_content(self.cache, top, str(reference), load, prepare,
-                              (reference.registry, reference.repository))
+                              (reference.registry, reference.repository),
+                              lambda descriptors: puller._fetcher.fetch(registry_source,
+                                                                        descriptors))
 
     def _pick_platform(self, content: _Content, wanted: Optional[Platform]) -> Manifest:
         """Follow an index down to one platform (the puller's when none is asked for)."""
@@ -7973,24 +7992,22 @@ class ImagePusher:
     def _write(self, content: _Content, source: _Location, target: _Location) -> CopyResult:
         """Copy into a layout or an archive: through the cache, then written out."""
         nodes = content.nodes(post_order=False)
-        stored: List[Descriptor] = []
         for descriptor, manifest in nodes:
+            if manifest is not None and not self.cache.has(descriptor.digest):
+                self.cache.put(descriptor.digest, manifest.raw, manifest.media_type)
+        blobs = list({d.digest: d for d, m in nodes if m is None}.values())
+        content.prepare_all([d for d in blobs if not self.cache.has(d.digest)])
+        for descriptor in blobs:
             if self.cache.has(descriptor.digest):
                 continue
-            if manifest is not None:
-                self.cache.put(descriptor.digest, manifest.raw, manifest.media_type)
-                continue
-            content.prepare(descriptor)
-            if not self.cache.has(descriptor.digest):
-                file, offset = content.open_blob(descriptor)
-                with file, self.cache.begin_write(descriptor.digest, descriptor.size,
-                                                  descriptor.media_type) as writer:
-                    file.seek(offset)
-                    limited = _LimitedReader(file, descriptor.size + 1)
-                    for chunk in iter(lambda: limited.read(_READ_CHUNK_BYTES), b""):
-                        writer.write(chunk)
-                    writer.commit()
-            stored.append(descriptor)
+            file, offset = content.open_blob(descriptor)
+            with file, self.cache.begin_write(descriptor.digest, descriptor.size,
+                                              descriptor.media_type) as writer:
+                file.seek(offset)
+                limited = _LimitedReader(file, descriptor.size + 1)
+                for chunk in iter(lambda: limited.read(_READ_CHUNK_BYTES), b""):
+                    writer.write(chunk)
+                writer.commit()
         if target.tag is None and target.transport != "docker-archive":
             tag = source.reference.tag if source.reference else source.tag
             target = _Location(target.transport, target.path, tag)
@@ -8001,9 +8018,10 @@ class ImagePusher:
         else:  # a layout's image has no name of its own: its tag, if it is one
             tag = source.tag if source.tag and "/" in source.tag else None
             load_name = parse_reference(tag if tag and _is_image_name(tag) else "localhost/image")
-        _write_image(self.cache, content.top, target, load_name)
+        written = _write_image(self.cache, content.top, target, load_name)
         return CopyResult(str(source), str(target), content.top.digest,
-                          content.top.media_type, uploaded=stored,
+                          content.top.media_type,
+                          uploaded=[d for d in written if d.media_type not in _MANIFEST_TYPES],
                           manifests=sum(1 for _, m in nodes if m is not None))
 
     def _push_content(self, content: _Content, destination: Reference,
@@ -8174,6 +8192,58 @@ def _terminal_width(stream: Any, environ: Mapping[str, str]) -> int:
         return 80
 
 
+class _JsonProgress:
+    """``--progress=json``: one JSON object per line on stderr as blobs go.
+
+    ``{"event": "start" | "progress" | "done", "action": ..., "digest": ...,
+    "bytes": ..., "total": ...}``; progress lines at most every 0.5 s per
+    blob, and ``{"event": "total", ...}`` at the end.  ``action`` is
+    "download", "upload" or "unpack".
+    """
+
+    def __init__(self, stream: Any, action: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._stream, self._action, self._clock = stream, action, clock
+        self._lock = threading.Lock()
+        self._last: Dict[str, float] = {}
+        self._sizes: Dict[str, Tuple[int, int]] = {}
+        self._started: Optional[float] = None
+
+    def __call__(self, descriptor: Descriptor, done: int, total: int) -> None:
+        with self._lock:
+            now = self._clock()
+            if self._started is None:
+                self._started = now
+            digest = descriptor.digest
+            first = digest not in self._last
+            if not first and done < total and now - self._last[digest] < 0.5:
+                return
+            if self._sizes.get(digest, (-1, 0))[0] >= total and done >= total:
+                return  # said done already
+            self._last[digest] = now
+            self._sizes[digest] = (done, total)
+            event = "done" if done >= total else "start" if first else "progress"
+            if first and event == "done":
+                self._emit({"event": "start", "action": self._action, "digest": digest,
+                            "bytes": 0, "total": total})
+            self._emit({"event": event, "action": self._action, "digest": digest,
+                        "bytes": done, "total": total})
+
+    def _emit(self, record: Dict[str, Any]) -> None:
+        self._stream.write(json.dumps(record) + "\n")
+        self._stream.flush()
+
+    def finish(self) -> None:
+        """Print the total record, once blobs went."""
+        with self._lock:
+            if self._started is None:
+                return
+            self._emit({"event": "total", "action": self._action, "blobs": len(self._sizes),
+                        "bytes": sum(d for d, _ in self._sizes.values()),
+                        "seconds": round(self._clock() - self._started, 3)})
+            self._started = None
+
+
 # Caches the running command opened; main() closes them when it ends.
 _CLI_CACHES: List[Tuple[DirectoryBlobCache, bool]] = []
 
@@ -8235,12 +8305,13 @@ def _retry_announcer(clock: Callable[[], float] = time.monotonic,
     return wait
 
 
-def _cli_auth(args: Any, registry: str) -> RegistryAuth:
-    """Return the credentials --creds or --authfile give, else docker's and podman's."""
-    creds = getattr(args, "creds", None)
+def _cli_auth(args: Any, registry: str, side: str = "") -> RegistryAuth:
+    """Return the credentials --creds or --authfile give (``side`` "src_" or "dest_":
+    that side's), else docker's and podman's."""
+    creds = getattr(args, f"{side}creds", None)
     if creds is None:
-        return RegistryAuth.from_docker_config(registry,
-                                               auth_file=getattr(args, "authfile", None))
+        return RegistryAuth.from_docker_config(
+            registry, auth_file=getattr(args, f"{side}authfile", None))
     username, sep, password = creds.partition(":")
     if not sep:
         password = _read_password(username, registry)
@@ -8261,9 +8332,13 @@ def _read_password(username: str, registry: str) -> str:
     return password
 
 
-def _cli_progress(args: Any, verb: str = "") -> Optional[_Progress]:
-    """Return progress lines for stderr when it is a terminal and output is not quiet."""
-    if getattr(args, "quiet", False) or getattr(args, "json", False) \
+def _cli_progress(args: Any, verb: str = "", action: str = "download") -> Any:
+    """Return the progress display: JSON records with ``--progress=json``, else
+    lines for stderr when it is a terminal and output is not quiet."""
+    shown = getattr(args, "progress", "auto")
+    if shown == "json":
+        return _JsonProgress(sys.stderr, "unpack" if verb == "unpack" else action)
+    if shown == "none" or getattr(args, "quiet", False) or getattr(args, "json", False) \
             or not sys.stderr.isatty():
         return None
     return _Progress(sys.stderr, verb=verb)
@@ -8443,6 +8518,55 @@ def _cmd_import(args: Any) -> int:
         for info in infos:
             print(info.digest if args.quiet else
                   f"{info.cached_as}: {info.digest} ({info.media_type})")
+    return 0
+
+
+def _cli_side(args: Any, text: str, side: str, allowed: Sequence[str] = tuple(_LOCATION_FORMS)
+              ) -> Tuple[_Location, Optional[RegistryAuth]]:
+    """Parse one side of a copy, and find its credentials when it is a registry."""
+    what = "source" if side == "src_" else "destination"
+    location = _parse_location(text, allowed, what)
+    if location.reference is None:
+        if location.transport in _FILE_TRANSPORTS and what == "source" and \
+                not os.path.exists(location.path):
+            raise LayoutError(f"{location.path} does not exist (the source {text})")
+        return location, None
+    return location, _cli_auth(args, location.reference.registry, side)
+
+
+def _cmd_copy(args: Any) -> int:
+    destinations = ("docker",) if args.command == "push" else tuple(_LOCATION_FORMS)
+    source, src_auth = _cli_side(args, args.source, "src_")
+    target, dst_auth = _cli_side(args, args.destination, "dest_", destinations)
+    if args.all and args.platform:
+        raise _UsageError("--all and --platform contradict each other: give one")
+    progress = _cli_progress(args, action="upload" if target.reference else "download")
+    insecure = getattr(args, "insecure", False)
+    with ImagePusher(_cli_cache(args), max_workers=args.max_workers,
+                     insecure=insecure or args.dest_insecure,
+                     src_insecure=insecure or args.src_insecure, chunk_bytes=args.chunk_size,
+                     progress=progress, sleep=_retry_announcer()) as pusher:
+        result = pusher.copy(args.source if source.reference is None else
+                             f"docker://{source.reference}",
+                             args.destination if target.reference is None else
+                             f"docker://{target.reference}",
+                             src_auth=src_auth, dst_auth=dst_auth, platform=args.platform)
+    _finish(progress)
+    if args.json:
+        _print_json(result.to_json())
+    elif args.quiet:
+        print(result.digest)
+    else:
+        blobs = len(result.uploaded) + len(result.mounted) + len(result.skipped)
+        verb = "uploaded" if target.reference else "written"
+        parts = [f"{len(result.uploaded)} {verb} "
+                 f"({_format_bytes(sum(d.size for d in result.uploaded))})"] \
+            if result.uploaded or not blobs else []
+        parts += [f"{len(result.mounted)} mounted (not sent)"] if result.mounted else []
+        parts += [f"{len(result.skipped)} already there"] if result.skipped else []
+        print(f"{result.source} -> {result.destination}: {result.digest}")
+        print(f"{_count(blobs, 'blob')}: {', '.join(parts)}; "
+              f"{_count(result.manifests, 'manifest')}")
     return 0
 
 
@@ -8769,6 +8893,7 @@ def _add_pull_arguments(pull: Any) -> None:
                            "download again one that changed")
     pull.add_argument("--max-workers", type=_positive_int, default=DEFAULT_MAX_WORKERS,
                       metavar="N", help=f"parallel blob downloads (default {DEFAULT_MAX_WORKERS})")
+    _add_progress_argument(pull)
 
 
 def _add_export_arguments(export: Any) -> None:
@@ -8797,6 +8922,62 @@ def _add_wasm_export_arguments(wasm_export: Any) -> None:
     wasm_export.add_argument("destination", metavar="oci:DIR[:TAG]", type=_layout_arg,
                              help="OCI layout to write")
     wasm_export.add_argument("--name", help="module name (default: the file name)")
+
+
+_PROGRESS_HELP = ("auto: lines on a terminal; json: one JSON object per line on stderr as "
+                  "blobs start, advance and finish; none")
+_COPY_SOURCE_HELP = ("[docker://]REF, oci:DIR[:TAG], oci-archive:FILE[:TAG] or "
+                     "docker-archive:FILE[:NAME[:TAG]] (what docker save or podman save wrote)")
+
+
+def _add_progress_argument(sub: Any) -> None:
+    sub.add_argument("--progress", choices=("auto", "json", "none"), default="auto",
+                     help=_PROGRESS_HELP)
+
+
+def _add_side_arguments(sub: Any, side: str, flag: str, what: str) -> None:
+    """Add --SIDE-creds, --SIDE-authfile and --SIDE-insecure (``flag`` "" for push's
+    destination: --creds, --authfile, --insecure)."""
+    credentials = sub.add_mutually_exclusive_group()
+    credentials.add_argument(f"--{flag}authfile", dest=f"{side}authfile", metavar="FILE",
+                             help=f"credentials file for the {what} registry")
+    credentials.add_argument(f"--{flag}creds", dest=f"{side}creds", metavar="USER[:PASS]",
+                             type=_creds_arg,
+                             help=f"username and password for the {what} registry "
+                                  "(without :PASS it is read from stdin)")
+    sub.add_argument(f"--{flag}insecure", dest=f"{side}insecure", action="store_true",
+                     help=f"skip the {what} registry's TLS check, or use plain http")
+
+
+def _add_copy_arguments(copy: Any, push: bool = False) -> None:
+    copy.add_argument("source", metavar="SRC", help=_COPY_SOURCE_HELP)
+    if push:
+        copy.add_argument("destination", metavar="REF",
+                          help="registry reference to push to ([docker://]REF)")
+        _add_side_arguments(copy, "dest_", "", "destination")
+    else:
+        copy.add_argument("destination", metavar="DST",
+                          help="[docker://]REF, oci:DIR[:TAG], oci-archive:FILE[:TAG] or "
+                               "docker-archive:FILE[:NAME[:TAG]]")
+        _add_side_arguments(copy, "dest_", "dest-", "destination")
+        copy.add_argument("--insecure", action="store_true",
+                          help="--src-insecure and --dest-insecure both")
+    _add_side_arguments(copy, "src_", "src-", "source")
+    copy.add_argument("--all", action="store_true",
+                      help="copy every platform of an index (the default, as crane does; "
+                           "skopeo copies this host's only unless --all). A "
+                           "docker-archive holds one image: this host's, or --platform's")
+    copy.add_argument("--chunk-size", type=_parse_size, metavar="N",
+                      help="upload blobs in PATCH chunks of this size (e.g. 16M); by "
+                           "default a blob goes in one request, and in 16 MiB chunks once "
+                           "the registry refuses one that large (413)")
+    copy.add_argument("--max-workers", type=_positive_int, default=DEFAULT_MAX_WORKERS,
+                      metavar="N", help=f"parallel blob transfers (default {DEFAULT_MAX_WORKERS})")
+    _add_progress_argument(copy)
+
+
+def _add_push_arguments(push: Any) -> None:
+    _add_copy_arguments(push, push=True)
 
 
 def _add_cache_actions(cache: Any) -> None:
@@ -8852,6 +9033,30 @@ _COMMAND_TABLE: Tuple[_Command, ...] = (
                  "--platform linux/amd64",
                  "zlayer-registry export debian:12 docker-archive:debian.tar     "
                  "# then: docker load -i debian.tar")),
+    _Command("push", "push an image from a layout, an archive or a registry to a registry",
+             _cmd_copy, _add_push_arguments,
+             {"reference": False, "platform": "push only this platform of an index "
+                                              "(default: all)",
+              "json_help": "print one JSON object: the blobs uploaded, mounted and skipped"},
+             (
+                 "zlayer-registry push oci:./app-layout:v1 registry.example/org/app:v1",
+                 "zlayer-registry push docker-archive:app.tar localhost:5000/app:v1 "
+                 "--creds ci",
+                 "zlayer-registry push oci-archive:app.tar:v1 localhost:5000/app:v1 "
+                 "--chunk-size 8M --json")),
+    _Command("copy", "copy an image between registries, OCI layouts and archives",
+             _cmd_copy, _add_copy_arguments,
+             {"reference": False, "platform": "copy only this platform of an index "
+                                              "(default: all)",
+              "json_help": "print one JSON object: the blobs uploaded, mounted and skipped"},
+             (
+                 "zlayer-registry copy docker.io/library/alpine:3.20 "
+                 "registry.example/mirror/alpine:3.20",
+                 "zlayer-registry copy ghcr.io/org/app:v1 oci:./app-layout:v1 "
+                 "--platform linux/arm64",
+                 "zlayer-registry copy docker-archive:saved.tar oci-archive:app.tar:v1",
+                 "zlayer-registry copy localhost:5000/a:1 localhost:5000/b:1   "
+                 "# layers mounted, not sent")),
     _Command("import", "verify an OCI layout or archive and add its images to the cache",
              _cmd_import, _add_import_arguments,
              {"reference": False, "platform": None,
@@ -8931,8 +9136,9 @@ def _creds_passwords(args: Sequence[str]) -> Optional[List[str]]:
     None without --creds."""
     values: Optional[List[str]] = None
     for index, arg in enumerate(args):
-        if arg == "--creds" or arg.startswith("--creds="):
-            value = arg[len("--creds="):] if "=" in arg else \
+        flag = arg.partition("=")[0]
+        if flag in ("--creds", "--src-creds", "--dest-creds"):
+            value = arg.partition("=")[2] if "=" in arg else \
                 (args[index + 1] if index + 1 < len(args) else "")
             values = (values or []) + [p for p in (value.partition(":")[2],) if p]
     return values
