@@ -8891,9 +8891,7 @@ def _add_pull_arguments(pull: Any) -> None:
                       help="hash every cached blob the image uses again (a warm pull "
                            "trusts what the cache verified when it stored it), and "
                            "download again one that changed")
-    pull.add_argument("--max-workers", type=_positive_int, default=DEFAULT_MAX_WORKERS,
-                      metavar="N", help=f"parallel blob downloads (default {DEFAULT_MAX_WORKERS})")
-    _add_progress_argument(pull)
+    _add_transfer_arguments(pull, "downloads")
 
 
 def _add_export_arguments(export: Any) -> None:
@@ -8930,7 +8928,10 @@ _COPY_SOURCE_HELP = ("[docker://]REF, oci:DIR[:TAG], oci-archive:FILE[:TAG] or "
                      "docker-archive:FILE[:NAME[:TAG]] (what docker save or podman save wrote)")
 
 
-def _add_progress_argument(sub: Any) -> None:
+def _add_transfer_arguments(sub: Any, what: str) -> None:
+    """Add --max-workers and --progress (pull, push, copy)."""
+    sub.add_argument("--max-workers", type=_positive_int, default=DEFAULT_MAX_WORKERS,
+                     metavar="N", help=f"parallel blob {what} (default {DEFAULT_MAX_WORKERS})")
     sub.add_argument("--progress", choices=("auto", "json", "none"), default="auto",
                      help=_PROGRESS_HELP)
 
@@ -8971,9 +8972,7 @@ def _add_copy_arguments(copy: Any, push: bool = False) -> None:
                       help="upload blobs in PATCH chunks of this size (e.g. 16M); by "
                            "default a blob goes in one request, and in 16 MiB chunks once "
                            "the registry refuses one that large (413)")
-    copy.add_argument("--max-workers", type=_positive_int, default=DEFAULT_MAX_WORKERS,
-                      metavar="N", help=f"parallel blob transfers (default {DEFAULT_MAX_WORKERS})")
-    _add_progress_argument(copy)
+    _add_transfer_arguments(copy, "transfers")
 
 
 def _add_push_arguments(push: Any) -> None:
