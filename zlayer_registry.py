@@ -3644,8 +3644,21 @@ class _MissingSource:
 # byte with their own media type.
 
 _UPLOAD_CHUNK_BYTES = 16 * 1024 * 1024  # chunked uploads, unless asked otherwise
-_UPLOAD_PIECE_BYTES = 1024 * 1024       # what one send of a streamed body reads
+_UPLOAD_PIECE_BYTES = 256 * 1024        # what one send of a streamed body reads
 _MAX_UPLOAD_ATTEMPTS = 4
+
+
+_UPLOAD_BUFFERS = threading.local()
+
+
+def _upload_buffer() -> memoryview:
+    """Return this thread's buffer for streamed request bodies, filled again for every
+    piece (a new bytes object per read costs an allocation and a copy each time)."""
+    buffer = getattr(_UPLOAD_BUFFERS, "buffer", None)
+    if buffer is None:
+        import mmap  # pages of its own, returned whole when the thread ends
+        buffer = _UPLOAD_BUFFERS.buffer = memoryview(mmap.mmap(-1, _UPLOAD_PIECE_BYTES))
+    return buffer
 
 
 class _HashingFileBody(_RequestBody):
@@ -3668,13 +3681,15 @@ class _HashingFileBody(_RequestBody):
         self._hasher = hashlib.new(self._algorithm)
         self.file.seek(self.offset)
         sent = self.sent = 0
+        buffer = _upload_buffer()
         while sent < self.length:
-            chunk = self.file.read(min(self.length - sent, _UPLOAD_PIECE_BYTES))
-            if not chunk:
+            piece = buffer[:min(self.length - sent, len(buffer))]
+            count = self.file.readinto(piece)  # type: ignore[attr-defined]
+            if not count:
                 raise ValueError(f"the blob's file ended after {sent} of {self.length} bytes")
-            self._hasher.update(chunk)
-            sock.sendall(chunk)
-            sent += len(chunk)
+            self._hasher.update(piece[:count])
+            sock.sendall(piece[:count])
+            sent += count
             self.sent = sent
             if self._progress is not None:
                 self._progress(sent)
@@ -3860,7 +3875,7 @@ class _Uploader:
                     headers={"Content-Type": "application/octet-stream",
                              "Content-Range": f"{done}-{done + count - 1}"})
             except RegistryError as exc:
-                if exc.status == 413 and chunk > _UPLOAD_PIECE_BYTES // 16:
+                if exc.status == 413 and chunk > 64 * 1024:
                     chunk //= 2  # the registry (or a proxy before it) takes less at once
                     continue
                 if exc.status is not None and exc.status != 416 and not exc.temporary:

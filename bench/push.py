@@ -17,7 +17,7 @@ into each, alternating the order between rounds:
 
 and then, into ours's registry: a re-push of the same image (every blob present)
 against ``PYTHON -c pass``, and a push into a new repository (blobs mounted from where
-the cache saw them).  Wall time of the whole process and its peak RSS (``wait4``).
+the cache saw them).  Wall time of the whole process and its peak RSS (VmHWM, polled).
 It prints medians and per-round ratios.  Registries are stopped by PID on every exit.
 """
 
@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import List, Tuple
@@ -81,20 +82,40 @@ assert r.status == 201, r.status
 '''
 
 
-def timed(cmd: List[str], env: dict) -> Tuple[float, float]:
-    """Run ``cmd``; return (wall seconds, peak RSS MiB) of that process."""
+def timed(cmd: List[str], env: dict, cwd: Path) -> Tuple[float, float]:
+    """Run ``cmd``; return (wall seconds, peak RSS MiB) of that process.
+
+    The peak is VmHWM from /proc/PID/status, polled every few milliseconds (a
+    lower bound): wait4's ru_maxrss would carry this process's own size into a
+    child forked from it (Linux keeps the pre-exec peak), as bench/pull.py says.
+    """
     subprocess.run(["sync"], check=False)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
-        else status >> 8
+    # In ``cwd`` (the compiled copy's directory): ``-m`` looks there first, and a
+    # checkout without bytecode would be compiled on every run.
+    proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = [0]
+
+    def poll() -> None:
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as status:
+                    for line in status:
+                        if line.startswith("VmHWM:"):
+                            peak[0] = max(peak[0], int(line.split()[1]))
+            except OSError:
+                return
+            time.sleep(0.003)
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.wait()
+    elapsed = time.perf_counter() - start
+    watcher.join()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}): {err.strip()[-500:]}")
-    return elapsed, usage.ru_maxrss / 1024
+    return elapsed, peak[0] / 1024
 
 
 def main() -> int:
@@ -138,25 +159,25 @@ def main() -> int:
                 if name == "ours":
                     seconds, peak = timed([args.python, "-m", "zlayer_registry", "push",
                                            f"oci:{work / 'layout'}:v1", f"{host}/bench/big:v1",
-                                           "-q", "--cache", str(cache)], env)
+                                           "-q", "--cache", str(cache)], env, source)
                     rss.append(peak)
                 elif name == "skopeo":
                     seconds, _ = timed([skopeo, "--insecure-policy", "copy", "--retry-times",
                                         "0", "--preserve-digests", "--dest-tls-verify=false",
                                         "--dest-no-creds", f"oci:{work / 'layout'}:v1",
-                                        f"docker://{host}/bench/big:v1"], env)
+                                        f"docker://{host}/bench/big:v1"], env, source)
                 else:
                     h, p = host.split(":")
                     seconds, _ = timed([args.python, "-c", BARE_LOOP, h, p,
-                                        str(work / "layout"), "bench/big", "v1"], env)
+                                        str(work / "layout"), "bench/big", "v1"], env, source)
                 rows[name].append(seconds)
             host = hosts["ours"].host
             for name, target in (("repush", "bench/big"), ("newrepo", f"bench/new{round_no}")):
                 seconds, _ = timed([args.python, "-m", "zlayer_registry", "push",
                                     f"oci:{work / 'layout'}:v1", f"{host}/{target}:v1", "-q",
-                                    "--cache", str(cache)], env)
+                                    "--cache", str(cache)], env, source)
                 rows[name].append(seconds)
-            rows["pass"].append(timed([args.python, "-c", "pass"], env)[0])
+            rows["pass"].append(timed([args.python, "-c", "pass"], env, source)[0])
             for registry in list(registries):
                 registry.stop()
                 registries.remove(registry)
