@@ -3949,6 +3949,9 @@ class _LimitedReader:
         self._left -= len(data)
         return data
 
+    def close(self) -> None:
+        """Do nothing: the file is its opener's to close."""
+
 
 # =============================================================================
 # 22. BLOB STORES: the interface every cache implements
