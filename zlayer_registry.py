@@ -7734,7 +7734,7 @@ def _docker_archive_content(location: _Location, store: BlobStore) -> _Content:
     which a Docker v2 manifest is made (the digests are of the files as they are)."""
     path = location.path
     if not os.path.isfile(path):
-        raise LayoutError(f"{path} is not a file")
+        raise LayoutError(f"{path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
     source = _LayoutSource(path)
     try:
         if source.open("index.json") is not None and source.open("oci-layout") is not None:
@@ -8545,9 +8545,6 @@ def _cli_side(args: Any, text: str, side: str, allowed: Sequence[str] = tuple(_L
     what = "source" if side == "src_" else "destination"
     location = _parse_location(text, allowed, what)
     if location.reference is None:
-        if location.transport in _FILE_TRANSPORTS and what == "source" and \
-                not os.path.exists(location.path):
-            raise LayoutError(f"{location.path} does not exist (the source {text})")
         return location, None
     return location, _cli_auth(args, location.reference.registry, side)
 
