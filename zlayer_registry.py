@@ -46,25 +46,27 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     21. REGISTRY PUSH: uploads, mounts and manifests
     22. BLOB STORES: the interface every cache implements
     23. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
-    24. CACHE INDEX: SQLite beside the files
-    25. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
-    26. MEMORY CACHE: BlobCache, and where persistent caches are opened
-    27. UNPACK: layer streams (compression, prefetch)
-    28. UNPACK: the root filesystem tree
-    29. UNPACK: LayerUnpacker, applying tar entries
-    30. OCI LAYOUT: writing layouts and archives
-    31. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
-    32. OCI LAYOUT: reading and importing
-    33. WORKER POOL: threads that keep their connections between batches
-    34. SESSION AND RESOLVER: what transfers share; references to manifests
-    35. FETCHER: verified blobs from a source into a store
-    36. PULL: what a pull returns (Layer, PullResult)
-    37. PULL: the ImagePuller API
-    38. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
-    39. PUSH: ImagePusher, push and copy
-    40. CLI: output, progress, and what every command opens (caches, pullers, credentials)
-    41. CLI: the commands
-    42. CLI: argument types, the command table, the parser, main
+    24. LOCAL REPOSITORIES: repositories, tags and manifests as files beside the blobs
+    25. CACHE INDEX: SQLite beside the files
+    26. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+    27. MEMORY CACHE: BlobCache, and where persistent caches are opened
+    28. UNPACK: layer streams (compression, prefetch)
+    29. UNPACK: the root filesystem tree
+    30. UNPACK: LayerUnpacker, applying tar entries
+    31. OCI LAYOUT: writing layouts and archives
+    32. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
+    33. OCI LAYOUT: reading and importing
+    34. LOCAL REGISTRY: LocalRegistry, images stored on this host
+    35. WORKER POOL: threads that keep their connections between batches
+    36. SESSION AND RESOLVER: what transfers share; references to manifests
+    37. FETCHER: verified blobs from a source into a store
+    38. PULL: what a pull returns (Layer, PullResult)
+    39. PULL: the ImagePuller API
+    40. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
+    41. PUSH: ImagePusher, push and copy
+    42. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+    43. CLI: the commands
+    44. CLI: argument types, the command table, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -117,13 +119,13 @@ __all__ = [
     "MAX_ERROR_BODY_BYTES", "MAX_BLOB_SIZE_BYTES", "MAX_REDIRECTS",
     "DEFAULT_MAX_WORKERS", "DEFAULT_TIMEOUT_S", "DEFAULT_RETRIES",
     "RETRY_BACKOFF_BASE_S", "RETRY_BACKOFF_MAX_S", "RETRY_AFTER_MAX_S",
-    "DEFAULT_TOKEN_LIFETIME_S", "MAX_TOKEN_RESPONSE_BYTES",
+    "DEFAULT_TOKEN_LIFETIME_S", "MAX_TOKEN_RESPONSE_BYTES", "DEFAULT_GC_GRACE_S",
     "WASM_ARTIFACT_COMPONENT", "WASM_ARTIFACT_MODULE", "WASM_CONFIG_V0",
     "WASM_CONFIG_V1", "WASM_LAYER_MEDIA_TYPE",
     # Errors
     "ZLayerError", "InvalidReferenceError", "InvalidDigestError", "InvalidPlatformError",
-    "ManifestError", "PlatformNotFoundError", "DigestMismatchError", "RegistryError",
-    "AuthError", "NotFoundError", "RateLimitedError", "CacheError", "UnpackError",
+    "ManifestError", "PlatformNotFoundError", "ManifestBlobUnknownError",
+    "DigestMismatchError", "RegistryError", "AuthError", "NotFoundError", "RateLimitedError", "CacheError", "UnpackError",
     "LayoutError",
     # Digests, descriptors, references
     "Descriptor", "Platform", "Reference", "parse_reference", "parse_platform",
@@ -140,6 +142,8 @@ __all__ = [
     "RegistryAuth",
     # Caches
     "BlobStore", "BlobWriter", "BlobCache", "DirectoryBlobCache",
+    # Local registry
+    "LocalRegistry",
     # Pull and unpack
     "ImagePuller", "Layer", "PullResult", "LayerUnpacker",
     # Push and copy
@@ -198,6 +202,9 @@ RETRY_AFTER_MAX_S = 60.0
 # Token lifetime assumed when a token response has no expires_in (Docker
 # token spec: "defaults to 60 seconds").
 DEFAULT_TOKEN_LIFETIME_S = 60.0
+# How long garbage collection spares a blob no manifest names yet, where a
+# local registry keeps images: a client uploads blobs first, manifests after.
+DEFAULT_GC_GRACE_S = 3600.0
 _READ_CHUNK_BYTES = 1024 * 1024
 # Network reads return what one recv() brings, rarely more than a few
 # hundred KiB; a smaller cap keeps four workers' peak memory down.
@@ -256,6 +263,14 @@ class PlatformNotFoundError(ManifestError):
     def __init__(self, message: str, platform: str, offered: Sequence[str]) -> None:
         self.platform = platform
         self.offered = tuple(offered)
+        super().__init__(message)
+
+
+class ManifestBlobUnknownError(ManifestError):
+    """A manifest names a blob or child manifest the store does not hold (``digest``)."""
+
+    def __init__(self, message: str, digest: str) -> None:
+        self.digest = digest
         super().__init__(message)
 
 
@@ -1070,7 +1085,62 @@ def _split_domain(text: str, name: str) -> Tuple[str, str]:
 #   oci-archive:FILE[:TAG]          the same as a tar file
 #   docker-archive:FILE[:NAME[:TAG]]  what `docker save` writes (NAME[:TAG]:
 #                                   the name `docker load` gives the image)
-# and next local:NAME[:TAG] (the local registry) and s3://BUCKET/PREFIX.
+#   local:NAME[:TAG|@DIGEST]        an image of the local registry (LocalRegistry)
+
+# References that name the local registry's images, "local:NAME:TAG" and
+# "local:NAME@DIGEST", are its own records ("local:5000/app" is a reference
+# to the registry host local:5000, whose first component is a port).
+_LOCAL_PREFIX = "local:"
+
+
+def _is_local_record(reference: str) -> bool:
+    """Tell whether a reference record is the local registry's."""
+    return reference.startswith(_LOCAL_PREFIX) and not re.match(r"local:[0-9]+/", reference)
+
+
+def _validate_repository(name: str, text: Optional[str] = None) -> str:
+    """Return a repository name of the local registry, or raise InvalidReferenceError."""
+    shown = name if text is None else text
+    if not isinstance(name, str) or not name:
+        raise InvalidReferenceError(str(shown), "empty repository name")
+    if len(name) > _MAX_NAME_LENGTH:
+        raise InvalidReferenceError(shown[:300], f"name longer than {_MAX_NAME_LENGTH} characters")
+    for component in name.split("/"):
+        if not _PATH_COMPONENT_RE.fullmatch(component):
+            reason = "repository names must be lowercase" \
+                if component.lower() != component and component else \
+                f"invalid path component {component[:64]!r} (lowercase letters, digits, " \
+                "and '.', '_', '-' between them)"
+            raise InvalidReferenceError(shown, reason)
+    if "/" in name and name.partition("/")[0].isdigit():
+        # Its records would read as a registry reference (see _is_local_record).
+        raise InvalidReferenceError(shown, "a first component of digits reads as a port "
+                                    "(local:5000/app is on the registry local:5000)")
+    return name
+
+
+def _parse_local_reference(text: str) -> Tuple[str, Optional[str], Optional[str]]:
+    """Split ``NAME[:TAG][@DIGEST]`` (what follows ``local:``) into name, tag, digest.
+
+    A bare NAME means its tag ``latest``, as for registry references.
+    """
+    remainder, digest = text, None
+    if "@" in remainder:
+        remainder, digest = remainder.split("@", 1)
+        try:
+            _validate_digest(digest)
+        except InvalidDigestError as exc:
+            raise InvalidReferenceError(f"{_LOCAL_PREFIX}{text}", exc.reason) from None
+    name, tag = remainder, None
+    if ":" in name.rpartition("/")[2]:
+        name, _, tag = name.rpartition(":")
+        if not _TAG_RE.fullmatch(tag):
+            raise InvalidReferenceError(f"{_LOCAL_PREFIX}{text}", f"invalid tag {tag[:140]!r}")
+    _validate_repository(name, f"{_LOCAL_PREFIX}{text}")
+    if tag is None and digest is None:
+        tag = "latest"
+    return name, tag, digest
+
 
 _LAYOUT_TRANSPORTS = ("oci", "oci-archive")
 _FILE_TRANSPORTS = ("oci", "oci-archive", "docker-archive")
@@ -1079,24 +1149,28 @@ _LOCATION_FORMS = {
     "oci": "oci:DIR[:TAG]",
     "oci-archive": "oci-archive:FILE[:TAG]",
     "docker-archive": "docker-archive:FILE[:NAME[:TAG]]",
+    "local": "local:NAME[:TAG]",
 }
 
 
 class _Location:
     """A parsed location: its ``transport`` and, by transport, a ``reference``
     (docker), or a ``path`` and ``tag`` (the layout's ref name; for a docker
-    archive, the NAME[:TAG] ``docker load`` gives the image)."""
+    archive, the NAME[:TAG] ``docker load`` gives the image; for the local
+    registry, the repository, and a tag or a ``digest``)."""
 
-    __slots__ = ("transport", "path", "tag", "reference")
+    __slots__ = ("transport", "path", "tag", "reference", "digest")
 
     def __init__(self, transport: str, path: str = "", tag: Optional[str] = None,
-                 reference: Optional[Reference] = None) -> None:
+                 reference: Optional[Reference] = None, digest: Optional[str] = None) -> None:
         self.transport, self.path, self.tag, self.reference = transport, path, tag, reference
+        self.digest = digest
 
     def __str__(self) -> str:
         if self.reference is not None:
             return str(self.reference)
-        return f"{self.transport}:{self.path}" + (f":{self.tag}" if self.tag else "")
+        return f"{self.transport}:{self.path}" + (f":{self.tag}" if self.tag else "") + \
+            (f"@{self.digest}" if self.digest else "")
 
     def __repr__(self) -> str:
         return f"_Location({str(self)!r})"
@@ -1121,6 +1195,9 @@ def _parse_location(text: str, allowed: Sequence[str] = tuple(_LOCATION_FORMS),
     transport, sep, rest = text.partition(":")
     if text.startswith("docker://"):
         location = _Location("docker", reference=parse_reference(text[len("docker://"):]))
+    elif sep and transport == "local" and not re.match(r"[0-9]+/", rest):
+        name, tag, digest = _parse_local_reference(rest)
+        location = _Location("local", name, tag, digest=digest)
     elif sep and transport in _FILE_TRANSPORTS and not (
             docker and transport in _LAYOUT_TRANSPORTS and not _names_a_layout(text)):
         location = _parse_file_location(text, transport, rest)
@@ -4258,9 +4335,13 @@ class BlobStore:
     def prune(self, max_bytes: int) -> List[str]:
         """Delete least recently used blobs until at most ``max_bytes`` remain.
 
-        References to a manifest that goes are forgotten with it.
+        References to a manifest that goes are forgotten with it.  What the
+        local registry's images reach is not a cache's to drop: it stays.
         """
-        entries = sorted(self.entries(), key=lambda e: (e["last_used_at"], e["digest"]))
+        kept = self._reachable({r["digest"] for r in self.reference_records()
+                                if _is_local_record(r["reference"])})
+        entries = sorted((e for e in self.entries() if e["digest"] not in kept),
+                         key=lambda e: (e["last_used_at"], e["digest"]))
         total = sum(e["size"] for e in entries)
         removed = []
         for entry in entries:
@@ -4275,14 +4356,28 @@ class BlobStore:
                 self.forget_reference(reference)
         return removed
 
-    def gc(self) -> List[str]:
-        """Delete blobs no recorded reference reaches; return their digests."""
-        roots = [self._root_descriptor(digest) for digest in set(self.references().values())]
-        reachable = {d.digest for d, _ in _walk_graph(roots, self._load_for_gc)}
-        removed = [digest for digest in list(self.digests()) if digest not in reachable]
-        for digest in removed:
-            self.delete(digest)
+    def gc(self, grace_s: float = 0.0, dry_run: bool = False) -> List[str]:
+        """Delete blobs no recorded reference reaches; return their digests.
+
+        A blob stored less than ``grace_s`` seconds ago stays (an upload
+        waiting for the manifest that will name it); ``dry_run`` deletes nothing.
+        """
+        reachable = self._reachable(set(self.references().values()))
+        if grace_s > 0:
+            young_after = time.time() - grace_s
+            removed = [e["digest"] for e in self.entries()
+                       if e["digest"] not in reachable and e["added_at"] < young_after]
+        else:
+            removed = [digest for digest in list(self.digests()) if digest not in reachable]
+        if not dry_run:
+            for digest in removed:
+                self.delete(digest)
         return removed
+
+    def _reachable(self, digests: Iterable[str]) -> set:
+        """Return the digests of the manifests given and of all they reach."""
+        roots = [self._root_descriptor(digest) for digest in digests]
+        return {d.digest for d, _ in _walk_graph(roots, self._load_for_gc)}
 
     def _root_descriptor(self, digest: str) -> Descriptor:
         """Describe a referenced manifest for the gc walk (its media type, if known)."""
@@ -4769,7 +4864,276 @@ class _BlobFiles:
 
 
 # =============================================================================
-# 24. CACHE INDEX: SQLite beside the files
+# 24. LOCAL REPOSITORIES: repositories, tags and manifests as files beside the blobs
+# =============================================================================
+# The local registry's repositories live in the directory cache, beside its
+# blobs, so that one copy of each blob serves pulls and stored images alike:
+#   repositories/<name>/_manifests/tags/<tag>                {"digest", "media_type"}
+#   repositories/<name>/_manifests/revisions/<alg>/<hex>     {"media_type", "size", ...}
+#   repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>   the referrer's descriptor
+# A name is path components of the reference grammar (lowercase letters,
+# digits and separators, never "." or ".." or a leading "_"), so it is safe
+# as a path and never collides with the "_" directories.  The cache sees each
+# tag as the reference record "local:NAME:TAG" and each manifest as
+# "local:NAME@DIGEST": gc, prune and `cache ls` share one notion of what the
+# store keeps.
+
+_MAX_LOCAL_RECORD_BYTES = 64 * 1024
+
+
+class _RepositoryFiles:
+    """The repositories of a local registry, as files (see above): the truth, read
+    without any index.  Writes are atomic renames; a tag written by two
+    writers at once ends as one of them, whole."""
+
+    def __init__(self, root: str, read_only: bool = False) -> None:
+        self.root = root
+        self.read_only = read_only
+        self.directory = os.path.join(root, "repositories")
+        self._gc_lock_path = os.path.join(root, "locks", "gc.lock")
+
+    def exists(self) -> bool:
+        """Tell whether any repository was ever stored here."""
+        return os.path.isdir(self.directory)
+
+    def _repository_dir(self, name: str) -> str:
+        return os.path.join(self.directory, *_validate_repository(name).split("/"))
+
+    def _tag_path(self, name: str, tag: str) -> str:
+        if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
+            raise InvalidReferenceError(f"{name}:{str(tag)[:140]}", "invalid tag")
+        return os.path.join(self._repository_dir(name), "_manifests", "tags", tag)
+
+    def _revision_path(self, name: str, digest: str) -> str:
+        algorithm, encoded = _validate_digest(digest).split(":", 1)
+        return os.path.join(self._repository_dir(name), "_manifests", "revisions",
+                            algorithm, encoded)
+
+    def _referrers_dir(self, name: str, subject: str) -> str:
+        algorithm, encoded = _validate_digest(subject).split(":", 1)
+        return os.path.join(self._repository_dir(name), "_referrers", algorithm, encoded)
+
+    def _write(self, path: str, record: Mapping[str, Any]) -> None:
+        if self.read_only:
+            raise CacheError(f"store {self.root} is read-only")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _atomic_write(path, json.dumps(record, sort_keys=True).encode() + b"\n")
+        except OSError as exc:
+            raise CacheError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    def _read(self, path: str) -> Optional[Dict[str, Any]]:
+        """Return a record, None when absent; a damaged one is a CacheError."""
+        if not os.path.lexists(path):
+            return None
+        raw = _read_regular_file(path, _MAX_LOCAL_RECORD_BYTES)
+        try:
+            if raw is None:
+                raise ValueError("not a readable file")
+            record = _json_object(raw)
+            if "digest" in record:
+                _validate_digest(record["digest"])
+        except (ValueError, InvalidDigestError) as exc:
+            raise CacheError(f"record {path} is damaged ({exc}): remove it") from None
+        return record
+
+    @staticmethod
+    def _remove(path: str) -> bool:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise CacheError(f"cannot remove {path}: {exc.strerror or exc}") from exc
+        return True
+
+    # -- repositories -----------------------------------------------------------
+
+    def names(self) -> List[str]:
+        """Return every repository that holds a manifest, sorted."""
+        found = []
+        for parent, directories, _ in os.walk(self.directory):
+            directories[:] = [d for d in directories if _PATH_COMPONENT_RE.fullmatch(d)]
+            if parent != self.directory:
+                name = os.path.relpath(parent, self.directory).replace(os.sep, "/")
+                if self.revisions(name):
+                    found.append(name)
+        return sorted(found)
+
+    def remove_repository(self, name: str) -> bool:
+        """Remove a repository's tags, manifests and referrers (not its nested ones)."""
+        import shutil
+        directory = self._repository_dir(name)
+        removed = False
+        for part in ("_manifests", "_referrers"):
+            path = os.path.join(directory, part)
+            if os.path.isdir(path):
+                # Renamed away first: a reader sees the repository whole or gone.
+                doomed = _temporary_path(self.directory, ".removed", "")
+                try:
+                    os.replace(path, doomed)
+                except OSError as exc:
+                    raise CacheError(f"cannot remove {name}: {exc.strerror or exc}") from exc
+                shutil.rmtree(doomed, ignore_errors=True)
+                removed = True
+        return removed
+
+    # -- tags -------------------------------------------------------------------
+
+    def tags(self, name: str) -> List[str]:
+        """Return a repository's tags, sorted."""
+        try:
+            return sorted(t for t in os.listdir(os.path.join(
+                self._repository_dir(name), "_manifests", "tags"))
+                if _TAG_RE.fullmatch(t))
+        except FileNotFoundError:
+            return []
+
+    def read_tag(self, name: str, tag: str) -> Optional[Dict[str, Any]]:
+        """Return a tag's record (digest, media_type), or None."""
+        return self._read(self._tag_path(name, tag))
+
+    def write_tag(self, name: str, tag: str, digest: str, media_type: str) -> None:
+        """Point a tag at a manifest (which must be a revision already)."""
+        self._write(self._tag_path(name, tag), {"digest": digest, "media_type": media_type})
+
+    def remove_tag(self, name: str, tag: str) -> bool:
+        """Remove a tag; tell whether it was there."""
+        return self._remove(self._tag_path(name, tag))
+
+    # -- manifests ----------------------------------------------------------------
+
+    def revisions(self, name: str) -> List[str]:
+        """Return the digests of a repository's manifests, sorted."""
+        found = []
+        base = os.path.join(self._repository_dir(name), "_manifests", "revisions")
+        for algorithm in sorted(_DIGEST_HEX_LENGTHS):
+            try:
+                found += [f"{algorithm}:{e}" for e in sorted(os.listdir(
+                    os.path.join(base, algorithm))) if not e.startswith(".")]
+            except FileNotFoundError:
+                continue
+        return found
+
+    def read_revision(self, name: str, digest: str) -> Optional[Dict[str, Any]]:
+        """Return a manifest's record in a repository (media_type, size, subject), or None."""
+        return self._read(self._revision_path(name, digest))
+
+    def write_revision(self, name: str, digest: str, record: Mapping[str, Any],
+                       referrer: Optional[Mapping[str, Any]] = None) -> None:
+        """Add a manifest to a repository; ``referrer``, its descriptor when it has a
+        ``subject``, goes into the subject's referrers first."""
+        if referrer is not None:
+            algorithm, encoded = digest.split(":", 1)
+            self._write(os.path.join(self._referrers_dir(name, str(record["subject"])),
+                                     f"{algorithm}-{encoded}"), referrer)
+        self._write(self._revision_path(name, digest), dict(record))
+
+    def remove_revision(self, name: str, digest: str) -> bool:
+        """Remove a manifest from a repository, with the tags naming it and its
+        referrer entry; tell whether it was there."""
+        record = self.read_revision(name, digest)
+        for tag in self.tags(name):
+            found = self._read(self._tag_path(name, tag))
+            if found is not None and found.get("digest") == digest:
+                self.remove_tag(name, tag)
+        if record is not None and isinstance(record.get("subject"), str):
+            algorithm, encoded = digest.split(":", 1)
+            self._remove(os.path.join(self._referrers_dir(name, record["subject"]),
+                                      f"{algorithm}-{encoded}"))
+        return self._remove(self._revision_path(name, digest))
+
+    def referrers(self, name: str, subject: str) -> List[Dict[str, Any]]:
+        """Return the descriptors of the manifests whose subject is ``subject``."""
+        directory = self._referrers_dir(name, subject)
+        try:
+            entries = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in entries:
+            record = self._read(os.path.join(directory, entry))
+            if record is not None and self.read_revision(name, record["digest"]) is not None:
+                found.append(record)
+        return found
+
+    # -- as the cache's reference records -------------------------------------------
+
+    def records(self) -> List[Dict[str, Any]]:
+        """Return every tag and manifest as a reference record (``local:NAME:TAG``,
+        ``local:NAME@DIGEST``); a CacheError when one cannot be read."""
+        if not self.exists():
+            return []
+        records = []
+        for name in self.names():
+            for tag in self.tags(name):
+                record = self.read_tag(name, tag)
+                if record is not None:
+                    records.append({"reference": f"{_LOCAL_PREFIX}{name}:{tag}",
+                                    "digest": record["digest"],
+                                    "media_type": str(record.get("media_type") or ""),
+                                    "complete": True})
+            for digest in self.revisions(name):
+                record = self.read_revision(name, digest) or {}
+                records.append({"reference": f"{_LOCAL_PREFIX}{name}@{digest}",
+                                "digest": digest,
+                                "media_type": str(record.get("media_type") or ""),
+                                "complete": True})
+        return records
+
+    def lookup(self, reference: str) -> Optional[Dict[str, Any]]:
+        """Return the record of ``local:NAME:TAG`` or ``local:NAME@DIGEST``, or None."""
+        try:
+            name, tag, digest = _parse_local_reference(reference[len(_LOCAL_PREFIX):])
+        except InvalidReferenceError:
+            return None
+        if digest is not None:
+            record = self.read_revision(name, digest)
+            return None if record is None else dict(record, digest=digest)
+        return self.read_tag(name, str(tag))
+
+    def forget(self, reference: str) -> bool:
+        """Remove the tag, or the manifest, a ``local:`` reference names."""
+        name, tag, digest = _parse_local_reference(reference[len(_LOCAL_PREFIX):])
+        if digest is not None:
+            return self.remove_revision(name, digest)
+        return self.remove_tag(name, str(tag))
+
+    def gc_lock(self, exclusive: bool) -> "_FileLock":
+        """Return the lock a collection holds exclusively and a manifest write shared:
+        no collection marks while a manifest is being added."""
+        return _FileLock(self._gc_lock_path, exclusive)
+
+
+class _FileLock:
+    """flock() on a file, shared or exclusive, across threads and processes."""
+
+    def __init__(self, path: str, exclusive: bool) -> None:
+        self._path, self._exclusive = path, exclusive
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "_FileLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no cross-process exclusion
+            return self
+        try:
+            os.makedirs(os.path.dirname(self._path), exist_ok=True)
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT
+                               | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise CacheError(f"cannot create lock {self._path}: {exc.strerror or exc}") from exc
+        fcntl.flock(self._fd, fcntl.LOCK_EX if self._exclusive else fcntl.LOCK_SH)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# =============================================================================
+# 25. CACHE INDEX: SQLite beside the files
 # =============================================================================
 
 # Two statements rather than an UPSERT, which needs SQLite 3.24 (older than
@@ -4971,7 +5335,7 @@ class _SqliteIndex:
 
 
 # =============================================================================
-# 25. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
+# 26. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
 # =============================================================================
 
 class DirectoryBlobCache(BlobStore):
@@ -4997,6 +5361,7 @@ class DirectoryBlobCache(BlobStore):
                 not os.access(self.root, os.W_OK | os.X_OK)
         self.read_only = read_only
         self._files = _BlobFiles(self.root, read_only)
+        self._repositories = _RepositoryFiles(self.root, read_only)
         self._index = _SqliteIndex(os.path.join(self.root, "index.sqlite"), read_only)
         if read_only:
             if not os.path.isdir(blobs_dir):
@@ -5128,44 +5493,64 @@ class DirectoryBlobCache(BlobStore):
 
     def record_reference(self, reference: str, digest: str, media_type: str, *,
                          complete: bool = True) -> None:
-        """Remember which manifest ``reference`` resolved to (a read-only cache keeps none)."""
+        """Remember which manifest ``reference`` resolved to (a read-only cache keeps none).
+
+        The local registry's records (``local:NAME:TAG``) are written by
+        LocalRegistry, which checks what they name.
+        """
+        if _is_local_record(reference):
+            raise ValueError(f"{reference} is the local registry's: store it with LocalRegistry")
         if not self.read_only:
             self._files.write_reference(reference, digest, media_type, complete)
 
     def lookup_reference(self, reference: str) -> Optional[str]:
         """Return the manifest digest last recorded for ``reference``."""
+        if _is_local_record(reference):
+            found = self._repositories.lookup(reference)
+            return found["digest"] if found else None
         if not self._files.has_refs():
             return self.references().get(reference)
         record = self._files.read_reference(reference)
         return record["digest"] if record else None
 
     def reference_records(self) -> List[Dict[str, Any]]:
-        """Return every reference record (from its file)."""
+        """Return every reference record (from its file), the local registry's too."""
         if not self._files.has_refs():
             # A read-only cache an older version wrote: its index has them.
             return [{"reference": r, "digest": d, "media_type": m, "complete": True}
                     for r, d, m in self._index.legacy_references()]
-        return self._files.read_references()
+        return self._files.read_references() + self._repositories.records()
 
     def forget_reference(self, reference: str) -> bool:
         """Drop a reference record; tell whether there was one."""
         self._refuse_write(f"forget {reference}")
+        if _is_local_record(reference):
+            return self._repositories.forget(reference)
         return self._files.remove_reference(reference)
 
     # -- maintenance ------------------------------------------------------------
 
-    def gc(self) -> List[str]:
+    def gc(self, grace_s: Optional[float] = None, dry_run: bool = False) -> List[str]:
         """Delete unreachable blobs, stale temporaries and index rows without files.
 
         Refuses to run when the reference records cannot all be read, or the
         cache holds blobs but no records at all: it would delete what they keep.
+        Marks and sweeps holding the local registry's collection lock, so no
+        manifest is added meanwhile.  ``grace_s`` defaults to
+        ``DEFAULT_GC_GRACE_S`` where the cache holds a local registry (a blob
+        uploaded there waits for its manifest), else to 0.
         """
         self._refuse_write("collect garbage")
         if not self._files.has_refs() and not self._files.is_empty():
             raise CacheError(f"cache {self.root} has blobs but no reference records "
                              f"({self._files.refs_dir} is missing): gc would delete every "
                              "blob; pull the images to keep first")
-        removed = super().gc()
+        if grace_s is None:
+            grace_s = DEFAULT_GC_GRACE_S if self._repositories.exists() else 0.0
+        with self._repositories.gc_lock(exclusive=True):
+            removed = super().gc(grace_s, dry_run)
+        if dry_run:
+            return removed
         self._files.sweep_temporaries()
         present = set(self.digests())
         orphans = [r[0] for r in self._index.execute("SELECT digest FROM blobs")
@@ -5179,7 +5564,7 @@ class DirectoryBlobCache(BlobStore):
 
 
 # =============================================================================
-# 26. MEMORY CACHE: BlobCache, and where persistent caches are opened
+# 27. MEMORY CACHE: BlobCache, and where persistent caches are opened
 # =============================================================================
 
 class _MemoryBlobWriter(BlobWriter):
@@ -5341,7 +5726,7 @@ class BlobCache(BlobStore):
 
 
 # =============================================================================
-# 27. UNPACK: layer streams (compression, prefetch)
+# 28. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -5529,7 +5914,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 28. UNPACK: the root filesystem tree
+# 29. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -5755,7 +6140,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 29. UNPACK: LayerUnpacker, applying tar entries
+# 30. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 def _layer_name(layer: Any) -> str:
@@ -6093,7 +6478,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 30. OCI LAYOUT: writing layouts and archives
+# 31. OCI LAYOUT: writing layouts and archives
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -6385,7 +6770,7 @@ def _write_image(store: BlobStore, top: Manifest, target: _Location,
 
 
 # =============================================================================
-# 31. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
+# 32. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
 # =============================================================================
 
 def export_wasm_as_oci(wasm_path: Union[str, "os.PathLike[str]"],
@@ -6454,7 +6839,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 32. OCI LAYOUT: reading and importing
+# 33. OCI LAYOUT: reading and importing
 # =============================================================================
 
 # An imported layout is untrusted: every blob it reaches is streamed into a
@@ -6651,7 +7036,287 @@ def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 33. WORKER POOL: threads that keep their connections between batches
+# 34. LOCAL REGISTRY: LocalRegistry, images stored on this host
+# =============================================================================
+# A manifest is checked as distribution checks it by default before it is
+# added: a known media type, well-formed JSON, the digest it is put under,
+# and every blob and child manifest it names present (and of the size it
+# says).  Collection marks and sweeps under the collection lock, which a
+# manifest write holds shared; a blob stored less than the grace period ago
+# is spared, since a client uploads blobs before the manifest naming them.
+
+# Layers a registry need not hold: Windows' foreign layers (Docker) and the
+# OCI non-distributable ones, which name URLs instead.
+_FOREIGN_LAYER_TYPES = frozenset({
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"})
+
+
+class LocalRegistry:
+    """Images kept on this host: repositories, tags and manifests over a directory
+    cache's blobs (one copy of each blob, shared with pulls).
+
+    ``root`` is a cache directory (the default cache when None) or a
+    DirectoryBlobCache.  Every write is atomic and verified; several threads
+    and processes may use one store.  ``local:NAME[:TAG]`` names its images
+    in ``copy``, ``push``, ``pull --output`` and ``import``.
+    """
+
+    def __init__(self, root: Union[str, "os.PathLike[str]", DirectoryBlobCache, None] = None
+                 ) -> None:
+        if isinstance(root, DirectoryBlobCache):
+            self.cache, self._owned = root, False
+        else:
+            self.cache = DirectoryBlobCache(BlobCache.default_path() if root is None
+                                            else os.fspath(root))
+            self._owned = True
+        self.root = self.cache.root
+        self._repositories = _RepositoryFiles(self.root, self.cache.read_only)
+
+    def close(self) -> None:
+        """Close the cache this store opened."""
+        if self._owned:
+            self.cache.close()
+
+    def __enter__(self) -> "LocalRegistry":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LocalRegistry({self.root!r})"
+
+    # -- blobs ------------------------------------------------------------------
+
+    def has_blob(self, digest: str) -> bool:
+        """Tell whether the store holds a verified blob."""
+        return self.cache.has(digest)
+
+    def get_blob(self, digest: str) -> Optional[bytes]:
+        """Return a blob's bytes, or None (``open_blob`` streams large ones)."""
+        return self.cache.get(digest)
+
+    def open_blob(self, digest: str) -> Optional[BinaryIO]:
+        """Open a blob for reading, or return None when it is absent."""
+        return self.cache.open_blob(digest)
+
+    def blob_size(self, digest: str) -> Optional[int]:
+        """Return a blob's size in bytes, or None when it is absent."""
+        return self.cache.size(digest)
+
+    def put_blob(self, data: Union[bytes, BinaryIO], digest: Optional[str] = None,
+                 media_type: str = "") -> str:
+        """Store a blob (bytes, or a file streamed in pieces); return its digest.
+
+        With ``digest`` the bytes must match it (DigestMismatchError, and
+        nothing stored, when they do not).
+        """
+        if digest is not None and self.cache.has(digest):
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                _check_bytes("blob digest mismatch", bytes(data), digest)
+            return digest
+        size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
+        with self.cache.begin_write(digest, size, media_type) as writer:
+            if size is not None:
+                writer.write(data)
+            else:
+                for chunk in iter(lambda: data.read(_READ_CHUNK_BYTES), b""):  # type: ignore
+                    writer.write(chunk)
+            return writer.commit(None if digest is not None else writer.actual_digest())
+
+    def begin_blob(self, digest: Optional[str] = None, size: Optional[int] = None,
+                   media_type: str = "") -> BlobWriter:
+        """Start writing a blob (an upload); it becomes visible on a verified commit."""
+        return self.cache.begin_write(digest, size, media_type)
+
+    # -- manifests --------------------------------------------------------------
+
+    def put_manifest(self, name: str, reference: str, data: bytes,
+                     media_type: str = "") -> str:
+        """Add a manifest to repository ``name`` under a tag or its digest; return
+        its digest.
+
+        ``media_type`` is the Content-Type it came with.  ManifestError
+        when it is not a manifest of a known type, ManifestBlobUnknownError
+        when a blob or child manifest it names is not stored, and
+        DigestMismatchError when ``reference`` is a digest it does not have.
+        """
+        _validate_repository(name)
+        tag, digest = self._split(name, reference)
+        if not isinstance(data, bytes):
+            raise TypeError("a manifest is bytes")
+        header = media_type.split(";", 1)[0].strip().lower()
+        manifest = parse_manifest(data, header, digest)
+        declared = manifest.data.get("mediaType")
+        if header and header not in _MANIFEST_TYPES and header != "application/json":
+            raise ManifestError(f"unsupported manifest media type {header!r}")
+        if declared and header in _MANIFEST_TYPES and header != declared:
+            raise ManifestError(f"manifest {manifest.digest} declares {declared} but was "
+                                f"sent as {header}")
+        subject = self._subject(manifest)
+        with self._repositories.gc_lock(exclusive=False):
+            self._check_children(manifest)
+            if not self.cache.has(manifest.digest):
+                self.cache.put(manifest.digest, data, manifest.media_type)
+            record: Dict[str, Any] = {"media_type": manifest.media_type, "size": len(data)}
+            referrer = None
+            if subject is not None:
+                record["subject"] = subject.digest
+                referrer = self._referrer_descriptor(manifest)
+            self._repositories.write_revision(name, manifest.digest, record, referrer)
+            if tag is not None:
+                self._repositories.write_tag(name, tag, manifest.digest, manifest.media_type)
+        return manifest.digest
+
+    @staticmethod
+    def _split(name: str, reference: str) -> Tuple[Optional[str], Optional[str]]:
+        """Return (tag, digest) of a reference that is one or the other."""
+        if not isinstance(reference, str):
+            raise InvalidReferenceError(str(reference), "a tag or a digest")
+        if ":" in reference:
+            return None, _validate_digest(reference)
+        if not _TAG_RE.fullmatch(reference):
+            raise InvalidReferenceError(f"{name}:{reference[:140]}",
+                                        "invalid tag (letters, digits, '_', '.', '-'; at "
+                                        "most 128; not starting with '.' or '-')")
+        return reference, None
+
+    @staticmethod
+    def _subject(manifest: Manifest) -> Optional[Descriptor]:
+        raw = manifest.data.get("subject")
+        return None if raw is None else Descriptor.from_json(raw, "subject")
+
+    def _check_children(self, manifest: Manifest) -> None:
+        """Raise ManifestBlobUnknownError unless every blob and child it names is here."""
+        for child in manifest.children:
+            if child is None or child.media_type in _FOREIGN_LAYER_TYPES or \
+                    (child.urls and not self.cache.has(child.digest)):
+                continue
+            size = self.cache.size(child.digest)
+            if size is None:
+                kind = "manifest" if manifest.is_index else "blob"
+                raise ManifestBlobUnknownError(
+                    f"manifest {manifest.digest} names {kind} {child.digest}, which is not "
+                    "in the store (push it first)", child.digest)
+            if size != child.size:
+                raise ManifestError(f"manifest {manifest.digest} says {child.digest} has "
+                                    f"{child.size} bytes; the stored blob has {size}")
+
+    @staticmethod
+    def _referrer_descriptor(manifest: Manifest) -> Dict[str, Any]:
+        """Return the descriptor the referrers API lists for a manifest with a subject:
+        its artifactType, else its config's media type (image-spec 1.1)."""
+        artifact_type = manifest.artifact_type or \
+            (manifest.config.media_type if manifest.config is not None else "")
+        descriptor: Dict[str, Any] = {"mediaType": manifest.media_type,
+                                      "digest": manifest.digest, "size": manifest.size}
+        if artifact_type:
+            descriptor["artifactType"] = artifact_type
+        if manifest.annotations:
+            descriptor["annotations"] = manifest.annotations
+        return descriptor
+
+    def resolve(self, name: str, reference: str) -> Optional[str]:
+        """Return the digest a tag (or digest) names in repository ``name``, or None."""
+        tag, digest = self._split(name, reference)
+        if digest is not None:
+            return digest if self._repositories.read_revision(name, digest) else None
+        record = self._repositories.read_tag(name, str(tag))
+        return record["digest"] if record else None
+
+    def has_manifest(self, name: str, reference: str) -> bool:
+        """Tell whether repository ``name`` has a manifest by that tag or digest."""
+        digest = self.resolve(name, reference)
+        return digest is not None and self.cache.has(digest)
+
+    def get_manifest(self, name: str, reference: str) -> Optional[Manifest]:
+        """Return the manifest a tag or digest names in ``name`` (verified), or None."""
+        digest = self.resolve(name, reference)
+        if digest is None:
+            return None
+        record = self._repositories.read_revision(name, digest) or {}
+        raw = self.cache.read_small(digest, MAX_MANIFEST_SIZE_BYTES)
+        if raw is None:
+            return None
+        try:
+            return parse_manifest(raw, str(record.get("media_type") or ""), digest)
+        except DigestMismatchError as exc:
+            raise CacheError(_corrupt_cached_blob(digest, "manifest")) from exc
+
+    def delete_manifest(self, name: str, digest: str) -> bool:
+        """Remove a manifest from a repository, with every tag naming it."""
+        return self._repositories.remove_revision(name, _validate_digest(digest))
+
+    def list_tags(self, name: str) -> List[str]:
+        """Return the tags of repository ``name``, sorted."""
+        return self._repositories.tags(_validate_repository(name))
+
+    def list_images(self) -> List[str]:
+        """Return every repository name, sorted."""
+        return self._repositories.names() if self._repositories.exists() else []
+
+    def list_manifests(self, name: str) -> List[str]:
+        """Return the digests of every manifest of repository ``name``."""
+        return self._repositories.revisions(_validate_repository(name))
+
+    def delete_tag(self, name: str, tag: str) -> bool:
+        """Remove a tag (its manifest stays, by digest, until ``delete_manifest``)."""
+        return self._repositories.remove_tag(_validate_repository(name), tag)
+
+    def delete_image(self, name: str) -> bool:
+        """Remove a repository: its tags and manifests (its blobs go at the next gc)."""
+        return self._repositories.remove_repository(name)
+
+    def referrers(self, name: str, digest: str,
+                  artifact_type: Optional[str] = None) -> List[Descriptor]:
+        """Return the manifests of ``name`` whose subject is ``digest`` (distribution-spec
+        1.1 referrers), only those of ``artifact_type`` when given."""
+        found = []
+        for record in self._repositories.referrers(_validate_repository(name),
+                                                   _validate_digest(digest)):
+            descriptor = Descriptor.from_json(record, "referrer")
+            if artifact_type is None or descriptor.artifact_type == artifact_type:
+                found.append(descriptor)
+        return found
+
+    def store_image(self, name: str, reference: str, top: Manifest,
+                    load: Optional[Callable[[Descriptor], Optional[Manifest]]] = None) -> str:
+        """Add an image whose blobs are stored already: every manifest it reaches
+        (children first), then ``top`` under ``reference`` (a tag, or its digest)."""
+        def load_stored(descriptor: Descriptor) -> Optional[Manifest]:
+            if descriptor.digest == top.digest:
+                return top
+            if descriptor.media_type not in _MANIFEST_TYPES:
+                return None
+            if load is not None:
+                return load(descriptor)
+            raw = self.cache.read_small(descriptor.digest, MAX_MANIFEST_SIZE_BYTES)
+            if raw is None:
+                raise ManifestBlobUnknownError(f"manifest {descriptor.digest} is not in "
+                                               "the store", descriptor.digest)
+            return parse_manifest(raw, descriptor.media_type, descriptor.digest)
+
+        for descriptor, manifest in _walk_graph([top.descriptor()], load_stored,
+                                                post_order=True):
+            if manifest is not None and manifest.digest != top.digest:
+                self.put_manifest(name, manifest.digest, manifest.raw, manifest.media_type)
+        return self.put_manifest(name, reference, top.raw, top.media_type)
+
+    def garbage_collect(self, grace_s: float = DEFAULT_GC_GRACE_S,
+                        dry_run: bool = False) -> int:
+        """Delete blobs no tag, manifest or cache reference reaches; return the bytes
+        freed (that would be freed, with ``dry_run``).  A blob stored less than
+        ``grace_s`` seconds ago stays."""
+        sizes = {e["digest"]: e["size"] for e in self.cache.entries()}
+        removed = self.cache.gc(grace_s, dry_run)
+        return sum(sizes.get(digest, 0) for digest in removed)
+
+
+# =============================================================================
+# 35. WORKER POOL: threads that keep their connections between batches
 # =============================================================================
 
 class _Cancelled(Exception):
@@ -6791,7 +7456,7 @@ class _WorkerPool:
 
 
 # =============================================================================
-# 34. SESSION AND RESOLVER: what transfers share; references to manifests
+# 36. SESSION AND RESOLVER: what transfers share; references to manifests
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -6970,7 +7635,7 @@ class _Resolver:
 
 
 # =============================================================================
-# 35. FETCHER: verified blobs from a source into a store
+# 37. FETCHER: verified blobs from a source into a store
 # =============================================================================
 
 class _Fetcher:
@@ -7139,7 +7804,7 @@ class _Fetcher:
 
 
 # =============================================================================
-# 36. PULL: what a pull returns (Layer, PullResult)
+# 38. PULL: what a pull returns (Layer, PullResult)
 # =============================================================================
 
 @_value
@@ -7275,7 +7940,7 @@ def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
 
 
 # =============================================================================
-# 37. PULL: the ImagePuller API
+# 39. PULL: the ImagePuller API
 # =============================================================================
 
 def _as_reference(reference: Union[str, Reference]) -> Reference:
@@ -7600,7 +8265,7 @@ class ImagePuller:
 
 
 # =============================================================================
-# 38. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
+# 40. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
 # =============================================================================
 # A copy walks one image graph (an index, its manifests, their blobs) and
 # needs each blob as a file it can seek in (an upload is sent again after a
@@ -7635,6 +8300,10 @@ class _Content:
                 return self.top
             return self._load(descriptor) if descriptor.media_type in _MANIFEST_TYPES else None
         return list(_walk_graph([self.top.descriptor()], load, post_order=post_order))
+
+    def load(self, descriptor: Descriptor) -> Manifest:
+        """Return a child manifest (verified against its digest)."""
+        return self.top if descriptor.digest == self.top.digest else self._load(descriptor)
 
     def with_top(self, top: Manifest) -> "_Content":
         """Return the same content with another top (one platform of an index)."""
@@ -7798,7 +8467,7 @@ def _docker_archive_entry(listing: Any, location: _Location) -> Dict[str, Any]:
 
 
 # =============================================================================
-# 39. PUSH: ImagePusher, push and copy
+# 41. PUSH: ImagePusher, push and copy
 # =============================================================================
 
 @_value
@@ -7972,6 +8641,13 @@ class ImagePusher:
 
     def _content(self, source: _Location, auth: Optional[RegistryAuth]) -> _Content:
         """Open what a copy reads from."""
+        if source.transport == "local":
+            store = self._local_registry()
+            top = store.get_manifest(source.path, source.digest or str(source.tag))
+            if top is None:
+                raise CacheError(f"no image {source} in the local registry {store.root} "
+                                 "('cache ls' lists local: images)")
+            return _store_content(self.cache, top, str(source))
         if source.transport in _LAYOUT_TRANSPORTS:
             return _layout_content(source, self.cache)
         if source.transport == "docker-archive":
@@ -8003,17 +8679,27 @@ class ImagePusher:
             if not manifest.is_index:
                 return manifest
             child = select_platform(manifest, wanted or self.puller.platform)
-            manifest = content._load(child)
+            manifest = content.load(child)
         raise ManifestError(f"index {content.top.digest} nests more than "
                             f"{_MAX_INDEX_DEPTH} levels deep")
 
+    def _local_registry(self) -> LocalRegistry:
+        """Return the local registry over this pusher's cache (a directory cache)."""
+        if not isinstance(self.cache, DirectoryBlobCache):
+            raise CacheError("the local registry lives in a directory cache: open the "
+                             "pusher with one (the CLI's --cache)")
+        return LocalRegistry(self.cache)
+
     def _write(self, content: _Content, source: _Location, target: _Location) -> CopyResult:
-        """Copy into a layout or an archive: through the cache, then written out."""
+        """Copy into a layout, an archive or the local registry: through the cache,
+        then written out (or recorded, for the local registry)."""
+        store = self._local_registry() if target.transport == "local" else None
         nodes = content.nodes(post_order=False)
         for descriptor, manifest in nodes:
             if manifest is not None and not self.cache.has(descriptor.digest):
                 self.cache.put(descriptor.digest, manifest.raw, manifest.media_type)
         blobs = list({d.digest: d for d, m in nodes if m is None}.values())
+        present = {d.digest for d in blobs if self.cache.has(d.digest)}
         content.prepare_all([d for d in blobs if not self.cache.has(d.digest)])
         for descriptor in blobs:
             if self.cache.has(descriptor.digest):
@@ -8026,6 +8712,17 @@ class ImagePusher:
                 for chunk in iter(lambda: limited.read(_READ_CHUNK_BYTES), b""):
                     writer.write(chunk)
                 writer.commit()
+        if store is not None:
+            if target.digest and target.digest != content.top.digest:
+                raise ManifestError(f"{target} names {target.digest}, but the image copied "
+                                    f"is {content.top.digest}")
+            store.store_image(target.path, target.digest or str(target.tag), content.top,
+                              content.load)
+            return CopyResult(str(source), str(target), content.top.digest,
+                              content.top.media_type,
+                              uploaded=[d for d in blobs if d.digest not in present],
+                              skipped=[d for d in blobs if d.digest in present],
+                              manifests=sum(1 for _, m in nodes if m is not None))
         if target.tag is None and target.transport != "docker-archive":
             tag = source.reference.tag if source.reference else source.tag
             target = _Location(target.transport, target.path, tag)
@@ -8082,7 +8779,7 @@ class ImagePusher:
 
 
 # =============================================================================
-# 40. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+# 42. CLI: output, progress, and what every command opens (caches, pullers, credentials)
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -8423,6 +9120,9 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
     """Parse REF as a registry reference and find its credentials (before any
     cache directory is made, so a usage error leaves nothing behind)."""
     location = _parse_location(args.reference)
+    if location.transport == "local":
+        raise _UsageError(f"{args.command} takes a registry reference, not the local "
+                          f"registry's image {args.reference} (copy reads it)")
     if location.reference is None:
         what = "layout" if location.is_layout else "archive"
         raise _UsageError(f"{args.command} takes a registry reference, not the local {what} "
@@ -8437,18 +9137,21 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
 
 
 # =============================================================================
-# 41. CLI: the commands
+# 43. CLI: the commands
 # =============================================================================
 
 def _cmd_pull(args: Any) -> int:
     reference, auth = _cli_target(args)
     progress = _cli_progress(args)
     cache = _cli_cache(args)
-    if args.output:
-        _parse_destination(args.output)
     with _cli_puller(args, cache, progress) as puller:
         result = puller.pull_image(reference, auth, verify=args.verify)
-        if args.output:
+        target = _parse_pull_output(args.output) if args.output else None
+        if target is not None and target.transport == "local":
+            # What was pulled (this platform's image) is stored: its blobs are there.
+            LocalRegistry(cache).store_image(target.path, target.digest or str(target.tag),
+                                             result.manifest)
+        elif args.output:
             # Only what was pulled (this platform's image) goes into the layout.
             puller.export_image(result.reference.with_digest(result.manifest.digest)
                                 if result.index else result.reference, args.output,
@@ -8528,8 +9231,20 @@ def _cmd_export(args: Any) -> int:
 
 
 def _cmd_import(args: Any) -> int:
-    with _cli_puller(args, _cli_cache(args)) as puller:
+    cache = _cli_cache(args)
+    with _cli_puller(args, cache) as puller:
         infos = puller.import_image(args.source)
+    if args.destination:
+        if len({info.digest for info in infos}) != 1:
+            raise LayoutError(f"{args.source} holds {len(infos)} images: name one with :TAG")
+        target = _parse_local_destination(args.destination)
+        raw = cache.read_small(infos[0].digest, MAX_MANIFEST_SIZE_BYTES)
+        assert raw is not None  # imported just now
+        LocalRegistry(cache).store_image(
+            target.path, target.digest or str(target.tag),
+            parse_manifest(raw, infos[0].media_type, infos[0].digest))
+        if not args.json and not args.quiet:
+            print(f"stored as {target}")
     if args.json:
         _print_json([info.to_json() for info in infos])
     else:
@@ -8717,7 +9432,11 @@ def _cmd_cache(args: Any) -> int:
                          "references": {r["reference"]: r["digest"] for r in records},
                          "incomplete": [r["reference"] for r in records if not r["complete"]]})
             return 0
+        by_digest = [r for r in records if _is_local_record(r["reference"])
+                     and "@" in r["reference"]]
         for record in records:
+            if record in by_digest:
+                continue  # the local registry's manifests by digest: --json lists them
             print(record["reference"] if quiet else f"{record['reference']}  {record['digest']}"
                   + ("" if record["complete"] else "  (incomplete: its pull did not finish)"))
         if quiet:
@@ -8752,12 +9471,22 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 42. CLI: argument types, the command table, the parser, main
+# 44. CLI: argument types, the command table, the parser, main
 # =============================================================================
 
 def _parse_destination(text: str) -> _Location:
-    """Parse where ``export`` and ``pull --output`` write: a layout or an archive."""
+    """Parse where ``export`` writes: a layout or an archive."""
     return _parse_location(text, _FILE_TRANSPORTS)
+
+
+def _parse_pull_output(text: str) -> _Location:
+    """Parse where ``pull --output`` writes: a layout, an archive or the local registry."""
+    return _parse_location(text, _FILE_TRANSPORTS + ("local",))
+
+
+def _parse_local_destination(text: str) -> _Location:
+    """Parse an image of the local registry (``local:NAME[:TAG]``)."""
+    return _parse_location(text, ("local",), "destination")
 
 
 def _positive_int(text: str) -> int:
@@ -8799,6 +9528,8 @@ def _checked_argument(check: Callable[[str], Any]) -> Callable[[str], str]:
 
 _platform_arg = _checked_argument(parse_platform)            # OS/ARCH[/VARIANT]
 _location_arg = _checked_argument(_parse_destination)        # oci:DIR[:TAG] and the like
+_output_arg = _checked_argument(_parse_pull_output)         # those, and local:NAME[:TAG]
+_local_arg = _checked_argument(_parse_local_destination)    # local:NAME[:TAG]
 _layout_arg = _checked_argument(lambda text: _parse_location(text, ("oci",), "destination"))
 _import_arg = _checked_argument(_parse_import_source)        # oci: or oci-archive:
 
@@ -8899,9 +9630,10 @@ def _add_subcommand(commands: Any, command: _Command) -> Any:
 
 
 def _add_pull_arguments(pull: Any) -> None:
-    pull.add_argument("--output", metavar="DEST", type=_location_arg,
+    pull.add_argument("--output", metavar="DEST", type=_output_arg,
                       help="also write the pulled image to oci:DIR[:TAG], "
-                           "oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME[:TAG]]")
+                           "oci-archive:FILE[:TAG], docker-archive:FILE[:NAME[:TAG]] or "
+                           "the local registry, local:NAME[:TAG]")
     pull.add_argument("--verify", action="store_true",
                       help="hash every cached blob the image uses again (a warm pull "
                            "trusts what the cache verified when it stored it), and "
@@ -8918,6 +9650,9 @@ def _add_export_arguments(export: Any) -> None:
 def _add_import_arguments(importer: Any) -> None:
     importer.add_argument("source", metavar="SRC", type=_import_arg,
                           help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
+    importer.add_argument("destination", metavar="DEST", type=_local_arg, nargs="?",
+                          help="also store the image in the local registry as "
+                               "local:NAME[:TAG] (the layout must hold one image)")
 
 
 def _add_unpack_arguments(unpack: Any) -> None:
@@ -9069,6 +9804,8 @@ _COMMAND_TABLE: Tuple[_Command, ...] = (
                  "zlayer-registry copy ghcr.io/org/app:v1 oci:./app-layout:v1 "
                  "--platform linux/arm64",
                  "zlayer-registry copy docker-archive:saved.tar oci-archive:app.tar:v1",
+                 "zlayer-registry copy alpine:3.20 local:alpine:3.20   "
+                 "# into the local registry",
                  "zlayer-registry copy localhost:5000/a:1 localhost:5000/b:1   "
                  "# layers mounted, not sent")),
     _Command("import", "verify an OCI layout or archive and add its images to the cache",
@@ -9078,6 +9815,7 @@ _COMMAND_TABLE: Tuple[_Command, ...] = (
                            "digest, media_type}",
               "quiet_help": "print only the digest of each image imported"}, (
                  "zlayer-registry import oci:./alpine-layout:3.20",
+                 "zlayer-registry import oci:./build-output local:team/app:v1",
                  "zlayer-registry import oci-archive:app.tar --json")),
     _Command("unpack", "unpack an image (pulled, or from an OCI layout) into a new root "
                        "filesystem directory",
