@@ -145,6 +145,9 @@ class FakeRegistry:
         # found (HEAD, GET, mount) only in the repositories that have it.
         self.repository_blobs: Dict[str, set] = {}
         self.strict_repositories = False
+        # The referrers API (spec 1.1): without it, /referrers/ is a 404 and
+        # clients fall back to the sha256-<hex> tag schema.
+        self.support_referrers = False
         # Faults: callables taking (method, path, headers) and returning an
         # action dict or None; consumed in order.
         self.faults: List[Callable[[str, str, Dict[str, str]], Optional[Dict[str, Any]]]] = []
@@ -280,6 +283,10 @@ class FakeRegistry:
         if upload:
             self._upload(h, upload.group(1), upload.group(2), body)
             return
+        referrers = re.fullmatch(r"/v2/(.+)/referrers/([^/]+)", path)
+        if referrers and self.support_referrers and h.command == "GET":
+            self._referrers(h, *referrers.groups())
+            return
         match = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", path)
         if not match:
             h.send_body(404, json.dumps({"errors": [{"code": "NAME_UNKNOWN",
@@ -368,8 +375,27 @@ class FakeRegistry:
         self.manifests[(repository, digest)] = (body, media_type)
         if not ref.startswith("sha256:"):
             self.manifests[(repository, ref)] = (body, media_type)
-        h.send_body(201, b"", {"Location": f"/v2/{repository}/manifests/{digest}",
-                               "Docker-Content-Digest": digest})
+        headers = {"Location": f"/v2/{repository}/manifests/{digest}",
+                   "Docker-Content-Digest": digest}
+        subject = json.loads(body).get("subject") if body.startswith(b"{") else None
+        if self.support_referrers and isinstance(subject, dict):
+            headers["OCI-Subject"] = subject.get("digest", "")
+        h.send_body(201, b"", headers)
+
+    def _referrers(self, h: _Base, repository: str, digest: str) -> None:
+        found = []
+        for (repo, ref), (body, media_type) in list(self.manifests.items()):
+            if repo != repository or not ref.startswith("sha256:"):
+                continue
+            data = json.loads(body)
+            if (data.get("subject") or {}).get("digest") != digest:
+                continue
+            found.append({"mediaType": media_type, "digest": ref, "size": len(body),
+                          "artifactType": data.get("artifactType") or
+                          data.get("config", {}).get("mediaType", "")})
+        h.send_body(200, json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                     "manifests": found}).encode(),
+                    {"Content-Type": OCI_INDEX})
 
     def _delete(self, h: _Base, repository: str, kind: str, ref: str) -> None:
         if kind == "blobs":

@@ -10,6 +10,7 @@ our ``copy``.  Missing tools skip (fail under ZLAYER_REQUIRE_INTEROP=1).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -153,3 +154,59 @@ class TestPushInterop:
         kit.skopeo_to_layout(registry, "push/from-archive", "v1", tmp_path / "back")
         back = kit.describe_layout(tmp_path / "back", "v1")
         assert back is not None
+
+    def test_referrers_travel_by_the_tag_schema_distribution_reads(self, registry, tmp_path):
+        """distribution 2.8 has no referrers API: the source's referrers are found by
+        their sha256-<hex> tag, and the destination gets one (skopeo reads both)."""
+        sys.path.insert(0, str(HERE))
+        import zlayer_registry as zr
+        image = kit.build_image(tmp_path / "layout", "v1")
+        _cli(tmp_path, "push", f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/ref/src:v1")
+        # An SBOM whose subject is the image, pushed with the library, listed in the
+        # subject's fallback tag as oras and regclient list it there.
+        sbom_body = b'{"spdxVersion": "SPDX-2.3"}'
+        empty = b"{}"
+        sbom = json.dumps({
+            "schemaVersion": 2, "mediaType": kit.MEDIA_TYPE_OCI_MANIFEST,
+            "artifactType": "application/spdx+json",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                       "digest": zr.compute_digest(empty), "size": 2},
+            "layers": [{"mediaType": "application/spdx+json",
+                        "digest": zr.compute_digest(sbom_body), "size": len(sbom_body)}],
+            "subject": {"mediaType": kit.MEDIA_TYPE_OCI_MANIFEST, "digest": image.digest,
+                        "size": len((tmp_path / "layout" / "blobs" / "sha256" /
+                                     image.digest[7:]).read_bytes())}}).encode()
+        with zr.ImagePusher(environ={}, insecure=True) as pusher:
+            for data, media_type in ((empty, "application/vnd.oci.empty.v1+json"),
+                                     (sbom_body, "application/spdx+json")):
+                pusher.push_blob(f"{registry.host}/ref/src:v1",
+                                 zr.Descriptor(media_type, zr.compute_digest(data), len(data)),
+                                 io.BytesIO(data))
+            sbom_manifest = zr.parse_manifest(sbom)
+            pusher.push_manifest(f"{registry.host}/ref/src@{sbom_manifest.digest}", sbom_manifest)
+            tag_index = zr.parse_manifest(json.dumps({
+                "schemaVersion": 2, "mediaType": kit.MEDIA_TYPE_OCI_INDEX, "manifests": [
+                    {"mediaType": kit.MEDIA_TYPE_OCI_MANIFEST, "digest": sbom_manifest.digest,
+                     "size": len(sbom), "artifactType": "application/spdx+json"}]}).encode())
+            pusher.push_manifest(f"{registry.host}/ref/src:{image.digest.replace(':', '-')}",
+                                 tag_index)
+        result = _cli(tmp_path, "copy", f"{registry.host}/ref/src:v1",
+                      f"{registry.host}/ref/dst:v1", "--referrers")
+        assert result["referrers"] == [sbom_manifest.digest]
+        listed = json.loads(_skopeo(registry, "inspect", "--raw", "--tls-verify=false",
+                                    f"docker://{registry.host}/ref/dst:"
+                                    f"{image.digest.replace(':', '-')}"))
+        assert [(m["digest"], m["artifactType"]) for m in listed["manifests"]] == [
+            (sbom_manifest.digest, "application/spdx+json")]
+        copied = _skopeo(registry, "inspect", "--raw", "--tls-verify=false",
+                         f"docker://{registry.host}/ref/dst@{sbom_manifest.digest}")
+        assert copied.encode() == sbom
+
+    def test_local_registry_image_pushed_and_read_back(self, registry, tmp_path):
+        index = kit.build_index(tmp_path / "layout", "v1")
+        _cli(tmp_path, "copy", f"oci:{tmp_path / 'layout'}:v1", "local:built/app:v1")
+        result = _cli(tmp_path, "push", "local:built/app:v1", f"{registry.host}/local/app:v1")
+        assert result["digest"] == index.digest
+        assert registry.raw_manifest_digest("local/app", "v1") == index.digest
+        back = _cli(tmp_path, "copy", f"{registry.host}/local/app:v1", "local:back:v1")
+        assert back["digest"] == index.digest and len(back["skipped"]) == len(result["uploaded"])

@@ -4558,3 +4558,110 @@ class TestPushCli:
                      cwd=tmp_path)
         assert ok.returncode == 0, ok.stderr
         assert ("c/app", "v1") in registry.manifests
+
+
+# -----------------------------------------------------------------------------
+# 41. PUSH: referrers (copy --referrers)
+# -----------------------------------------------------------------------------
+
+def _add_referrer(registry, repository, subject, artifact_type, note, tag_schema):
+    """Put an artifact whose subject is ``subject`` into a fake registry; list it in the
+    subject's sha256-<hex> index too when ``tag_schema`` (a registry without the API)."""
+    empty = registry.add_blob(b"{}")
+    body = registry.add_blob(note.encode())
+    manifest = {"schemaVersion": 2, "mediaType": fake.OCI_MANIFEST,
+                "artifactType": artifact_type,
+                "config": dict(empty, mediaType="application/vnd.oci.empty.v1+json"),
+                "layers": [dict(body, mediaType="text/plain")],
+                "subject": {"mediaType": subject["mediaType"], "digest": subject["digest"],
+                            "size": subject["size"]}}
+    digest = registry.add_manifest(repository, None, manifest)
+    raw = registry.manifests[(repository, digest)][0]
+    if tag_schema:
+        tag = subject["digest"].replace(":", "-")
+        listed = json.loads(registry.manifests[(repository, tag)][0])["manifests"] \
+            if (repository, tag) in registry.manifests else []
+        listed.append({"mediaType": fake.OCI_MANIFEST, "digest": digest, "size": len(raw),
+                       "artifactType": artifact_type})
+        registry.add_manifest(repository, tag, {"schemaVersion": 2, "mediaType": fake.OCI_INDEX,
+                                                "manifests": listed})
+    return {"mediaType": fake.OCI_MANIFEST, "digest": digest, "size": len(raw)}
+
+
+@pytest.fixture
+def destination():
+    server = fake.FakeRegistry()
+    yield server
+    server.close()
+
+
+class TestCopyReferrers:
+    def test_tag_schema_source_to_an_api_destination(self, registry, destination):
+        image = registry.add_image("src/app", "v1", [layer_bytes(1, 1000)])
+        sbom = _add_referrer(registry, "src/app", image, "application/spdx+json", "sbom", True)
+        signature = _add_referrer(registry, "src/app", sbom, "application/vnd.dev.sig", "sig",
+                                  True)
+        destination.support_referrers = True
+        with _pusher() as pusher:
+            result = pusher.copy(f"{registry.host}/src/app:v1", f"{destination.host}/dst/app:v1",
+                                 referrers=True)
+        assert result.referrers == [sbom["digest"], signature["digest"]]
+        for digest in (sbom["digest"], signature["digest"]):
+            assert destination.manifests[("dst/app", digest)][0] == \
+                registry.manifests[("src/app", digest)][0]
+        # The destination indexes subjects itself: no fallback tag is written.
+        assert ("dst/app", image["digest"].replace(":", "-")) not in destination.manifests
+
+    def test_api_source_to_a_tag_schema_destination(self, registry, destination):
+        registry.support_referrers = True
+        image = registry.add_image("src/app", "v1", [layer_bytes(1, 1000)])
+        sbom = _add_referrer(registry, "src/app", image, "application/spdx+json", "sbom", False)
+        with _pusher() as pusher:
+            result = pusher.copy(f"{registry.host}/src/app:v1", f"{destination.host}/dst/app:v1",
+                                 referrers=True)
+        assert result.referrers == [sbom["digest"]]
+        tagged = json.loads(destination.manifests[
+            ("dst/app", image["digest"].replace(":", "-"))][0])
+        assert tagged["mediaType"] == fake.OCI_INDEX
+        assert [(d["digest"], d["artifactType"]) for d in tagged["manifests"]] == [
+            (sbom["digest"], "application/spdx+json")]
+        # Copying again adds nothing to the fallback index.
+        with _pusher() as pusher:
+            pusher.copy(f"{registry.host}/src/app:v1", f"{destination.host}/dst/app:v1",
+                        referrers=True)
+        again = json.loads(destination.manifests[
+            ("dst/app", image["digest"].replace(":", "-"))][0])
+        assert len(again["manifests"]) == 1
+
+    def test_without_the_flag_no_referrer_is_copied(self, registry, destination):
+        image = registry.add_image("src/app", "v1", [layer_bytes(1, 1000)])
+        sbom = _add_referrer(registry, "src/app", image, "application/spdx+json", "sbom", True)
+        with _pusher() as pusher:
+            result = pusher.copy(f"{registry.host}/src/app:v1", f"{destination.host}/dst/app:v1")
+        assert result.referrers == []
+        assert ("dst/app", sbom["digest"]) not in destination.manifests
+        assert not [r for r in registry.requests if "/referrers/" in r["path"]]
+
+    def test_registry_to_local_and_back(self, registry, destination, tmp_path):
+        image = registry.add_image("src/app", "v1", [layer_bytes(1, 1000)])
+        sbom = _add_referrer(registry, "src/app", image, "application/spdx+json", "sbom", True)
+        cache = zr.BlobCache.open(tmp_path / "cache")
+        with _pusher(cache) as pusher:
+            into = pusher.copy(f"{registry.host}/src/app:v1", "local:app:v1", referrers=True)
+            assert into.referrers == [sbom["digest"]]
+            store = zr.LocalRegistry(cache)
+            listed = store.referrers("app", image["digest"])
+            assert [(d.digest, d.artifact_type) for d in listed] == [
+                (sbom["digest"], "application/spdx+json")]
+            out = pusher.copy("local:app:v1", f"{destination.host}/dst/app:v1", referrers=True)
+        assert out.referrers == [sbom["digest"]]
+        assert destination.manifests[("dst/app", sbom["digest"])][0] == \
+            registry.manifests[("src/app", sbom["digest"])][0]
+
+    def test_referrers_to_a_layout_is_one_line(self, registry, tmp_path):
+        registry.add_image("src/app", "v1", [layer_bytes(1, 1000)])
+        done = run_cli("copy", f"{registry.host}/src/app:v1", f"oci:{tmp_path / 'out'}",
+                       "--referrers", "--cache", str(tmp_path / "c"), cwd=tmp_path)
+        assert done.returncode == 1 and "referrers are copied between registries" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()

@@ -1468,6 +1468,20 @@ def select_platform(index: Manifest, wanted: Platform) -> Descriptor:
     return best[2]
 
 
+def _referrer_descriptor(manifest: Manifest) -> Dict[str, Any]:
+    """Return the descriptor a referrers list gives a manifest with a subject: its
+    artifactType, else its config's media type (image-spec 1.1), and its annotations."""
+    artifact_type = manifest.artifact_type or \
+        (manifest.config.media_type if manifest.config is not None else "")
+    descriptor: Dict[str, Any] = {"mediaType": manifest.media_type,
+                                  "digest": manifest.digest, "size": manifest.size}
+    if artifact_type:
+        descriptor["artifactType"] = artifact_type
+    if manifest.annotations:
+        descriptor["annotations"] = manifest.annotations
+    return descriptor
+
+
 def _index_platforms(index: Manifest) -> List[Dict[str, str]]:
     """List the platforms of an index as ``{os, architecture, variant, digest}``."""
     result = []
@@ -3124,6 +3138,11 @@ def _read_manifest(response: _Response, name: str, identifier: str) -> Manifest:
     return parse_manifest(raw, response.header("Content-Type"), expected)
 
 
+def _referrers_tag(digest: str) -> str:
+    """Return the tag of the referrers tag schema for ``digest`` (``sha256-<hex>``)."""
+    return digest.replace(":", "-", 1)[:128]
+
+
 def _manifest_not_found(repository: str, identifier: str, exc: NotFoundError) -> NotFoundError:
     """Say which image was missing, the same way for HEAD and GET, by tag or digest."""
     name = f"{repository}{'@' if ':' in identifier else ':'}{identifier}"
@@ -3530,6 +3549,31 @@ class _RegistryClient:
         except NotFoundError as exc:
             raise _manifest_not_found(self.repository, identifier, exc) from exc
         return _read_manifest(response, f"{self.registry}/{self.repository}", identifier)
+
+    def referrers(self, digest: str) -> List[Descriptor]:
+        """Return the manifests whose ``subject`` is ``digest``: from the referrers API
+        (distribution-spec 1.1), else, where a registry has none (404, or 400, 405
+        and the like), from the ``sha256-<hex>`` tag of the fallback schema."""
+        response = None
+        try:
+            response = self.request("GET", f"/v2/{self.repository}/referrers/{digest}",
+                                    headers={"Accept": MEDIA_TYPE_OCI_INDEX})
+        except NotFoundError:
+            pass
+        except RegistryError as exc:
+            if type(exc) is not RegistryError or exc.status not in (400, 405, 406, 501):
+                raise
+        if response is None:
+            try:
+                index = self.get_manifest(_referrers_tag(digest))
+            except NotFoundError:
+                return []
+        else:
+            index = _read_manifest(response, f"{self.registry}/{self.repository}", "referrers")
+        if not index.is_index:
+            raise ManifestError(f"{self.registry} answered the referrers of {digest} with a "
+                                f"{index.media_type}, not an index")
+        return index.manifests
 
     def open_blob(self, digest: str, offset: int = 0) -> _Response:
         """Start a blob GET, from ``offset`` with a Range request when resuming."""
@@ -3994,8 +4038,9 @@ class _Uploader:
 
     # -- manifests --------------------------------------------------------------
 
-    def put_manifest(self, identifier: str, raw: bytes, media_type: str) -> None:
-        """PUT a manifest byte for byte under a tag or its digest."""
+    def put_manifest(self, identifier: str, raw: bytes, media_type: str) -> bool:
+        """PUT a manifest byte for byte under a tag or its digest; tell whether the
+        registry indexed its subject (the ``OCI-Subject`` answer of spec 1.1)."""
         response = self.client.request("PUT", f"/v2/{self.repository}/manifests/{identifier}",
                                        headers={"Content-Type": media_type}, body=raw,
                                        ok=(201, 200, 204))
@@ -4005,6 +4050,7 @@ class _Uploader:
         if stored and stored != digest:
             raise RegistryError(f"{self.registry} stored manifest {digest} as {stored[:80]}",
                                 method="PUT", url=_redact_url(response.url))
+        return bool(response.header("OCI-Subject"))
 
 
 def _verify_part(file: BinaryIO, offset: int, descriptor: Descriptor) -> None:
@@ -7165,7 +7211,7 @@ class LocalRegistry:
             referrer = None
             if subject is not None:
                 record["subject"] = subject.digest
-                referrer = self._referrer_descriptor(manifest)
+                referrer = _referrer_descriptor(manifest)
             self._repositories.write_revision(name, manifest.digest, record, referrer)
             if tag is not None:
                 self._repositories.write_tag(name, tag, manifest.digest, manifest.media_type)
@@ -7204,20 +7250,6 @@ class LocalRegistry:
             if size != child.size:
                 raise ManifestError(f"manifest {manifest.digest} says {child.digest} has "
                                     f"{child.size} bytes; the stored blob has {size}")
-
-    @staticmethod
-    def _referrer_descriptor(manifest: Manifest) -> Dict[str, Any]:
-        """Return the descriptor the referrers API lists for a manifest with a subject:
-        its artifactType, else its config's media type (image-spec 1.1)."""
-        artifact_type = manifest.artifact_type or \
-            (manifest.config.media_type if manifest.config is not None else "")
-        descriptor: Dict[str, Any] = {"mediaType": manifest.media_type,
-                                      "digest": manifest.digest, "size": manifest.size}
-        if artifact_type:
-            descriptor["artifactType"] = artifact_type
-        if manifest.annotations:
-            descriptor["annotations"] = manifest.annotations
-        return descriptor
 
     def resolve(self, name: str, reference: str) -> Optional[str]:
         """Return the digest a tag (or digest) names in repository ``name``, or None."""
@@ -8280,7 +8312,8 @@ class _Content:
     readable (a registry's is downloaded into the cache); ``open_blob``
     returns (a file, the offset the blob starts at); ``repository`` is the
     (registry, repository) it lives in, when a registry: the destination
-    can mount from it.
+    can mount from it; ``referrers`` lists the manifests whose subject is a
+    digest (None: the source cannot tell).
     """
 
     def __init__(self, name: str, top: Manifest, load: Callable[[Descriptor], Manifest],
@@ -8288,10 +8321,12 @@ class _Content:
                  prepare: Optional[Callable[[Descriptor], Any]] = None,
                  repository: Optional[Tuple[str, str]] = None,
                  close: Optional[Callable[[], None]] = None,
-                 prepare_all: Optional[Callable[[List[Descriptor]], Any]] = None) -> None:
+                 prepare_all: Optional[Callable[[List[Descriptor]], Any]] = None,
+                 referrers: Optional[Callable[[str], List[Descriptor]]] = None) -> None:
         self.name, self.top, self._load = name, top, load
         self.open_blob, self.repository = open_blob, repository
         self._prepare, self._close, self._prepare_all = prepare, close, prepare_all
+        self.referrers = referrers
 
     def nodes(self, post_order: bool = True) -> List[_GraphNode]:
         """Return what the top reaches, children before their index by default."""
@@ -8308,7 +8343,7 @@ class _Content:
     def with_top(self, top: Manifest) -> "_Content":
         """Return the same content with another top (one platform of an index)."""
         return _Content(self.name, top, self._load, self.open_blob, self._prepare,
-                        self.repository, self._close, self._prepare_all)
+                        self.repository, self._close, self._prepare_all, self.referrers)
 
     def prepare(self, descriptor: Descriptor) -> None:
         """Make a blob readable by ``open_blob``."""
@@ -8333,7 +8368,8 @@ def _store_content(store: BlobStore, top: Manifest, name: str,
                    load: Optional[Callable[[Descriptor], Manifest]] = None,
                    prepare: Optional[Callable[[Descriptor], Any]] = None,
                    repository: Optional[Tuple[str, str]] = None,
-                   prepare_all: Optional[Callable[[List[Descriptor]], Any]] = None) -> _Content:
+                   prepare_all: Optional[Callable[[List[Descriptor]], Any]] = None,
+                   referrers: Optional[Callable[[str], List[Descriptor]]] = None) -> _Content:
     """An image whose blobs are (or will be, by ``prepare``) in a store."""
     def load_stored(descriptor: Descriptor) -> Manifest:
         raw = store.read_small(descriptor.digest, MAX_MANIFEST_SIZE_BYTES)
@@ -8346,7 +8382,7 @@ def _store_content(store: BlobStore, top: Manifest, name: str,
         return (open(path, "rb") if path else _open_stored(store, descriptor)), 0
 
     return _Content(name, top, load or load_stored, open_stored, prepare, repository,
-                    prepare_all=prepare_all)
+                    prepare_all=prepare_all, referrers=referrers)
 
 
 def _layout_content(location: _Location, store: BlobStore) -> _Content:
@@ -8482,6 +8518,7 @@ class CopyResult:
     mounted: List[Descriptor] = _field(default_factory=list)
     skipped: List[Descriptor] = _field(default_factory=list)
     manifests: int = 0
+    referrers: List[str] = _field(default_factory=list)
 
     def to_json(self) -> Dict[str, Any]:
         """Return the JSON form ``push --json`` and ``copy --json`` print."""
@@ -8491,7 +8528,12 @@ class CopyResult:
                 "digest": self.digest, "media_type": self.media_type,
                 "uploaded": listed(self.uploaded), "mounted": listed(self.mounted),
                 "skipped": listed(self.skipped), "manifests": self.manifests,
+                "referrers": list(self.referrers),
                 "bytes_uploaded": sum(d.size for d in self.uploaded)}
+
+
+# Referrers one copy follows at most (a hostile source could list without end).
+_MAX_REFERRERS = 1000
 
 
 class ImagePusher:
@@ -8619,14 +8661,22 @@ class ImagePusher:
 
     def copy(self, src: str, dst: str, *, src_auth: Optional[RegistryAuth] = None,
              dst_auth: Optional[RegistryAuth] = None,
-             platform: Union[str, Platform, None] = None) -> CopyResult:
+             platform: Union[str, Platform, None] = None,
+             referrers: bool = False) -> CopyResult:
         """Copy an image from ``src`` to ``dst`` (see the class); return what was done.
 
         An index is copied whole unless ``platform`` picks one of its images
         (a docker archive holds one: the host's, unless ``platform`` says).
+        ``referrers`` copies the manifests whose subject is a manifest copied
+        (signatures, SBOMs, attestations), theirs too, from a registry or the
+        local registry to a registry or the local registry.
         """
         source = _parse_location(src, what="source")
         target = _parse_location(dst, what="destination")
+        for side, location in (("from", source), ("to", target)):
+            if referrers and location.transport not in ("docker", "local"):
+                raise LayoutError(f"referrers are copied between registries and local:NAME, "
+                                  f"not {side} {location}")
         wanted = parse_platform(platform) if isinstance(platform, str) else platform
         content = self._content(source, src_auth)
         try:
@@ -8634,10 +8684,73 @@ class ImagePusher:
             if top.is_index and (wanted is not None or target.transport == "docker-archive"):
                 content = content.with_top(self._pick_platform(content, wanted))
             if target.reference is None:
-                return self._write(content, source, target)
-            return self._push_content(content, target.reference, dst_auth)
+                result = self._write(content, source, target)
+            else:
+                result = self._push_content(content, target.reference, dst_auth)
+            if referrers:
+                result = self._copy_referrers(content, source, target, dst_auth, result)
+            return result
         finally:
             content.close()
+
+    def _copy_referrers(self, content: _Content, source: _Location, target: _Location,
+                        auth: Optional[RegistryAuth], result: CopyResult) -> CopyResult:
+        """Copy the referrers of every manifest copied, and theirs; return ``result``
+        with what that did added.
+
+        A destination registry that does not index subjects itself (no
+        ``OCI-Subject`` answer) gets the referrers tag schema's index.
+        """
+        assert content.referrers is not None
+        subjects = [d.digest for d, m in content.nodes() if m is not None]
+        seen = set(subjects)
+        done_all: Dict[str, Any] = {"uploaded": list(result.uploaded),
+                                    "mounted": list(result.mounted),
+                                    "skipped": list(result.skipped),
+                                    "manifests": result.manifests, "referrers": []}
+        while subjects:
+            subject = subjects.pop(0)
+            for descriptor in content.referrers(subject):
+                if descriptor.digest in seen or descriptor.media_type not in _MANIFEST_TYPES:
+                    continue
+                if len(seen) >= _MAX_REFERRERS:
+                    raise ManifestError(f"{content.name} has more than {_MAX_REFERRERS} "
+                                        "referrers; refusing to copy them all")
+                seen.add(descriptor.digest)
+                referrer = content.with_top(content.load(descriptor))
+                if target.reference is None:
+                    done = self._write(referrer, source, _Location(
+                        "local", target.path, digest=descriptor.digest))
+                else:
+                    indexed: List[bool] = []
+                    done = self._push_content(referrer, Reference(
+                        target.reference.registry, target.reference.repository, None,
+                        descriptor.digest), auth, indexed)
+                    if not indexed[0]:
+                        self._tag_referrer(target.reference, auth, subject, referrer.top)
+                for fate in ("uploaded", "mounted", "skipped"):
+                    done_all[fate] += getattr(done, fate)
+                done_all["manifests"] += done.manifests
+                done_all["referrers"].append(descriptor.digest)
+                subjects.append(descriptor.digest)
+        return result.replace(**done_all)
+
+    def _tag_referrer(self, destination: Reference, auth: Optional[RegistryAuth],
+                      subject: str, referrer: Manifest) -> None:
+        """Add a referrer to the ``sha256-<hex>`` index of its subject (the referrers
+        tag schema of distribution-spec 1.1, for registries without the API)."""
+        uploader = self._uploader(destination, auth)
+        tag = _referrers_tag(subject)
+        try:
+            listed = [dict(d) for d in uploader.client.get_manifest(tag).data["manifests"]]
+        except NotFoundError:
+            listed = []
+        if any(d.get("digest") == referrer.digest for d in listed):
+            return
+        listed.append(_referrer_descriptor(referrer))
+        raw = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
+                          "manifests": listed}, indent=3).encode()
+        uploader.put_manifest(tag, raw, MEDIA_TYPE_OCI_INDEX)
 
     def _content(self, source: _Location, auth: Optional[RegistryAuth]) -> _Content:
         """Open what a copy reads from."""
@@ -8647,7 +8760,8 @@ class ImagePusher:
             if top is None:
                 raise CacheError(f"no image {source} in the local registry {store.root} "
                                  "('cache ls' lists local: images)")
-            return _store_content(self.cache, top, str(source))
+            return _store_content(self.cache, top, str(source),
+                                  referrers=lambda digest: store.referrers(source.path, digest))
         if source.transport in _LAYOUT_TRANSPORTS:
             return _layout_content(source, self.cache)
         if source.transport == "docker-archive":
@@ -8670,7 +8784,8 @@ class ImagePusher:
         return _store_content(self.cache, top, str(reference), load, prepare,
                               (reference.registry, reference.repository),
                               lambda descriptors: puller._fetcher.fetch(registry_source,
-                                                                        descriptors))
+                                                                        descriptors),
+                              registry_source.client.referrers)
 
     def _pick_platform(self, content: _Content, wanted: Optional[Platform]) -> Manifest:
         """Follow an index down to one platform (the puller's when none is asked for)."""
@@ -8740,8 +8855,10 @@ class ImagePusher:
                           manifests=sum(1 for _, m in nodes if m is not None))
 
     def _push_content(self, content: _Content, destination: Reference,
-                      auth: Optional[RegistryAuth]) -> CopyResult:
-        """Push an image to a registry: blobs in parallel, then manifests, then the tag."""
+                      auth: Optional[RegistryAuth],
+                      indexed: Optional[List[bool]] = None) -> CopyResult:
+        """Push an image to a registry: blobs in parallel, then manifests, then the tag
+        (``indexed`` receives whether the registry indexed the top's subject)."""
         if destination.digest and destination.digest != content.top.digest:
             raise ManifestError(f"{destination} names {destination.digest}, but the image "
                                 f"copied is {content.top.digest}")
@@ -8770,7 +8887,9 @@ class ImagePusher:
         top = manifests[-1][1]
         assert top is not None and top.digest == content.top.digest
         tag = destination.tag if destination.tag and not destination.digest else top.digest
-        uploader.put_manifest(tag, top.raw, top.media_type)
+        subject_indexed = uploader.put_manifest(tag, top.raw, top.media_type)
+        if indexed is not None:
+            indexed.append(subject_indexed)
         result: Dict[str, List[Descriptor]] = {"uploaded": [], "mounted": [], "skipped": []}
         for descriptor, fate in zip(blobs, fates):
             result[fate].append(descriptor)
@@ -9280,7 +9399,8 @@ def _cmd_copy(args: Any) -> int:
                              f"docker://{source.reference}",
                              args.destination if target.reference is None else
                              f"docker://{target.reference}",
-                             src_auth=src_auth, dst_auth=dst_auth, platform=args.platform)
+                             src_auth=src_auth, dst_auth=dst_auth, platform=args.platform,
+                             referrers=args.referrers)
     _finish(progress)
     if args.json:
         _print_json(result.to_json())
@@ -9296,7 +9416,8 @@ def _cmd_copy(args: Any) -> int:
         parts += [f"{len(result.skipped)} already there"] if result.skipped else []
         print(f"{result.source} -> {result.destination}: {result.digest}")
         print(f"{_count(blobs, 'blob')}: {', '.join(parts)}; "
-              f"{_count(result.manifests, 'manifest')}")
+              f"{_count(result.manifests, 'manifest')}"
+              + (f" ({_count(len(result.referrers), 'referrer')})" if args.referrers else ""))
     return 0
 
 
@@ -9674,8 +9795,9 @@ def _add_wasm_export_arguments(wasm_export: Any) -> None:
 
 _PROGRESS_HELP = ("auto: lines on a terminal; json: one JSON object per line on stderr as "
                   "blobs start, advance and finish; none")
-_COPY_SOURCE_HELP = ("[docker://]REF, oci:DIR[:TAG], oci-archive:FILE[:TAG] or "
-                     "docker-archive:FILE[:NAME[:TAG]] (what docker save or podman save wrote)")
+_COPY_SOURCE_HELP = ("[docker://]REF, oci:DIR[:TAG], oci-archive:FILE[:TAG], "
+                     "docker-archive:FILE[:NAME[:TAG]] (what docker save or podman save "
+                     "wrote) or local:NAME[:TAG] (the local registry)")
 
 
 def _add_transfer_arguments(sub: Any, what: str) -> None:
@@ -9708,8 +9830,8 @@ def _add_copy_arguments(copy: Any, push: bool = False) -> None:
         _add_side_arguments(copy, "dest_", "", "destination")
     else:
         copy.add_argument("destination", metavar="DST",
-                          help="[docker://]REF, oci:DIR[:TAG], oci-archive:FILE[:TAG] or "
-                               "docker-archive:FILE[:NAME[:TAG]]")
+                          help="[docker://]REF, oci:DIR[:TAG], oci-archive:FILE[:TAG], "
+                               "docker-archive:FILE[:NAME[:TAG]] or local:NAME[:TAG]")
         _add_side_arguments(copy, "dest_", "dest-", "destination")
         copy.add_argument("--insecure", action="store_true",
                           help="--src-insecure and --dest-insecure both")
@@ -9722,6 +9844,10 @@ def _add_copy_arguments(copy: Any, push: bool = False) -> None:
                       help="upload blobs in PATCH chunks of this size (e.g. 16M); by "
                            "default a blob goes in one request, and in 16 MiB chunks once "
                            "the registry refuses one that large (413)")
+    copy.add_argument("--referrers", action="store_true",
+                      help="copy the image's referrers too (signatures, SBOMs, attestations: "
+                           "what the referrers API, or its sha256-<hex> tag fallback, lists "
+                           "for each manifest copied), between registries and local:")
     _add_transfer_arguments(copy, "transfers")
 
 
