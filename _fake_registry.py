@@ -148,6 +148,7 @@ class FakeRegistry:
         # The referrers API (spec 1.1): without it, /referrers/ is a 404 and
         # clients fall back to the sha256-<hex> tag schema.
         self.support_referrers = False
+        self.chunk_min_length: Optional[int] = None  # OCI-Chunk-Min-Length on sessions
         # Faults: callables taking (method, path, headers) and returning an
         # action dict or None; consumed in order.
         self.faults: List[Callable[[str, str, Dict[str, str]], Optional[Dict[str, Any]]]] = []
@@ -353,9 +354,11 @@ class FakeRegistry:
 
     def _upload_status(self, h: _Base, repository: str, upload_id: str, status: int) -> None:
         size = len(self.uploads[upload_id])
-        h.send_body(status, b"", {"Location": f"/v2/{repository}/blobs/uploads/{upload_id}",
-                                  "Range": f"0-{max(size - 1, 0)}",
-                                  "Docker-Upload-UUID": upload_id})
+        headers = {"Location": f"/v2/{repository}/blobs/uploads/{upload_id}",
+                   "Range": f"0-{max(size - 1, 0)}", "Docker-Upload-UUID": upload_id}
+        if self.chunk_min_length is not None:
+            headers["OCI-Chunk-Min-Length"] = str(self.chunk_min_length)
+        h.send_body(status, b"", headers)
 
     def _finish_upload(self, h: _Base, repository: str, data: bytearray, digest: str) -> None:
         if sha256(bytes(data)) != digest:

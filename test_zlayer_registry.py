@@ -4298,6 +4298,19 @@ class TestPush:
         assert not [r for r in again if "/blobs/uploads/" in r["path"]]
         assert len(result.skipped) == 3 and not result.uploaded
 
+    def test_chunks_are_at_least_the_registrys_minimum(self, registry, tmp_path):
+        image = _small_image(tmp_path / "layout")
+        registry.chunk_min_length = 250_000
+        with _pusher(chunk_bytes=100_000) as pusher:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
+        sizes = [int(r["headers"]["Content-Length"]) for r in registry.requests
+                 if r["method"] == "PATCH"]
+        # Every chunk but each blob's last is the registry's minimum, not the 100 kB asked.
+        assert sizes and max(sizes) == 250_000
+        assert len(sizes) == sum(-(-b.size // 250_000) for b in [image.config, *image.layers])
+        for blob in [image.config, *image.layers]:
+            assert zr.compute_digest(registry.blobs[blob.digest]) == blob.digest
+
     def test_chunked_upload_sends_ranges_in_order(self, registry, tmp_path):
         image = _small_image(tmp_path / "layout")
         with _pusher(chunk_bytes=100_000) as pusher:
@@ -4353,6 +4366,28 @@ class TestPush:
         # One POST per blob: the mount's 202 session was used, not a second POST.
         posts = [r for r in registry.requests if r["method"] == "POST"]
         assert len(posts) == 2
+
+    def test_sessions_of_failed_mounts_and_failed_uploads_are_deleted(self, registry, tmp_path):
+        registry.support_mount = False
+        registry.strict_repositories = True
+        _small_image(tmp_path / "layout")
+        cache = zr.BlobCache()
+        with _pusher(cache) as pusher:
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/one/app:v1")
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/two/app:v1")
+            before = len(registry.requests)
+            result = pusher.copy(f"oci:{tmp_path / 'layout'}:v1",
+                                 f"{registry.host}/three/app:v1")
+        assert len(result.uploaded) == 3
+        # Two known locations, two refused mounts per blob: the first session is
+        # deleted, the second carries the upload; none is left open.
+        deletes = [r for r in registry.requests[before:] if r["method"] == "DELETE"]
+        assert len(deletes) == 3 and not registry.uploads
+        registry.faults.append(lambda m, p, h: {"status": 400, "once": False}
+                               if m == "PUT" and "/blobs/uploads/" in p else None)
+        with _pusher(cache) as pusher, pytest.raises(zr.RegistryError):
+            pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/four/app:v1")
+        assert not registry.uploads
 
     def test_anonymous_mount_is_tried_where_the_registry_allows_it(self, registry, tmp_path):
         registry.support_anonymous_mount = True
@@ -4520,6 +4555,22 @@ class TestPushCli:
         assert {e for e, _ in events} >= {"start", "done", "total"}
         assert records[-1]["event"] == "total" and records[-1]["blobs"] == 3
         assert done.stdout.strip().startswith("sha256:")
+
+    def test_progress_json_says_which_blobs_were_mounted_or_skipped(self, registry, tmp_path):
+        registry.strict_repositories = True
+        _small_image(tmp_path / "layout")
+        cache = str(tmp_path / "cache")
+        first = run_cli("copy", f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/cli/a:v1",
+                        "--cache", cache, "-q", cwd=tmp_path)
+        assert first.returncode == 0, first.stderr
+        for target, event in (("cli/b:v1", "mounted"), ("cli/b:v1", "skipped")):
+            done = run_cli("copy", f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/{target}",
+                           "--cache", cache, "--progress=json", "-q", cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            records = [json.loads(line) for line in done.stderr.splitlines()]
+            assert [r["event"] for r in records] == [event] * 3 + ["total"]
+            assert records[-1][event] == 3 and records[-1]["bytes"] == 0
+            assert all(r["total"] > 0 for r in records[:3])
 
     def test_pull_takes_progress_json_too(self, registry, tmp_path):
         registry.add_image("p/app", "v1", [layer_bytes(5)])

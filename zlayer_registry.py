@@ -3903,6 +3903,17 @@ class _Uploader:
         return False, _upload_location(response, self.registry), \
             _header_int(response.header("OCI-Chunk-Min-Length"))
 
+    def cancel(self, location: Optional[str]) -> None:
+        """DELETE an upload session no longer needed (best effort: a registry drops
+        abandoned sessions itself, later)."""
+        if not location:
+            return
+        try:
+            self.client.request("DELETE", location, ok=(202, 204, 200, 404),
+                                retries=0).close()
+        except (ZLayerError, OSError):
+            pass
+
     def start(self) -> Tuple[str, Optional[int]]:
         """Open an upload session; return its Location and the chunk size it asks for."""
         response = self.client.request("POST", f"/v2/{self.repository}/blobs/uploads/",
@@ -8540,15 +8551,18 @@ class ImagePusher:
     """Pushes images to registries and copies them between registries, layouts and archives.
 
     A copy's source is a registry reference (``docker://`` optional),
-    ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` or ``docker-archive:FILE``;
-    its destination any of those (an image reaches a registry by push, a
-    layout or archive by export).  Blobs go up in parallel, largest first,
+    ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``, ``docker-archive:FILE`` or
+    ``local:NAME[:TAG]`` (the local registry in the cache); its destination
+    any of those (an image reaches a registry by push, a layout or archive
+    by export, the local registry through the cache).  Blobs go up in parallel, largest first,
     each checked with HEAD and skipped when the repository has it, mounted
     when the registry has it elsewhere (the source repository, or one the
     cache saw it in), else uploaded; manifests go last, children before
     their index, the tag last of all.  What a registry serves comes through
     the cache.  ``insecure``/``src_insecure`` are per side, as for pulls;
-    ``chunk_bytes`` sends every blob in chunks of that size.
+    ``chunk_bytes`` sends every blob in chunks of that size;
+    ``on_blob(descriptor, fate)`` hears what became of each blob pushed
+    ("uploaded", "mounted" or "skipped"), beside ``progress``'s bytes.
     """
 
     def __init__(self, cache: Optional[BlobStore] = None, *,
@@ -8558,6 +8572,7 @@ class ImagePusher:
                  timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
                  chunk_bytes: Optional[int] = None,
                  progress: Optional[_ProgressCallback] = None,
+                 on_blob: Optional[Callable[[Descriptor, str], None]] = None,
                  environ: Optional[Mapping[str, str]] = None,
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.time, ssl_context: Any = None) -> None:
@@ -8571,6 +8586,7 @@ class ImagePusher:
         self.cache = self.puller.cache
         self.chunk_bytes = chunk_bytes
         self.progress = progress
+        self.on_blob = on_blob
         self._session = _Session(max_workers=max_workers, insecure=insecure,
                                  timeout_s=timeout_s, retries=retries, environ=env,
                                  sleep=sleep, clock=clock, ssl_context=ssl_context)
@@ -8622,30 +8638,37 @@ class ImagePusher:
         """HEAD, then mount, then upload one blob; return what became of it."""
         if uploader.has_blob(descriptor.digest):
             return "skipped"
-        session = None
-        for repository in list(dict.fromkeys(mount_from))[:3]:
-            if repository == uploader.repository:
-                continue
-            mounted, location, minimum = uploader.mount(descriptor.digest, repository)
-            if mounted:
-                return "mounted"
-            session = (location, minimum)  # the registry's answer: an upload session
-        if session is None:
-            # Spec 1.1: a registry may mount a blob it has anywhere; one that
-            # does not answers with a session, which the upload uses.
-            mounted, location, minimum = uploader.mount(descriptor.digest, None)
-            if mounted:
-                return "mounted"
-            session = (location, minimum)
-        if prepare is not None:
-            prepare()
-        file, offset = open_blob()
+        session: Optional[Tuple[Optional[str], Optional[int]]] = None
         try:
-            uploader.upload(descriptor, file, offset, session)
+            for repository in list(dict.fromkeys(mount_from))[:3]:
+                if repository == uploader.repository:
+                    continue
+                mounted, location, minimum = uploader.mount(descriptor.digest, repository)
+                if session is not None:
+                    uploader.cancel(session[0])  # one session at a time
+                session = None if mounted else (location, minimum)
+                if mounted:
+                    return "mounted"
+            if session is None:
+                # Spec 1.1: a registry may mount a blob it has anywhere; one that
+                # does not answers with a session, which the upload uses.
+                mounted, location, minimum = uploader.mount(descriptor.digest, None)
+                if mounted:
+                    return "mounted"
+                session = (location, minimum)
+            if prepare is not None:
+                prepare()
+            file, offset = open_blob()
+            try:
+                uploader.upload(descriptor, file, offset, session)
+            finally:
+                if close:
+                    file.close()
+            session = None
+            return "uploaded"
         finally:
-            if close:
-                file.close()
-        return "uploaded"
+            if session is not None:  # a failure left it open: the registry may drop it now
+                uploader.cancel(session[0])
 
     # -- copy -------------------------------------------------------------------
 
@@ -8877,6 +8900,8 @@ class ImagePusher:
                                   prepare=lambda: content.prepare(descriptor))
             self.cache.record_location(descriptor.digest, destination.registry,
                                        destination.repository)
+            if self.on_blob is not None:
+                self.on_blob(descriptor, fate)
             return fate
 
         cancel = threading.Event()
@@ -9031,7 +9056,8 @@ class _JsonProgress:
 
     ``{"event": "start" | "progress" | "done", "action": ..., "digest": ...,
     "bytes": ..., "total": ...}``; progress lines at most every 0.5 s per
-    blob, and ``{"event": "total", ...}`` at the end.  ``action`` is
+    blob, ``{"event": "mounted" | "skipped", ...}`` for a blob a push did not
+    send, and ``{"event": "total", ...}`` at the end.  ``action`` is
     "download", "upload" or "unpack".
     """
 
@@ -9041,6 +9067,7 @@ class _JsonProgress:
         self._lock = threading.Lock()
         self._last: Dict[str, float] = {}
         self._sizes: Dict[str, Tuple[int, int]] = {}
+        self._unsent: Dict[str, int] = {}
         self._started: Optional[float] = None
 
     def __call__(self, descriptor: Descriptor, done: int, total: int) -> None:
@@ -9063,6 +9090,17 @@ class _JsonProgress:
             self._emit({"event": event, "action": self._action, "digest": digest,
                         "bytes": done, "total": total})
 
+    def settled(self, descriptor: Descriptor, fate: str) -> None:
+        """Say that a push did not send a blob: the registry had it, or mounted it."""
+        if fate == "uploaded":
+            return
+        with self._lock:
+            if self._started is None:
+                self._started = self._clock()
+            self._unsent[fate] = self._unsent.get(fate, 0) + 1
+            self._emit({"event": fate, "action": self._action, "digest": descriptor.digest,
+                        "bytes": 0, "total": descriptor.size})
+
     def _emit(self, record: Dict[str, Any]) -> None:
         self._stream.write(json.dumps(record) + "\n")
         self._stream.flush()
@@ -9072,9 +9110,11 @@ class _JsonProgress:
         with self._lock:
             if self._started is None:
                 return
-            self._emit({"event": "total", "action": self._action, "blobs": len(self._sizes),
-                        "bytes": sum(d for d, _ in self._sizes.values()),
-                        "seconds": round(self._clock() - self._started, 3)})
+            self._emit(dict({"event": "total", "action": self._action,
+                             "blobs": len(self._sizes),
+                             "bytes": sum(d for d, _ in self._sizes.values()),
+                             "seconds": round(self._clock() - self._started, 3)},
+                            **self._unsent))
             self._started = None
 
 
@@ -9394,7 +9434,9 @@ def _cmd_copy(args: Any) -> int:
     with ImagePusher(_cli_cache(args), max_workers=args.max_workers,
                      insecure=insecure or args.dest_insecure,
                      src_insecure=insecure or args.src_insecure, chunk_bytes=args.chunk_size,
-                     progress=progress, sleep=_retry_announcer()) as pusher:
+                     progress=progress, sleep=_retry_announcer(),
+                     on_blob=progress.settled if isinstance(progress, _JsonProgress)
+                     else None) as pusher:
         result = pusher.copy(args.source if source.reference is None else
                              f"docker://{source.reference}",
                              args.destination if target.reference is None else
