@@ -2015,35 +2015,47 @@ class _BytesBody(_RequestBody):
         sock.sendall(self.data)
 
 
+# A plain connection's file body goes out by sendfile in pieces this large,
+# each followed by a progress report.
+_SENDFILE_PIECE_BYTES = 8 * 1024 * 1024
+
+
 class _FileBody(_RequestBody):
     """``length`` bytes of a file from ``offset``, streamed: never held in memory.
 
     Plain connections use ``socket.sendfile`` (the kernel copies the file to
     the socket); TLS ones send it in ``_READ_CHUNK_BYTES`` pieces, larger than
     the 8 KiB ``socket.sendfile`` would use for them.  Replayable: every send
-    starts again at ``offset``.
+    starts again at ``offset``.  ``progress(sent)`` follows it, every
+    ``_SENDFILE_PIECE_BYTES``; ``sent`` is what the last send got out.
     """
 
-    def __init__(self, file: BinaryIO, offset: int = 0, length: Optional[int] = None) -> None:
+    def __init__(self, file: BinaryIO, offset: int = 0, length: Optional[int] = None,
+                 progress: Optional[Callable[[int], None]] = None) -> None:
         if length is None:
             length = os.fstat(file.fileno()).st_size - offset
         super().__init__(length, True)
-        self.file, self.offset = file, offset
+        self.file, self.offset, self._progress = file, offset, progress
+        self.sent = 0
 
     def send(self, sock: Any, tls: bool) -> None:
-        if not tls:
-            sent = sock.sendfile(self.file, self.offset, self.length)
-            if sent != self.length:
-                raise ValueError(f"the body file ended after {sent} of {self.length} bytes")
-            return
+        self.sent = 0
         self.file.seek(self.offset)
-        left = self.length
-        while left:
-            chunk = self.file.read(min(left, _READ_CHUNK_BYTES))
-            if not chunk:
-                raise ValueError(f"the body file ended {left} bytes early")
-            sock.sendall(chunk)
-            left -= len(chunk)
+        while self.sent < self.length:
+            want = min(self.length - self.sent, _SENDFILE_PIECE_BYTES if not tls
+                       else _READ_CHUNK_BYTES)
+            if tls:
+                chunk = self.file.read(want)
+                sock.sendall(chunk)
+                count = len(chunk)
+            else:
+                count = sock.sendfile(self.file, self.offset + self.sent, want)
+            if not count:
+                raise ValueError(f"the body file ended after {self.sent} of "
+                                 f"{self.length} bytes")
+            self.sent += count
+            if self._progress is not None:
+                self._progress(self.sent)
 
 
 class _IterBody(_RequestBody):
@@ -3762,62 +3774,13 @@ class _MissingSource:
 # always followed; a session interrupted is asked where it stands (GET, its
 # Range) and resumed there.  An upload's PUT is never repeated blindly: it
 # would append to what the registry already has.  Manifests are PUT byte for
-# byte with their own media type.
+# byte with their own media type.  A blob is checked by the registry against
+# the digest its PUT names (the spec's DIGEST_INVALID): a whole one goes out
+# unhashed, by sendfile; chunks are hashed before they go (their final PUT
+# carries no bytes to refuse).
 
 _UPLOAD_CHUNK_BYTES = 16 * 1024 * 1024  # chunked uploads, unless asked otherwise
-_UPLOAD_PIECE_BYTES = 256 * 1024        # what one send of a streamed body reads
 _MAX_UPLOAD_ATTEMPTS = 4
-
-
-_UPLOAD_BUFFERS = threading.local()
-
-
-def _upload_buffer() -> memoryview:
-    """Return this thread's buffer for streamed request bodies, filled again for every
-    piece (a new bytes object per read costs an allocation and a copy each time)."""
-    buffer = getattr(_UPLOAD_BUFFERS, "buffer", None)
-    if buffer is None:
-        import mmap  # pages of its own, returned whole when the thread ends
-        buffer = _UPLOAD_BUFFERS.buffer = memoryview(mmap.mmap(-1, _UPLOAD_PIECE_BYTES))
-    return buffer
-
-
-class _HashingFileBody(_RequestBody):
-    """``length`` bytes of a file from ``offset``, read in pieces and hashed as they go.
-
-    Replayable: every send starts again at ``offset`` with a fresh hash;
-    ``actual_digest()`` is the digest of the last send.  ``progress(sent)``
-    is called after each piece.
-    """
-
-    def __init__(self, file: BinaryIO, offset: int, length: int, algorithm: str = "sha256",
-                 progress: Optional[Callable[[int], None]] = None) -> None:
-        super().__init__(length, True)
-        self.file, self.offset, self._algorithm = file, offset, algorithm
-        self._progress = progress
-        self._hasher = hashlib.new(algorithm)
-        self.sent = 0
-
-    def send(self, sock: Any, tls: bool) -> None:
-        self._hasher = hashlib.new(self._algorithm)
-        self.file.seek(self.offset)
-        sent = self.sent = 0
-        buffer = _upload_buffer()
-        while sent < self.length:
-            piece = buffer[:min(self.length - sent, len(buffer))]
-            count = self.file.readinto(piece)  # type: ignore[attr-defined]
-            if not count:
-                raise ValueError(f"the blob's file ended after {sent} of {self.length} bytes")
-            self._hasher.update(piece[:count])
-            sock.sendall(piece[:count])
-            sent += count
-            self.sent = sent
-            if self._progress is not None:
-                self._progress(sent)
-
-    def actual_digest(self) -> str:
-        """Return the digest of what the last send read."""
-        return f"{self._algorithm}:{self._hasher.hexdigest()}"
 
 
 def _upload_location(response: _Response, registry: str) -> str:
@@ -3939,10 +3902,13 @@ class _Uploader:
 
     def _put_whole(self, location: str, descriptor: Descriptor, file: BinaryIO,
                    offset: int) -> None:
-        """PUT the whole blob; an attempt cut off is resumed from what the session holds."""
-        report = self._reporter(descriptor)
-        body = _HashingFileBody(file, offset, descriptor.size,
-                                descriptor.digest.split(":", 1)[0], report)
+        """PUT the whole blob; an attempt cut off is resumed from what the session holds.
+
+        The file goes out by sendfile, unhashed: the registry checks it
+        against the digest the PUT names (the spec's DIGEST_INVALID), and
+        only a refusal has it hashed here, to tell whose copy is wrong.
+        """
+        body = _FileBody(file, offset, descriptor.size, self._reporter(descriptor))
         for attempt in range(_MAX_UPLOAD_ATTEMPTS):
             try:
                 response = self.client.request(
@@ -3950,10 +3916,11 @@ class _Uploader:
                     headers={"Content-Type": "application/octet-stream"}, body=body,
                     ok=(201, 204), retries=0)
             except RegistryError as exc:
-                if body.sent == body.length and body.actual_digest() != descriptor.digest:
-                    # The registry refused what it got: our copy is what is wrong.
-                    raise DigestMismatchError(f"blob {descriptor.digest} read for the upload",
-                                              descriptor.digest, body.actual_digest()) from exc
+                if body.sent == body.length and exc.status is not None and \
+                        not exc.temporary and exc.status != 413:
+                    # Refused whole: if our copy is what is wrong, say so.
+                    _verify_part(file, offset, descriptor)
+                    raise
                 if exc.status == 413:
                     raise _UploadRefused() from exc
                 if exc.status is not None and not exc.temporary:
@@ -3970,9 +3937,6 @@ class _Uploader:
                     return
                 continue
             response.close()
-            if body.actual_digest() != descriptor.digest:
-                raise DigestMismatchError(f"blob {descriptor.digest} read for the upload",
-                                          descriptor.digest, body.actual_digest())
             self._check_stored(response, descriptor.digest)
             return
         raise RegistryError(f"upload of blob {descriptor.digest} to {self.registry} kept "
