@@ -349,6 +349,21 @@ class TestCacheView:
         assert removed.returncode == 0, removed.stderr
         assert zr.LocalRegistry(root).list_tags("team/app") == []
 
+    def test_cache_gc_grace_and_dry_run(self, store, tmp_path):
+        digest = store.put_blob(b"an upload waiting for its manifest")
+        store.close()
+        root = str(tmp_path / "store")
+        spared = run_cli("cache", "gc", "--cache", root, cwd=tmp_path)
+        assert spared.returncode == 0 and "removed 0" in spared.stdout  # 1 h by default
+        dry = run_cli("cache", "gc", "--grace", "0", "--dry-run", "--cache", root, cwd=tmp_path)
+        assert dry.returncode == 0 and f"would remove {digest}" in dry.stdout
+        assert zr.LocalRegistry(root).has_blob(digest)
+        done = run_cli("cache", "gc", "--grace", "0s", "--cache", root, cwd=tmp_path)
+        assert done.returncode == 0 and "removed 1 unreferenced blob" in done.stdout
+        assert not zr.LocalRegistry(root).has_blob(digest)
+        bad = run_cli("cache", "gc", "--grace", "soon", "--cache", root, cwd=tmp_path)
+        assert bad.returncode == 2 and "invalid duration" in bad.stderr
+
     def test_a_registry_reference_on_host_local_is_not_the_local_registry(self, store,
                                                                            registry):
         assert not zr._is_local_record("local:5000/app:v1")

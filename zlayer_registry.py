@@ -4914,8 +4914,15 @@ class _RepositoryFiles:
         self._gc_lock_path = os.path.join(root, "locks", "gc.lock")
 
     def exists(self) -> bool:
-        """Tell whether any repository was ever stored here."""
+        """Tell whether the cache holds a local registry (opened here once, at least)."""
         return os.path.isdir(self.directory)
+
+    def create(self) -> None:
+        """Make the repositories directory."""
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create {self.directory}: {exc.strerror or exc}") from exc
 
     def _repository_dir(self, name: str) -> str:
         return os.path.join(self.directory, *_validate_repository(name).split("/"))
@@ -7095,6 +7102,8 @@ class LocalRegistry:
             self._owned = True
         self.root = self.cache.root
         self._repositories = _RepositoryFiles(self.root, self.cache.read_only)
+        if not self.cache.read_only:
+            self._repositories.create()  # the cache holds a local registry from now on
 
     def close(self) -> None:
         """Close the cache this store opened."""
@@ -9591,9 +9600,15 @@ def _cmd_cache(args: Any) -> int:
             print(f"removed {_count(len(removed), 'blob')}; "
                   f"{_format_bytes(cache.stats()['size_bytes'])} remain")
         return 0
-    removed = cache.gc()
+    sizes = {e["digest"]: e["size"] for e in cache.entries()}
+    removed = cache.gc(args.grace, args.dry_run)
+    if args.dry_run:
+        for digest in removed:
+            print(f"would remove {digest}  {_format_bytes(sizes.get(digest, 0))}")
     if not quiet:
-        print(f"removed {_count(len(removed), 'unreferenced blob')}")
+        print(f"{'would remove' if args.dry_run else 'removed'} "
+              f"{_count(len(removed), 'unreferenced blob')} "
+              f"({_format_bytes(sum(sizes.get(d, 0) for d in removed))})")
     return 0
 
 
@@ -9659,6 +9674,16 @@ _output_arg = _checked_argument(_parse_pull_output)         # those, and local:N
 _local_arg = _checked_argument(_parse_local_destination)    # local:NAME[:TAG]
 _layout_arg = _checked_argument(lambda text: _parse_location(text, ("oci",), "destination"))
 _import_arg = _checked_argument(_parse_import_source)        # oci: or oci-archive:
+
+
+def _parse_duration(text: str) -> float:
+    """Parse ``90``, ``90s``, ``10m``, ``1h``, ``2d`` into seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip().lower())
+    if not match:
+        import argparse
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 90s, 10m, 1h)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[
+        match.group(2)]
 
 
 def _parse_size(text: str) -> int:
@@ -9887,6 +9912,13 @@ def _add_cache_actions(cache: Any) -> None:
         if name == "prune":
             action.add_argument("--max-bytes", type=_parse_size, required=True, metavar="N",
                                 help="size to prune down to (e.g. 2G, 500M, 1048576)")
+        if name == "gc":
+            action.add_argument("--grace", type=_parse_duration, metavar="D",
+                                help="spare blobs stored less than this ago (e.g. 10m, 1h, "
+                                     "0; default: 1h where the cache holds a local registry, "
+                                     "else 0)")
+            action.add_argument("--dry-run", action="store_true",
+                                help="list what would be deleted; delete nothing")
 
 
 def _suppress() -> Any:
