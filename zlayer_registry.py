@@ -64,9 +64,11 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     39. PULL: the ImagePuller API
     40. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
     41. PUSH: ImagePusher, push and copy
-    42. CLI: output, progress, and what every command opens (caches, pullers, credentials)
-    43. CLI: the commands
-    44. CLI: argument types, the command table, the parser, main
+    42. SERVE: upload sessions and request bodies
+    43. SERVE: RegistryServer, the distribution API over the local registry
+    44. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+    45. CLI: the commands
+    46. CLI: argument types, the command table, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -4359,7 +4361,7 @@ class BlobStore:
         References to a manifest that goes are forgotten with it.  What the
         local registry's images reach is not a cache's to drop: it stays.
         """
-        kept = self._reachable({r["digest"] for r in self.reference_records()
+        kept = self.reachable({r["digest"] for r in self.reference_records()
                                 if _is_local_record(r["reference"])})
         entries = sorted((e for e in self.entries() if e["digest"] not in kept),
                          key=lambda e: (e["last_used_at"], e["digest"]))
@@ -4383,7 +4385,7 @@ class BlobStore:
         A blob stored less than ``grace_s`` seconds ago stays (an upload
         waiting for the manifest that will name it); ``dry_run`` deletes nothing.
         """
-        reachable = self._reachable(set(self.references().values()))
+        reachable = self.reachable(set(self.references().values()))
         if grace_s > 0:
             young_after = time.time() - grace_s
             removed = [e["digest"] for e in self.entries()
@@ -4395,7 +4397,7 @@ class BlobStore:
                 self.delete(digest)
         return removed
 
-    def _reachable(self, digests: Iterable[str]) -> set:
+    def reachable(self, digests: Iterable[str]) -> set:
         """Return the digests of the manifests given and of all they reach."""
         roots = [self._root_descriptor(digest) for digest in digests]
         return {d.digest for d, _ in _walk_graph(roots, self._load_for_gc)}
@@ -4776,6 +4778,18 @@ class _BlobFiles:
                     on_commit: Callable[[str, int], None]) -> "_FileBlobWriter":
         """Start writing a blob into ``tmp/``; ``on_commit(digest, size)`` follows its rename."""
         return _FileBlobWriter(self, digest, size, algorithm, on_commit)
+
+    def adopt(self, path: str, digest: str) -> None:
+        """Rename a file whose bytes were verified as ``digest`` into ``blobs/`` (a file
+        of this directory's file system, fsynced by its writer)."""
+        final = self.blob_path(digest)
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.chmod(path, 0o444)
+            os.replace(path, final)
+        except OSError as exc:
+            raise CacheError(f"cannot store blob {digest} in cache {self.root}: "
+                             f"{exc.strerror or exc}") from exc
 
     def lock(self, digest: str) -> _BlobFileLock:
         """Return the per-blob download lock shared by every process using this directory."""
@@ -5488,6 +5502,14 @@ class DirectoryBlobCache(BlobStore):
         """Return an exclusive per-blob lock shared by every process using this cache."""
         self._refuse_write(f"store blob {digest}")  # taken only to write one
         return self._files.lock(digest)
+
+    def adopt(self, path: str, digest: str, media_type: str = "") -> None:
+        """Take a file whose bytes the caller verified as ``digest`` into the cache by a
+        rename (an upload session's file, in this cache's file system, fsynced)."""
+        self._refuse_write(f"store blob {digest}")
+        size = os.path.getsize(path)
+        self._files.adopt(path, digest)
+        self._index.queue_blob(digest, size, media_type)
 
     def delete(self, digest: str) -> bool:
         """Remove a blob file and its index row."""
@@ -7278,6 +7300,10 @@ class LocalRegistry:
         """Return the digests of every manifest of repository ``name``."""
         return self._repositories.revisions(_validate_repository(name))
 
+    def blob_in_use(self, digest: str) -> bool:
+        """Tell whether a manifest of the store, or a cache reference, reaches a blob."""
+        return digest in self.cache.reachable(set(self.cache.references().values()))
+
     def delete_tag(self, name: str, tag: str) -> bool:
         """Remove a tag (its manifest stays, by digest, until ``delete_manifest``)."""
         return self._repositories.remove_tag(_validate_repository(name), tag)
@@ -8896,7 +8922,792 @@ class ImagePusher:
 
 
 # =============================================================================
-# 42. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+# 42. SERVE: upload sessions and request bodies
+# =============================================================================
+# An upload session's bytes go to uploads/<id> inside the store (flocked by
+# each request that appends); its state travels in the Location the client
+# follows, signed with the store's own key (uploads/.key), as distribution
+# does: a session survives a restart of the server, and nobody can name a
+# session of another repository.  A blob becomes visible only on a verified
+# commit: the digest of all its bytes (hashed as they came, or from the file
+# after a restart) must be the one the final PUT names.
+
+_UPLOAD_SESSION_MAX_AGE_S = 24 * 3600.0
+_SERVE_PIECE_BYTES = 1024 * 1024
+_MAX_CHUNK_LINE_BYTES = 1024
+
+
+class _ApiError(Exception):
+    """A distribution-spec error answer: status, code, message (and headers)."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = dict(headers or {})
+
+
+class _BodyReader:
+    """A request's body: ``Content-Length`` bytes, or ``Transfer-Encoding: chunked``
+    (podman and buildah send PATCH bodies so); ``read`` returns b"" at its end."""
+
+    def __init__(self, rfile: BinaryIO, length: Optional[int], chunked: bool) -> None:
+        self._rfile = rfile
+        self._left = length or 0
+        self._chunked = chunked
+        self._chunk_left = 0
+        self.done = not chunked and not self._left
+
+    def read(self, size: int = _SERVE_PIECE_BYTES) -> bytes:
+        if self.done:
+            return b""
+        if not self._chunked:
+            data = self._rfile.read(min(size, self._left))
+            if not data:
+                raise _ApiError(400, "BLOB_UPLOAD_INVALID", "the request body ended early")
+            self._left -= len(data)
+            self.done = not self._left
+            return data
+        if not self._chunk_left:
+            line = self._rfile.readline(_MAX_CHUNK_LINE_BYTES)
+            try:
+                self._chunk_left = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _ApiError(400, "BLOB_UPLOAD_INVALID", "malformed chunked body") from None
+            if self._chunk_left == 0:
+                while self._rfile.readline(_MAX_CHUNK_LINE_BYTES) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                self.done = True
+                return b""
+        data = self._rfile.read(min(size, self._chunk_left))
+        if not data:
+            raise _ApiError(400, "BLOB_UPLOAD_INVALID", "the request body ended early")
+        self._chunk_left -= len(data)
+        if not self._chunk_left:
+            self._rfile.readline(_MAX_CHUNK_LINE_BYTES)  # the CRLF after a chunk
+        return data
+
+    def read_all(self, limit_bytes: int) -> bytes:
+        """Return the whole body; a SIZE_INVALID error when it is over ``limit_bytes``."""
+        parts, total = [], 0
+        while True:
+            data = self.read()
+            if not data:
+                return b"".join(parts)
+            total += len(data)
+            if total > limit_bytes:
+                raise _ApiError(413, "SIZE_INVALID", f"over the {limit_bytes}-byte limit")
+            parts.append(data)
+
+    def drain(self, limit_bytes: int) -> bool:
+        """Read and drop what is left (up to ``limit_bytes``); tell whether it all went."""
+        total = 0
+        try:
+            while not self.done and total <= limit_bytes:
+                total += len(self.read())
+        except (_ApiError, OSError):
+            return False
+        return self.done
+
+
+class _UploadSessions:
+    """The upload sessions of a store (see above)."""
+
+    def __init__(self, store: "LocalRegistry") -> None:
+        self.store = store
+        self.directory = os.path.join(store.root, "uploads")
+        self._key: Optional[bytes] = None
+        self._lock = threading.Lock()
+        self._hashers: Dict[str, Tuple[int, Any]] = {}  # id -> (bytes hashed, hasher)
+        self._session_locks: Dict[str, threading.Lock] = {}
+
+    def key(self) -> bytes:
+        """Return the store's signing key, made (0600) on first use."""
+        with self._lock:
+            if self._key is None:
+                path = os.path.join(self.directory, ".key")
+                existing = _read_regular_file(path, 64)
+                if existing is None or len(existing) != 32:
+                    os.makedirs(self.directory, exist_ok=True)
+                    _atomic_write(path, os.urandom(32), mode=0o600)
+                    existing = _read_regular_file(path, 64)
+                self._key = existing
+            assert self._key is not None
+            return self._key
+
+    def _path(self, session_id: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{32}", session_id):
+            raise _ApiError(404, "BLOB_UPLOAD_UNKNOWN", "upload unknown")
+        return os.path.join(self.directory, session_id)
+
+    def _sign(self, text: str) -> str:
+        import hmac
+        return hmac.new(self.key(), text.encode(), hashlib.sha256).hexdigest()
+
+    def state(self, name: str, session_id: str, started: int) -> str:
+        """Return the signed state of a session, for its Location's ``_state``."""
+        body = base64.urlsafe_b64encode(json.dumps(
+            {"n": name, "i": session_id, "t": started}, sort_keys=True).encode()).decode()
+        return f"{body.rstrip('=')}.{self._sign(body.rstrip('='))}"
+
+    def check(self, name: str, session_id: str, state: str) -> int:
+        """Return a session's start time; BLOB_UPLOAD_UNKNOWN unless its state is one we
+        signed, for this repository, not stale, and its file is there."""
+        import hmac
+        unknown = _ApiError(404, "BLOB_UPLOAD_UNKNOWN", "upload unknown")
+        body, _, signature = state.partition(".")
+        if not hmac.compare_digest(self._sign(body), signature):
+            raise unknown
+        try:
+            fields = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        except (ValueError, TypeError):
+            raise unknown from None
+        if fields.get("n") != name or fields.get("i") != session_id or \
+                not isinstance(fields.get("t"), int) or \
+                time.time() - fields["t"] > _UPLOAD_SESSION_MAX_AGE_S or \
+                not os.path.isfile(self._path(session_id)):
+            raise unknown
+        return int(fields["t"])
+
+    def start(self) -> Tuple[str, int]:
+        """Open a session: its id and start time."""
+        os.makedirs(self.directory, exist_ok=True)
+        self._sweep()
+        session_id = os.urandom(16).hex()
+        with open(self._path(session_id), "xb"):
+            pass
+        return session_id, int(time.time())
+
+    def _sweep(self) -> None:
+        """Remove the files of sessions older than the longest a session may live."""
+        cutoff = time.time() - _UPLOAD_SESSION_MAX_AGE_S
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError:
+            return
+        for entry in entries:
+            if re.fullmatch(r"[0-9a-f]{32}", entry.name):
+                try:
+                    if entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass
+
+    def size(self, session_id: str) -> int:
+        """Return how many bytes a session holds."""
+        try:
+            return os.path.getsize(self._path(session_id))
+        except OSError:
+            raise _ApiError(404, "BLOB_UPLOAD_UNKNOWN", "upload unknown") from None
+
+    def _session_lock(self, session_id: str) -> threading.Lock:
+        with self._lock:
+            return self._session_locks.setdefault(session_id, threading.Lock())
+
+    def append(self, session_id: str, body: _BodyReader, start: Optional[int]) -> int:
+        """Append a request body to a session (at ``start``, when the client says where:
+        416 with the session's Range when that is not its end); return its new size."""
+        with self._session_lock(session_id), \
+                open(self._path(session_id), "ab") as f:
+            if not _try_flock(f.fileno()):
+                raise _ApiError(416, "BLOB_UPLOAD_INVALID", "another request is writing "
+                                "this upload")
+            size = os.fstat(f.fileno()).st_size
+            if start is not None and start != size:
+                raise _ApiError(416, "BLOB_UPLOAD_INVALID",
+                                f"chunk starts at {start}, the upload holds {size} bytes",
+                                {"Range": f"0-{max(size - 1, 0)}"})
+            with self._lock:
+                hashed, hasher = self._hashers.get(session_id, (0, hashlib.sha256()))
+            if hashed != size:
+                hasher = None  # written elsewhere: hashed again from the file at the end
+            while True:
+                data = body.read()
+                if not data:
+                    break
+                f.write(data)
+                size += len(data)
+                if hasher is not None:
+                    hasher.update(data)
+                if size > MAX_BLOB_SIZE_BYTES:
+                    raise _ApiError(413, "SIZE_INVALID", "blob too large")
+            f.flush()
+            with self._lock:
+                if hasher is not None:
+                    self._hashers[session_id] = (size, hasher)
+                else:
+                    self._hashers.pop(session_id, None)
+            return size
+
+    def commit(self, session_id: str, digest: str, media_type: str = "") -> None:
+        """Publish a session's bytes as blob ``digest`` (DIGEST_INVALID, and the session
+        gone, when they are not)."""
+        path = self._path(session_id)
+        with self._session_lock(session_id):
+            algorithm = digest.split(":", 1)[0]
+            with self._lock:
+                hashed, hasher = self._hashers.pop(session_id, (-1, None))
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if hasher is None or hashed != size or algorithm != "sha256":
+                    hasher = hashlib.new(algorithm)
+                    for piece in iter(lambda: f.read(_SERVE_PIECE_BYTES), b""):
+                        hasher.update(piece)
+                os.fsync(f.fileno())
+            actual = f"{algorithm}:{hasher.hexdigest()}"
+            if actual != digest:
+                self.cancel(session_id)
+                raise _ApiError(400, "DIGEST_INVALID",
+                                f"the upload's digest is {actual}, not {digest}")
+            if self.store.has_blob(digest):
+                self.cancel(session_id)
+                return
+            self.store.cache.adopt(path, digest, media_type)
+        with self._lock:
+            self._session_locks.pop(session_id, None)
+
+    def cancel(self, session_id: str) -> bool:
+        """Drop a session; tell whether it was there."""
+        with self._lock:
+            self._hashers.pop(session_id, None)
+        try:
+            os.unlink(self._path(session_id))
+        except FileNotFoundError:
+            return False
+        return True
+
+
+# =============================================================================
+# 43. SERVE: RegistryServer, the distribution API over the local registry
+# =============================================================================
+# distribution-spec 1.1, as distribution answers it: errors in the spec's
+# {"errors": [{code, message, detail}]} form; every answer with a
+# Content-Length (keep-alive) and Docker-Distribution-API-Version; a request
+# answered before its body was read has the body drained (or the connection
+# closed), so that the next request on that connection is read whole.
+
+_API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+_MAX_DRAIN_BYTES = 1024 * 1024
+_SERVE_TIMEOUT_S = 60.0
+_DEFAULT_MAX_UPLOADS = 32
+_PAGE_DEFAULT = 1000
+
+
+def _error_status(exc: ZLayerError) -> _ApiError:
+    """Map a store's refusal to the distribution-spec error it is."""
+    if isinstance(exc, ManifestBlobUnknownError):
+        return _ApiError(400, "MANIFEST_BLOB_UNKNOWN", str(exc))
+    if isinstance(exc, (DigestMismatchError, InvalidDigestError)):
+        return _ApiError(400, "DIGEST_INVALID", str(exc))
+    if isinstance(exc, ManifestError):
+        return _ApiError(400, "MANIFEST_INVALID", str(exc))
+    if isinstance(exc, InvalidReferenceError):
+        return _ApiError(400, "TAG_INVALID" if "tag" in exc.reason else "NAME_INVALID",
+                         str(exc))
+    return _ApiError(500, "UNKNOWN", "the store failed; see the server's log")
+
+
+class RegistryServer:
+    """Serves a LocalRegistry over the OCI distribution API (distribution-spec 1.1).
+
+    Threads, one per connection, with keep-alive; blobs go out with
+    ``sendfile``.  ``read_only`` answers 405 to every write; ``log`` (a text
+    stream, None for none) gets one access line per request (JSON with
+    ``json_log``); at most ``max_uploads`` requests write at once (429
+    beyond).  ``start()`` serves from a thread, ``serve_forever()`` from
+    this one; ``shutdown()`` stops taking connections and waits for the
+    requests under way.
+    """
+
+    def __init__(self, store: LocalRegistry, host: str = "127.0.0.1", port: int = 5000, *,
+                 read_only: bool = False, log: Any = None, json_log: bool = False,
+                 max_uploads: int = _DEFAULT_MAX_UPLOADS,
+                 timeout_s: float = _SERVE_TIMEOUT_S) -> None:
+        import http.server
+        import socket
+        self.store = store
+        self.read_only = read_only or store.cache.read_only
+        self.sessions = _UploadSessions(store)
+        self._log, self._json_log = log, json_log
+        self._log_lock = threading.Lock()
+        self._uploads = threading.BoundedSemaphore(max_uploads)
+        self._busy = 0
+        self._busy_lock = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        handler = _request_handler_class(self, timeout_s)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class Server(http.server.ThreadingHTTPServer):
+            address_family = family
+            daemon_threads = True
+            request_queue_size = 128
+
+        try:
+            self._server = Server((host, port), handler)
+        except OSError as exc:
+            raise ZLayerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """Return the (host, port) it listens on."""
+        return self._server.server_address[0], self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """Return the base URL clients use."""
+        host, port = self.address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def serve_forever(self) -> None:
+        """Serve until ``shutdown()`` (or an exception: Ctrl-C, SIGTERM)."""
+        self._server.serve_forever(poll_interval=0.2)
+
+    def start(self) -> "RegistryServer":
+        """Serve from a background thread; return self."""
+        self._thread = threading.Thread(target=self.serve_forever, name="zlayer-serve",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, wait_s: float = 10.0) -> None:
+        """Stop taking connections; wait up to ``wait_s`` for requests under way."""
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+        deadline = time.monotonic() + wait_s
+        with self._busy_lock:
+            while self._busy and time.monotonic() < deadline:
+                self._busy_lock.wait(deadline - time.monotonic())
+
+    def __enter__(self) -> "RegistryServer":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    # -- a request --------------------------------------------------------------
+
+    def handle(self, h: Any) -> None:
+        """Answer one request (``h``: the http.server handler)."""
+        started = time.monotonic()
+        with self._busy_lock:
+            self._busy += 1
+        h.zl_status, h.zl_sent = 0, 0
+        length = h.headers.get("Content-Length")
+        chunked = "chunked" in (h.headers.get("Transfer-Encoding") or "").lower()
+        try:
+            size = int(length) if length is not None and not chunked else None
+            if size is not None and size < 0:
+                raise ValueError
+        except ValueError:
+            size, h.close_connection = 0, True
+        h.zl_body = _BodyReader(h.rfile, size, chunked)
+        try:
+            try:
+                self._route(h)
+            except _ApiError as exc:
+                self._send_error(h, exc)
+            except ZLayerError as exc:
+                error = _error_status(exc)
+                if error.status == 500:
+                    self._note(f"error: {exc}")
+                self._send_error(h, error)
+            if not h.zl_body.drain(_MAX_DRAIN_BYTES):
+                h.close_connection = True
+        except Exception as exc:
+            h.close_connection = True
+            if _is_disconnect(exc):
+                return
+            # A bug, or the disk (full?): answer 500 and keep serving the others.
+            self._note(f"error: {exc.__class__.__name__}: {exc}")
+            try:
+                self._send_error(h, _ApiError(500, "UNKNOWN", "internal error"))
+            except OSError:
+                pass
+        finally:
+            self._access(h, time.monotonic() - started)
+            with self._busy_lock:
+                self._busy -= 1
+                self._busy_lock.notify_all()
+
+    def _route(self, h: Any) -> None:
+        from urllib.parse import parse_qs, urlsplit
+        parts = urlsplit(h.path)
+        path, query = parts.path, {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        method = h.command
+        if method in ("PUT", "POST", "PATCH", "DELETE") and self.read_only:
+            raise _ApiError(405, "UNSUPPORTED", "this registry is read-only",
+                            {"Allow": "GET, HEAD"})
+        if path in ("/v2", "/v2/"):
+            self._send(h, 200, b"{}", "application/json")
+            return
+        if path == "/v2/_catalog" and method in ("GET", "HEAD"):
+            self._catalog(h, query)
+            return
+        for pattern, handler in self._routes:
+            match = re.fullmatch(pattern, path)
+            if match:
+                name = match.group(1)
+                _validate_repository(name)
+                getattr(self, handler)(h, method, name, match.group(2), query)
+                return
+        raise _ApiError(404, "NAME_UNKNOWN" if path.startswith("/v2/") else "UNSUPPORTED",
+                        "no such endpoint")
+
+    _routes = (
+        (r"/v2/(.+)/blobs/uploads/([^/]*)", "_upload"),
+        (r"/v2/(.+)/manifests/([^/]+)", "_manifest"),
+        (r"/v2/(.+)/blobs/([^/]+)", "_blob"),
+        (r"/v2/(.+)/tags/(list)", "_tags"),
+        (r"/v2/(.+)/referrers/([^/]+)", "_referrers"),
+    )
+
+    # -- manifests ----------------------------------------------------------------
+
+    def _manifest(self, h: Any, method: str, name: str, reference: str,
+                  query: Mapping[str, str]) -> None:
+        if method == "PUT":
+            body = h.zl_body.read_all(MAX_MANIFEST_SIZE_BYTES)
+            digest = self.store.put_manifest(name, reference, body,
+                                             h.headers.get("Content-Type") or "")
+            headers = {"Location": f"/v2/{name}/manifests/{digest}",
+                       "Docker-Content-Digest": digest}
+            subject = _loads_json(body).get("subject")
+            if isinstance(subject, dict) and isinstance(subject.get("digest"), str):
+                headers["OCI-Subject"] = subject["digest"]
+            self._send(h, 201, b"", headers=headers)
+            return
+        if method == "DELETE":
+            if ":" in reference:
+                found = self.store.delete_manifest(name, reference)
+            else:
+                found = self.store.delete_tag(name, reference)
+            if not found:
+                raise self._manifest_unknown(name, reference)
+            self._send(h, 202, b"")
+            return
+        if method not in ("GET", "HEAD"):
+            raise _ApiError(405, "UNSUPPORTED", f"{method} on a manifest")
+        manifest = self.store.get_manifest(name, reference)
+        if manifest is None:
+            raise self._manifest_unknown(name, reference)
+        accepted = {v.split(";", 1)[0].strip().lower()
+                    for header in h.headers.get_all("Accept") or []
+                    for v in header.split(",") if v.strip()}
+        if accepted and manifest.media_type not in accepted and not accepted & {
+                "*/*", "application/*", "application/json"} and \
+                manifest.media_type.startswith("application/vnd.oci."):
+            # distribution's answer to a client that does not take OCI manifests
+            raise _ApiError(404, "MANIFEST_UNKNOWN", f"{manifest.media_type} is not in the "
+                            "Accept header of the request")
+        self._send(h, 200, manifest.raw, manifest.media_type,
+                   {"Docker-Content-Digest": manifest.digest, "ETag": f'"{manifest.digest}"'},
+                   head=method == "HEAD")
+
+    def _manifest_unknown(self, name: str, reference: str) -> _ApiError:
+        if not self.store.list_manifests(name):
+            return _ApiError(404, "NAME_UNKNOWN", f"repository {name} is not known")
+        return _ApiError(404, "MANIFEST_UNKNOWN", f"manifest {reference} is not known")
+
+    # -- blobs --------------------------------------------------------------------
+
+    def _blob(self, h: Any, method: str, name: str, digest: str,
+              query: Mapping[str, str]) -> None:
+        _validate_digest(digest)
+        if method == "DELETE":
+            if not self.store.has_blob(digest):
+                raise _ApiError(404, "BLOB_UNKNOWN", f"blob {digest} is not known")
+            if self.store.blob_in_use(digest):
+                raise _ApiError(405, "UNSUPPORTED", f"blob {digest} is used by a manifest: "
+                                "delete the manifest (gc deletes its blobs)")
+            self.store.cache.delete(digest)
+            self._send(h, 202, b"")
+            return
+        if method not in ("GET", "HEAD"):
+            raise _ApiError(405, "UNSUPPORTED", f"{method} on a blob")
+        path = self.store.cache.path(digest)
+        if path is None:
+            raise _ApiError(404, "BLOB_UNKNOWN", f"blob {digest} is not known")
+        try:
+            f = open(path, "rb")
+        except OSError:
+            raise _ApiError(404, "BLOB_UNKNOWN", f"blob {digest} is not known") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            start, end = 0, size - 1
+            status = 200
+            headers = {"Docker-Content-Digest": digest, "ETag": f'"{digest}"',
+                       "Accept-Ranges": "bytes"}
+            wanted = h.headers.get("Range")
+            if wanted:
+                picked = _parse_range(wanted, size)
+                if picked is None:
+                    raise _ApiError(416, "BLOB_UNKNOWN", "range not satisfiable",
+                                    {"Content-Range": f"bytes */{size}"})
+                start, end = picked
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            count = max(end - start + 1, 0)
+            self._send_headers(h, status, count, "application/octet-stream", headers)
+            if method == "GET" and count:
+                h.wfile.flush()
+                sent = h.connection.sendfile(f, start, count)
+                h.zl_sent = sent
+                if sent != count:
+                    h.close_connection = True
+
+    # -- uploads ------------------------------------------------------------------
+
+    def _upload(self, h: Any, method: str, name: str, session_id: str,
+                query: Mapping[str, str]) -> None:
+        if method == "POST" and not session_id:
+            self._start_upload(h, name, query)
+            return
+        started = self.sessions.check(name, session_id, query.get("_state", ""))
+        if method == "GET":
+            self._upload_status(h, 204, name, session_id, started)
+        elif method == "DELETE":
+            self.sessions.cancel(session_id)
+            self._send(h, 204, b"")
+        elif method in ("PATCH", "PUT"):
+            if not self._uploads.acquire(blocking=False):
+                raise _ApiError(429, "TOOMANYREQUESTS", "too many uploads at once",
+                                {"Retry-After": "1"})
+            try:
+                self._write_upload(h, method, name, session_id, started, query)
+            finally:
+                self._uploads.release()
+        else:
+            raise _ApiError(405, "UNSUPPORTED", f"{method} on an upload")
+
+    def _start_upload(self, h: Any, name: str, query: Mapping[str, str]) -> None:
+        mount = query.get("mount")
+        if mount:
+            _validate_digest(mount)
+            if self.store.has_blob(mount):  # every blob of the store is visible to all
+                self._send(h, 201, b"", headers={"Location": f"/v2/{name}/blobs/{mount}",
+                                                 "Docker-Content-Digest": mount})
+                return
+        digest = query.get("digest")
+        if digest:  # monolithic: POST ?digest= with the blob as its body
+            _validate_digest(digest)
+            if not self._uploads.acquire(blocking=False):
+                raise _ApiError(429, "TOOMANYREQUESTS", "too many uploads at once",
+                                {"Retry-After": "1"})
+            try:
+                self._store_body(h, digest)
+            finally:
+                self._uploads.release()
+            self._send(h, 201, b"", headers={"Location": f"/v2/{name}/blobs/{digest}",
+                                             "Docker-Content-Digest": digest})
+            return
+        session_id, started = self.sessions.start()
+        if not h.zl_body.done:  # a body with no digest: the session's first bytes
+            self.sessions.append(session_id, h.zl_body, 0)
+        self._upload_status(h, 202, name, session_id, started)
+
+    def _store_body(self, h: Any, digest: str) -> None:
+        """Stream a request body into the store as blob ``digest`` (verified)."""
+        body = h.zl_body
+        with self.store.begin_blob(digest) as writer:
+            for data in iter(body.read, b""):
+                writer.write(data)
+            try:
+                writer.commit()
+            except DigestMismatchError as exc:
+                raise _ApiError(400, "DIGEST_INVALID", str(exc)) from exc
+
+    def _write_upload(self, h: Any, method: str, name: str, session_id: str, started: int,
+                      query: Mapping[str, str]) -> None:
+        start = None
+        content_range = h.headers.get("Content-Range")
+        if content_range:
+            found = re.fullmatch(r"(?:bytes[ =])?(\d+)-(\d+)(?:/\S+)?", content_range.strip())
+            if found is None:
+                raise _ApiError(416, "BLOB_UPLOAD_INVALID", "malformed Content-Range",
+                                {"Range": self._range(session_id)})
+            start = int(found.group(1))
+        if not h.zl_body.done or start is not None:
+            self.sessions.append(session_id, h.zl_body, start)
+        if method == "PATCH":
+            self._upload_status(h, 202, name, session_id, started)
+            return
+        digest = query.get("digest")
+        if not digest:
+            raise _ApiError(400, "DIGEST_INVALID", "the final PUT names no ?digest=")
+        _validate_digest(digest)
+        self.sessions.commit(session_id, digest)
+        self._send(h, 201, b"", headers={"Location": f"/v2/{name}/blobs/{digest}",
+                                         "Docker-Content-Digest": digest})
+
+    def _range(self, session_id: str) -> str:
+        return f"0-{max(self.sessions.size(session_id) - 1, 0)}"
+
+    def _upload_status(self, h: Any, status: int, name: str, session_id: str,
+                       started: int) -> None:
+        from urllib.parse import quote
+        state = quote(self.sessions.state(name, session_id, started))
+        self._send(h, status, b"", headers={
+            "Location": f"/v2/{name}/blobs/uploads/{session_id}?_state={state}",
+            "Range": self._range(session_id), "Docker-Upload-UUID": session_id})
+
+    # -- listings -----------------------------------------------------------------
+
+    def _tags(self, h: Any, method: str, name: str, _: str, query: Mapping[str, str]) -> None:
+        if method not in ("GET", "HEAD"):
+            raise _ApiError(405, "UNSUPPORTED", f"{method} on tags")
+        if not self.store.list_manifests(name):
+            raise _ApiError(404, "NAME_UNKNOWN", f"repository {name} is not known")
+        page, link = _paginate(self.store.list_tags(name), query, f"/v2/{name}/tags/list")
+        self._send_json(h, {"name": name, "tags": page}, link, head=method == "HEAD")
+
+    def _catalog(self, h: Any, query: Mapping[str, str]) -> None:
+        page, link = _paginate(self.store.list_images(), query, "/v2/_catalog")
+        self._send_json(h, {"repositories": page}, link, head=h.command == "HEAD")
+
+    def _referrers(self, h: Any, method: str, name: str, digest: str,
+                   query: Mapping[str, str]) -> None:
+        if method not in ("GET", "HEAD"):
+            raise _ApiError(405, "UNSUPPORTED", f"{method} on referrers")
+        _validate_digest(digest)
+        wanted = query.get("artifactType")
+        found = self.store.referrers(name, digest, wanted)
+        body = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
+                           "manifests": [d.to_json() for d in found]}).encode()
+        self._send(h, 200, body, MEDIA_TYPE_OCI_INDEX,
+                   {"OCI-Filters-Applied": "artifactType"} if wanted else None,
+                   head=method == "HEAD")
+
+    # -- answers --------------------------------------------------------------------
+
+    def _send_json(self, h: Any, data: Any, link: Optional[str], head: bool) -> None:
+        self._send(h, 200, json.dumps(data).encode(), "application/json",
+                   {"Link": link} if link else None, head=head)
+
+    def _send_error(self, h: Any, error: _ApiError) -> None:
+        if h.zl_status:  # the answer had begun: all that is left is to hang up
+            h.close_connection = True
+            return
+        body = json.dumps({"errors": [{"code": error.code, "message": error.message,
+                                       "detail": None}]}).encode()
+        self._send(h, error.status, body, "application/json", error.headers,
+                   head=h.command == "HEAD")
+
+    def _send(self, h: Any, status: int, body: bytes, content_type: str = "",
+              headers: Optional[Mapping[str, str]] = None, head: bool = False) -> None:
+        self._send_headers(h, status, len(body), content_type, headers)
+        if body and not head:
+            h.wfile.write(body)
+            h.zl_sent = len(body)
+
+    def _send_headers(self, h: Any, status: int, length: int, content_type: str,
+                      headers: Optional[Mapping[str, str]]) -> None:
+        h.zl_status = status
+        h.send_response(status)
+        h.send_header(*_API_VERSION_HEADER)
+        if content_type:
+            h.send_header("Content-Type", content_type)
+        h.send_header("Content-Length", str(length))
+        for key, value in (headers or {}).items():
+            h.send_header(key, value)
+        if h.close_connection:
+            h.send_header("Connection", "close")
+        h.end_headers()
+
+    def _access(self, h: Any, elapsed_s: float) -> None:
+        if self._log is None:
+            return
+        client = h.client_address[0] if h.client_address else "-"
+        path = h.path.split("?", 1)[0]  # the query may hold an upload's signed state
+        if self._json_log:
+            line = json.dumps({"time": round(time.time(), 3), "client": client,
+                               "method": h.command, "path": path, "status": h.zl_status,
+                               "bytes": h.zl_sent, "seconds": round(elapsed_s, 4)})
+        else:
+            line = (f'{client} "{h.command} {path}" {h.zl_status} {h.zl_sent} '
+                    f'{elapsed_s:.3f}s')
+        self._write_log(line)
+
+    def _note(self, text: str) -> None:
+        if self._log is not None:
+            self._write_log(json.dumps({"time": round(time.time(), 3), "note": text})
+                            if self._json_log else f"zlayer-registry: {text}")
+
+    def _write_log(self, line: str) -> None:
+        with self._log_lock:
+            try:
+                self._log.write(line + "\n")
+                self._log.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    """Tell whether an exception is the client going away or timing out."""
+    import socket
+    return isinstance(exc, (ConnectionError, socket.timeout)) or (
+        isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET,
+                                                   errno.ETIMEDOUT))
+
+
+def _parse_range(text: str, size: int) -> Optional[Tuple[int, int]]:
+    """Return (first, last) of a ``bytes=`` Range within ``size``, None when it cannot
+    be satisfied (one range only, as registries serve)."""
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", text.strip())
+    if match is None or not any(match.groups()):
+        return None
+    first, last = match.groups()
+    if not first:  # the last N bytes
+        count = int(last)
+        return (max(size - count, 0), size - 1) if count and size else None
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    return (start, end) if start <= end and start < size else None
+
+
+def _paginate(items: List[str], query: Mapping[str, str], path: str
+              ) -> Tuple[List[str], Optional[str]]:
+    """Return the page ``n``/``last`` asks for and the Link to the next one (if any)."""
+    from urllib.parse import quote
+    try:
+        count = int(query["n"]) if "n" in query else _PAGE_DEFAULT
+    except ValueError:
+        raise _ApiError(400, "PAGINATION_NUMBER_INVALID", "n is not a number") from None
+    if count < 0:
+        raise _ApiError(400, "PAGINATION_NUMBER_INVALID", "n is negative")
+    last = query.get("last")
+    rest = [item for item in items if last is None or item > last]
+    page = rest[:count]
+    if len(rest) > count and page:
+        return page, f'<{path}?n={count}&last={quote(page[-1])}>; rel="next"'
+    return page, None
+
+
+def _request_handler_class(server: RegistryServer, timeout_s: float) -> Any:
+    """Return the http.server handler class that hands each request to ``server``."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "zlayer-registry"
+        sys_version = ""
+        timeout = timeout_s
+
+        def do_GET(self) -> None:
+            server.handle(self)
+
+        do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_GET
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # the server writes its own access lines
+
+    return Handler
+
+
+# =============================================================================
+# 44. CLI: output, progress, and what every command opens (caches, pullers, credentials)
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -9269,7 +10080,7 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
 
 
 # =============================================================================
-# 43. CLI: the commands
+# 45. CLI: the commands
 # =============================================================================
 
 def _cmd_pull(args: Any) -> int:
@@ -9433,6 +10244,30 @@ def _cmd_copy(args: Any) -> int:
         print(f"{_count(blobs, 'blob')}: {', '.join(parts)}; "
               f"{_count(result.manifests, 'manifest')}"
               + (f" ({_count(len(result.referrers), 'referrer')})" if args.referrers else ""))
+    return 0
+
+
+def _cmd_serve(args: Any) -> int:
+    root = args.root if args.root is not None else BlobCache.default_path()
+    if root == "":
+        raise CacheError("--root is empty (an unset variable?)")
+    with LocalRegistry(root) as store:
+        server = RegistryServer(store, args.host, args.port, read_only=args.read_only,
+                                log=None if args.quiet else sys.stderr,
+                                json_log=args.json_log)
+        mode = "read-only" if server.read_only else "read-write"
+        print(f"{_PROG}: serving the local registry {store.root} ({mode}) at {server.url}",
+              file=sys.stderr, flush=True)
+        if not _is_loopback_host(server.address[0]):
+            print(f"{_PROG}: warning: {server.address[0]} is not a loopback address, and "
+                  "this server asks for no credentials", file=sys.stderr, flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: the way to stop it
+            pass
+        finally:
+            server.shutdown()
+        print(f"{_PROG}: stopped", file=sys.stderr, flush=True)
     return 0
 
 
@@ -9613,7 +10448,7 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 44. CLI: argument types, the command table, the parser, main
+# 46. CLI: argument types, the command table, the parser, main
 # =============================================================================
 
 def _parse_destination(text: str) -> _Location:
@@ -9882,6 +10717,28 @@ def _add_copy_arguments(copy: Any, push: bool = False) -> None:
     _add_transfer_arguments(copy, "transfers")
 
 
+def _add_serve_arguments(serve: Any) -> None:
+    serve.add_argument("--root", metavar="DIR",
+                       help="the store: a cache directory (default: the default cache, "
+                            "which pulls fill too)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this host only)")
+    serve.add_argument("--port", type=_port_arg, default=5000,
+                       help="port (default: 5000; 0: any free one)")
+    serve.add_argument("--read-only", action="store_true",
+                       help="serve what is stored; answer 405 to every write")
+    serve.add_argument("--json-log", action="store_true",
+                       help="access log lines as JSON objects")
+
+
+def _port_arg(text: str) -> int:
+    """Parse a TCP port (0 to 65535)."""
+    import argparse
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (0 to 65535)")
+    return int(text)
+
+
 def _add_push_arguments(push: Any) -> None:
     _add_copy_arguments(push, push=True)
 
@@ -9981,6 +10838,14 @@ _COMMAND_TABLE: Tuple[_Command, ...] = (
                  "zlayer-registry import oci:./alpine-layout:3.20",
                  "zlayer-registry import oci:./build-output local:team/app:v1",
                  "zlayer-registry import oci-archive:app.tar --json")),
+    _Command("serve", "serve the local registry over the OCI distribution API",
+             _cmd_serve, _add_serve_arguments,
+             {"cache": False, "reference": False, "platform": None, "json_help": None,
+              "quiet_help": "no access log lines"}, (
+                 "zlayer-registry serve --port 5000     # then: skopeo copy ... "
+                 "docker://127.0.0.1:5000/app:v1",
+                 "zlayer-registry serve --root /srv/registry --host 0.0.0.0 --read-only",
+                 "zlayer-registry serve --port 0 --json-log   # any free port")),
     _Command("unpack", "unpack an image (pulled, or from an OCI layout) into a new root "
                        "filesystem directory",
              _cmd_unpack, _add_unpack_arguments,
