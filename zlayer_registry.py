@@ -144,8 +144,8 @@ __all__ = [
     "RegistryAuth",
     # Caches
     "BlobStore", "BlobWriter", "BlobCache", "DirectoryBlobCache",
-    # Local registry
-    "LocalRegistry",
+    # Local registry and its server
+    "LocalRegistry", "RegistryServer",
     # Pull and unpack
     "ImagePuller", "Layer", "PullResult", "LayerUnpacker",
     # Push and copy
@@ -8953,6 +8953,8 @@ class _BodyReader:
 
     def __init__(self, rfile: BinaryIO, length: Optional[int], chunked: bool) -> None:
         self._rfile = rfile
+        # read1: what has arrived, so that a client that stalls loses nothing it sent
+        self._read = getattr(rfile, "read1", rfile.read)
         self._left = length or 0
         self._chunked = chunked
         self._chunk_left = 0
@@ -8962,7 +8964,7 @@ class _BodyReader:
         if self.done:
             return b""
         if not self._chunked:
-            data = self._rfile.read(min(size, self._left))
+            data = self._read(min(size, self._left))
             if not data:
                 raise _ApiError(400, "BLOB_UPLOAD_INVALID", "the request body ended early")
             self._left -= len(data)
@@ -8979,7 +8981,7 @@ class _BodyReader:
                     pass  # trailers
                 self.done = True
                 return b""
-        data = self._rfile.read(min(size, self._chunk_left))
+        data = self._read(min(size, self._chunk_left))
         if not data:
             raise _ApiError(400, "BLOB_UPLOAD_INVALID", "the request body ended early")
         self._chunk_left -= len(data)
