@@ -107,7 +107,7 @@ class TestBasics:
     def test_unknown_names_and_manifests(self, client):
         _image(client, "app", "v1")
         response, data = client.request("GET", "/v2/nope/manifests/v1")
-        assert response.status == 404 and _errors(data) == ["NAME_UNKNOWN"]
+        assert response.status == 404 and _errors(data) == ["MANIFEST_UNKNOWN"]  # as distribution
         response, data = client.request("GET", "/v2/app/manifests/v2")
         assert response.status == 404 and _errors(data) == ["MANIFEST_UNKNOWN"]
         response, data = client.request("GET", "/v2/nope/tags/list")

@@ -269,10 +269,12 @@ class PlatformNotFoundError(ManifestError):
 
 
 class ManifestBlobUnknownError(ManifestError):
-    """A manifest names a blob or child manifest the store does not hold (``digest``)."""
+    """A manifest names blobs or child manifests the store does not hold: ``digests``
+    lists them, ``digest`` is the first."""
 
-    def __init__(self, message: str, digest: str) -> None:
+    def __init__(self, message: str, digest: str, digests: Sequence[str] = ()) -> None:
         self.digest = digest
+        self.digests = tuple(digests) or (digest,)
         super().__init__(message)
 
 
@@ -7243,19 +7245,23 @@ class LocalRegistry:
 
     def _check_children(self, manifest: Manifest) -> None:
         """Raise ManifestBlobUnknownError unless every blob and child it names is here."""
+        missing = []
         for child in manifest.children:
             if child is None or child.media_type in _FOREIGN_LAYER_TYPES or \
                     (child.urls and not self.cache.has(child.digest)):
                 continue
             size = self.cache.size(child.digest)
             if size is None:
-                kind = "manifest" if manifest.is_index else "blob"
-                raise ManifestBlobUnknownError(
-                    f"manifest {manifest.digest} names {kind} {child.digest}, which is not "
-                    "in the store (push it first)", child.digest)
-            if size != child.size:
+                missing.append(child.digest)
+            elif size != child.size:
                 raise ManifestError(f"manifest {manifest.digest} says {child.digest} has "
                                     f"{child.size} bytes; the stored blob has {size}")
+        if missing:
+            kind = "manifest" if manifest.is_index else "blob"
+            raise ManifestBlobUnknownError(
+                f"manifest {manifest.digest} names {kind} {missing[0]}"
+                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, which is "
+                "not in the store (push it first)", missing[0], missing)
 
     def resolve(self, name: str, reference: str) -> Optional[str]:
         """Return the digest a tag (or digest) names in repository ``name``, or None."""
@@ -8941,10 +8947,12 @@ class _ApiError(Exception):
     """A distribution-spec error answer: status, code, message (and headers)."""
 
     def __init__(self, status: int, code: str, message: str,
-                 headers: Optional[Mapping[str, str]] = None) -> None:
+                 headers: Optional[Mapping[str, str]] = None,
+                 details: Sequence[Any] = (None,)) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers = dict(headers or {})
+        self.details = list(details)  # one error entry each (distribution: one per blob)
 
 
 class _BodyReader:
@@ -9198,7 +9206,8 @@ _PAGE_DEFAULT = 1000
 def _error_status(exc: ZLayerError) -> _ApiError:
     """Map a store's refusal to the distribution-spec error it is."""
     if isinstance(exc, ManifestBlobUnknownError):
-        return _ApiError(400, "MANIFEST_BLOB_UNKNOWN", str(exc))
+        return _ApiError(400, "MANIFEST_BLOB_UNKNOWN", str(exc), details=[
+            {"digest": digest} for digest in exc.digests])
     if isinstance(exc, (DigestMismatchError, InvalidDigestError)):
         return _ApiError(400, "DIGEST_INVALID", str(exc))
     if isinstance(exc, ManifestError):
@@ -9408,10 +9417,10 @@ class RegistryServer:
                    {"Docker-Content-Digest": manifest.digest, "ETag": f'"{manifest.digest}"'},
                    head=method == "HEAD")
 
-    def _manifest_unknown(self, name: str, reference: str) -> _ApiError:
-        if not self.store.list_manifests(name):
-            return _ApiError(404, "NAME_UNKNOWN", f"repository {name} is not known")
-        return _ApiError(404, "MANIFEST_UNKNOWN", f"manifest {reference} is not known")
+    @staticmethod
+    def _manifest_unknown(name: str, reference: str) -> _ApiError:
+        # distribution says MANIFEST_UNKNOWN in a repository it does not know too
+        return _ApiError(404, "MANIFEST_UNKNOWN", f"manifest {name}:{reference} is not known")
 
     # -- blobs --------------------------------------------------------------------
 
@@ -9593,7 +9602,7 @@ class RegistryServer:
             h.close_connection = True
             return
         body = json.dumps({"errors": [{"code": error.code, "message": error.message,
-                                       "detail": None}]}).encode()
+                                       "detail": detail} for detail in error.details]}).encode()
         self._send(h, error.status, body, "application/json", error.headers,
                    head=h.command == "HEAD")
 

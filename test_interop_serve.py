@@ -1,0 +1,240 @@
+"""Interop tests of ``serve`` with real clients, and a differential test against
+the CNCF distribution registry 2.8 (Debian ``docker-registry``).
+
+skopeo pushes into our server (one image; ``--all --preserve-digests`` of an
+index; a WASM artifact with artifactType) and reads back identical digests and
+bytes; our puller pulls what skopeo pushed.  The same raw requests go to
+distribution and to ours, and the status codes and the headers that matter are
+compared.  Missing tools skip (fail under ZLAYER_REQUIRE_INTEROP=1).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import _oci_testkit as kit  # noqa: E402
+import zlayer_registry as zr  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def distribution(tmp_path_factory):
+    yield from kit.running_registry(tmp_path_factory.mktemp("distribution-diff"))
+
+
+@pytest.fixture
+def ours(tmp_path):
+    store = zr.LocalRegistry(tmp_path / "store")
+    server = zr.RegistryServer(store, "127.0.0.1", 0).start()
+    yield server
+    server.shutdown()
+    store.close()
+
+
+def _skopeo(*args: str) -> str:
+    try:
+        binary = kit.require_tool("skopeo")
+    except kit.ToolMissing as exc:
+        kit.unavailable(str(exc))
+    proc = subprocess.run([binary, "--insecure-policy", *args], capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _host(server) -> str:
+    return "%s:%d" % server.address
+
+
+def _cli(tmp_path: Path, *args: str) -> dict:
+    env = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=str(HERE))
+    cache = [] if args[0] == "wasm-export" else ["--cache", str(tmp_path / "cache")]
+    proc = subprocess.run([sys.executable, "-m", "zlayer_registry", *args, "--json", *cache],
+                          capture_output=True, text=True,
+                          env=env, timeout=300, cwd=str(HERE))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _blob_files(layout: Path) -> dict:
+    return {p.name: p.read_bytes() for p in (layout / "blobs" / "sha256").iterdir()}
+
+
+class TestSkopeoAgainstOurServer:
+    def test_single_image_pushed_by_skopeo_reads_back_the_same(self, ours, tmp_path):
+        image = kit.build_image(tmp_path / "layout", "v1")
+        host = _host(ours)
+        _skopeo("copy", "--dest-tls-verify=false", f"oci:{tmp_path / 'layout'}:v1",
+                f"docker://{host}/sk/app:v1")
+        raw = _skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{host}/sk/app:v1")
+        assert kit.sha256_bytes(raw.encode()) == image.digest
+        inspected = json.loads(_skopeo("inspect", "--tls-verify=false",
+                                       f"docker://{host}/sk/app:v1"))
+        assert inspected["Layers"] == [layer.digest for layer in image.layers]
+        _skopeo("copy", "--src-tls-verify=false", f"docker://{host}/sk/app:v1",
+                f"oci:{tmp_path / 'back'}:v1")
+        assert _blob_files(tmp_path / "back") == {
+            name: data for name, data in _blob_files(tmp_path / "layout").items()
+            if name in _blob_files(tmp_path / "back")}
+        # Our puller pulls what skopeo pushed.
+        pulled = _cli(tmp_path, "pull", f"{host}/sk/app:v1")
+        assert pulled["digest"] == image.digest
+
+    def test_an_index_copied_all_with_preserved_digests(self, ours, tmp_path):
+        index = kit.build_index(tmp_path / "layout", "v1")
+        host = _host(ours)
+        _skopeo("copy", "--all", "--preserve-digests", "--dest-tls-verify=false",
+                f"oci:{tmp_path / 'layout'}:v1", f"docker://{host}/sk/multi:v1")
+        raw = _skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{host}/sk/multi:v1")
+        assert kit.sha256_bytes(raw.encode()) == index.digest
+        _skopeo("copy", "--all", "--preserve-digests", "--src-tls-verify=false",
+                f"docker://{host}/sk/multi:v1", f"oci:{tmp_path / 'back'}:v1")
+        assert _blob_files(tmp_path / "back") == _blob_files(tmp_path / "layout")
+        assert sorted(ours.store.list_manifests("sk/multi")) == sorted(
+            [index.digest] + [i.digest for i in index.images.values()])
+
+    def test_a_wasm_artifact_survives_byte_for_byte(self, ours, tmp_path):
+        module = tmp_path / "plugin.wasm"
+        module.write_bytes(b"\0asm\x01\0\0\0" + b"\x00\x04\x03zla")
+        exported = _cli(tmp_path, "wasm-export", str(module), f"oci:{tmp_path / 'wasm'}:1.0")
+        host = _host(ours)
+        _skopeo("copy", "--preserve-digests", "--dest-tls-verify=false",
+                f"oci:{tmp_path / 'wasm'}:1.0", f"docker://{host}/wasm/plugin:1.0")
+        raw = _skopeo("inspect", "--raw", "--tls-verify=false",
+                      f"docker://{host}/wasm/plugin:1.0")
+        assert kit.sha256_bytes(raw.encode()) == exported["digest"]
+        assert json.loads(raw)["artifactType"].startswith("application/vnd.wasm")
+        out = tmp_path / "pulled.wasm"
+        env = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=str(HERE))
+        done = subprocess.run([sys.executable, "-m", "zlayer_registry", "pull-wasm",
+                               f"{host}/wasm/plugin:1.0", "-o", str(out), "--cache",
+                               str(tmp_path / "cache")], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert out.read_bytes() == module.read_bytes()
+
+    def test_a_push_with_our_client_reads_back_in_skopeo(self, ours, tmp_path):
+        index = kit.build_index(tmp_path / "layout", "v1")
+        host = _host(ours)
+        result = _cli(tmp_path, "push", f"oci:{tmp_path / 'layout'}:v1", f"{host}/ours/multi:v1",
+                      "--chunk-size", "64K")
+        assert result["digest"] == index.digest
+        raw = _skopeo("inspect", "--raw", "--tls-verify=false",
+                      f"docker://{host}/ours/multi:v1")
+        assert kit.sha256_bytes(raw.encode()) == index.digest
+
+
+def _ask(host: str, method: str, path: str, body: bytes = b"", headers=None):
+    """One request on a fresh connection: (status, headers by lower-case name, body)."""
+    name, port = host.rsplit(":", 1)
+    conn = http.client.HTTPConnection(name, int(port), timeout=30)
+    try:
+        conn.request(method, path, body=body or None, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+    finally:
+        conn.close()
+
+
+def _codes(data: bytes):
+    try:
+        return [e["code"] for e in json.loads(data)["errors"]]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _upload(host: str, digest: str, data: bytes):
+    status, head, _ = _ask(host, "POST", "/v2/diff/app/blobs/uploads/")
+    assert status == 202
+    location = head["location"].split(host, 1)[-1]
+    sep = "&" if "?" in location else "?"
+    return _ask(host, "PUT", f"{location}{sep}digest={digest}", data)
+
+
+class TestDifferentialAgainstDistribution:
+    """The same requests to distribution 2.8 and to ours: same status codes, error codes
+    and the headers clients rely on."""
+
+    def _both(self, distribution, ours, method, path, body=b"", headers=None):
+        theirs = _ask(distribution.host, method, path, body, headers)
+        mine = _ask(_host(ours), method, path, body, headers)
+        return theirs, mine
+
+    def test_the_same_answers(self, distribution, ours, tmp_path):
+        config = b'{"architecture":"amd64","os":"linux"}'
+        layer = b"layer bytes for the differential test"
+        digests = {name: zr.compute_digest(data) for name, data in
+                   (("config", config), ("layer", layer))}
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": zr.MEDIA_TYPE_OCI_MANIFEST,
+            "config": {"mediaType": zr.MEDIA_TYPE_OCI_CONFIG, "digest": digests["config"],
+                       "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": digests["layer"], "size": len(layer)}]}).encode()
+        oci = {"Content-Type": zr.MEDIA_TYPE_OCI_MANIFEST}
+        steps = [
+            ("GET", "/v2/", b"", None, ()),
+            ("GET", "/v2/diff/app/manifests/v1", b"", None, ()),
+            ("HEAD", f"/v2/diff/app/blobs/{digests['layer']}", b"", None, ()),
+            ("PUT", "/v2/diff/app/manifests/v1", manifest, oci, ()),      # blobs missing
+            ("UPLOAD", digests["config"], config, None, ()),
+            ("UPLOAD", digests["layer"], layer, None, ()),
+            ("PUT", "/v2/diff/app/manifests/v1", manifest, oci, ("docker-content-digest",)),
+            ("GET", "/v2/diff/app/manifests/v1", b"", {"Accept": zr.MEDIA_TYPE_OCI_MANIFEST},
+             ("docker-content-digest", "content-type", "content-length")),
+            ("HEAD", f"/v2/diff/app/blobs/{digests['layer']}", b"", None,
+             ("docker-content-digest", "content-length")),
+            ("GET", f"/v2/diff/app/blobs/{digests['layer']}", b"", {"Range": "bytes=0-4"},
+             ("content-length",)),
+            ("GET", "/v2/diff/app/tags/list", b"", None, ()),
+            ("GET", "/v2/diff/nope/tags/list", b"", None, ()),
+            ("PUT", "/v2/diff/app/manifests/v2", b"{not json", oci, ()),
+            ("GET", "/v2/diff/app/blobs/sha256:" + "1" * 64, b"", None, ()),
+            ("DELETE", "/v2/diff/app/manifests/sha256:" + "2" * 64, b"", None, ()),
+        ]
+        for method, path, body, headers, compared in steps:
+            if method == "UPLOAD":  # POST a session, PUT the bytes with ?digest=
+                theirs, mine = (_upload(host, path, body) for host in
+                                (distribution.host, _host(ours)))
+                assert mine[0] == theirs[0] == 201
+                assert mine[1]["docker-content-digest"] == theirs[1]["docker-content-digest"]
+                continue
+            theirs, mine = self._both(distribution, ours, method, path, body, headers)
+            assert mine[0] == theirs[0], (method, path, theirs[0], mine[0], mine[2][:200])
+            assert _codes(mine[2]) == _codes(theirs[2]) or method == "HEAD", (
+                method, path, _codes(theirs[2]), _codes(mine[2]))
+            for header in compared + ("docker-distribution-api-version",):
+                if header in theirs[1]:
+                    assert mine[1].get(header) == theirs[1][header], (method, path, header)
+        # Known difference: a monolithic POST ?digest= (optional in the spec) stores the
+        # blob here (201); distribution 2.8 ignores it and opens a session (202).
+        blob = b"monolithic"
+        path = f"/v2/diff/mono/blobs/uploads/?digest={zr.compute_digest(blob)}"
+        theirs, mine = self._both(distribution, ours, "POST", path, blob)
+        assert (theirs[0], mine[0]) == (202, 201)
+        # An upload session: both answer with Location, Range and Docker-Upload-UUID.
+        # Known difference: a chunk that does not start where the session ends is 416
+        # here, as the spec says; distribution 2.8 ignores Content-Range on PATCH (a TODO
+        # in its handler) and appends it.
+        for host, out_of_order in ((distribution.host, 202), (_host(ours), 416)):
+            status, head, _ = _ask(host, "POST", "/v2/diff/up/blobs/uploads/")
+            assert status == 202
+            assert {"location", "range", "docker-upload-uuid"} <= set(head)
+            location = head["location"]
+            location = location.split(host, 1)[-1] if host in location else location
+            status, head, _ = _ask(host, "PATCH", location, b"abc", {"Content-Range": "0-2"})
+            assert status == 202 and head["range"] == "0-2"
+            location = head["location"].split(host, 1)[-1] if host in head["location"] \
+                else head["location"]
+            status, head, _ = _ask(host, "PATCH", location, b"xyz", {"Content-Range": "7-9"})
+            assert status == out_of_order, (host, status)
