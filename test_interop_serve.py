@@ -238,3 +238,96 @@ class TestDifferentialAgainstDistribution:
                 else head["location"]
             status, head, _ = _ask(host, "PATCH", location, b"xyz", {"Content-Range": "7-9"})
             assert status == out_of_order, (host, status)
+
+
+@pytest.fixture
+def runroot():
+    """A short run directory (podman refuses one longer than 50 characters)."""
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="zlrun", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _containers_tool(name: str, tmp_path: Path, runroot: str):
+    """Return the argv prefix of podman or buildah, as root with a private vfs store."""
+    try:
+        binary = kit.require_tool(name)
+    except kit.ToolMissing as exc:
+        kit.unavailable(str(exc))
+    return [binary, "--root", str(tmp_path / "containers"), "--runroot", runroot,
+            "--storage-driver", "vfs"]
+
+
+def _run(argv, **kwargs) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL, **kwargs)
+    assert proc.returncode == 0, (argv[:4], proc.stderr[-2000:])
+    return proc.stdout
+
+
+class TestContainerToolsAgainstOurServer:
+    def test_podman_pulls_and_pushes(self, ours, tmp_path, runroot):
+        image = kit.build_image(tmp_path / "layout", "v1")
+        host = _host(ours)
+        _skopeo("copy", "--dest-tls-verify=false", f"oci:{tmp_path / 'layout'}:v1",
+                f"docker://{host}/pod/src:v1")
+        podman = _containers_tool("podman", tmp_path, runroot)
+        _run(podman + ["pull", "--tls-verify=false", f"{host}/pod/src:v1"])
+        _run(podman + ["push", "--tls-verify=false", f"{host}/pod/src:v1",
+                       f"docker://{host}/pod/pushed:v1"])
+        assert ours.store.list_tags("pod/pushed") == ["v1"]
+        pushed = ours.store.get_manifest("pod/pushed", "v1")
+        source = json.loads((tmp_path / "layout" / "blobs" / "sha256" /
+                             image.config.digest[7:]).read_text())
+        config = json.loads(ours.store.get_blob(pushed.config.digest))
+        assert config["rootfs"]["diff_ids"] == source["rootfs"]["diff_ids"]
+
+    def test_buildah_commits_pushes_and_pushes_a_manifest_list_all(self, ours, tmp_path,
+                                                                   runroot):
+        kit.build_image(tmp_path / "layout", "v1")
+        host = _host(ours)
+        _skopeo("copy", "--dest-tls-verify=false", f"oci:{tmp_path / 'layout'}:v1",
+                f"docker://{host}/bd/base:v1")
+        buildah = _containers_tool("buildah", tmp_path, runroot)
+        container = _run(buildah + ["from", "--tls-verify=false", f"{host}/bd/base:v1"]).strip()
+        note = tmp_path / "note.txt"
+        note.write_text("built on top\n")
+        _run(buildah + ["copy", container, str(note), "/note.txt"])
+        _run(buildah + ["commit", container, "localhost/built:v1"])
+        _run(buildah + ["push", "--tls-verify=false", "localhost/built:v1",
+                        f"docker://{host}/bd/built:v1"])
+        built = ours.store.get_manifest("bd/built", "v1")
+        base = ours.store.get_manifest("bd/base", "v1")
+        assert len(built.layers) == len(base.layers) + 1
+        _run(buildah + ["manifest", "create", "localhost/list:v1"])
+        _run(buildah + ["manifest", "add", "localhost/list:v1", "localhost/built:v1"])
+        _run(buildah + ["manifest", "push", "--all", "--tls-verify=false", "localhost/list:v1",
+                        f"docker://{host}/bd/list:v1"])
+        index = ours.store.get_manifest("bd/list", "v1")
+        assert index.is_index and len(index.manifests) == 1
+        child = ours.store.get_manifest("bd/list", index.manifests[0].digest)
+        assert child is not None and len(child.layers) == len(built.layers)
+
+    def test_oras_pushes_lists_and_pulls(self, ours, tmp_path):
+        try:
+            import oras.client
+        except ImportError:
+            kit.unavailable("oras is not installed (pip install oras)")
+        host = _host(ours)
+        artifact = tmp_path / "notes.txt"
+        artifact.write_text("an artifact, not an image\n")
+        client = oras.client.OrasClient(hostname=host, insecure=True)
+        cwd = os.getcwd()
+        os.chdir(tmp_path)  # oras-py names the layer after the path it is given
+        try:
+            response = client.push(files=["notes.txt"], target=f"{host}/oras/notes:v1")
+            assert response.status_code == 201
+            assert client.get_tags(f"{host}/oras/notes") == ["v1"]
+            out = tmp_path / "out"
+            out.mkdir()
+            files = client.pull(target=f"{host}/oras/notes:v1", outdir=str(out))
+        finally:
+            os.chdir(cwd)
+        assert [Path(f).read_text() for f in files] == [artifact.read_text()]
