@@ -568,3 +568,53 @@ class TestServeCommand:
                            cwd=tmp_path, timeout=60)
         assert done.returncode == 1 and "cannot listen on 127.0.0.1" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 (made with openssl)."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+class TestTls:
+    def test_https_serves_our_puller_and_a_stalled_handshake_holds_nobody(self, tmp_path,
+                                                                          certificate):
+        import ssl
+        cert, key = certificate
+        store = zr.LocalRegistry(tmp_path / "store")
+        with zr.RegistryServer(store, "127.0.0.1", 0, tls_cert=cert, tls_key=key,
+                               timeout_s=5).start() as server:
+            assert server.url.startswith("https://")
+            stalled = socket.create_connection(server.address, timeout=30)  # no handshake
+            context = ssl.create_default_context(cafile=cert)
+            conn = http.client.HTTPSConnection(*server.address, context=context, timeout=30)
+            conn.request("GET", "/v2/")
+            response = conn.getresponse()
+            assert response.status == 200 and response.read() == b"{}"
+            conn.close()
+            host = "%s:%d" % server.address
+            image = kit.build_image(tmp_path / "layout", "v1")
+            with zr.ImagePusher(zr.BlobCache(), environ={}, ssl_context=context,
+                                sleep=Sleeps()) as pusher:
+                pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{host}/tls/app:v1")
+            with zr.ImagePuller(zr.BlobCache(), environ={}, platform="linux/amd64",
+                                ssl_context=context, sleep=Sleeps()) as puller:
+                pulled = puller.pull_image(f"{host}/tls/app:v1")
+            assert pulled.manifest.digest == image.digest
+            stalled.close()
+        store.close()
+
+    def test_a_missing_key_is_one_line(self, tmp_path, certificate):
+        done = run_cli("serve", "--root", str(tmp_path / "s"), "--port", "0", "--tls-cert",
+                       certificate[0], cwd=tmp_path, timeout=60)
+        assert done.returncode == 1 and "go together" in done.stderr
+        done = run_cli("serve", "--root", str(tmp_path / "s"), "--port", "0", "--tls-cert",
+                       certificate[0], "--tls-key", str(tmp_path / "nope.pem"), cwd=tmp_path,
+                       timeout=60)
+        assert done.returncode == 1 and "cannot load the TLS certificate" in done.stderr
+        assert "Traceback" not in done.stderr

@@ -3464,6 +3464,14 @@ class _RegistryClient:
             self._scheme_known = True
             return result
         answer = _read_capped(result[0], MAX_ERROR_BODY_BYTES)
+        if method == "HEAD" and not answer:
+            # A HEAD answer has no body to say "this is an HTTPS server": https decides.
+            result[0].close()
+            try:
+                return self._settle_scheme(f"https://{rest}", method, path, headers, tried,
+                                           body, scope)
+            except _CONNECTION_ERRORS:
+                raise self._error(result[0], body=answer) from None
         if not any(phrase in answer for phrase in _TLS_ONLY_ANSWERS):
             raise self._error(result[0], body=answer)
         result[0].close()
@@ -9225,17 +9233,20 @@ class RegistryServer:
     ``sendfile``.  ``read_only`` answers 405 to every write; ``log`` (a text
     stream, None for none) gets one access line per request (JSON with
     ``json_log``); at most ``max_uploads`` requests write at once (429
-    beyond).  ``start()`` serves from a thread, ``serve_forever()`` from
-    this one; ``shutdown()`` stops taking connections and waits for the
-    requests under way.
+    beyond).  ``tls_cert``/``tls_key`` (PEM files) serve https: each
+    connection's handshake runs in its own thread, bounded by the timeout.
+    ``start()`` serves from a thread, ``serve_forever()`` from this one;
+    ``shutdown()`` stops taking connections and waits for the requests under way.
     """
 
     def __init__(self, store: LocalRegistry, host: str = "127.0.0.1", port: int = 5000, *,
                  read_only: bool = False, log: Any = None, json_log: bool = False,
                  max_uploads: int = _DEFAULT_MAX_UPLOADS,
-                 timeout_s: float = _SERVE_TIMEOUT_S) -> None:
+                 timeout_s: float = _SERVE_TIMEOUT_S, tls_cert: Optional[str] = None,
+                 tls_key: Optional[str] = None) -> None:
         import http.server
         import socket
+        self.tls = _server_tls_context(tls_cert, tls_key)
         self.store = store
         self.read_only = read_only or store.cache.read_only
         self.sessions = _UploadSessions(store)
@@ -9248,10 +9259,25 @@ class RegistryServer:
         handler = _request_handler_class(self, timeout_s)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
+        tls = self.tls
+
         class Server(http.server.ThreadingHTTPServer):
             address_family = family
             daemon_threads = True
             request_queue_size = 128
+
+            def finish_request(self, request: Any, client_address: Any) -> None:
+                if tls is not None:  # the handshake, in this connection's thread
+                    request.settimeout(timeout_s)
+                    try:
+                        if request.recv(1, socket.MSG_PEEK) not in (b"\x16", b""):
+                            _refuse_plain_http(request)
+                            return
+                        request = tls.wrap_socket(request, server_side=True)
+                    except (OSError, ValueError):
+                        request.close()
+                        return
+                super().finish_request(request, client_address)
 
         try:
             self._server = Server((host, port), handler)
@@ -9267,7 +9293,8 @@ class RegistryServer:
     def url(self) -> str:
         """Return the base URL clients use."""
         host, port = self.address
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def serve_forever(self) -> None:
         """Serve until ``shutdown()`` (or an exception: Ctrl-C, SIGTERM)."""
@@ -9655,12 +9682,47 @@ class RegistryServer:
                 pass
 
 
+def _refuse_plain_http(sock: Any) -> None:
+    """Answer plain http on an https port as Go does (clients, ours too, take it as
+    "use https"), once the request's head is read: closing on unread bytes would
+    reset the connection and lose the answer."""
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < 65536:
+        data = sock.recv(4096)
+        if not data:
+            break
+        head += data
+    sock.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                 b"Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+    sock.close()
+
+
+def _server_tls_context(cert: Optional[str], key: Optional[str]) -> Any:
+    """Return the server's TLS context for a certificate and key (PEM), or None."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ZLayerError("--tls-cert and --tls-key go together: give both")
+    ssl = _import_ssl()
+    if ssl is None:
+        raise ZLayerError("this Python has no ssl module: it cannot serve https")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ZLayerError(f"cannot load the TLS certificate {cert} and key {key}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    return context
+
+
 def _is_disconnect(exc: BaseException) -> bool:
     """Tell whether an exception is the client going away or timing out."""
     import socket
     return isinstance(exc, (ConnectionError, socket.timeout)) or (
-        isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET,
-                                                   errno.ETIMEDOUT))
+        isinstance(exc, OSError) and (exc.errno in (errno.EPIPE, errno.ECONNRESET,
+                                                    errno.ETIMEDOUT)
+                                      or type(exc).__name__.startswith("SSL")))
 
 
 def _parse_range(text: str, size: int) -> Optional[Tuple[int, int]]:
@@ -10265,7 +10327,8 @@ def _cmd_serve(args: Any) -> int:
     with LocalRegistry(root) as store:
         server = RegistryServer(store, args.host, args.port, read_only=args.read_only,
                                 log=None if args.quiet else sys.stderr,
-                                json_log=args.json_log)
+                                json_log=args.json_log, tls_cert=args.tls_cert,
+                                tls_key=args.tls_key)
         mode = "read-only" if server.read_only else "read-write"
         print(f"{_PROG}: serving the local registry {store.root} ({mode}) at {server.url}",
               file=sys.stderr, flush=True)
@@ -10740,6 +10803,9 @@ def _add_serve_arguments(serve: Any) -> None:
                        help="serve what is stored; answer 405 to every write")
     serve.add_argument("--json-log", action="store_true",
                        help="access log lines as JSON objects")
+    serve.add_argument("--tls-cert", metavar="FILE",
+                       help="serve https with this certificate (PEM; with --tls-key)")
+    serve.add_argument("--tls-key", metavar="FILE", help="the certificate's key (PEM)")
 
 
 def _port_arg(text: str) -> int:
