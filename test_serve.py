@@ -618,3 +618,124 @@ class TestTls:
                        timeout=60)
         assert done.returncode == 1 and "cannot load the TLS certificate" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def _htpasswd_line(flags, user, password):
+    done = subprocess.run(["htpasswd", "-nb", *flags, user, password], capture_output=True,
+                          text=True, check=True)
+    return done.stdout.strip()
+
+
+def _basic(user, password):
+    import base64
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+class TestHtpasswd:
+    @pytest.mark.parametrize("flags", [["-B", "-C", "4"], ["-m"], ["-s"], ["-2"], ["-5"],
+                                       ["-5", "-r", "2000"]])
+    def test_every_format_htpasswd_writes_verifies(self, flags):
+        user, _, stored = _htpasswd_line(flags, "alice", "pä ss:word").partition(":")
+        entry = zr._HtpasswdEntry(user, stored)
+        assert not entry.refused
+        assert entry.check("pä ss:word".encode()) and not entry.check(b"pa ss:word")
+
+    def test_known_bcrypt_and_ssha_answers(self):
+        import base64
+        import hashlib
+        vector = zr._HtpasswdEntry("u", "$2a$05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW")
+        assert vector.check(b"U*U") and not vector.check(b"U*V")
+        long_key = "$2a$05$abcdefghijklmnopqrstuu5s2v8.iXieOjg/.AySBTTZIIVFJeBui"
+        entry = zr._HtpasswdEntry("u", long_key)
+        key = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" \
+              b"chars after 72 are ignored"
+        assert entry.check(key) and entry.check(key[:72] + b"anything")
+        salt = b"salt"
+        ssha = base64.b64encode(hashlib.sha1(b"secret" + salt).digest() + salt).decode()
+        assert zr._HtpasswdEntry("u", "{SSHA}" + ssha).check(b"secret")
+
+    @pytest.mark.parametrize("stored, why", [
+        ("abJnggxhB/yWI", "DES crypt"), ("plainpassword", "DES crypt or a plain"),
+        ("$2y$14$" + "a" * 53, "bcrypt cost 14"), ("$6$rounds=9000000$salt$x", "rounds=")])
+    def test_lines_it_cannot_use_are_refused_with_a_reason(self, stored, why):
+        entry = zr._HtpasswdEntry("u", stored)
+        assert why in entry.refused and not entry.check(b"plainpassword")
+
+    def test_a_server_with_htpasswd(self, tmp_path):
+        import io as _io
+        users = tmp_path / "htpasswd"
+        users.write_text("\n".join([_htpasswd_line(["-B", "-C", "4"], "alice", "wonder"),
+                                    _htpasswd_line(["-m"], "bob", "builder"),
+                                    "carol:abJnggxhB/yWI", "# a comment", ""]) + "\n")
+        log = _io.StringIO()
+        store = zr.LocalRegistry(tmp_path / "store")
+        with zr.RegistryServer(store, "127.0.0.1", 0, htpasswd=str(users),
+                               log=log).start() as server:
+            c = Client(server)
+            response, data = c.request("GET", "/v2/")
+            assert response.status == 401 and _errors(data) == ["UNAUTHORIZED"]
+            assert response.getheader("WWW-Authenticate") == 'Basic realm="zlayer-registry"'
+            for user, password in (("alice", "wonder"), ("bob", "builder")):
+                response, _ = c.request("GET", "/v2/", headers=_basic(user, password))
+                assert response.status == 200, user
+            for user, password in (("alice", "wrong"), ("nobody", "wonder"),
+                                   ("carol", "anything")):
+                response, _ = c.request("GET", "/v2/", headers=_basic(user, password))
+                assert response.status == 401, user
+            # A body sent before the 401 does not throw the connection off.
+            response, _ = c.request("PUT", "/v2/app/manifests/v1", b"{" + b" " * 5000 + b"}",
+                                    {"Content-Type": OCI_MANIFEST})
+            assert response.status == 401
+            response, _ = c.request("GET", "/v2/", headers=_basic("alice", "wonder"))
+            assert response.status == 200
+            # Our own push and pull, with basic credentials.
+            host = "%s:%d" % server.address
+            kit.build_image(tmp_path / "layout", "v1")
+            auth = zr.RegistryAuth.basic("bob", "builder")
+            with zr.ImagePusher(zr.BlobCache(), environ={}, sleep=Sleeps()) as pusher:
+                pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{host}/auth/app:v1",
+                            dst_auth=auth)
+            with zr.ImagePuller(zr.BlobCache(), environ={}, platform="linux/amd64",
+                                sleep=Sleeps()) as puller:
+                assert puller.pull_image(f"{host}/auth/app:v1", auth).layers
+                with pytest.raises(zr.AuthError):
+                    puller.pull_image(f"{host}/auth/app:v1",
+                                      zr.RegistryAuth.basic("bob", "nope"))
+            # The file is read again when it changes.
+            with open(users, "a") as f:
+                f.write(_htpasswd_line(["-2"], "dave", "newcomer") + "\n")
+            os.utime(users, (1, 1))  # a different mtime whatever the clock's resolution
+            server.users._checked_at = -10.0  # the once-a-second check is due
+            response, _ = c.request("GET", "/v2/", headers=_basic("dave", "newcomer"))
+            assert response.status == 200
+            c.close()
+        text = log.getvalue()
+        assert "carol cannot log in: DES crypt" in text
+        for secret in ("wonder", "builder", "newcomer", "nope"):
+            assert secret not in text
+        assert " bob " in text and " alice " in text
+        store.close()
+
+    def test_failures_past_the_limit_get_429(self, tmp_path):
+        users = tmp_path / "htpasswd"
+        users.write_text(_htpasswd_line(["-m"], "alice", "wonder") + "\n")
+        store = zr.LocalRegistry(tmp_path / "store")
+        with zr.RegistryServer(store, "127.0.0.1", 0, htpasswd=str(users)).start() as server:
+            c = Client(server)
+            statuses = [c.request("GET", "/v2/", headers=_basic("alice", f"guess{n}"))[0].status
+                        for n in range(12)]
+            assert statuses[:10] == [401] * 10 and statuses[10:] == [429, 429]
+            response, _ = c.request("GET", "/v2/", headers=_basic("alice", "wonder"))
+            assert response.status == 429  # even the right one, for a minute
+            c.close()
+        store.close()
+
+    def test_plain_http_credentials_off_loopback_are_refused(self, tmp_path):
+        users = tmp_path / "htpasswd"
+        users.write_text(_htpasswd_line(["-m"], "alice", "wonder") + "\n")
+        store = zr.LocalRegistry(tmp_path / "store")
+        with pytest.raises(zr.ZLayerError, match="unencrypted"):
+            zr.RegistryServer(store, "0.0.0.0", 0, htpasswd=str(users))
+        with pytest.raises(zr.ZLayerError, match="cannot read --htpasswd"):
+            zr.RegistryServer(store, "127.0.0.1", 0, htpasswd=str(tmp_path / "missing"))
+        store.close()

@@ -64,11 +64,12 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     39. PULL: the ImagePuller API
     40. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
     41. PUSH: ImagePusher, push and copy
-    42. SERVE: upload sessions and request bodies
-    43. SERVE: RegistryServer, the distribution API over the local registry
-    44. CLI: output, progress, and what every command opens (caches, pullers, credentials)
-    45. CLI: the commands
-    46. CLI: argument types, the command table, the parser, main
+    42. SERVE: basic credentials from an htpasswd file (bcrypt, apr1, SHA, SHA-crypt)
+    43. SERVE: upload sessions and request bodies
+    44. SERVE: RegistryServer, the distribution API over the local registry
+    45. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+    46. CLI: the commands
+    47. CLI: argument types, the command table, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -8936,7 +8937,358 @@ class ImagePusher:
 
 
 # =============================================================================
-# 42. SERVE: upload sessions and request bodies
+# 42. SERVE: basic credentials from an htpasswd file (bcrypt, apr1, SHA, SHA-crypt)
+# =============================================================================
+# The formats Apache's htpasswd writes, verified here without a C library:
+# bcrypt ($2y$, $2a$, $2b$: htpasswd -B, the only one distribution takes) on a
+# Blowfish written for the module, Apache's MD5 ($apr1$, -m), {SHA} (-s),
+# {SSHA}, and Drepper's SHA-256/SHA-512 crypt ($5$, $6$: -2, -5).  A line
+# with DES crypt (-d) or a plain password (-p) is refused.  Every comparison
+# is constant-time; an unknown user costs what a wrong password costs.
+
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_CRYPT_ALPHABET = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_STANDARD_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_BCRYPT_MAX_COST = 10        # pure Python: cost 5 takes about 0.3 s, each step doubles it
+_SHA_CRYPT_MAX_ROUNDS = 500_000
+_VERIFIED_TTL_S = 600.0      # a verified password is trusted this long (salted, in memory)
+_FAILURES_PER_MINUTE = 10    # per client address, before 429s
+_BLOWFISH_STATE: List[List[int]] = []
+_BLOWFISH_LOCK = threading.Lock()
+
+
+def _blowfish_initial_state() -> Tuple[List[int], List[int]]:
+    """Return copies of Blowfish's initial P-array (18 words) and S-boxes (1024 words).
+
+    They are the fractional hexadecimal digits of pi, in order (Schneier,
+    1993): computed once here by Machin's formula in integer arithmetic.
+    """
+    with _BLOWFISH_LOCK:
+        if not _BLOWFISH_STATE:
+            words = 18 + 1024
+            unity = 1 << (words * 32 + 64)
+
+            def arccot(x: int) -> int:
+                total = power = unity // x
+                n, sign, square = 3, -1, x * x
+                while True:
+                    power //= square
+                    term = power // n
+                    if not term:
+                        return total
+                    total += sign * term
+                    sign, n = -sign, n + 2
+
+            pi = 4 * (4 * arccot(5) - arccot(239))
+            fraction = (pi >> 64) & ((1 << (words * 32)) - 1)
+            _BLOWFISH_STATE.append([(fraction >> (32 * (words - 1 - i))) & 0xFFFFFFFF
+                                    for i in range(words)])
+        state = _BLOWFISH_STATE[0]
+        return state[:18], state[18:]
+
+
+def _bcrypt_hash(password: bytes, cost: int, salt: bytes) -> bytes:
+    """Return the 23 bytes bcrypt makes of a password (EksBlowfish, Provos and
+    Mazières 1999): the key is the password and a NUL, cut at 72 bytes."""
+    import struct
+    key = (password + b"\0")[:72]
+    p, s = _blowfish_initial_state()
+
+    def words(data: bytes, count: int) -> List[int]:
+        stream = (data * (count * 4 // len(data) + 1))[:count * 4]
+        return list(struct.unpack(f">{count}I", stream))
+
+    key_words, salt_words = words(key, 18), words(salt, 4)
+    salt_as_key = words(salt, 18)
+
+    def encrypt(left: int, right: int) -> Tuple[int, int]:
+        for i in range(0, 16, 2):
+            left ^= p[i]
+            right ^= ((s[left >> 24] + s[256 | (left >> 16) & 0xFF]) ^
+                      s[512 | (left >> 8) & 0xFF]) + s[768 | left & 0xFF] & 0xFFFFFFFF
+            right ^= p[i + 1]
+            left ^= ((s[right >> 24] + s[256 | (right >> 16) & 0xFF]) ^
+                     s[512 | (right >> 8) & 0xFF]) + s[768 | right & 0xFF] & 0xFFFFFFFF
+        return right ^ p[17], left ^ p[16]
+
+    def expand(xor_key: List[int], data: Optional[List[int]]) -> None:
+        for i in range(18):
+            p[i] ^= xor_key[i]
+        left = right = 0
+        turn = 0
+        for table, count in ((p, 18), (s, 1024)):
+            for i in range(0, count, 2):
+                if data is not None:
+                    left ^= data[turn]
+                    right ^= data[turn + 1]
+                    turn ^= 2
+                left, right = encrypt(left, right)
+                table[i], table[i + 1] = left, right
+
+    expand(key_words, salt_words)
+    for _ in range(1 << cost):
+        expand(key_words, None)
+        expand(salt_as_key, None)
+    text = list(struct.unpack(">6I", b"OrpheanBeholderScryDoubt"))
+    for _ in range(64):
+        for i in range(0, 6, 2):
+            text[i], text[i + 1] = encrypt(text[i], text[i + 1])
+    return struct.pack(">6I", *text)[:23]
+
+
+def _bcrypt_b64(data: bytes) -> str:
+    return base64.b64encode(data).decode().rstrip("=").translate(
+        str.maketrans(_STANDARD_B64, _BCRYPT_ALPHABET))
+
+
+def _bcrypt_unb64(text: str) -> bytes:
+    standard = text.translate(str.maketrans(_BCRYPT_ALPHABET, _STANDARD_B64))
+    return base64.b64decode(standard + "=" * (-len(standard) % 4))
+
+
+def _crypt_b64(data: bytes, groups: Sequence[Tuple[int, ...]]) -> str:
+    """The crypt(3) encoding: each group of byte indexes (high byte first) as 6-bit
+    characters, low bits first; a group of one or two bytes gives 2 or 3 characters."""
+    out = []
+    for group in groups:
+        value = 0
+        for index in group:
+            value = (value << 8) | data[index]
+        for _ in range(len(group) + 1):
+            out.append(_CRYPT_ALPHABET[value & 0x3F])
+            value >>= 6
+    return "".join(out)
+
+
+_MD5_GROUPS = ((0, 6, 12), (1, 7, 13), (2, 8, 14), (3, 9, 15), (4, 10, 5), (11,))
+_SHA256_GROUPS = ((0, 10, 20), (21, 1, 11), (12, 22, 2), (3, 13, 23), (24, 4, 14),
+                  (15, 25, 5), (6, 16, 26), (27, 7, 17), (18, 28, 8), (9, 19, 29), (31, 30))
+_SHA512_GROUPS = ((0, 21, 42), (22, 43, 1), (44, 2, 23), (3, 24, 45), (25, 46, 4),
+                  (47, 5, 26), (6, 27, 48), (28, 49, 7), (50, 8, 29), (9, 30, 51),
+                  (31, 52, 10), (53, 11, 32), (12, 33, 54), (34, 55, 13), (56, 14, 35),
+                  (15, 36, 57), (37, 58, 16), (59, 17, 38), (18, 39, 60), (40, 61, 19),
+                  (62, 20, 41), (63,))
+
+
+def _apr1_crypt(password: bytes, salt: bytes) -> str:
+    """Return Apache's MD5 crypt of a password (``$apr1$SALT$HASH``)."""
+    salt = salt[:8]
+    final = hashlib.md5(password + salt + password).digest()
+    context = password + b"$apr1$" + salt
+    for left in range(len(password), 0, -16):
+        context += final[:min(16, left)]
+    length = len(password)
+    while length:
+        context += b"\0" if length & 1 else password[:1]
+        length >>= 1
+    final = hashlib.md5(context).digest()
+    for i in range(1000):
+        block = password if i & 1 else final
+        if i % 3:
+            block += salt
+        if i % 7:
+            block += password
+        block += final if i & 1 else password
+        final = hashlib.md5(block).digest()
+    return f"$apr1${salt.decode('ascii', 'replace')}${_crypt_b64(final, _MD5_GROUPS)}"
+
+
+def _sha_crypt(password: bytes, salt: bytes, rounds: int, explicit: bool,
+               algorithm: str) -> str:
+    """Return Drepper's SHA-256 or SHA-512 crypt (``$5$``, ``$6$``) of a password."""
+    new = getattr(hashlib, algorithm)
+    size = new().digest_size
+    salt = salt[:16]
+    alternate = new(password + salt + password).digest()
+    first = new(password + salt)
+    left = len(password)
+    while left > size:
+        first.update(alternate)
+        left -= size
+    first.update(alternate[:left])
+    length = len(password)
+    while length:
+        first.update(alternate if length & 1 else password)
+        length >>= 1
+    digest = first.digest()
+    p_bytes = (new(password * len(password)).digest() * (len(password) // size + 1)
+               )[:len(password)]
+    s_bytes = (new(salt * (16 + digest[0])).digest() * (len(salt) // size + 1))[:len(salt)]
+    for i in range(rounds):
+        step = new(p_bytes if i & 1 else digest)
+        if i % 3:
+            step.update(s_bytes)
+        if i % 7:
+            step.update(p_bytes)
+        step.update(digest if i & 1 else p_bytes)
+        digest = step.digest()
+    magic = "5" if algorithm == "sha256" else "6"
+    head = f"${magic}$" + (f"rounds={rounds}$" if explicit else "")
+    groups = _SHA256_GROUPS if algorithm == "sha256" else _SHA512_GROUPS
+    return head + salt.decode("ascii", "replace") + "$" + _crypt_b64(digest, groups)
+
+
+class _HtpasswdEntry:
+    """One user's line: a ``check(password) -> bool``, or why it cannot be used."""
+
+    __slots__ = ("user", "stored", "check", "refused", "cost")
+
+    def __init__(self, user: str, stored: str) -> None:
+        self.user, self.stored, self.refused, self.cost = user, stored, "", 0
+        self.check: Callable[[bytes], bool] = lambda password: False
+        import hmac
+        equal = hmac.compare_digest
+        if re.fullmatch(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}", stored):
+            cost = int(stored[4:6])
+            if not 4 <= cost <= _BCRYPT_MAX_COST:
+                self.refused = (f"bcrypt cost {cost} (this server verifies 4 to "
+                                f"{_BCRYPT_MAX_COST}: htpasswd -B -C 5)")
+                return
+            salt, expected = _bcrypt_unb64(stored[7:29]), stored[29:]
+            self.cost = cost
+            self.check = lambda password: equal(
+                _bcrypt_b64(_bcrypt_hash(password, cost, salt)), expected)
+        elif stored.startswith("$apr1$") and stored.count("$") == 3:
+            salt = stored.split("$")[2].encode()
+            self.check = lambda password: equal(_apr1_crypt(password, salt), stored)
+        elif stored.startswith("{SHA}"):
+            self.check = lambda password: equal(
+                base64.b64encode(hashlib.sha1(password).digest()).decode(), stored[5:])
+        elif stored.startswith("{SSHA}"):
+            try:
+                raw = base64.b64decode(stored[6:], validate=True)
+            except ValueError:
+                self.refused = "a {SSHA} hash that is not base64"
+                return
+            digest, salt_bytes = raw[:20], raw[20:]
+            self.check = lambda password: equal(
+                hashlib.sha1(password + salt_bytes).digest(), digest)
+        elif re.match(r"\$[56]\$", stored):
+            self._sha_crypt(stored, equal)
+        else:
+            self.refused = ("DES crypt or a plain password (make the line with htpasswd -B, "
+                            "the bcrypt that distribution takes too)")
+
+    def _sha_crypt(self, stored: str, equal: Callable[[Any, Any], bool]) -> None:
+        parts = stored.split("$")
+        algorithm = "sha256" if parts[1] == "5" else "sha512"
+        rounds, explicit = 5000, False
+        if len(parts) == 5 and parts[2].startswith("rounds="):
+            try:
+                rounds = min(max(int(parts[2][7:]), 1000), 999_999_999)
+            except ValueError:
+                self.refused = "a SHA-crypt hash with a malformed rounds="
+                return
+            explicit = True
+            parts = parts[:2] + parts[3:]
+        if len(parts) != 4:
+            self.refused = "a malformed SHA-crypt hash"
+            return
+        if rounds > _SHA_CRYPT_MAX_ROUNDS:
+            self.refused = f"rounds={rounds} (at most {_SHA_CRYPT_MAX_ROUNDS} here)"
+            return
+        salt = parts[2].encode()
+        self.check = lambda password: equal(
+            _sha_crypt(password, salt, rounds, explicit, algorithm), stored)
+
+
+class _Htpasswd:
+    """The users of an htpasswd file, re-read when it changes (checked at most once a
+    second).  A verified password is kept for a while as a keyed hash, so that a
+    client sending basic credentials with every request pays bcrypt once; failures
+    are counted per client address, and a client over the limit gets 429."""
+
+    def __init__(self, path: str, note: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path, self._note, self._clock = path, note, clock
+        self._lock = threading.Lock()
+        self._entries: Dict[str, _HtpasswdEntry] = {}
+        self._signature: Any = None
+        self._checked_at = -1.0
+        self._secret = os.urandom(32)
+        self._verified: Dict[str, Tuple[bytes, float, str]] = {}
+        self._failures: Dict[str, List[float]] = {}
+        self._dummy_cost = 5
+        self._reload(force=True)
+
+    def _reload(self, force: bool = False) -> None:
+        now = self._clock()
+        if not force and now - self._checked_at < 1.0:
+            return
+        self._checked_at = now
+        try:
+            info = os.stat(self.path)
+        except OSError as exc:
+            if force:
+                raise ZLayerError(f"cannot read --htpasswd {self.path}: "
+                                  f"{exc.strerror or exc}") from None
+            return  # gone for a moment (replaced): keep what was read
+        signature = (info.st_mtime_ns, info.st_size, info.st_ino)
+        if signature == self._signature:
+            return
+        raw = _read_regular_file(self.path, 16 * 1024 * 1024)
+        if raw is None:
+            if force:
+                raise ZLayerError(f"--htpasswd {self.path} is not a readable file")
+            return
+        entries: Dict[str, _HtpasswdEntry] = {}
+        for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, sep, stored = line.partition(":")
+            if not sep or not user:
+                self._note(f"{self.path}:{number}: not USER:HASH; ignored")
+                continue
+            entry = _HtpasswdEntry(user, stored.strip())
+            if entry.refused:
+                self._note(f"{self.path}:{number}: user {user} cannot log in: "
+                           f"{entry.refused}")
+            entries[user] = entry
+        costs = [e.cost for e in entries.values() if e.cost]
+        with self._lock:
+            self._entries, self._signature = entries, signature
+            self._verified.clear()
+            self._dummy_cost = costs[0] if costs else 5
+
+    def allowed(self, client: str) -> bool:
+        """Tell whether a client may try a password now (not over the failure limit)."""
+        now = self._clock()
+        with self._lock:
+            recent = [t for t in self._failures.get(client, []) if now - t < 60.0]
+            self._failures[client] = recent
+            return len(recent) < _FAILURES_PER_MINUTE
+
+    def verify(self, client: str, user: str, password: str) -> bool:
+        """Tell whether ``user``'s password is ``password`` (a failure is counted)."""
+        import hmac
+        self._reload()
+        secret = password.encode("utf-8", "surrogateescape")
+        keyed = hmac.new(self._secret, user.encode("utf-8", "surrogateescape") + b"\0" +
+                         secret, hashlib.sha256).digest()
+        with self._lock:
+            entry = self._entries.get(user)
+            known = self._verified.get(user)
+        now = self._clock()
+        if entry is not None and known is not None and known[2] == entry.stored and \
+                now < known[1] and hmac.compare_digest(known[0], keyed):
+            return True
+        if entry is None or entry.refused:
+            # The same work as a wrong password: no timing tells who exists.
+            _bcrypt_hash(secret, self._dummy_cost, b"\0" * 16)
+            ok = False
+        else:
+            ok = entry.check(secret)
+        with self._lock:
+            if ok:
+                self._verified[user] = (keyed, now + _VERIFIED_TTL_S, entry.stored)
+            else:
+                self._failures.setdefault(client, []).append(now)
+        return ok
+
+
+# =============================================================================
+# 43. SERVE: upload sessions and request bodies
 # =============================================================================
 # An upload session's bytes go to uploads/<id> inside the store (flocked by
 # each request that appends); its state travels in the Location the client
@@ -9196,7 +9548,7 @@ class _UploadSessions:
 
 
 # =============================================================================
-# 43. SERVE: RegistryServer, the distribution API over the local registry
+# 44. SERVE: RegistryServer, the distribution API over the local registry
 # =============================================================================
 # distribution-spec 1.1, as distribution answers it: errors in the spec's
 # {"errors": [{code, message, detail}]} form; every answer with a
@@ -9235,6 +9587,8 @@ class RegistryServer:
     ``json_log``); at most ``max_uploads`` requests write at once (429
     beyond).  ``tls_cert``/``tls_key`` (PEM files) serve https: each
     connection's handshake runs in its own thread, bounded by the timeout.
+    ``htpasswd`` (a file) asks every request for basic credentials; without
+    TLS that is refused on a non-loopback address unless ``insecure_http``.
     ``start()`` serves from a thread, ``serve_forever()`` from this one;
     ``shutdown()`` stops taking connections and waits for the requests under way.
     """
@@ -9243,15 +9597,21 @@ class RegistryServer:
                  read_only: bool = False, log: Any = None, json_log: bool = False,
                  max_uploads: int = _DEFAULT_MAX_UPLOADS,
                  timeout_s: float = _SERVE_TIMEOUT_S, tls_cert: Optional[str] = None,
-                 tls_key: Optional[str] = None) -> None:
+                 tls_key: Optional[str] = None, htpasswd: Optional[str] = None,
+                 insecure_http: bool = False) -> None:
         import http.server
         import socket
         self.tls = _server_tls_context(tls_cert, tls_key)
+        if htpasswd is not None and self.tls is None and not insecure_http and \
+                not _is_loopback_host(host):
+            raise ZLayerError(f"basic credentials would cross the network unencrypted on "
+                              f"{host}: give --tls-cert and --tls-key (or --insecure-http)")
+        self._log, self._json_log = log, json_log
+        self._log_lock = threading.Lock()
+        self.users = _Htpasswd(htpasswd, self._note) if htpasswd is not None else None
         self.store = store
         self.read_only = read_only or store.cache.read_only
         self.sessions = _UploadSessions(store)
-        self._log, self._json_log = log, json_log
-        self._log_lock = threading.Lock()
         self._uploads = threading.BoundedSemaphore(max_uploads)
         self._busy = 0
         self._busy_lock = threading.Condition()
@@ -9342,8 +9702,11 @@ class RegistryServer:
         except ValueError:
             size, h.close_connection = 0, True
         h.zl_body = _BodyReader(h.rfile, size, chunked)
+        h.zl_user = None
         try:
             try:
+                if self.users is not None:
+                    self._authenticate(h)
                 self._route(h)
             except _ApiError as exc:
                 self._send_error(h, exc)
@@ -9369,6 +9732,30 @@ class RegistryServer:
             with self._busy_lock:
                 self._busy -= 1
                 self._busy_lock.notify_all()
+
+    def _authenticate(self, h: Any) -> None:
+        """Let the request through with a user's right password, else 401 (429 for a
+        client that failed too often in the last minute)."""
+        assert self.users is not None
+        challenge = {"WWW-Authenticate": 'Basic realm="zlayer-registry"'}
+        value = h.headers.get("Authorization") or ""
+        scheme, _, encoded = value.partition(" ")
+        if scheme.lower() != "basic":
+            raise _ApiError(401, "UNAUTHORIZED", "authentication required", challenge)
+        try:
+            user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode(
+                "utf-8", "surrogateescape").partition(":")
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise _ApiError(401, "UNAUTHORIZED", "malformed basic credentials", challenge)
+        client = h.client_address[0] if h.client_address else "-"
+        if not self.users.allowed(client):
+            raise _ApiError(429, "TOOMANYREQUESTS", "too many failed logins; wait a minute",
+                            {"Retry-After": "60"})
+        if not self.users.verify(client, user, password):
+            raise _ApiError(401, "UNAUTHORIZED", "wrong user name or password", challenge)
+        h.zl_user = user
 
     def _route(self, h: Any) -> None:
         from urllib.parse import parse_qs, urlsplit
@@ -9659,12 +10046,13 @@ class RegistryServer:
             return
         client = h.client_address[0] if h.client_address else "-"
         path = h.path.split("?", 1)[0]  # the query may hold an upload's signed state
+        user = getattr(h, "zl_user", None) or "-"
         if self._json_log:
-            line = json.dumps({"time": round(time.time(), 3), "client": client,
+            line = json.dumps({"time": round(time.time(), 3), "client": client, "user": user,
                                "method": h.command, "path": path, "status": h.zl_status,
                                "bytes": h.zl_sent, "seconds": round(elapsed_s, 4)})
         else:
-            line = (f'{client} "{h.command} {path}" {h.zl_status} {h.zl_sent} '
+            line = (f'{client} {user} "{h.command} {path}" {h.zl_status} {h.zl_sent} '
                     f'{elapsed_s:.3f}s')
         self._write_log(line)
 
@@ -9780,7 +10168,7 @@ def _request_handler_class(server: RegistryServer, timeout_s: float) -> Any:
 
 
 # =============================================================================
-# 44. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+# 45. CLI: output, progress, and what every command opens (caches, pullers, credentials)
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -10153,7 +10541,7 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
 
 
 # =============================================================================
-# 45. CLI: the commands
+# 46. CLI: the commands
 # =============================================================================
 
 def _cmd_pull(args: Any) -> int:
@@ -10328,11 +10716,12 @@ def _cmd_serve(args: Any) -> int:
         server = RegistryServer(store, args.host, args.port, read_only=args.read_only,
                                 log=None if args.quiet else sys.stderr,
                                 json_log=args.json_log, tls_cert=args.tls_cert,
-                                tls_key=args.tls_key)
+                                tls_key=args.tls_key, htpasswd=args.htpasswd,
+                                insecure_http=args.insecure_http)
         mode = "read-only" if server.read_only else "read-write"
         print(f"{_PROG}: serving the local registry {store.root} ({mode}) at {server.url}",
               file=sys.stderr, flush=True)
-        if not _is_loopback_host(server.address[0]):
+        if not _is_loopback_host(server.address[0]) and server.users is None:
             print(f"{_PROG}: warning: {server.address[0]} is not a loopback address, and "
                   "this server asks for no credentials", file=sys.stderr, flush=True)
         try:
@@ -10522,7 +10911,7 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 46. CLI: argument types, the command table, the parser, main
+# 47. CLI: argument types, the command table, the parser, main
 # =============================================================================
 
 def _parse_destination(text: str) -> _Location:
@@ -10806,6 +11195,12 @@ def _add_serve_arguments(serve: Any) -> None:
     serve.add_argument("--tls-cert", metavar="FILE",
                        help="serve https with this certificate (PEM; with --tls-key)")
     serve.add_argument("--tls-key", metavar="FILE", help="the certificate's key (PEM)")
+    serve.add_argument("--htpasswd", metavar="FILE",
+                       help="ask for basic credentials, checked against this file "
+                            "(htpasswd -B: bcrypt; also -m, -s, -2, -5; re-read when it "
+                            "changes)")
+    serve.add_argument("--insecure-http", action="store_true",
+                       help="allow --htpasswd without TLS on a non-loopback address")
 
 
 def _port_arg(text: str) -> int:
