@@ -14,15 +14,7 @@ import pytest
 
 from _testsupport import Sleeps, layer_bytes, run_cli, zr
 
-import _fake_registry as fake  # noqa: E402
 import _oci_testkit as kit  # noqa: E402
-
-
-@pytest.fixture
-def registry():
-    server = fake.FakeRegistry()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -570,22 +570,11 @@ class TestServeCommand:
         assert "Traceback" not in done.stderr
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1 (made with openssl)."""
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    return str(cert), str(key)
-
-
 class TestTls:
     def test_https_serves_our_puller_and_a_stalled_handshake_holds_nobody(self, tmp_path,
-                                                                          certificate):
+                                                                          tls_files):
         import ssl
-        cert, key = certificate
+        cert, key = map(str, tls_files)
         store = zr.LocalRegistry(tmp_path / "store")
         with zr.RegistryServer(store, "127.0.0.1", 0, tls_cert=cert, tls_key=key,
                                timeout_s=5).start() as server:
@@ -609,7 +598,8 @@ class TestTls:
             stalled.close()
         store.close()
 
-    def test_a_missing_key_is_one_line(self, tmp_path, certificate):
+    def test_a_missing_key_is_one_line(self, tmp_path, tls_files):
+        certificate = [str(tls_files[0])]
         done = run_cli("serve", "--root", str(tmp_path / "s"), "--port", "0", "--tls-cert",
                        certificate[0], cwd=tmp_path, timeout=60)
         assert done.returncode == 1 and "go together" in done.stderr

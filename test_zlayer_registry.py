@@ -35,13 +35,6 @@ ACCEPT = {"Accept": zr._MANIFEST_ACCEPT}
 # -----------------------------------------------------------------------------
 
 @pytest.fixture
-def registry():
-    server = fake.FakeRegistry()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def object_store():
     server = fake.ObjectStore()
     yield server
@@ -673,18 +666,6 @@ class _Scripted(_Listener):
 
     def url(self, path: str = "/x") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    """A self-signed certificate for registry.test and 127.0.0.1 (made with openssl)."""
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=registry.test",
-                    "-addext", "subjectAltName=DNS:registry.test,IP:127.0.0.1"],
-                   check=True, capture_output=True)
-    return cert, key
 
 
 class _TlsFront(_Listener):

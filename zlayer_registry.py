@@ -9255,8 +9255,9 @@ class _Htpasswd:
         """Tell whether a client may try a password now (not over the failure limit)."""
         now = self._clock()
         with self._lock:
-            recent = [t for t in self._failures.get(client, []) if now - t < 60.0]
-            self._failures[client] = recent
+            recent = [t for t in self._failures.pop(client, []) if now - t < 60.0]
+            if recent:  # a client whose failures aged out is forgotten
+                self._failures[client] = recent
             return len(recent) < _FAILURES_PER_MINUTE
 
     def verify(self, client: str, user: str, password: str) -> bool:
@@ -9533,13 +9534,14 @@ class _UploadSessions:
                 self.cancel(session_id)
                 return
             self.store.cache.adopt(path, digest, media_type)
-        with self._lock:
-            self._session_locks.pop(session_id, None)
+            with self._lock:
+                self._session_locks.pop(session_id, None)
 
     def cancel(self, session_id: str) -> bool:
         """Drop a session; tell whether it was there."""
         with self._lock:
             self._hashers.pop(session_id, None)
+            self._session_locks.pop(session_id, None)
         try:
             os.unlink(self._path(session_id))
         except FileNotFoundError:
