@@ -103,8 +103,9 @@ import re
 import sys
 import threading
 import time
+from collections import OrderedDict
 from typing import (TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator,
-                    List, Mapping, Optional, Protocol, Sequence, Tuple, TypeVar, Union)
+                    List, Mapping, Optional, Protocol, Sequence, Tuple, TypeVar, Union, cast)
 
 if TYPE_CHECKING:  # type checkers read _value as a dataclass (typing has it from 3.11)
     from typing import dataclass_transform as _dataclass_transform
@@ -5514,6 +5515,16 @@ class DirectoryBlobCache(BlobStore):
         self._refuse_write(f"store blob {digest}")  # taken only to write one
         return self._files.lock(digest)
 
+    def create_temporary(self, stem: str) -> Tuple[int, str]:
+        """Create a temporary file in the cache's ``tmp/`` (what ``adopt`` takes);
+        return (fd, path).  It is a leftover, swept, once its process is gone."""
+        self._refuse_write("write a temporary file")
+        try:
+            return _create_temporary(self._files.tmp_dir, stem)
+        except OSError as exc:
+            raise CacheError(f"cannot write to cache {self.root}: {exc.strerror or exc}"
+                             ) from exc
+
     def adopt(self, path: str, digest: str, media_type: str = "") -> None:
         """Take a file whose bytes the caller verified as ``digest`` into the cache by a
         rename (an upload session's file, in this cache's file system, fsynced)."""
@@ -7219,20 +7230,31 @@ class LocalRegistry:
         if declared and header in _MANIFEST_TYPES and header != declared:
             raise ManifestError(f"manifest {manifest.digest} declares {declared} but was "
                                 f"sent as {header}")
-        subject = self._subject(manifest)
         with self._repositories.gc_lock(exclusive=False):
             self._check_children(manifest)
-            if not self.cache.has(manifest.digest):
-                self.cache.put(manifest.digest, data, manifest.media_type)
-            record: Dict[str, Any] = {"media_type": manifest.media_type, "size": len(data)}
-            referrer = None
-            if subject is not None:
-                record["subject"] = subject.digest
-                referrer = _referrer_descriptor(manifest)
-            self._repositories.write_revision(name, manifest.digest, record, referrer)
-            if tag is not None:
-                self._repositories.write_tag(name, tag, manifest.digest, manifest.media_type)
+            self._record(name, tag, manifest)
         return manifest.digest
+
+    def put_mirrored(self, name: str, tag: Optional[str], manifest: Manifest) -> None:
+        """Add a manifest a mirror fetched (verified against its digest) to ``name``,
+        under ``tag`` when given: its blobs come later, as clients ask for them."""
+        _validate_repository(name)
+        with self._repositories.gc_lock(exclusive=False):
+            self._record(name, tag, manifest)
+
+    def _record(self, name: str, tag: Optional[str], manifest: Manifest) -> None:
+        """Store a checked manifest, its revision (and subject) and its tag."""
+        subject = self._subject(manifest)
+        if not self.cache.has(manifest.digest):
+            self.cache.put(manifest.digest, manifest.raw, manifest.media_type)
+        record: Dict[str, Any] = {"media_type": manifest.media_type, "size": len(manifest.raw)}
+        referrer = None
+        if subject is not None:
+            record["subject"] = subject.digest
+            referrer = _referrer_descriptor(manifest)
+        self._repositories.write_revision(name, manifest.digest, record, referrer)
+        if tag is not None:
+            self._repositories.write_tag(name, tag, manifest.digest, manifest.media_type)
 
     @staticmethod
     def _split(name: str, reference: str) -> Tuple[Optional[str], Optional[str]]:
@@ -7542,10 +7564,12 @@ class _Session:
         self._workers: Optional[_WorkerPool] = None
 
     def client(self, reference: Reference, auth: Optional[RegistryAuth],
-               actions: str = "pull") -> _RegistryClient:
-        """Return a client for ``reference``'s repository (tokens for ``actions``)."""
+               actions: str = "pull", insecure: Optional[bool] = None) -> _RegistryClient:
+        """Return a client for ``reference``'s repository (tokens for ``actions``;
+        ``insecure`` for this registry only, else the session's)."""
         return _RegistryClient(reference, auth or RegistryAuth.anonymous(), self.transport,
-                               self._tokens, actions=actions, insecure=self.insecure,
+                               self._tokens, actions=actions,
+                               insecure=self.insecure if insecure is None else insecure,
                                retries=self.retries, sleep=self._sleep, clock=self._clock)
 
     def source(self, reference: Reference, auth: Optional[RegistryAuth]) -> _RegistrySource:
@@ -9550,7 +9574,440 @@ class _UploadSessions:
 
 
 # =============================================================================
-# 44. SERVE: RegistryServer, the distribution API over the local registry
+# 44. SERVE: the pull-through mirror (upstreams, tags kept for a TTL, single-flight blobs)
+# =============================================================================
+# With ``--upstream``, reads the store cannot answer go to the upstream
+# registry through the puller's client (its auth, retries, verification), and
+# what comes back is stored under the upstream's name (a pull of
+# library/alpine through a mirror of docker.io is local:docker.io/library/alpine
+# afterwards).  A tag is resolved upstream by HEAD, at most once per TTL; with
+# the upstream down, rate-limiting or failing, the stored tag is served with a
+# Warning header that says it may be stale.  A blob the store lacks is
+# downloaded once (a flight): every client that asks for it meanwhile reads
+# the same spool file as it fills; the last byte is held back until the digest
+# checks out, so a download that fails verification cuts its readers off
+# short, and only a verified file is adopted into the store.
+
+DEFAULT_UPSTREAM_TTL_S = 60.0
+_MAX_FLIGHTS = 64
+_MIRROR_RETRIES = 1  # a client waits for the stale answer: few retries upstream
+_MIRROR_CLIENTS_MAX = 256
+_MIRROR_SIZES_MAX = 100_000
+_STALE_WARNING = '110 zlayer-registry "Response is Stale"'
+_UPSTREAM_HOST_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
+
+
+class _Upstream:
+    """A registry behind the mirror.
+
+    ``host`` is what containerd's ``?ns=`` names and what prefixes the
+    store's repositories (``docker.io``); ``registry`` is the host the client
+    talks to (``docker.io`` for Docker Hub, whose API host follows).
+    """
+
+    def __init__(self, host: str, registry: str, insecure: bool) -> None:
+        self.host, self.registry, self.insecure = host, registry, insecure
+        self.prefix = host.replace(":", "-")  # a repository path component
+
+    @classmethod
+    def parse(cls, text: str) -> "_Upstream":
+        """Parse ``URL`` or ``HOST=URL`` (URL: ``[http[s]://]host[:port]``)."""
+        host, sep, url = text.partition("=")
+        if not sep:
+            host, url = "", text
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            scheme, rest = "", url
+        elif scheme.lower() not in ("http", "https"):
+            raise ZLayerError(f"upstream {text!r}: the scheme is http or https, not {scheme!r}")
+        registry = rest.rstrip("/").lower()
+        if "/" in registry or not _UPSTREAM_HOST_RE.fullmatch(registry):
+            raise ZLayerError(f"upstream {text!r} is not a registry (host[:port], or "
+                              "HOST=URL)")
+        if registry in ("registry-1.docker.io", "index.docker.io"):
+            registry = _DOCKER_HUB
+        host = host.strip().lower() or registry
+        if not _UPSTREAM_HOST_RE.fullmatch(host):
+            raise ZLayerError(f"upstream {text!r}: {host!r} is not a host name")
+        return cls(host, registry, scheme.lower() == "http" and not _is_loopback_host(
+            registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry))
+
+    def __repr__(self) -> str:
+        return f"_Upstream({self.host!r}, {self.registry!r})"
+
+
+class _BlobFlight:
+    """One upstream download of a blob that every client asking for it reads.
+
+    The downloader reports each attempt's spool file (``begin``), the bytes
+    in it (``publish``) and the end (``end``: None when the blob is verified
+    and stored).  Readers ``wait`` for more than they have sent.
+    """
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.size: Optional[int] = None
+        self.attempt = 0
+        self.path: Optional[str] = None
+        self.available = 0
+        self.finished = False
+        self.error: Optional[BaseException] = None
+        self._cond = threading.Condition()
+
+    def begin(self, path: str) -> None:
+        """A new attempt writes ``path`` from byte 0."""
+        with self._cond:
+            self.attempt += 1
+            self.path, self.available = path, 0
+            self._cond.notify_all()
+
+    def publish(self, available: int) -> None:
+        """The spool file holds ``available`` bytes."""
+        with self._cond:
+            self.available = available
+            self._cond.notify_all()
+
+    def end(self, error: Optional[BaseException]) -> None:
+        """The download is over: verified and stored (None), or failed."""
+        with self._cond:
+            self.finished, self.error = True, error
+            self._cond.notify_all()
+
+    def wait(self, sent: int, attempt: int) -> Tuple[int, Optional[str], int, bool]:
+        """Wait until there is more than ``sent`` bytes of attempt ``attempt``, a new
+        attempt, or the end; return (attempt, path, available, finished)."""
+        with self._cond:
+            while not self.finished and self.attempt == attempt and self.available <= sent:
+                self._cond.wait(1.0)
+            return self.attempt, self.path, self.available, self.finished
+
+
+class _FlightWriter(BlobWriter):
+    """A blob writer that spools into the cache's ``tmp/`` with plain writes (readers
+    follow the file) and, once verified, has the cache adopt the file."""
+
+    def __init__(self, cache: DirectoryBlobCache, flight: _BlobFlight, digest: str,
+                 size: Optional[int], media_type: str) -> None:
+        super().__init__(digest, size)
+        self._cache, self._flight, self._media_type = cache, flight, media_type
+        self._fd: Optional[int]
+        self._fd, self._path = cache.create_temporary(digest.split(":", 1)[1][:16])
+        flight.begin(self._path)
+
+    def _sink_write(self, data: Any) -> None:
+        try:
+            _write_all(self._fd, data)
+        except OSError as exc:
+            self.abort()
+            raise CacheError(f"cannot write {self.subject} to cache {self._cache.root}: "
+                             f"{exc.strerror or exc}") from exc
+        self._flight.publish(self.offset)
+
+    def _sink_truncate(self) -> None:
+        # The upstream sends the whole blob again: for the readers, a new attempt.
+        os.close(self._fd)
+        os.unlink(self._path)
+        self._fd, self._path = self._cache.create_temporary(str(self.digest)[7:23])
+        self._flight.begin(self._path)
+
+    def _sink_commit(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.abort()
+            raise CacheError(f"cannot store {self.subject}: {exc.strerror or exc}") from exc
+        self._close()
+        try:
+            self._cache.adopt(self._path, str(self.digest), self._media_type)
+        except CacheError:
+            self._sink_abort()
+            raise
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _sink_abort(self) -> None:
+        self._close()
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            pass
+
+
+class _FlightSink:
+    """What the fetcher writes a flight's blob into (its ``begin_write``)."""
+
+    def __init__(self, cache: DirectoryBlobCache, flight: _BlobFlight) -> None:
+        self.cache, self.flight = cache, flight
+        self.read_only = False
+
+    def begin_write(self, digest: str, size: Optional[int], media_type: str = ""
+                    ) -> BlobWriter:
+        """Start an attempt at the flight's blob."""
+        return _FlightWriter(self.cache, self.flight, digest, size, media_type)
+
+
+class _Mirror:
+    """The upstream side of a pull-through mirror: manifests by tag (with a TTL) and
+    digest, blobs in single flight, tags and referrers passed through."""
+
+    def __init__(self, store: LocalRegistry, upstreams: Sequence[str], ttl_s: float,
+                 note: Callable[[str], None], *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 environ: Optional[Mapping[str, str]] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not upstreams:
+            raise ValueError("a mirror needs an upstream")
+        self.upstreams = [_Upstream.parse(text) for text in upstreams]
+        hosts = [u.host for u in self.upstreams]
+        if len(set(hosts)) != len(hosts):
+            raise ZLayerError("two upstreams have the same host: name them HOST=URL")
+        self.store, self.ttl_s, self._note, self._clock = store, ttl_s, note, clock
+        self._environ = os.environ if environ is None else environ
+        self._session = _Session(max_workers=1, insecure=False, timeout_s=timeout_s,
+                                 retries=_MIRROR_RETRIES, environ=self._environ,
+                                 sleep=time.sleep, clock=time.time, ssl_context=None)
+        self._lock = threading.Lock()
+        self._clients: "OrderedDict[Tuple[str, str], _RegistryClient]" = OrderedDict()
+        self._sizes: "OrderedDict[str, int]" = OrderedDict()
+        self._tags: Dict[Tuple[str, str], Tuple[str, float]] = {}
+        self._tag_locks: Dict[Tuple[str, str], threading.Lock] = {}
+        self._flights: Dict[str, _BlobFlight] = {}
+
+    def close(self) -> None:
+        """Close the upstream connections."""
+        self._session.close()
+
+    def describe(self) -> str:
+        """Name the upstreams (for the server's first line)."""
+        return ", ".join(u.host if u.host == u.registry else f"{u.host}={u.registry}"
+                         for u in self.upstreams)
+
+    # -- which upstream, which repository ------------------------------------------
+
+    def upstream(self, query: Mapping[str, str]) -> _Upstream:
+        """Return the upstream containerd's ``?ns=`` names, else the first one."""
+        ns = query.get("ns")
+        if ns is None:
+            return self.upstreams[0]
+        for upstream in self.upstreams:
+            if upstream.host == ns.strip().lower() or upstream.registry == ns.strip().lower():
+                return upstream
+        raise _ApiError(404, "NAME_UNKNOWN", f"this mirror has no upstream for {ns[:200]!r}")
+
+    @staticmethod
+    def repository(upstream: _Upstream, name: str) -> str:
+        """Return the store's repository for ``name`` of ``upstream``."""
+        return _validate_repository(f"{upstream.prefix}/{name}")
+
+    def client(self, upstream: _Upstream, name: str) -> _RegistryClient:
+        """Return (and keep) the client of ``name`` at ``upstream``."""
+        key = (upstream.host, name)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is not None:
+                self._clients.move_to_end(key)
+                return client
+        repository = name if upstream.registry != _DOCKER_HUB or "/" in name else f"library/{name}"
+        reference = Reference(upstream.registry, repository)
+        auth = RegistryAuth.from_docker_config(upstream.registry, environ=self._environ)
+        client = self._session.client(reference, auth, insecure=upstream.insecure)
+        with self._lock:
+            self._clients[key] = client
+            while len(self._clients) > _MIRROR_CLIENTS_MAX:
+                self._clients.popitem(last=False)
+        return client
+
+    # -- manifests ----------------------------------------------------------------
+
+    def manifest(self, upstream: _Upstream, name: str, reference: str
+                 ) -> Tuple[Manifest, bool]:
+        """Return the manifest a tag or digest names upstream, and whether it is a
+        stored one served because the upstream failed (stale)."""
+        repository = self.repository(upstream, name)
+        with self._tag_lock(repository, reference):
+            if ":" in reference:
+                manifest = self.store.get_manifest(repository, _validate_digest(reference))
+                if manifest is None:
+                    manifest = self._fetch(upstream, name, reference)
+                    self.store.put_mirrored(repository, None, manifest)
+                stale = False
+            else:
+                manifest, stale = self._manifest_by_tag(upstream, name, repository, reference)
+        self._learn_sizes(manifest)
+        return manifest, stale
+
+    def _tag_lock(self, repository: str, reference: str) -> threading.Lock:
+        """One resolution of a tag at a time (eight clients asking: one HEAD)."""
+        with self._lock:
+            if len(self._tag_locks) > _MIRROR_CLIENTS_MAX * 4:
+                for key in [k for k, lock in self._tag_locks.items() if not lock.locked()]:
+                    del self._tag_locks[key]
+            return self._tag_locks.setdefault((repository, reference), threading.Lock())
+
+    def _manifest_by_tag(self, upstream: _Upstream, name: str, repository: str, tag: str
+                         ) -> Tuple[Manifest, bool]:
+        known = self._tags.get((repository, tag))
+        if known is not None and self._clock() - known[1] < self.ttl_s:
+            manifest = self.store.get_manifest(repository, known[0])
+            if manifest is not None:
+                return manifest, False
+        client = self.client(upstream, name)
+        try:
+            # A tag stored already is checked with a HEAD (which Docker Hub does
+            # not count against the pull quota); a new one is fetched at once.
+            digest = client.head_manifest(tag) if self.store.resolve(repository, tag) else None
+            manifest = self.store.get_manifest(repository, digest) if digest else None
+            if manifest is None:
+                manifest = client.get_manifest(tag)
+        except NotFoundError:
+            self._tags.pop((repository, tag), None)
+            self.store.delete_tag(repository, tag)  # gone upstream: gone here
+            raise _ApiError(404, "MANIFEST_UNKNOWN",
+                            f"manifest {name}:{tag} is not known upstream") from None
+        except (RegistryError, ManifestError) as exc:
+            stored = self.store.get_manifest(repository, tag)
+            if stored is None:
+                raise self._unavailable(upstream, exc) from None
+            self._note(f"upstream {upstream.host} failed ({exc}); serving the stored "
+                       f"{repository}:{tag}, which may be stale")
+            return stored, True
+        if self.store.resolve(repository, tag) != manifest.digest:
+            self.store.put_mirrored(repository, tag, manifest)
+        self._tags[(repository, tag)] = (manifest.digest, self._clock())
+        return manifest, False
+
+    def _fetch(self, upstream: _Upstream, name: str, digest: str) -> Manifest:
+        try:
+            return self.client(upstream, name).get_manifest(digest)
+        except NotFoundError:
+            raise _ApiError(404, "MANIFEST_UNKNOWN",
+                            f"manifest {name}@{digest} is not known upstream") from None
+        except (RegistryError, ManifestError) as exc:
+            raise self._unavailable(upstream, exc) from None
+
+    @staticmethod
+    def _unavailable(upstream: _Upstream, exc: BaseException) -> _ApiError:
+        if isinstance(exc, RateLimitedError):
+            return _ApiError(429, "TOOMANYREQUESTS", f"upstream {upstream.host} is "
+                             "rate-limiting this mirror", {"Retry-After": str(int(
+                                 exc.retry_after_s or 60))})
+        return _ApiError(503, "UNAVAILABLE", f"upstream {upstream.host} failed: {exc}")
+
+    def _learn_sizes(self, manifest: Manifest) -> None:
+        """Keep the sizes a manifest gives its blobs: a blob's flight needs one."""
+        with self._lock:
+            for child in manifest.children:
+                if child is not None:
+                    self._sizes[child.digest] = child.size
+            while len(self._sizes) > _MIRROR_SIZES_MAX:
+                self._sizes.popitem(last=False)
+
+    # -- blobs --------------------------------------------------------------------
+
+    def blob_size(self, upstream: _Upstream, name: str, digest: str) -> int:
+        """Return a blob's size: from a manifest served, else a HEAD upstream."""
+        with self._lock:
+            size = self._sizes.get(digest)
+        if size is not None:
+            return size
+        try:
+            response = self.client(upstream, name).request(
+                "HEAD", f"/v2/{self.client(upstream, name).repository}/blobs/{digest}")
+        except NotFoundError:
+            raise _ApiError(404, "BLOB_UNKNOWN", f"blob {digest} is not known upstream"
+                            ) from None
+        except RegistryError as exc:
+            raise self._unavailable(upstream, exc) from None
+        response.close()
+        length = response.header("Content-Length")
+        if not length.isdigit():
+            raise self._unavailable(upstream, RegistryError(
+                "its answer to a blob HEAD has no Content-Length"))
+        return int(length)
+
+    def flight(self, upstream: _Upstream, name: str, digest: str) -> _BlobFlight:
+        """Return the download of a blob under way, starting it if there is none."""
+        with self._lock:
+            flight = self._flights.get(digest)
+            if flight is not None:
+                return flight
+            if len(self._flights) >= _MAX_FLIGHTS:
+                raise _ApiError(429, "TOOMANYREQUESTS", "too many blobs on their way from "
+                                "upstream", {"Retry-After": "1"})
+            flight = self._flights[digest] = _BlobFlight(digest)
+        threading.Thread(target=self._fly, args=(flight, upstream, name),
+                         name="zlayer-mirror", daemon=True).start()
+        return flight
+
+    def _fly(self, flight: _BlobFlight, upstream: _Upstream, name: str) -> None:
+        error: Optional[BaseException] = None
+        try:
+            if not self.store.has_blob(flight.digest):
+                flight.size = self.blob_size(upstream, name, flight.digest)
+                fetcher = _Fetcher(cast(BlobStore, _FlightSink(self.store.cache, flight)),
+                                   self._session.pool, DEFAULT_RETRIES, None)
+                fetcher.stream_blob(_RegistrySource(self.client(upstream, name)),
+                                    Descriptor("application/octet-stream", flight.digest,
+                                               flight.size), threading.Event())
+        except BaseException as exc:  # the readers report it; the server goes on
+            error = exc
+            if not isinstance(exc, (_ApiError, ZLayerError)):
+                self._note(f"error: mirroring {flight.digest}: {exc.__class__.__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._flights.pop(flight.digest, None)
+            flight.end(error)
+
+    def flight_error(self, upstream: _Upstream, flight: _BlobFlight) -> _ApiError:
+        """Return the answer for a flight that failed before a byte was sent."""
+        error = flight.error
+        if isinstance(error, _ApiError):
+            return error
+        if isinstance(error, NotFoundError):
+            return _ApiError(404, "BLOB_UNKNOWN", f"blob {flight.digest} is not known upstream")
+        if isinstance(error, DigestMismatchError):
+            return _ApiError(502, "UNKNOWN", f"upstream {upstream.host} sent blob "
+                             f"{flight.digest} with the wrong content ({error})")
+        return self._unavailable(upstream, error or RegistryError("no answer"))
+
+    # -- listings -------------------------------------------------------------------
+
+    def tags(self, upstream: _Upstream, name: str, query: Mapping[str, str]
+             ) -> Optional[Tuple[bytes, str]]:
+        """Return the upstream's tags/list answer (body, Link), None when it fails."""
+        from urllib.parse import urlencode
+        client = self.client(upstream, name)
+        wanted = {k: query[k] for k in ("n", "last") if k in query}
+        path = f"/v2/{client.repository}/tags/list" + (f"?{urlencode(wanted)}" if wanted else "")
+        try:
+            response = client.request("GET", path)
+        except NotFoundError:
+            raise _ApiError(404, "NAME_UNKNOWN", f"repository {name} is not known upstream"
+                            ) from None
+        except RegistryError as exc:
+            self._note(f"upstream {upstream.host} failed ({exc}); listing the stored tags")
+            return None
+        with response:
+            body = _read_capped(response, MAX_MANIFEST_SIZE_BYTES)
+        link = response.header("Link")
+        link = re.sub(r"^<[^>?]*", f"<{'/v2/' + name + '/tags/list'}", link) if link else ""
+        return body, link
+
+    def referrers(self, upstream: _Upstream, name: str, digest: str) -> List[Descriptor]:
+        """Return the upstream's referrers of ``digest`` (those stored, when it fails)."""
+        try:
+            return self.client(upstream, name).referrers(digest)
+        except NotFoundError:
+            return []
+        except (RegistryError, ManifestError) as exc:
+            self._note(f"upstream {upstream.host} failed ({exc}); listing stored referrers")
+            return self.store.referrers(self.repository(upstream, name), digest)
+
+
+# =============================================================================
+# 45. SERVE: RegistryServer, the distribution API over the local registry
 # =============================================================================
 # distribution-spec 1.1, as distribution answers it: errors in the spec's
 # {"errors": [{code, message, detail}]} form; every answer with a
@@ -9591,6 +10048,11 @@ class RegistryServer:
     connection's handshake runs in its own thread, bounded by the timeout.
     ``htpasswd`` (a file) asks every request for basic credentials; without
     TLS that is refused on a non-loopback address unless ``insecure_http``.
+    ``upstreams`` (``URL`` or ``HOST=URL`` each) make it a pull-through
+    mirror of those registries, tags resolved upstream at most once per
+    ``upstream_ttl_s``; a mirror takes no pushes.  ``gc_interval_s``
+    collects garbage that often while serving (sparing blobs younger than
+    ``gc_grace_s``: an upload's blobs wait for their manifest).
     ``start()`` serves from a thread, ``serve_forever()`` from this one;
     ``shutdown()`` stops taking connections and waits for the requests under way.
     """
@@ -9600,7 +10062,10 @@ class RegistryServer:
                  max_uploads: int = _DEFAULT_MAX_UPLOADS,
                  timeout_s: float = _SERVE_TIMEOUT_S, tls_cert: Optional[str] = None,
                  tls_key: Optional[str] = None, htpasswd: Optional[str] = None,
-                 insecure_http: bool = False) -> None:
+                 insecure_http: bool = False, upstreams: Sequence[str] = (),
+                 upstream_ttl_s: float = DEFAULT_UPSTREAM_TTL_S,
+                 gc_interval_s: Optional[float] = None,
+                 gc_grace_s: float = DEFAULT_GC_GRACE_S) -> None:
         import http.server
         import socket
         self.tls = _server_tls_context(tls_cert, tls_key)
@@ -9612,12 +10077,17 @@ class RegistryServer:
         self._log_lock = threading.Lock()
         self.users = _Htpasswd(htpasswd, self._note) if htpasswd is not None else None
         self.store = store
+        self.mirror = _Mirror(store, upstreams, upstream_ttl_s, self._note) \
+            if upstreams else None
         self.read_only = read_only or store.cache.read_only
         self.sessions = _UploadSessions(store)
         self._uploads = threading.BoundedSemaphore(max_uploads)
         self._busy = 0
         self._busy_lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
+        self._gc_interval_s, self._gc_grace_s = gc_interval_s, gc_grace_s
+        self._stopping = threading.Event()
+        self._gc_thread: Optional[threading.Thread] = None
         handler = _request_handler_class(self, timeout_s)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -9644,6 +10114,8 @@ class RegistryServer:
         try:
             self._server = Server((host, port), handler)
         except OSError as exc:
+            if self.mirror is not None:
+                self.mirror.close()
             raise ZLayerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
     @property
@@ -9660,7 +10132,23 @@ class RegistryServer:
 
     def serve_forever(self) -> None:
         """Serve until ``shutdown()`` (or an exception: Ctrl-C, SIGTERM)."""
+        if self._gc_interval_s and self._gc_thread is None and not self.read_only:
+            self._gc_thread = threading.Thread(target=self._collect, name="zlayer-gc",
+                                               daemon=True)
+            self._gc_thread.start()
         self._server.serve_forever(poll_interval=0.2)
+
+    def _collect(self) -> None:
+        """Collect garbage every ``gc_interval_s`` while serving (online: uploads and
+        manifest writes go on; the collection lock orders them)."""
+        while not self._stopping.wait(self._gc_interval_s):
+            try:
+                freed = self.store.garbage_collect(self._gc_grace_s)
+            except ZLayerError as exc:
+                self._note(f"gc failed: {exc}")
+                continue
+            if freed:
+                self._note(f"gc: freed {_format_bytes(freed)}")
 
     def start(self) -> "RegistryServer":
         """Serve from a background thread; return self."""
@@ -9671,6 +10159,10 @@ class RegistryServer:
 
     def shutdown(self, wait_s: float = 10.0) -> None:
         """Stop taking connections; wait up to ``wait_s`` for requests under way."""
+        self._stopping.set()
+        if self._gc_thread is not None:
+            self._gc_thread.join()
+            self._gc_thread = None
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
@@ -9680,6 +10172,8 @@ class RegistryServer:
         with self._busy_lock:
             while self._busy and time.monotonic() < deadline:
                 self._busy_lock.wait(deadline - time.monotonic())
+        if self.mirror is not None:
+            self.mirror.close()
 
     def __enter__(self) -> "RegistryServer":
         return self
@@ -9764,8 +10258,9 @@ class RegistryServer:
         parts = urlsplit(h.path)
         path, query = parts.path, {k: v[-1] for k, v in parse_qs(parts.query).items()}
         method = h.command
-        if method in ("PUT", "POST", "PATCH", "DELETE") and self.read_only:
-            raise _ApiError(405, "UNSUPPORTED", "this registry is read-only",
+        if method in ("PUT", "POST", "PATCH", "DELETE") and (self.read_only or self.mirror):
+            raise _ApiError(405, "UNSUPPORTED", "this registry is a pull-through mirror: it "
+                            "takes no pushes" if self.mirror else "this registry is read-only",
                             {"Allow": "GET, HEAD"})
         if path in ("/v2", "/v2/"):
             self._send(h, 200, b"{}", "application/json")
@@ -9817,9 +10312,14 @@ class RegistryServer:
             return
         if method not in ("GET", "HEAD"):
             raise _ApiError(405, "UNSUPPORTED", f"{method} on a manifest")
-        manifest = self.store.get_manifest(name, reference)
-        if manifest is None:
-            raise self._manifest_unknown(name, reference)
+        stale = False
+        if self.mirror is not None:
+            manifest, stale = self.mirror.manifest(self.mirror.upstream(query), name, reference)
+        else:
+            found = self.store.get_manifest(name, reference)
+            if found is None:
+                raise self._manifest_unknown(name, reference)
+            manifest = found
         accepted = {v.split(";", 1)[0].strip().lower()
                     for header in h.headers.get_all("Accept") or []
                     for v in header.split(",") if v.strip()}
@@ -9829,9 +10329,10 @@ class RegistryServer:
             # distribution's answer to a client that does not take OCI manifests
             raise _ApiError(404, "MANIFEST_UNKNOWN", f"{manifest.media_type} is not in the "
                             "Accept header of the request")
-        self._send(h, 200, manifest.raw, manifest.media_type,
-                   {"Docker-Content-Digest": manifest.digest, "ETag": f'"{manifest.digest}"'},
-                   head=method == "HEAD")
+        headers = {"Docker-Content-Digest": manifest.digest, "ETag": f'"{manifest.digest}"'}
+        if stale:
+            headers["Warning"] = _STALE_WARNING
+        self._send(h, 200, manifest.raw, manifest.media_type, headers, head=method == "HEAD")
 
     @staticmethod
     def _manifest_unknown(name: str, reference: str) -> _ApiError:
@@ -9855,6 +10356,10 @@ class RegistryServer:
         if method not in ("GET", "HEAD"):
             raise _ApiError(405, "UNSUPPORTED", f"{method} on a blob")
         path = self.store.cache.path(digest)
+        if path is None and self.mirror is not None:
+            path = self._mirror_blob(h, method, name, digest, query)
+            if path is None:
+                return  # answered as it came from upstream
         if path is None:
             raise _ApiError(404, "BLOB_UNKNOWN", f"blob {digest} is not known")
         try:
@@ -9884,6 +10389,76 @@ class RegistryServer:
                 h.zl_sent = sent
                 if sent != count:
                     h.close_connection = True
+
+    def _mirror_blob(self, h: Any, method: str, name: str, digest: str,
+                     query: Mapping[str, str]) -> Optional[str]:
+        """Answer a blob the store lacks from the upstream; return the stored file's
+        path when the answer is to come from it (a Range, or a flight that ended),
+        None when it is answered."""
+        assert self.mirror is not None
+        upstream = self.mirror.upstream(query)
+        if method == "HEAD":
+            size = self.mirror.blob_size(upstream, name, digest)
+            self._send_headers(h, 200, size, "application/octet-stream", {
+                "Docker-Content-Digest": digest, "ETag": f'"{digest}"',
+                "Accept-Ranges": "bytes"})
+            return None
+        flight = self.mirror.flight(upstream, name, digest)
+        attempt, spool, available, finished = 0, None, 0, False
+        while not finished and not available:  # the first bytes: the upstream answered
+            attempt, spool, available, finished = flight.wait(0, attempt)
+        if h.headers.get("Range") or finished:
+            while not finished:
+                attempt, spool, available, finished = flight.wait(available, attempt)
+            path = self.store.cache.path(digest)
+            if flight.error is not None or path is None:
+                raise self.mirror.flight_error(upstream, flight)
+            return path
+        self._send_flight(h, flight, attempt, spool)
+        return None
+
+    def _send_flight(self, h: Any, flight: _BlobFlight, attempt: int,
+                     spool: Optional[str]) -> None:
+        """Send a blob as its flight brings it, holding the last byte back until the
+        download is verified; cut the connection if it is not."""
+        size = int(flight.size or 0)
+        self._send_headers(h, 200, size, "application/octet-stream", {
+            "Docker-Content-Digest": flight.digest, "ETag": f'"{flight.digest}"',
+            "Accept-Ranges": "bytes"})
+        h.wfile.flush()
+        sent, f = 0, None
+        try:
+            while sent < size:
+                # the last byte waits for the digest check
+                now, path, available, finished = flight.wait(
+                    sent if sent < size - 1 else size, attempt)
+                if (finished and flight.error is not None) or (now != attempt and sent):
+                    h.close_connection = True  # what was sent is not the blob
+                    return
+                if f is None or now != attempt:
+                    if f is not None:
+                        f.close()
+                    attempt, f = now, None
+                    for candidate in (path, self.store.cache.path(flight.digest)):
+                        try:
+                            f = open(str(candidate), "rb")
+                            break
+                        except OSError:
+                            continue
+                    if f is None:
+                        h.close_connection = True
+                        return
+                limit = available if finished else min(available, size - 1)
+                if limit > sent:
+                    count = h.connection.sendfile(f, sent, limit - sent)
+                    if not count:
+                        h.close_connection = True
+                        return
+                    sent += count
+                    h.zl_sent = sent
+        finally:
+            if f is not None:
+                f.close()
 
     # -- uploads ------------------------------------------------------------------
 
@@ -9985,9 +10560,18 @@ class RegistryServer:
     def _tags(self, h: Any, method: str, name: str, _: str, query: Mapping[str, str]) -> None:
         if method not in ("GET", "HEAD"):
             raise _ApiError(405, "UNSUPPORTED", f"{method} on tags")
-        if not self.store.list_manifests(name):
+        if self.mirror is not None:
+            upstream = self.mirror.upstream(query)
+            answer = self.mirror.tags(upstream, name, query)
+            if answer is not None:
+                self._send(h, 200, answer[0], "application/json",
+                           {"Link": answer[1]} if answer[1] else None, head=method == "HEAD")
+                return
+        stored = name if self.mirror is None else \
+            self.mirror.repository(self.mirror.upstream(query), name)  # upstream down
+        if not self.store.list_manifests(stored):
             raise _ApiError(404, "NAME_UNKNOWN", f"repository {name} is not known")
-        page, link = _paginate(self.store.list_tags(name), query, f"/v2/{name}/tags/list")
+        page, link = _paginate(self.store.list_tags(stored), query, f"/v2/{name}/tags/list")
         self._send_json(h, {"name": name, "tags": page}, link, head=method == "HEAD")
 
     def _catalog(self, h: Any, query: Mapping[str, str]) -> None:
@@ -10000,7 +10584,11 @@ class RegistryServer:
             raise _ApiError(405, "UNSUPPORTED", f"{method} on referrers")
         _validate_digest(digest)
         wanted = query.get("artifactType")
-        found = self.store.referrers(name, digest, wanted)
+        if self.mirror is not None:
+            found = [d for d in self.mirror.referrers(self.mirror.upstream(query), name, digest)
+                     if wanted is None or d.artifact_type == wanted]
+        else:
+            found = self.store.referrers(name, digest, wanted)
         body = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
                            "manifests": [d.to_json() for d in found]}).encode()
         self._send(h, 200, body, MEDIA_TYPE_OCI_INDEX,
@@ -10719,10 +11307,16 @@ def _cmd_serve(args: Any) -> int:
                                 log=None if args.quiet else sys.stderr,
                                 json_log=args.json_log, tls_cert=args.tls_cert,
                                 tls_key=args.tls_key, htpasswd=args.htpasswd,
-                                insecure_http=args.insecure_http)
-        mode = "read-only" if server.read_only else "read-write"
-        print(f"{_PROG}: serving the local registry {store.root} ({mode}) at {server.url}",
-              file=sys.stderr, flush=True)
+                                insecure_http=args.insecure_http, upstreams=args.upstream,
+                                upstream_ttl_s=args.upstream_ttl,
+                                gc_interval_s=args.gc_interval or None,
+                                gc_grace_s=args.gc_grace)
+        if server.mirror is not None:
+            what = f"a pull-through mirror of {server.mirror.describe()}, stored in {store.root}"
+        else:
+            mode = "read-only" if server.read_only else "read-write"
+            what = f"the local registry {store.root} ({mode})"
+        print(f"{_PROG}: serving {what} at {server.url}", file=sys.stderr, flush=True)
         if not _is_loopback_host(server.address[0]) and server.users is None:
             print(f"{_PROG}: warning: {server.address[0]} is not a loopback address, and "
                   "this server asks for no credentials", file=sys.stderr, flush=True)
@@ -11203,6 +11797,21 @@ def _add_serve_arguments(serve: Any) -> None:
                             "changes)")
     serve.add_argument("--insecure-http", action="store_true",
                        help="allow --htpasswd without TLS on a non-loopback address")
+    serve.add_argument("--upstream", action="append", metavar="REGISTRY", default=[],
+                       help="be a pull-through mirror of this registry (docker.io, "
+                            "https://ghcr.io, http://127.0.0.1:5001); repeat as HOST=URL for "
+                            "several, which containerd's ?ns=HOST picks (default: the first)")
+    serve.add_argument("--upstream-ttl", type=_parse_duration, metavar="D",
+                       default=DEFAULT_UPSTREAM_TTL_S,
+                       help="ask the upstream what a tag names at most this often "
+                            f"(default: {DEFAULT_UPSTREAM_TTL_S:.0f}s)")
+    serve.add_argument("--gc-interval", type=_parse_duration, metavar="D",
+                       help="collect garbage this often while serving (e.g. 1h); "
+                            "`cache gc --dry-run` lists what it would delete")
+    serve.add_argument("--gc-grace", type=_parse_duration, metavar="D",
+                       default=DEFAULT_GC_GRACE_S,
+                       help="spare blobs stored less than this ago "
+                            f"(default: {DEFAULT_GC_GRACE_S / 3600:.0f}h)")
 
 
 def _port_arg(text: str) -> int:
