@@ -365,3 +365,51 @@ class TestContainerToolsAgainstOurServer:
             assert anonymous.getresponse().status == 401
             anonymous.close()
         store.close()
+
+
+class TestMirrorOfDistribution:
+    """``serve --upstream`` in front of distribution 2.8: skopeo and podman pull through it."""
+
+    @pytest.fixture
+    def mirror(self, distribution, tmp_path):
+        store = zr.LocalRegistry(tmp_path / "mirror-store")
+        server = zr.RegistryServer(store, "127.0.0.1", 0,
+                                   upstreams=[f"http://{distribution.host}"]).start()
+        yield server
+        server.shutdown()
+        store.close()
+
+    def test_skopeo_copies_an_index_all_through_the_mirror_byte_for_byte(
+            self, distribution, mirror, tmp_path):
+        index = kit.build_index(tmp_path / "layout", "v1")
+        _skopeo("copy", "--all", "--preserve-digests", "--dest-tls-verify=false",
+                f"oci:{tmp_path / 'layout'}:v1", f"docker://{distribution.host}/mirrored/multi:v1")
+        host = _host(mirror)
+        _skopeo("copy", "--all", "--preserve-digests", "--src-tls-verify=false",
+                f"docker://{host}/mirrored/multi:v1", f"oci:{tmp_path / 'back'}:v1")
+        assert _blob_files(tmp_path / "back") == _blob_files(tmp_path / "layout")
+        stored = f"{distribution.host.replace(':', '-')}/mirrored/multi"
+        assert mirror.store.list_tags(stored) == ["v1"]
+        # everything is in the mirror's store now: a second copy needs no upstream blob
+        for name, data in _blob_files(tmp_path / "layout").items():
+            assert mirror.store.get_blob(f"sha256:{name}") == data
+        raw = _skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{host}/mirrored/multi:v1")
+        assert kit.sha256_bytes(raw.encode()) == index.digest
+
+    def test_podman_pulls_through_the_mirror_its_registries_conf_names(
+            self, distribution, mirror, tmp_path, runroot):
+        image = kit.build_image(tmp_path / "layout", "v1")
+        _skopeo("copy", "--dest-tls-verify=false", f"oci:{tmp_path / 'layout'}:v1",
+                f"docker://{distribution.host}/mirrored/app:v1")
+        # podman asks the mirror first for the upstream's images
+        conf = tmp_path / "registries.conf"
+        conf.write_text(
+            f'[[registry]]\nlocation = "{distribution.host}"\ninsecure = true\n'
+            f'[[registry.mirror]]\nlocation = "{_host(mirror)}"\ninsecure = true\n')
+        podman = _containers_tool("podman", tmp_path, runroot)
+        _run(podman + ["pull", f"{distribution.host}/mirrored/app:v1"],
+             env=dict(os.environ, CONTAINERS_REGISTRIES_CONF=str(conf)))
+        stored = f"{distribution.host.replace(':', '-')}/mirrored/app"
+        assert mirror.store.resolve(stored, "v1") == image.digest
+        for layer in image.layers:
+            assert mirror.store.has_blob(layer.digest)

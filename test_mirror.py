@@ -260,6 +260,9 @@ class TestBlobs:
         else:
             assert response.status == 502
         conn.close()
+        for flight in list(mirror.mirror._flights.values()):  # the retry may still run
+            with flight._cond:
+                assert flight._cond.wait_for(lambda: flight.finished, 30)
         assert not store.has_blob(digest)
         # the next client gets the right bytes (the faults are spent)
         response, body = _get(mirror, f"/v2/org/app/blobs/{digest}")

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -568,6 +569,137 @@ class TestServeCommand:
                            cwd=tmp_path, timeout=60)
         assert done.returncode == 1 and "cannot listen on 127.0.0.1" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+class TestLimits:
+    def test_uploads_beyond_the_limit_get_429_and_the_others_go_on(self, tmp_path):
+        store = zr.LocalRegistry(tmp_path / "store")
+        server = zr.RegistryServer(store, "127.0.0.1", 0, max_uploads=1).start()
+        first, second = Client(server), Client(server)
+        data = layer_bytes(21, 10_000)
+        digest = zr.compute_digest(data)
+        try:
+            location = _start(first, "app")
+            first.conn.putrequest("PATCH", location)  # half a body: it holds its slot
+            first.conn.putheader("Content-Length", str(len(data)))
+            first.conn.endheaders()
+            first.conn.send(data[:5000])
+            deadline = time.monotonic() + 30
+            while True:  # until the server has taken the first upload's slot
+                response, body = second.request("POST", f"/v2/app/blobs/uploads/?digest={digest}",
+                                                data)
+                if response.status == 429 or time.monotonic() > deadline:
+                    break
+                store.cache.delete(digest)
+            assert response.status == 429 and response.getheader("Retry-After")
+            assert _errors(body) == ["TOOMANYREQUESTS"]
+            first.conn.send(data[5000:])
+            answer = first.conn.getresponse()
+            answer.read()
+            assert answer.status == 202
+            response, _ = second.request("POST", f"/v2/app/blobs/uploads/?digest={digest}", data)
+            assert response.status == 201
+        finally:
+            first.close()
+            second.close()
+            server.shutdown()
+            store.close()
+
+    def test_an_oversized_manifest_is_413_before_its_body_is_read(self, client):
+        client.conn.putrequest("PUT", "/v2/app/manifests/v1")
+        client.conn.putheader("Content-Type", OCI_MANIFEST)
+        client.conn.putheader("Content-Length", str(zr.MAX_MANIFEST_SIZE_BYTES + 1))
+        client.conn.endheaders()
+        response = client.conn.getresponse()  # answered with no byte of the body sent
+        assert response.status == 413
+        assert _errors(response.read()) == ["SIZE_INVALID"]
+
+    def test_a_session_past_its_age_is_upload_unknown(self, client, monkeypatch):
+        location = _start(client, "app")
+        monkeypatch.setattr(zr, "_UPLOAD_SESSION_MAX_AGE_S", -1.0)
+        response, data = client.request("GET", location)
+        assert response.status == 404 and _errors(data) == ["BLOB_UPLOAD_UNKNOWN"]
+
+    def test_an_upload_cut_off_half_way_keeps_what_came_and_shows_no_blob(self, served):
+        data = layer_bytes(22, 300_000)
+        digest = zr.compute_digest(data)
+        cut = Client(served)
+        location = _start(cut, "app")
+        cut.conn.putrequest("PATCH", location)
+        cut.conn.putheader("Content-Length", str(len(data)))
+        cut.conn.endheaders()
+        cut.conn.send(data[:100_000])
+        cut.close()  # the client is gone half-way
+        other = Client(served)
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # the server sees the end of the connection
+                response, _ = other.request("GET", location)
+                held = int(response.getheader("Range").split("-")[1]) + 1
+                if held == 100_000 or time.monotonic() > deadline:
+                    break
+                threading.Event().wait(0.02)
+            assert response.status == 204 and held == 100_000
+            assert not served.store.has_blob(digest)
+            response, _ = other.request("PUT", f"{location}&digest={digest}", data[held:],
+                                        {"Content-Range": f"{held}-{len(data) - 1}"})
+            assert response.status == 201 and served.store.get_blob(digest) == data
+        finally:
+            other.close()
+
+
+class TestOnlineGc:
+    def test_gc_runs_while_serving_sparing_young_and_tagged_blobs(self, tmp_path):
+        store = zr.LocalRegistry(tmp_path / "store")
+        old = store.put_blob(b"an old orphan")
+        server = zr.RegistryServer(store, "127.0.0.1", 0, gc_interval_s=0.05,
+                                   gc_grace_s=0).start()
+        client = Client(server)
+        try:
+            raw, layer = _image(client, "app", "v1")
+            deadline = time.monotonic() + 30
+            while store.has_blob(old) and time.monotonic() < deadline:
+                threading.Event().wait(0.05)
+            assert not store.has_blob(old)
+            response, data = client.request("GET", f"/v2/app/blobs/{layer['digest']}")
+            assert response.status == 200 and zr.compute_digest(data) == layer["digest"]
+        finally:
+            client.close()
+            server.shutdown()
+            store.close()
+
+    def test_gc_racing_pushes_leaves_every_tag_whole(self, tmp_path):
+        store = zr.LocalRegistry(tmp_path / "store")
+        orphan = store.put_blob(b"swept while the pushes go on")
+        server = zr.RegistryServer(store, "127.0.0.1", 0, gc_interval_s=0.005,
+                                   gc_grace_s=0).start()
+        client = Client(server)
+        pushed = refused = 0
+        try:
+            for seed in range(30):
+                config = _blob(client, "race", json.dumps({"seed": seed}).encode())
+                layer = _blob(client, "race", layer_bytes(seed, 2000))
+                raw = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                  "config": dict(config, mediaType=zr.MEDIA_TYPE_OCI_CONFIG),
+                                  "layers": [dict(layer, mediaType="application/octet-stream")]
+                                  }).encode()
+                response, data = client.request("PUT", f"/v2/race/manifests/t{seed}", raw,
+                                                {"Content-Type": OCI_MANIFEST})
+                if response.status == 201:
+                    pushed += 1
+                else:  # collected between its upload and its manifest: a grace of 0
+                    assert response.status == 400, response.status
+                    assert _errors(data) == ["MANIFEST_BLOB_UNKNOWN"] * len(_errors(data))
+                    refused += 1
+        finally:
+            client.close()
+            server.shutdown()
+        assert pushed + refused == 30
+        assert not store.has_blob(orphan)  # the collector ran meanwhile
+        for tag in store.list_tags("race"):
+            for child in store.get_manifest("race", tag).children:
+                assert store.has_blob(child.digest), (tag, child.digest)
+        store.close()
 
 
 class TestTls:

@@ -124,6 +124,7 @@ __all__ = [
     "DEFAULT_MAX_WORKERS", "DEFAULT_TIMEOUT_S", "DEFAULT_RETRIES",
     "RETRY_BACKOFF_BASE_S", "RETRY_BACKOFF_MAX_S", "RETRY_AFTER_MAX_S",
     "DEFAULT_TOKEN_LIFETIME_S", "MAX_TOKEN_RESPONSE_BYTES", "DEFAULT_GC_GRACE_S",
+    "DEFAULT_UPSTREAM_TTL_S",
     "WASM_ARTIFACT_COMPONENT", "WASM_ARTIFACT_MODULE", "WASM_CONFIG_V0",
     "WASM_CONFIG_V1", "WASM_LAYER_MEDIA_TYPE",
     # Errors
@@ -9384,6 +9385,8 @@ class _BodyReader:
 
     def read_all(self, limit_bytes: int) -> bytes:
         """Return the whole body; a SIZE_INVALID error when it is over ``limit_bytes``."""
+        if not self._chunked and self._left > limit_bytes:  # refused before it is read
+            raise _ApiError(413, "SIZE_INVALID", f"over the {limit_bytes}-byte limit")
         parts, total = [], 0
         while True:
             data = self.read()
