@@ -361,3 +361,35 @@ class TestServeUpstream:
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         assert "ftp" in result.stderr
+
+
+class TestUpstreamCredentials:
+    def test_the_upstream_gets_docker_login_credentials_and_clients_never_see_them(
+            self, store, registry, tmp_path, monkeypatch):
+        import base64
+        registry.auth = "basic"
+        image = registry.add_image("org/app", "v1", [layer_bytes(1)])
+        config = tmp_path / "docker"
+        config.mkdir()
+
+        def login(password):
+            auth = base64.b64encode(f"user:{password}".encode()).decode()
+            (config / "config.json").write_text(json.dumps({"auths": {registry.host: {
+                "auth": auth}}}))
+
+        login("secret")
+        monkeypatch.setenv("DOCKER_CONFIG", str(config))
+        server = _mirror(store, f"http://{registry.host}")
+        try:
+            good, _ = _get(server, "/v2/org/app/manifests/v1", ACCEPT)
+        finally:
+            server.shutdown()
+        login("wrong-password-xyz")
+        server = _mirror(store, f"http://{registry.host}")
+        try:
+            refused, body = _get(server, "/v2/org/app/manifests/v2", ACCEPT)
+        finally:
+            server.shutdown()
+        assert good.status == 200 and good.getheader("Docker-Content-Digest") == image["digest"]
+        assert refused.status == 503
+        assert b"wrong-password-xyz" not in body and b"user" not in body

@@ -66,10 +66,11 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     41. PUSH: ImagePusher, push and copy
     42. SERVE: basic credentials from an htpasswd file (bcrypt, apr1, SHA, SHA-crypt)
     43. SERVE: upload sessions and request bodies
-    44. SERVE: RegistryServer, the distribution API over the local registry
-    45. CLI: output, progress, and what every command opens (caches, pullers, credentials)
-    46. CLI: the commands
-    47. CLI: argument types, the command table, the parser, main
+    44. SERVE: the pull-through mirror (upstreams, tags kept for a TTL, single-flight blobs)
+    45. SERVE: RegistryServer, the distribution API over the local registry
+    46. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+    47. CLI: the commands
+    48. CLI: argument types, the command table, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -86,7 +87,7 @@ Specifications followed:
 # =============================================================================
 # Only cheap modules are imported here; sqlite3, ssl, socket, tarfile,
 # tempfile and subprocess are imported where first used (http.client never:
-# section 9 has the HTTP/1.1 it needs), so that
+# sections 12 and 13 have the HTTP/1.1 it needs), so that
 # `import zlayer_registry` stays fast and never fails on a Python built without
 # sqlite3 or ssl (Debian's python3-minimal has no sqlite3).
 
@@ -2254,7 +2255,7 @@ class _UnbufferedLines:
 # urllib.request opens a new connection (and TLS handshake) per request;
 # here each (thread, scheme, host, port, certificate checked or not) keeps one
 # pooled connection.
-# Redirects, auth and retries are the registry client's job (section 13);
+# Redirects, auth and retries are the registry client's job (section 19);
 # this layer only sends one request.
 
 def _split_url(url: str) -> Tuple[str, str, int, str]:
@@ -3614,7 +3615,7 @@ class _RegistryClient:
 # =============================================================================
 # The resolver and the fetcher read through this interface: the registry
 # (``_RegistrySource``), a layout whose blobs were imported already
-# (``_MissingSource``), and next an S3 bucket or a mirror's upstream.  A tier
+# (``_MissingSource``), a mirror's upstream (a registry too), and next an S3 bucket.  A tier
 # is a ``_SourceChain``: each source is asked in turn, and one that lacks the
 # blob says so with NotFoundError in the same request that would have fetched
 # it (no HEAD first).  Whatever a source hands out is verified by the caller.
@@ -9326,6 +9327,7 @@ class _Htpasswd:
 
 _UPLOAD_SESSION_MAX_AGE_S = 24 * 3600.0
 _SERVE_PIECE_BYTES = 1024 * 1024
+_MAX_DRAIN_BYTES = 1024 * 1024  # a refused request's body read to keep its connection
 _MAX_CHUNK_LINE_BYTES = 1024
 
 
@@ -9385,7 +9387,9 @@ class _BodyReader:
 
     def read_all(self, limit_bytes: int) -> bytes:
         """Return the whole body; a SIZE_INVALID error when it is over ``limit_bytes``."""
-        if not self._chunked and self._left > limit_bytes:  # refused before it is read
+        if not self._chunked and self._left > limit_bytes + _MAX_DRAIN_BYTES:
+            # Too large to drain after the answer: refused before it is read (a body
+            # just over the limit is read, so the connection survives the refusal).
             raise _ApiError(413, "SIZE_INVALID", f"over the {limit_bytes}-byte limit")
         parts, total = [], 0
         while True:
@@ -9875,6 +9879,7 @@ class _Mirror:
                 raise self._unavailable(upstream, exc) from None
             self._note(f"upstream {upstream.host} failed ({exc}); serving the stored "
                        f"{repository}:{tag}, which may be stale")
+            self._tags.pop((repository, tag), None)
             return stored, True
         if self.store.resolve(repository, tag) != manifest.digest:
             self.store.put_mirrored(repository, tag, manifest)
@@ -9890,13 +9895,17 @@ class _Mirror:
         except (RegistryError, ManifestError) as exc:
             raise self._unavailable(upstream, exc) from None
 
-    @staticmethod
-    def _unavailable(upstream: _Upstream, exc: BaseException) -> _ApiError:
+    def _unavailable(self, upstream: _Upstream, exc: BaseException) -> _ApiError:
+        """Return the answer for what the upstream could not give; the log gets the
+        details (the mirror's clients are not told about its credentials)."""
+        self._note(f"upstream {upstream.host} failed: {exc}")
         if isinstance(exc, RateLimitedError):
             return _ApiError(429, "TOOMANYREQUESTS", f"upstream {upstream.host} is "
                              "rate-limiting this mirror", {"Retry-After": str(int(
                                  exc.retry_after_s or 60))})
-        return _ApiError(503, "UNAVAILABLE", f"upstream {upstream.host} failed: {exc}")
+        status = getattr(exc, "status", None)
+        return _ApiError(503, "UNAVAILABLE", f"upstream {upstream.host} cannot serve it now"
+                         f"{f' (it answered {status})' if status else ''}; see the log")
 
     def _learn_sizes(self, manifest: Manifest) -> None:
         """Keep the sizes a manifest gives its blobs: a blob's flight needs one."""
@@ -10019,7 +10028,6 @@ class _Mirror:
 # closed), so that the next request on that connection is read whole.
 
 _API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
-_MAX_DRAIN_BYTES = 1024 * 1024
 _SERVE_TIMEOUT_S = 60.0
 _DEFAULT_MAX_UPLOADS = 32
 _PAGE_DEFAULT = 1000
@@ -10761,7 +10769,7 @@ def _request_handler_class(server: RegistryServer, timeout_s: float) -> Any:
 
 
 # =============================================================================
-# 45. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+# 46. CLI: output, progress, and what every command opens (caches, pullers, credentials)
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -11134,7 +11142,7 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
 
 
 # =============================================================================
-# 46. CLI: the commands
+# 47. CLI: the commands
 # =============================================================================
 
 def _cmd_pull(args: Any) -> int:
@@ -11510,7 +11518,7 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 47. CLI: argument types, the command table, the parser, main
+# 48. CLI: argument types, the command table, the parser, main
 # =============================================================================
 
 def _parse_destination(text: str) -> _Location:

@@ -41,11 +41,11 @@ import _oci_testkit as kit  # noqa: E402
 class OurServer:
     """``python -m zlayer_registry serve`` on a free port, its RSS polled."""
 
-    def __init__(self, python: str, root: Path, env: dict, cwd: Path) -> None:
+    def __init__(self, python: str, root: Path, env: dict, cwd: Path, *extra: str) -> None:
         self.port = kit.free_port()
         self.proc = subprocess.Popen(
             [python, "-m", "zlayer_registry", "serve", "--root", str(root), "--port",
-             str(self.port), "--quiet"], env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
+             str(self.port), "--quiet", *extra], env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         line = self.proc.stderr.readline().decode()
         if "serving" not in line:
