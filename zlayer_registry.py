@@ -9597,6 +9597,9 @@ class _UploadSessions:
 
 DEFAULT_UPSTREAM_TTL_S = 60.0
 _MAX_FLIGHTS = 64
+# Readers of a flight are woken once per this many bytes (and at its end): a
+# wake-up per socket read would have them wrestle the downloader for the GIL.
+_FLIGHT_NOTIFY_BYTES = 1024 * 1024
 _MIRROR_RETRIES = 1  # a client waits for the stale answer: few retries upstream
 _MIRROR_CLIENTS_MAX = 256
 _MIRROR_SIZES_MAX = 100_000
@@ -9647,8 +9650,10 @@ class _BlobFlight:
     """One upstream download of a blob that every client asking for it reads.
 
     The downloader reports each attempt's spool file (``begin``), the bytes
-    in it (``publish``) and the end (``end``: None when the blob is verified
-    and stored).  Readers ``wait`` for more than they have sent.
+    in it (``publish``), that they match the digest (``verify``: readers may
+    send the last byte, while the file is synced and stored) and the end
+    (``end``: None when the blob is stored).  Readers ``wait`` for more than
+    they have sent.
     """
 
     def __init__(self, digest: str) -> None:
@@ -9657,6 +9662,8 @@ class _BlobFlight:
         self.attempt = 0
         self.path: Optional[str] = None
         self.available = 0
+        self._notified = 0
+        self.verified = False
         self.finished = False
         self.error: Optional[BaseException] = None
         self._cond = threading.Condition()
@@ -9665,13 +9672,21 @@ class _BlobFlight:
         """A new attempt writes ``path`` from byte 0."""
         with self._cond:
             self.attempt += 1
-            self.path, self.available = path, 0
+            self.path, self.available, self._notified = path, 0, 0
             self._cond.notify_all()
 
     def publish(self, available: int) -> None:
         """The spool file holds ``available`` bytes."""
         with self._cond:
             self.available = available
+            if available - self._notified >= _FLIGHT_NOTIFY_BYTES:
+                self._notified = available
+                self._cond.notify_all()
+
+    def verify(self) -> None:
+        """The spool file holds the whole blob, and it matches its digest."""
+        with self._cond:
+            self.verified = True
             self._cond.notify_all()
 
     def end(self, error: Optional[BaseException]) -> None:
@@ -9680,13 +9695,25 @@ class _BlobFlight:
             self.finished, self.error = True, error
             self._cond.notify_all()
 
-    def wait(self, sent: int, attempt: int) -> Tuple[int, Optional[str], int, bool]:
-        """Wait until there is more than ``sent`` bytes of attempt ``attempt``, a new
-        attempt, or the end; return (attempt, path, available, finished)."""
+    def wait_end(self) -> None:
+        """Wait until the blob is stored or the download failed."""
         with self._cond:
-            while not self.finished and self.attempt == attempt and self.available <= sent:
+            while not self.finished:
                 self._cond.wait(1.0)
-            return self.attempt, self.path, self.available, self.finished
+
+    def wait(self, sent: int, attempt: int, want: Optional[int] = None
+             ) -> Tuple[int, Optional[str], int, bool]:
+        """Wait until attempt ``attempt`` has more than ``want`` bytes (default:
+        ``sent``), or more than ``sent`` for a tenth of a second (a slow upstream's
+        bytes still flow), a new attempt, the digest checked or the end; return
+        (attempt, path, available, whether the digest checked out or it ended)."""
+        want = sent if want is None else want
+        with self._cond:
+            while not self.finished and not self.verified and self.attempt == attempt \
+                    and self.available <= want:
+                if not self._cond.wait(0.1) and self.available > sent:
+                    break
+            return self.attempt, self.path, self.available, self.finished or self.verified
 
 
 class _FlightWriter(BlobWriter):
@@ -9716,6 +9743,11 @@ class _FlightWriter(BlobWriter):
         os.unlink(self._path)
         self._fd, self._path = self._cache.create_temporary(str(self.digest)[7:23])
         self._flight.begin(self._path)
+
+    def check(self, digest: Optional[str] = None) -> None:
+        """Verify; the readers may then have the last byte (syncing follows)."""
+        super().check(digest)
+        self._flight.verify()
 
     def _sink_commit(self) -> None:
         try:
@@ -10418,9 +10450,8 @@ class RegistryServer:
         attempt, spool, available, finished = 0, None, 0, False
         while not finished and not available:  # the first bytes: the upstream answered
             attempt, spool, available, finished = flight.wait(0, attempt)
-        if h.headers.get("Range") or finished:
-            while not finished:
-                attempt, spool, available, finished = flight.wait(available, attempt)
+        if h.headers.get("Range") or finished:  # from the store, once it is there
+            flight.wait_end()
             path = self.store.cache.path(digest)
             if flight.error is not None or path is None:
                 raise self.mirror.flight_error(upstream, flight)
@@ -10440,9 +10471,12 @@ class RegistryServer:
         sent, f = 0, None
         try:
             while sent < size:
-                # the last byte waits for the digest check
-                now, path, available, finished = flight.wait(
-                    sent if sent < size - 1 else size, attempt)
+                # a piece at a time; the last byte waits for the digest check
+                if sent < size - 1:
+                    now, path, available, finished = flight.wait(
+                        sent, attempt, min(sent + _FLIGHT_NOTIFY_BYTES - 1, size - 1))
+                else:
+                    now, path, available, finished = flight.wait(size, attempt)
                 if (finished and flight.error is not None) or (now != attempt and sent):
                     h.close_connection = True  # what was sent is not the blob
                     return
