@@ -449,11 +449,15 @@ def tags_list(r: Registry, name: str) -> None:
     expect(sorted(json.loads(body).get("tags") or []) == ["a", "b", "c"], f"tags {body[:200]!r}")
 
 
-@check("discovery")
-def tags_list_n(r: Registry, name: str) -> None:
+def _three_tags(r: Registry, name: str, query: str) -> Tuple[http.client.HTTPResponse, bytes]:
     for tag in ("a", "b", "c"):
         r.push_image(name, tag, seed=tag)
-    response, body = r.request("GET", f"/v2/{name}/tags/list?n=2")
+    return r.request("GET", f"/v2/{name}/tags/list{query}")
+
+
+@check("discovery")
+def tags_list_n(r: Registry, name: str) -> None:
+    response, body = _three_tags(r, name, "?n=2")
     expect(response.status == 200, f"tags/list?n=2: {response.status}")
     expect(json.loads(body).get("tags") == ["a", "b"], f"tags {body[:200]!r}")
     expect('rel="next"' in (response.getheader("Link") or ""), "no Link to the next page")
@@ -461,9 +465,7 @@ def tags_list_n(r: Registry, name: str) -> None:
 
 @check("discovery")
 def tags_list_last(r: Registry, name: str) -> None:
-    for tag in ("a", "b", "c"):
-        r.push_image(name, tag, seed=tag)
-    response, body = r.request("GET", f"/v2/{name}/tags/list?n=5&last=a")
+    response, body = _three_tags(r, name, "?n=5&last=a")
     expect(response.status == 200, f"tags/list?last=a: {response.status}")
     expect(json.loads(body).get("tags") == ["b", "c"], f"tags {body[:200]!r}")
 

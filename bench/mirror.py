@@ -21,7 +21,6 @@ Medians and per-round ratios first/direct (target <= 1.3) and second/direct (tar
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _oci_testkit as kit  # noqa: E402
-from serve import OurServer, skopeo_pull  # noqa: E402
+from serve import OurServer, prepare, skopeo_pull  # noqa: E402
 
 
 def main() -> int:
@@ -47,20 +46,7 @@ def main() -> int:
     distribution = None
     mirrors = []
     try:
-        layers = kit.benchmark_layers(big_layer_bytes=5 * 1024 * 1024, small_files=1_000) \
-            if args.small else kit.benchmark_layers()
-        print("building the image ...", file=sys.stderr, flush=True)
-        image = kit.build_image(work / "layout", "v1", layers=layers)
-        size = sum(b.size for b in [image.config, *image.layers])
-        source = work / "source"
-        source.mkdir()
-        shutil.copy2(str(REPO_ROOT / "zlayer_registry.py"), str(source / "zlayer_registry.py"))
-        subprocess.run([args.python, "-m", "py_compile", str(source / "zlayer_registry.py")],
-                       check=True)
-        env = dict(os.environ, PYTHONPATH=str(source), HOME=str(work))
-        skopeo = shutil.which("skopeo")
-        if skopeo is None:
-            raise SystemExit("skopeo is not installed")
+        image, size, source, env, skopeo = prepare(args, work)
         distribution = kit.DistributionRegistry(work / "distribution")
         distribution.start()
         subprocess.run([skopeo, "--insecure-policy", "copy", "--preserve-digests",

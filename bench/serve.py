@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import Any, List, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -115,6 +115,26 @@ def many_pulls(skopeo: str, host: str, work: Path, clients: int) -> float:
     return max(times)
 
 
+def prepare(args: argparse.Namespace, work: Path) -> Tuple[Any, int, Path, dict, str]:
+    """Build the bench image (``--small``: ~30 MB) and a compiled copy of the module;
+    return (image, its size, the copy's directory, the environment, skopeo)."""
+    layers = kit.benchmark_layers(big_layer_bytes=5 * 1024 * 1024, small_files=1_000) \
+        if args.small else kit.benchmark_layers()
+    print("building the image ...", file=sys.stderr, flush=True)
+    image = kit.build_image(work / "layout", "v1", layers=layers)
+    size = sum(b.size for b in [image.config, *image.layers])
+    source = work / "source"
+    source.mkdir()
+    shutil.copy2(str(REPO_ROOT / "zlayer_registry.py"), str(source / "zlayer_registry.py"))
+    subprocess.run([args.python, "-m", "py_compile", str(source / "zlayer_registry.py")],
+                   check=True)
+    env = dict(os.environ, PYTHONPATH=str(source), HOME=str(work))
+    skopeo = shutil.which("skopeo")
+    if skopeo is None:
+        raise SystemExit("skopeo is not installed")
+    return image, size, source, env, skopeo
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -126,20 +146,7 @@ def main() -> int:
     distribution = None
     ours = None
     try:
-        layers = kit.benchmark_layers(big_layer_bytes=5 * 1024 * 1024, small_files=1_000) \
-            if args.small else kit.benchmark_layers()
-        print("building the image ...", file=sys.stderr, flush=True)
-        image = kit.build_image(work / "layout", "v1", layers=layers)
-        size = sum(b.size for b in [image.config, *image.layers])
-        source = work / "source"
-        source.mkdir()
-        shutil.copy2(str(REPO_ROOT / "zlayer_registry.py"), str(source / "zlayer_registry.py"))
-        subprocess.run([args.python, "-m", "py_compile", str(source / "zlayer_registry.py")],
-                       check=True)
-        env = dict(os.environ, PYTHONPATH=str(source), HOME=str(work))
-        skopeo = shutil.which("skopeo")
-        if skopeo is None:
-            raise SystemExit("skopeo is not installed")
+        image, size, source, env, skopeo = prepare(args, work)
         distribution = kit.DistributionRegistry(work / "distribution")
         distribution.start()
         ours = OurServer(args.python, work / "store", env, source)
