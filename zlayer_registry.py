@@ -11966,14 +11966,17 @@ _COMMAND_TABLE: Tuple[_Command, ...] = (
                  "zlayer-registry import oci:./alpine-layout:3.20",
                  "zlayer-registry import oci:./build-output local:team/app:v1",
                  "zlayer-registry import oci-archive:app.tar --json")),
-    _Command("serve", "serve the local registry over the OCI distribution API",
+    _Command("serve", "serve the local registry over the OCI distribution API, or be a "
+                      "pull-through mirror",
              _cmd_serve, _add_serve_arguments,
              {"cache": False, "reference": False, "platform": None, "json_help": None,
               "quiet_help": "no access log lines"}, (
                  "zlayer-registry serve --port 5000     # then: skopeo copy ... "
                  "docker://127.0.0.1:5000/app:v1",
                  "zlayer-registry serve --root /srv/registry --host 0.0.0.0 --read-only",
-                 "zlayer-registry serve --port 0 --json-log   # any free port")),
+                 "zlayer-registry serve --port 0 --json-log   # any free port",
+                 "zlayer-registry serve --host 0.0.0.0 --upstream docker.io   # a Docker Hub "
+                 "mirror")),
     _Command("unpack", "unpack an image (pulled, or from an OCI layout) into a new root "
                        "filesystem directory",
              _cmd_unpack, _add_unpack_arguments,
