@@ -63,6 +63,14 @@ def _manifest_requests(registry, method):
                if r["method"] == method and "/manifests/" in r["path"])
 
 
+def _settled(server):
+    """Wait until the mirror's downloads have ended (a reader gets its last byte once
+    the digest checks out; the file is synced and stored just after)."""
+    for flight in list(server.mirror._flights.values()):
+        with flight._cond:
+            assert flight._cond.wait_for(lambda: flight.finished, 30)
+
+
 def _fault(method, part, **action):
     return lambda m, path, headers: dict(action) if m == method and part in path else None
 
@@ -163,6 +171,37 @@ class TestManifests:
         assert unknown.status == 503
         assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
 
+    def test_clients_queued_behind_a_failing_upstream_get_the_stale_tag_without_asking_it(
+            self, store, registry):
+        registry.add_image("org/app", "v1", [layer_bytes(1)])
+        server = _mirror(store, f"http://{registry.host}", upstream_ttl_s=0)
+        try:
+            assert _get(server, "/v2/org/app/manifests/v1", ACCEPT)[0].status == 200
+            before = len(registry.requests)
+            registry.faults.append(lambda m, p, h: {"status": 503, "once": False})
+            statuses = []
+            threads = [threading.Thread(target=lambda: statuses.append(_get(
+                server, "/v2/org/app/manifests/v1", ACCEPT)[0].getheader("Warning")))
+                for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            server.shutdown()
+        assert len(statuses) == 4 and all(statuses)  # all four stale, with the warning
+        assert len(registry.requests) - before == 1  # one request upstream, no retry
+
+    def test_a_corrupt_manifest_from_upstream_is_503_not_the_clients_fault(
+            self, mirror, registry):
+        child = registry.add_image("org/multi", None, [layer_bytes(3)])
+        registry.add_index("org/multi", "v1", [({"os": "linux", "architecture": "amd64"}, child)])
+        registry.faults.append(_fault("GET", child["digest"], status=200, body=b'{"x": 1}',
+                                      headers={"Content-Type": OCI_MANIFEST}))
+        response, body = _get(mirror, f"/v2/org/multi/manifests/{child['digest']}", ACCEPT)
+        assert response.status == 503
+        assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+
     def test_an_upstream_429_with_nothing_stored_is_passed_on_with_retry_after(
             self, mirror, registry):
         registry.faults.append(lambda m, p, h: {"status": 429, "once": False,
@@ -199,6 +238,7 @@ class TestBlobs:
         for _ in range(2):
             response, body = _get(mirror, f"/v2/org/app/blobs/{layer['digest']}")
             assert response.status == 200 and zr.compute_digest(body) == layer["digest"]
+            _settled(mirror)
         assert _blob_gets(registry) == 1
         assert store.has_blob(layer["digest"])
 
@@ -240,6 +280,7 @@ class TestBlobs:
         for (conn, response), first in zip(conns, firsts):
             assert first + response.read() == data
             conn.close()
+        _settled(mirror)
         assert _blob_gets(registry) == 2  # the first GET and its resumption, for all four
         assert store.has_blob(digest)
 
@@ -260,9 +301,7 @@ class TestBlobs:
         else:
             assert response.status == 502
         conn.close()
-        for flight in list(mirror.mirror._flights.values()):  # the retry may still run
-            with flight._cond:
-                assert flight._cond.wait_for(lambda: flight.finished, 30)
+        _settled(mirror)  # the retry may still run
         assert not store.has_blob(digest)
         # the next client gets the right bytes (the faults are spent)
         response, body = _get(mirror, f"/v2/org/app/blobs/{digest}")

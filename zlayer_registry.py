@@ -2990,10 +2990,17 @@ class _TokenCache:
         token, expires_at = entry
         return token if self._clock() < expires_at else None
 
+    _MAX_TOKENS = 4096  # a long-running mirror asks for one per repository
+
     def put(self, registry: str, scope: str, token: str, lifetime_s: float) -> None:
         """Store a token; it counts as expired 10% (at most 30 s) early."""
         margin = min(30.0, lifetime_s * 0.1)
         with self._lock:
+            if len(self._tokens) >= self._MAX_TOKENS:
+                now = self._clock()
+                self._tokens = {k: v for k, v in self._tokens.items() if v[1] > now}
+                while len(self._tokens) >= self._MAX_TOKENS:  # the oldest first
+                    del self._tokens[next(iter(self._tokens))]
             self._tokens[(registry, scope)] = (token, self._clock() + lifetime_s - margin)
 
     def drop(self, registry: str, scope: str, token: Optional[str] = None) -> None:
@@ -9600,10 +9607,16 @@ _MAX_FLIGHTS = 64
 # Readers of a flight are woken once per this many bytes (and at its end): a
 # wake-up per socket read would have them wrestle the downloader for the GIL.
 _FLIGHT_NOTIFY_BYTES = 1024 * 1024
-_MIRROR_RETRIES = 1  # a client waits for the stale answer: few retries upstream
+# A client waits for the stale answer: no retry upstream (a blob download still
+# resumes), and an upstream that failed is not asked again for a few seconds.
+_MIRROR_RETRIES = 0
+_UPSTREAM_DOWN_S = 5.0
+_MIRROR_TAGS_MAX = 100_000
 _MIRROR_CLIENTS_MAX = 256
 _MIRROR_SIZES_MAX = 100_000
 _STALE_WARNING = '110 zlayer-registry "Response is Stale"'
+# What an upstream's answer can fail with, beyond "not found".
+_UPSTREAM_ERRORS = (RegistryError, ManifestError, DigestMismatchError, _HttpError, OSError)
 _UPSTREAM_HOST_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?")
 
 
@@ -9739,7 +9752,7 @@ class _FlightWriter(BlobWriter):
 
     def _sink_truncate(self) -> None:
         # The upstream sends the whole blob again: for the readers, a new attempt.
-        os.close(self._fd)
+        self._close()
         os.unlink(self._path)
         self._fd, self._path = self._cache.create_temporary(str(self.digest)[7:23])
         self._flight.begin(self._path)
@@ -9809,13 +9822,24 @@ class _Mirror:
                                  sleep=time.sleep, clock=time.time, ssl_context=None)
         self._lock = threading.Lock()
         self._clients: "OrderedDict[Tuple[str, str], _RegistryClient]" = OrderedDict()
-        self._sizes: "OrderedDict[str, int]" = OrderedDict()
+        self._auths: Dict[str, RegistryAuth] = {}
+        self._sizes: "OrderedDict[Tuple[str, str, str], int]" = OrderedDict()
         self._tags: Dict[Tuple[str, str], Tuple[str, float]] = {}
         self._tag_locks: Dict[Tuple[str, str], threading.Lock] = {}
-        self._flights: Dict[str, _BlobFlight] = {}
+        self._down_until: Dict[str, float] = {}
+        self._flights: Dict[Tuple[str, str, str], _BlobFlight] = {}
+        self._threads: List[threading.Thread] = []
+        self._cancel = threading.Event()
 
-    def close(self) -> None:
-        """Close the upstream connections."""
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop the downloads under way (waiting up to ``wait_s``) and close the
+        upstream connections."""
+        self._cancel.set()
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
         self._session.close()
 
     def describe(self) -> str:
@@ -9850,7 +9874,10 @@ class _Mirror:
                 return client
         repository = name if upstream.registry != _DOCKER_HUB or "/" in name else f"library/{name}"
         reference = Reference(upstream.registry, repository)
-        auth = RegistryAuth.from_docker_config(upstream.registry, environ=self._environ)
+        auth = self._auths.get(upstream.host)
+        if auth is None:  # once per upstream: a credential helper is a process
+            auth = self._auths[upstream.host] = RegistryAuth.from_docker_config(
+                upstream.registry, environ=self._environ)
         client = self._session.client(reference, auth, insecure=upstream.insecure)
         with self._lock:
             self._clients[key] = client
@@ -9874,7 +9901,7 @@ class _Mirror:
                 stale = False
             else:
                 manifest, stale = self._manifest_by_tag(upstream, name, repository, reference)
-        self._learn_sizes(manifest)
+        self._learn_sizes(upstream, name, manifest)
         return manifest, stale
 
     def _tag_lock(self, repository: str, reference: str) -> threading.Lock:
@@ -9892,11 +9919,16 @@ class _Mirror:
             manifest = self.store.get_manifest(repository, known[0])
             if manifest is not None:
                 return manifest, False
+        stored_digest = self.store.resolve(repository, tag)
+        if stored_digest is not None and self._clock() < self._down_until.get(upstream.host, 0):
+            stored = self.store.get_manifest(repository, stored_digest)
+            if stored is not None:  # the upstream failed a moment ago: not asked again
+                return stored, True
         client = self.client(upstream, name)
         try:
             # A tag stored already is checked with a HEAD (which Docker Hub does
             # not count against the pull quota); a new one is fetched at once.
-            digest = client.head_manifest(tag) if self.store.resolve(repository, tag) else None
+            digest = client.head_manifest(tag) if stored_digest else None
             manifest = self.store.get_manifest(repository, digest) if digest else None
             if manifest is None:
                 manifest = client.get_manifest(tag)
@@ -9905,7 +9937,8 @@ class _Mirror:
             self.store.delete_tag(repository, tag)  # gone upstream: gone here
             raise _ApiError(404, "MANIFEST_UNKNOWN",
                             f"manifest {name}:{tag} is not known upstream") from None
-        except (RegistryError, ManifestError) as exc:
+        except _UPSTREAM_ERRORS as exc:
+            self._down_until[upstream.host] = self._clock() + _UPSTREAM_DOWN_S
             stored = self.store.get_manifest(repository, tag)
             if stored is None:
                 raise self._unavailable(upstream, exc) from None
@@ -9913,8 +9946,11 @@ class _Mirror:
                        f"{repository}:{tag}, which may be stale")
             self._tags.pop((repository, tag), None)
             return stored, True
+        self._down_until.pop(upstream.host, None)
         if self.store.resolve(repository, tag) != manifest.digest:
             self.store.put_mirrored(repository, tag, manifest)
+        if len(self._tags) >= _MIRROR_TAGS_MAX:
+            self._tags.clear()  # asked again after a HEAD each: a bound, not a loss
         self._tags[(repository, tag)] = (manifest.digest, self._clock())
         return manifest, False
 
@@ -9924,7 +9960,7 @@ class _Mirror:
         except NotFoundError:
             raise _ApiError(404, "MANIFEST_UNKNOWN",
                             f"manifest {name}@{digest} is not known upstream") from None
-        except (RegistryError, ManifestError) as exc:
+        except _UPSTREAM_ERRORS as exc:
             raise self._unavailable(upstream, exc) from None
 
     def _unavailable(self, upstream: _Upstream, exc: BaseException) -> _ApiError:
@@ -9939,12 +9975,13 @@ class _Mirror:
         return _ApiError(503, "UNAVAILABLE", f"upstream {upstream.host} cannot serve it now"
                          f"{f' (it answered {status})' if status else ''}; see the log")
 
-    def _learn_sizes(self, manifest: Manifest) -> None:
-        """Keep the sizes a manifest gives its blobs: a blob's flight needs one."""
+    def _learn_sizes(self, upstream: _Upstream, name: str, manifest: Manifest) -> None:
+        """Keep the sizes a manifest gives its blobs: a blob's flight needs one (a
+        manifest vouches for its own repository's blobs only)."""
         with self._lock:
             for child in manifest.children:
                 if child is not None:
-                    self._sizes[child.digest] = child.size
+                    self._sizes[(upstream.host, name, child.digest)] = child.size
             while len(self._sizes) > _MIRROR_SIZES_MAX:
                 self._sizes.popitem(last=False)
 
@@ -9953,16 +9990,16 @@ class _Mirror:
     def blob_size(self, upstream: _Upstream, name: str, digest: str) -> int:
         """Return a blob's size: from a manifest served, else a HEAD upstream."""
         with self._lock:
-            size = self._sizes.get(digest)
+            size = self._sizes.get((upstream.host, name, digest))
         if size is not None:
             return size
+        client = self.client(upstream, name)
         try:
-            response = self.client(upstream, name).request(
-                "HEAD", f"/v2/{self.client(upstream, name).repository}/blobs/{digest}")
+            response = client.request("HEAD", f"/v2/{client.repository}/blobs/{digest}")
         except NotFoundError:
             raise _ApiError(404, "BLOB_UNKNOWN", f"blob {digest} is not known upstream"
                             ) from None
-        except RegistryError as exc:
+        except _UPSTREAM_ERRORS as exc:
             raise self._unavailable(upstream, exc) from None
         response.close()
         length = response.header("Content-Length")
@@ -9972,18 +10009,35 @@ class _Mirror:
         return int(length)
 
     def flight(self, upstream: _Upstream, name: str, digest: str) -> _BlobFlight:
-        """Return the download of a blob under way, starting it if there is none."""
+        """Return the download of a blob under way (from that repository of that
+        upstream), starting it if there is none."""
+        key = (upstream.host, name, digest)
         with self._lock:
-            flight = self._flights.get(digest)
+            flight = self._flights.get(key)
             if flight is not None:
                 return flight
             if len(self._flights) >= _MAX_FLIGHTS:
                 raise _ApiError(429, "TOOMANYREQUESTS", "too many blobs on their way from "
                                 "upstream", {"Retry-After": "1"})
-            flight = self._flights[digest] = _BlobFlight(digest)
-        threading.Thread(target=self._fly, args=(flight, upstream, name),
-                         name="zlayer-mirror", daemon=True).start()
+            flight = self._flights[key] = _BlobFlight(digest)
+            thread = threading.Thread(target=self._fly, args=(flight, upstream, name),
+                                      name="zlayer-mirror", daemon=True)
+            self._threads.append(thread)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had
+            self._landed(key, flight, thread, exc)
+            raise _ApiError(503, "UNAVAILABLE", "this mirror is out of threads",
+                            {"Retry-After": "1"}) from None
         return flight
+
+    def _landed(self, key: Tuple[str, str, str], flight: _BlobFlight,
+                thread: threading.Thread, error: Optional[BaseException]) -> None:
+        with self._lock:
+            self._flights.pop(key, None)
+            if thread in self._threads:
+                self._threads.remove(thread)
+        flight.end(error)
 
     def _fly(self, flight: _BlobFlight, upstream: _Upstream, name: str) -> None:
         error: Optional[BaseException] = None
@@ -9994,15 +10048,14 @@ class _Mirror:
                                    self._session.pool, DEFAULT_RETRIES, None)
                 fetcher.stream_blob(_RegistrySource(self.client(upstream, name)),
                                     Descriptor("application/octet-stream", flight.digest,
-                                               flight.size), threading.Event())
+                                               flight.size), self._cancel)
         except BaseException as exc:  # the readers report it; the server goes on
             error = exc
-            if not isinstance(exc, (_ApiError, ZLayerError)):
+            if not isinstance(exc, (_ApiError, ZLayerError, _Cancelled)):
                 self._note(f"error: mirroring {flight.digest}: {exc.__class__.__name__}: {exc}")
         finally:
-            with self._lock:
-                self._flights.pop(flight.digest, None)
-            flight.end(error)
+            self._landed((upstream.host, name, flight.digest), flight,
+                         threading.current_thread(), error)
 
     def flight_error(self, upstream: _Upstream, flight: _BlobFlight) -> _ApiError:
         """Return the answer for a flight that failed before a byte was sent."""
@@ -10027,14 +10080,16 @@ class _Mirror:
         path = f"/v2/{client.repository}/tags/list" + (f"?{urlencode(wanted)}" if wanted else "")
         try:
             response = client.request("GET", path)
+            with response:
+                body = _read_capped(response, MAX_MANIFEST_SIZE_BYTES + 1)
+            if len(body) > MAX_MANIFEST_SIZE_BYTES:
+                raise RegistryError(f"its tag list is over {MAX_MANIFEST_SIZE_BYTES} bytes")
         except NotFoundError:
             raise _ApiError(404, "NAME_UNKNOWN", f"repository {name} is not known upstream"
                             ) from None
-        except RegistryError as exc:
+        except _UPSTREAM_ERRORS as exc:
             self._note(f"upstream {upstream.host} failed ({exc}); listing the stored tags")
             return None
-        with response:
-            body = _read_capped(response, MAX_MANIFEST_SIZE_BYTES)
         link = response.header("Link")
         link = re.sub(r"^<[^>?]*", f"<{'/v2/' + name + '/tags/list'}", link) if link else ""
         return body, link
@@ -10045,7 +10100,7 @@ class _Mirror:
             return self.client(upstream, name).referrers(digest)
         except NotFoundError:
             return []
-        except (RegistryError, ManifestError) as exc:
+        except _UPSTREAM_ERRORS as exc:
             self._note(f"upstream {upstream.host} failed ({exc}); listing stored referrers")
             return self.store.referrers(self.repository(upstream, name), digest)
 
@@ -10486,10 +10541,11 @@ class RegistryServer:
                     attempt, f = now, None
                     for candidate in (path, self.store.cache.path(flight.digest)):
                         try:
-                            f = open(str(candidate), "rb")
-                            break
+                            f = open(candidate, "rb") if candidate else None
                         except OSError:
                             continue
+                        if f is not None:
+                            break
                     if f is None:
                         h.close_connection = True
                         return
