@@ -353,9 +353,18 @@ class TestUpstreams:
         with pytest.raises(zr.ZLayerError):
             zr.RegistryServer(store, "127.0.0.1", 0, upstreams=[text])
 
-    def test_docker_hub_names_get_library_and_the_api_host(self):
+    def test_docker_hub_names_get_library_and_the_api_host(self, store):
         upstream = zr._Upstream.parse("https://registry-1.docker.io")
         assert (upstream.host, upstream.registry) == ("docker.io", "docker.io")
+        mirror = zr._Mirror(store, ["docker.io"], 60, lambda text: None, environ={})
+        try:
+            client = mirror.client(mirror.upstreams[0], "alpine")
+            assert client.repository == "library/alpine"
+            assert client.base_url == "https://registry-1.docker.io"
+        finally:
+            mirror.close()
+        assert zr._Upstream.parse("http://10.0.0.5:5000").insecure
+        assert not zr._Upstream.parse("http://127.0.0.1:5000").insecure
 
     def test_tags_are_listed_upstream_and_from_the_store_when_it_is_down(
             self, store, registry):

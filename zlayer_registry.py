@@ -9652,8 +9652,7 @@ class _Upstream:
         host = host.strip().lower() or registry
         if not _UPSTREAM_HOST_RE.fullmatch(host):
             raise ZLayerError(f"upstream {text!r}: {host!r} is not a host name")
-        return cls(host, registry, scheme.lower() == "http" and not _is_loopback_host(
-            registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry))
+        return cls(host, registry, scheme.lower() == "http" and not _is_loopback_host(registry))
 
     def __repr__(self) -> str:
         return f"_Upstream({self.host!r}, {self.registry!r})"
@@ -9737,8 +9736,9 @@ class _FlightWriter(BlobWriter):
                  size: Optional[int], media_type: str) -> None:
         super().__init__(digest, size)
         self._cache, self._flight, self._media_type = cache, flight, media_type
+        self._stem = digest.split(":", 1)[1][:16]
         self._fd: Optional[int]
-        self._fd, self._path = cache.create_temporary(digest.split(":", 1)[1][:16])
+        self._fd, self._path = cache.create_temporary(self._stem)
         flight.begin(self._path)
 
     def _sink_write(self, data: Any) -> None:
@@ -9754,7 +9754,7 @@ class _FlightWriter(BlobWriter):
         # The upstream sends the whole blob again: for the readers, a new attempt.
         self._close()
         os.unlink(self._path)
-        self._fd, self._path = self._cache.create_temporary(str(self.digest)[7:23])
+        self._fd, self._path = self._cache.create_temporary(self._stem)
         self._flight.begin(self._path)
 
     def check(self, digest: Optional[str] = None) -> None:
@@ -10090,9 +10090,8 @@ class _Mirror:
         except _UPSTREAM_ERRORS as exc:
             self._note(f"upstream {upstream.host} failed ({exc}); listing the stored tags")
             return None
-        link = response.header("Link")
-        link = re.sub(r"^<[^>?]*", f"<{'/v2/' + name + '/tags/list'}", link) if link else ""
-        return body, link
+        link = response.header("Link")  # the next page, on this server
+        return body, re.sub(r"^<[^>?]*", f"</v2/{name}/tags/list", link) if link else ""
 
     def referrers(self, upstream: _Upstream, name: str, digest: str) -> List[Descriptor]:
         """Return the upstream's referrers of ``digest`` (those stored, when it fails)."""
@@ -10502,20 +10501,19 @@ class RegistryServer:
                 "Accept-Ranges": "bytes"})
             return None
         flight = self.mirror.flight(upstream, name, digest)
-        attempt, spool, available, finished = 0, None, 0, False
+        attempt, available, finished = 0, 0, False
         while not finished and not available:  # the first bytes: the upstream answered
-            attempt, spool, available, finished = flight.wait(0, attempt)
+            attempt, _, available, finished = flight.wait(0, attempt)
         if h.headers.get("Range") or finished:  # from the store, once it is there
             flight.wait_end()
             path = self.store.cache.path(digest)
             if flight.error is not None or path is None:
                 raise self.mirror.flight_error(upstream, flight)
             return path
-        self._send_flight(h, flight, attempt, spool)
+        self._send_flight(h, flight, attempt)
         return None
 
-    def _send_flight(self, h: Any, flight: _BlobFlight, attempt: int,
-                     spool: Optional[str]) -> None:
+    def _send_flight(self, h: Any, flight: _BlobFlight, attempt: int) -> None:
         """Send a blob as its flight brings it, holding the last byte back until the
         download is verified; cut the connection if it is not."""
         size = int(flight.size or 0)
@@ -10661,6 +10659,7 @@ class RegistryServer:
     def _tags(self, h: Any, method: str, name: str, _: str, query: Mapping[str, str]) -> None:
         if method not in ("GET", "HEAD"):
             raise _ApiError(405, "UNSUPPORTED", f"{method} on tags")
+        stored = name
         if self.mirror is not None:
             upstream = self.mirror.upstream(query)
             answer = self.mirror.tags(upstream, name, query)
@@ -10668,8 +10667,7 @@ class RegistryServer:
                 self._send(h, 200, answer[0], "application/json",
                            {"Link": answer[1]} if answer[1] else None, head=method == "HEAD")
                 return
-        stored = name if self.mirror is None else \
-            self.mirror.repository(self.mirror.upstream(query), name)  # upstream down
+            stored = self.mirror.repository(upstream, name)  # upstream down: what is here
         if not self.store.list_manifests(stored):
             raise _ApiError(404, "NAME_UNKNOWN", f"repository {name} is not known")
         page, link = _paginate(self.store.list_tags(stored), query, f"/v2/{name}/tags/list")
