@@ -264,8 +264,10 @@ class FakeRegistry:
         for fault in list(self.faults):
             action = fault(h.command, path, headers)
             if action is not None:
-                with self._lock:
-                    if fault in self.faults and action.get("once", True):
+                with self._lock:  # a one-shot fault hits exactly one request
+                    if action.get("once", True):
+                        if fault not in self.faults:
+                            continue
                         self.faults.remove(fault)
                 if action.get("keep_bytes") is not None:  # a cut-off upload kept in part
                     upload_id = path.rsplit("/", 1)[-1]

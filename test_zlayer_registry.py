@@ -4383,8 +4383,11 @@ class TestPush:
     def test_an_interrupted_put_resumes_from_what_the_session_holds(self, registry, tmp_path):
         image = _small_image(tmp_path / "layout")
         big = max(image.layers, key=lambda b: b.size)
+        # The fault is aimed at the big layer's PUT: the config and the small
+        # layer go up in parallel and would otherwise take it, whole.
         registry.faults.append(lambda m, p, h: {"status": 500, "keep_bytes": 120_000}
-                               if m == "PUT" and "/blobs/uploads/" in p else None)
+                               if m == "PUT" and "/blobs/uploads/" in p
+                               and int(h.get("Content-Length") or 0) == big.size else None)
         with _pusher() as pusher:
             pusher.copy(f"oci:{tmp_path / 'layout'}:v1", f"{registry.host}/team/app:v1")
         patches = [r for r in registry.requests if r["method"] == "PATCH"]
