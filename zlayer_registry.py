@@ -50,27 +50,31 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     25. CACHE INDEX: SQLite beside the files
     26. DIRECTORY CACHE: DirectoryBlobCache, the files and their index
     27. MEMORY CACHE: BlobCache, and where persistent caches are opened
-    28. UNPACK: layer streams (compression, prefetch)
-    29. UNPACK: the root filesystem tree
-    30. UNPACK: LayerUnpacker, applying tar entries
-    31. OCI LAYOUT: writing layouts and archives
-    32. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
-    33. OCI LAYOUT: reading and importing
-    34. LOCAL REGISTRY: LocalRegistry, images stored on this host
-    35. WORKER POOL: threads that keep their connections between batches
-    36. SESSION AND RESOLVER: what transfers share; references to manifests
-    37. FETCHER: verified blobs from a source into a store
-    38. PULL: what a pull returns (Layer, PullResult)
-    39. PULL: the ImagePuller API
-    40. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
-    41. PUSH: ImagePusher, push and copy
-    42. SERVE: basic credentials from an htpasswd file (bcrypt, apr1, SHA, SHA-crypt)
-    43. SERVE: upload sessions and request bodies
-    44. SERVE: the pull-through mirror (upstreams, tags kept for a TTL, single-flight blobs)
-    45. SERVE: RegistryServer, the distribution API over the local registry
-    46. CLI: output, progress, and what every command opens (caches, pullers, credentials)
-    47. CLI: the commands
-    48. CLI: argument types, the command table, the parser, main
+    28. S3: SigV4 signing (headers and presigned URLs)
+    29. S3: credentials, region and endpoint, found as AWS's own tools find them
+    30. S3: the object client (signed requests, errors, listing, multipart)
+    31. S3: S3BlobCache, blobs in a bucket where registries keep them
+    32. UNPACK: layer streams (compression, prefetch)
+    33. UNPACK: the root filesystem tree
+    34. UNPACK: LayerUnpacker, applying tar entries
+    35. OCI LAYOUT: writing layouts and archives
+    36. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
+    37. OCI LAYOUT: reading and importing
+    38. LOCAL REGISTRY: LocalRegistry, images stored on this host
+    39. WORKER POOL: threads that keep their connections between batches
+    40. SESSION AND RESOLVER: what transfers share; references to manifests
+    41. FETCHER: verified blobs from a source into a store
+    42. PULL: what a pull returns (Layer, PullResult)
+    43. PULL: the ImagePuller API
+    44. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
+    45. PUSH: ImagePusher, push and copy
+    46. SERVE: basic credentials from an htpasswd file (bcrypt, apr1, SHA, SHA-crypt)
+    47. SERVE: upload sessions and request bodies
+    48. SERVE: the pull-through mirror (upstreams, tags kept for a TTL, single-flight blobs)
+    49. SERVE: RegistryServer, the distribution API over the local registry
+    50. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+    51. CLI: the commands
+    52. CLI: argument types, the command table, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -146,6 +150,9 @@ __all__ = [
     "ImportInfo",
     # Credentials
     "RegistryAuth",
+    # S3
+    "sigv4_headers", "sigv4_presign", "S3Credentials", "S3BlobCache",
+    "S3_MULTIPART_THRESHOLD_BYTES", "S3_PART_BYTES",
     # Caches
     "BlobStore", "BlobWriter", "BlobCache", "DirectoryBlobCache",
     # Local registry and its server
@@ -331,7 +338,19 @@ class RateLimitedError(RegistryError):
 
 
 class CacheError(ZLayerError):
-    """The blob cache cannot be opened, read or written."""
+    """The blob cache cannot be opened, read or written.
+
+    Fields: ``code`` (the store's error code, S3's ``Code`` such as
+    AccessDenied or SlowDown; '' otherwise), ``status`` (the HTTP status
+    where there was one) and ``temporary`` (trying again may help).
+    """
+
+    def __init__(self, message: str, *, code: str = "", status: Optional[int] = None,
+                 temporary: bool = False) -> None:
+        self.code = code
+        self.status = status
+        self.temporary = temporary
+        super().__init__(message)
 
 
 class UnpackError(ZLayerError):
@@ -1899,6 +1918,8 @@ class _RawResponse:
 
     def read(self, amount: Optional[int] = None) -> bytes:
         """Read the whole body, or until ``amount`` bytes; less when it ends early."""
+        if amount is not None and amount < 0:  # file-object convention: read all
+            amount = None
         parts = []
         while amount is None or amount > 0:
             try:
@@ -2380,6 +2401,8 @@ class _Response:
         count = self._raw.readinto1(view)
         self._finish()
         return count
+
+    readinto = readinto1  # a raw stream's readinto may return less than asked
 
     def _finish(self) -> None:
         """Return the connection to the pool when the body is fully read."""
@@ -5807,7 +5830,1287 @@ class BlobCache(BlobStore):
 
 
 # =============================================================================
-# 28. UNPACK: layer streams (compression, prefetch)
+# 28. S3: SigV4 signing (headers and presigned URLs)
+# =============================================================================
+# AWS Signature Version 4, written on hmac and hashlib: a canonical request
+# (method, path, sorted query, the signed headers, the payload's SHA-256) is
+# hashed into a string to sign, which a key derived from the secret, the day,
+# the region and the service signs.  S3 departs from the generic rules in
+# three ways (its "Signature Calculations" page): the path is signed exactly as
+# it goes on the wire (an object key may hold "//" or "..", so no
+# normalisation and no second encoding); x-amz-content-sha256 is a header of
+# every request and is signed; a payload may be UNSIGNED-PAYLOAD.  A session
+# token is signed (x-amz-security-token), as S3 and STS require.
+# https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_sigv4.html
+
+_SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
+_UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+# RFC 3986 unreserved characters: the only ones SigV4 leaves unencoded.
+_SIGV4_SAFE = "-_.~"
+_AMZ_DATE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
+_SIGNING_KEYS: "OrderedDict[Tuple[str, str, str, str], bytes]" = OrderedDict()
+_SIGNING_KEYS_LOCK = threading.Lock()
+
+
+def _sigv4_quote(text: str, safe: str = _SIGV4_SAFE) -> str:
+    from urllib.parse import quote
+    return quote(text, safe=safe)
+
+
+def _sigv4_path(path: str, service: str) -> str:
+    """Return the canonical URI: S3's path as given; other services' path with
+    dot segments and repeated slashes removed, then percent-encoded again."""
+    if not path:
+        return "/"
+    if service == "s3":
+        return path
+    segments: List[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    normalised = "/" + "/".join(segments)
+    if path.endswith("/") and normalised != "/":
+        normalised += "/"
+    return _sigv4_quote(normalised, safe="/" + _SIGV4_SAFE)
+
+
+def _sigv4_query(query: str) -> str:
+    """Return the canonical query string: each name and value decoded from the
+    wire and encoded strictly ("+" is a plus, not a space), sorted by name, then value."""
+    from urllib.parse import unquote
+    pairs = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        pairs.append((_sigv4_quote(unquote(name)), _sigv4_quote(unquote(value))))
+    return "&".join(f"{name}={value}" for name, value in sorted(pairs))
+
+
+def _sigv4_header_items(headers: Union[Mapping[str, str], Iterable[Tuple[str, str]]]
+                        ) -> List[Tuple[str, str]]:
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [(str(name), str(value)) for name, value in items]
+
+
+def _sigv4_canonical_headers(items: Sequence[Tuple[str, str]]) -> Tuple[str, str]:
+    """Return (canonical headers, signed header names): names lowercased and
+    sorted, values trimmed with runs of whitespace (folded lines too) made one
+    space, repeated names joined with commas in the order given."""
+    merged: Dict[str, List[str]] = {}
+    for name, value in items:
+        merged.setdefault(name.strip().lower(), []).append(" ".join(value.split()))
+    names = sorted(merged)
+    canonical = "".join(f"{name}:{','.join(merged[name])}\n" for name in names)
+    return canonical, ";".join(names)
+
+
+def _sigv4_host(scheme: str, netloc: str) -> str:
+    """Return the Host value as sent: the default port of the scheme left out."""
+    netloc = netloc.rpartition("@")[2].lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme, "")
+    if default and netloc.endswith(default):
+        netloc = netloc[:-len(default)]
+    return netloc
+
+
+def _sigv4_signing_key(secret_key: str, day: str, region: str, service: str) -> bytes:
+    """Return the derived key of a day, region and service (kept: it changes daily)."""
+    import hmac
+    cache_key = (secret_key, day, region, service)
+    with _SIGNING_KEYS_LOCK:
+        key = _SIGNING_KEYS.get(cache_key)
+    if key is None:
+        key = ("AWS4" + secret_key).encode("utf-8")
+        for part in (day, region, service, "aws4_request"):
+            key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
+        with _SIGNING_KEYS_LOCK:
+            _SIGNING_KEYS[cache_key] = key
+            while len(_SIGNING_KEYS) > 64:
+                _SIGNING_KEYS.popitem(last=False)
+    return key
+
+
+def _sigv4_check(amz_date: str, region: str, service: str) -> None:
+    if not _AMZ_DATE.fullmatch(amz_date):
+        raise ValueError(f"amz_date must look like 20150830T123600Z, not {amz_date!r}")
+    if not region or not service:
+        raise ValueError("a SigV4 signature needs a region and a service")
+
+
+def _sigv4_signature(method: str, path: str, query: str, header_items: Sequence[Tuple[str, str]],
+                     body_sha256: str, *, secret_key: str, scope: str, amz_date: str,
+                     region: str, service: str) -> Tuple[str, str]:
+    """Return (signature, signed header names) of one canonical request."""
+    import hmac
+    canonical_headers, signed = _sigv4_canonical_headers(header_items)
+    canonical_request = "\n".join([method.upper(), path, query, canonical_headers, signed,
+                                   body_sha256])
+    string_to_sign = "\n".join([
+        _SIGV4_ALGORITHM, amz_date, scope,
+        hashlib.sha256(canonical_request.encode("utf-8")).hexdigest()])
+    key = _sigv4_signing_key(secret_key, amz_date[:8], region, service)
+    return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest(), signed
+
+
+def sigv4_headers(method: str, url: str,
+                  headers: Union[Mapping[str, str], Iterable[Tuple[str, str]]],
+                  body_sha256: str, *, access_key: str, secret_key: str, region: str,
+                  service: str, amz_date: str, session_token: Optional[str] = None
+                  ) -> Dict[str, str]:
+    """Return the headers that sign a request with AWS Signature Version 4.
+
+    ``url`` is the URL as it goes on the wire (path percent-encoded, query
+    encoded); every header in ``headers`` (a mapping, or pairs when a name
+    repeats) is signed, and ``host`` with them.  ``body_sha256`` is the hex
+    SHA-256 of the payload or ``UNSIGNED-PAYLOAD``; ``amz_date`` is UTC as
+    ``YYYYMMDDTHHMMSSZ``.  The result holds ``Authorization``,
+    ``x-amz-date``, ``x-amz-content-sha256`` (service ``s3``) and
+    ``x-amz-security-token`` (with a session token): add them to the request.
+    """
+    from urllib.parse import urlsplit
+    _sigv4_check(amz_date, region, service)
+    parts = urlsplit(url)
+    items = [item for item in _sigv4_header_items(headers)
+             if item[0].strip().lower() not in ("authorization", "x-amz-date",
+                                                 "x-amz-content-sha256",
+                                                 "x-amz-security-token")]
+    added = {"x-amz-date": amz_date}
+    if service == "s3":
+        added["x-amz-content-sha256"] = body_sha256
+    if session_token:
+        added["x-amz-security-token"] = session_token
+    if not any(name.strip().lower() == "host" for name, _ in items):
+        items.append(("host", _sigv4_host(parts.scheme, parts.netloc)))
+    items.extend(added.items())
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    signature, signed = _sigv4_signature(
+        method, _sigv4_path(parts.path, service), _sigv4_query(parts.query), items,
+        body_sha256, secret_key=secret_key, scope=scope, amz_date=amz_date,
+        region=region, service=service)
+    added["Authorization"] = (f"{_SIGV4_ALGORITHM} Credential={access_key}/{scope}, "
+                              f"SignedHeaders={signed}, Signature={signature}")
+    return added
+
+
+def sigv4_presign(method: str, url: str, *, access_key: str, secret_key: str, region: str,
+                  amz_date: str, expires_s: int = 3600, service: str = "s3",
+                  session_token: Optional[str] = None,
+                  headers: Union[Mapping[str, str], Iterable[Tuple[str, str]]] = ()) -> str:
+    """Return ``url`` signed in its query string (a presigned URL), valid for ``expires_s``.
+
+    Anyone holding the URL may send the request until it expires, without
+    credentials: hand it to another tool (curl, a browser) to fetch one
+    blob.  The payload is ``UNSIGNED-PAYLOAD``; ``headers`` the request
+    must carry are signed along with ``host``.
+    """
+    from urllib.parse import urlsplit
+    _sigv4_check(amz_date, region, service)
+    if not 1 <= int(expires_s) <= 604800:  # S3's limit: seven days
+        raise ValueError("a presigned URL expires after 1 second to 7 days")
+    parts = urlsplit(url)
+    items = _sigv4_header_items(headers)
+    if not any(name.strip().lower() == "host" for name, _ in items):
+        items.append(("host", _sigv4_host(parts.scheme, parts.netloc)))
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    _, signed = _sigv4_canonical_headers(items)
+    params = [("X-Amz-Algorithm", _SIGV4_ALGORITHM),
+              ("X-Amz-Credential", f"{access_key}/{scope}"),
+              ("X-Amz-Date", amz_date), ("X-Amz-Expires", str(int(expires_s))),
+              ("X-Amz-SignedHeaders", signed)]
+    if session_token:
+        params.append(("X-Amz-Security-Token", session_token))
+    query = "&".join(filter(None, [parts.query] + [
+        f"{name}={_sigv4_quote(value)}" for name, value in params]))
+    signature, _ = _sigv4_signature(
+        method, _sigv4_path(parts.path, service), _sigv4_query(query), items,
+        _UNSIGNED_PAYLOAD, secret_key=secret_key, scope=scope, amz_date=amz_date,
+        region=region, service=service)
+    base = url.split("#", 1)[0].split("?", 1)[0]
+    return f"{base}?{query}&X-Amz-Signature={signature}"
+
+
+def _amz_date(when: Optional[float] = None) -> str:
+    """Return ``when`` (default: now) as SigV4's UTC timestamp."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if when is None else when))
+
+
+# =============================================================================
+# 29. S3: credentials, region and endpoint, found as AWS's own tools find them
+# =============================================================================
+# The chain, in botocore's order: the environment (AWS_ACCESS_KEY_ID,
+# AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN); the shared credentials file and
+# the config file of the profile (AWS_PROFILE; ``[NAME]`` in credentials,
+# ``[profile NAME]`` in config; ``credential_process``); the ECS/EKS container
+# endpoint (AWS_CONTAINER_CREDENTIALS_RELATIVE_URI or _FULL_URI, with
+# AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE]); EC2 instance metadata, IMDSv2
+# (a PUT for a session token, then GETs for the role and its credentials).
+# Temporary credentials are fetched again before they expire.  The metadata
+# endpoints are link-local, so they are asked directly (never through a
+# proxy, which would see the credentials) with one-second timeouts: a host
+# off EC2 waits at most that long before the error says what was tried.
+# https://docs.aws.amazon.com/sdkref/latest/guide/standardized-credentials.html
+
+_CONTAINER_CREDENTIALS_HOST = "http://169.254.170.2"
+# Hosts AWS SDKs accept in AWS_CONTAINER_CREDENTIALS_FULL_URI over plain http
+# (the ECS and EKS pod-identity agents), besides loopback.
+_CONTAINER_CREDENTIALS_HOSTS = ("169.254.170.2", "169.254.170.23", "fd00:ec2::23")
+_IMDS_ENDPOINT = "http://169.254.169.254"
+_IMDS_TOKEN_TTL_S = 21600
+_METADATA_TIMEOUT_S = 1.0
+_METADATA_RESPONSE_BYTES = 64 * 1024
+# Temporary credentials are renewed this long before they expire (botocore:
+# 15 minutes advisory, 10 mandatory); within the last minute the old ones
+# are no longer used even when renewal fails.
+_CREDENTIALS_REFRESH_S = 15 * 60
+_CREDENTIALS_MANDATORY_S = 60
+_DEFAULT_AWS_REGION = "us-east-1"
+
+
+def _debug(message: str) -> None:
+    """Log ``message`` for ``--debug`` (the logger ``zlayer_registry``, at DEBUG)."""
+    import logging
+    logging.getLogger("zlayer_registry").debug(message)
+
+
+class S3Credentials:
+    """AWS credentials: an access key and its secret, and for temporary ones a
+    session token and the time they expire.
+
+    The secret and the token never appear in ``repr()`` or ``str()``.
+    """
+
+    __slots__ = ("access_key", "secret_key", "session_token", "expires_at", "source")
+
+    def __init__(self, access_key: str, secret_key: str, session_token: str = "", *,
+                 expires_at: Optional[float] = None, source: str = "") -> None:
+        if not access_key or not secret_key:
+            raise ValueError("S3 credentials need an access key and a secret key")
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.session_token = session_token
+        self.expires_at = expires_at  # a Unix time, None for long-term keys
+        self.source = source  # where they were found: "environment", a file, ...
+
+    def __repr__(self) -> str:
+        expiry = "" if self.expires_at is None else f", expires_at={self.expires_at:.0f}"
+        return (f"S3Credentials(access_key={self.access_key[:4]!r}..., "
+                f"source={self.source!r}{expiry})")
+
+    __str__ = __repr__
+
+    def expires_within(self, seconds: float, now: float) -> bool:
+        """Tell whether these credentials expire within ``seconds`` of ``now``."""
+        return self.expires_at is not None and self.expires_at - now <= seconds
+
+
+class _AwsSettings:
+    """The profile's settings from the shared files: credentials, region,
+    endpoint_url, credential_process (values never shown in errors)."""
+
+    def __init__(self, environ: Mapping[str, str], home: Optional[str] = None) -> None:
+        home = home if home is not None else os.path.expanduser("~")
+        self.profile = (environ.get("AWS_PROFILE") or environ.get("AWS_DEFAULT_PROFILE")
+                        or "default")
+        self.credentials_file = os.path.expanduser(
+            environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(home, ".aws",
+                                                                       "credentials"))
+        self.config_file = os.path.expanduser(
+            environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config"))
+        self.credentials = self._section(self.credentials_file, [self.profile])
+        self.config = self._section(self.config_file, [
+            f"profile {self.profile}"] + (["default"] if self.profile == "default" else []))
+        if self.profile != "default" and not (self.credentials or self.config) \
+                and ("AWS_PROFILE" in environ or "AWS_DEFAULT_PROFILE" in environ):
+            raise CacheError(f"AWS profile {self.profile!r} is not in {self.credentials_file} "
+                             f"or {self.config_file}")
+
+    @staticmethod
+    def _section(path: str, names: Sequence[str]) -> Dict[str, str]:
+        import configparser
+        data = _read_regular_file(path, 1024 * 1024)
+        if data is None:
+            return {}
+        parser = configparser.RawConfigParser(default_section="\x00", strict=False,
+                                              interpolation=None)
+        try:
+            parser.read_string(data.decode("utf-8", "replace"), source=path)
+        except configparser.Error as exc:
+            raise CacheError(f"cannot read {path}: line {getattr(exc, 'lineno', '?')} "
+                             "is not INI syntax") from None
+        for name in names:
+            if parser.has_section(name):
+                return {key.lower(): value.strip() for key, value in parser.items(name)}
+        return {}
+
+    def get(self, key: str) -> str:
+        """Return a setting of the profile (config file), '' when absent."""
+        return self.config.get(key, "")
+
+
+def _credentials_from_environ(environ: Mapping[str, str]) -> Optional[S3Credentials]:
+    access_key = environ.get("AWS_ACCESS_KEY_ID", "")
+    secret_key = environ.get("AWS_SECRET_ACCESS_KEY", "")
+    if not access_key and not secret_key:
+        return None
+    if not access_key or not secret_key:
+        missing = "AWS_SECRET_ACCESS_KEY" if access_key else "AWS_ACCESS_KEY_ID"
+        raise CacheError(f"AWS credentials in the environment lack {missing}")
+    token = environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN") or ""
+    return S3Credentials(access_key, secret_key, token, source="environment")
+
+
+def _credentials_from_section(section: Mapping[str, str], where: str
+                              ) -> Optional[S3Credentials]:
+    access_key = section.get("aws_access_key_id", "")
+    secret_key = section.get("aws_secret_access_key", "")
+    if not access_key and not secret_key:
+        return None
+    if not access_key or not secret_key:
+        raise CacheError(f"{where} has only half of a key pair "
+                         "(aws_access_key_id and aws_secret_access_key)")
+    return S3Credentials(access_key, secret_key, section.get("aws_session_token", ""),
+                         source=where)
+
+
+def _parse_expiration(text: str) -> Optional[float]:
+    """Parse an ISO 8601 UTC time (``2026-12-03T10:00:00Z``) into a Unix time."""
+    import calendar
+    match = re.fullmatch(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                         r"(?:\.[0-9]+)?(Z|[+-]00:?00)", text.strip())
+    if not match:
+        return None
+    return float(calendar.timegm(tuple(int(g) for g in match.groups()[:6]) + (0, 0, 0)))
+
+
+def _credentials_from_json(data: bytes, where: str) -> S3Credentials:
+    """Read the credentials document of a container endpoint, IMDS or a
+    credential_process (its fields are never quoted in errors)."""
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CacheError(f"{where} answered with something that is not JSON") from None
+    if not isinstance(document, dict):
+        raise CacheError(f"{where} answered with a JSON value that is not an object")
+    if document.get("Code", "Success") != "Success":
+        raise CacheError(f"{where} refused credentials (code "
+                         f"{str(document.get('Code'))[:64]!r})")
+    access_key = document.get("AccessKeyId")
+    secret_key = document.get("SecretAccessKey")
+    token = document.get("Token", document.get("SessionToken", "")) or ""
+    if not isinstance(access_key, str) or not isinstance(secret_key, str) \
+            or not access_key or not secret_key or not isinstance(token, str):
+        raise CacheError(f"{where} answered without AccessKeyId and SecretAccessKey")
+    expiration = document.get("Expiration")
+    expires_at = _parse_expiration(expiration) if isinstance(expiration, str) else None
+    if isinstance(expiration, str) and expires_at is None:
+        raise CacheError(f"{where} answered with an Expiration that is not an ISO 8601 time")
+    return S3Credentials(access_key, secret_key, token, expires_at=expires_at, source=where)
+
+
+def _credentials_from_process(command: str, where: str) -> S3Credentials:
+    """Run a profile's ``credential_process`` (a command that prints JSON credentials)."""
+    import shlex
+    import subprocess
+    try:
+        result = subprocess.run(shlex.split(command), stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, timeout=60, check=False)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        raise CacheError(f"credential_process of {where} cannot run: "
+                         f"{getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+    if result.returncode != 0:
+        raise CacheError(f"credential_process of {where} failed (exit status "
+                         f"{result.returncode})")
+    return _credentials_from_json(result.stdout, f"credential_process of {where}")
+
+
+def _metadata_request(transport: _Transport, method: str, url: str,
+                      headers: Mapping[str, str], where: str) -> Tuple[int, bytes]:
+    """Send one request to a metadata endpoint; return (status, capped body).
+
+    Raises CacheError when the endpoint does not answer (host off EC2/ECS).
+    """
+    try:
+        with transport.send(method, url, headers) as response:
+            return response.status, _read_capped(response, _METADATA_RESPONSE_BYTES)
+    except _CONNECTION_ERRORS as exc:
+        raise CacheError(f"{where} at {_redact_url(url)} does not answer "
+                         f"({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+
+
+def _container_credentials(environ: Mapping[str, str], transport: _Transport
+                           ) -> S3Credentials:
+    """Fetch credentials from the ECS/EKS container endpoint."""
+    relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "")
+    url = (_CONTAINER_CREDENTIALS_HOST + relative if relative
+           else environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI", ""))
+    scheme, host, _, _ = _split_url(url)
+    if not relative and scheme != "https" and not _is_loopback_host(host) \
+            and host.strip("[]").lower() not in _CONTAINER_CREDENTIALS_HOSTS:
+        # A credentials URL anyone could plant must not send the token elsewhere.
+        raise CacheError("AWS_CONTAINER_CREDENTIALS_FULL_URI must be https, loopback or "
+                         "the ECS/EKS agent's address")
+    headers = {"Accept": "application/json"}
+    token_file = environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "")
+    if token_file:
+        data = _read_regular_file(token_file, 16384)
+        if data is None:
+            raise CacheError(f"cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE {token_file}")
+        headers["Authorization"] = data.decode("utf-8", "replace").strip()
+    elif environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN"):
+        headers["Authorization"] = environ["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
+    status, body = _metadata_request(transport, "GET", url, headers, "the container "
+                                     "credentials endpoint")
+    if status != 200:
+        raise CacheError(f"the container credentials endpoint answered {status}")
+    return _credentials_from_json(body, "the container credentials endpoint")
+
+
+def _instance_credentials(environ: Mapping[str, str], transport: _Transport
+                          ) -> S3Credentials:
+    """Fetch the instance role's credentials from EC2 instance metadata (IMDSv2)."""
+    endpoint = (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or _IMDS_ENDPOINT).rstrip("/")
+    where = "EC2 instance metadata"
+    status, token = _metadata_request(
+        transport, "PUT", endpoint + "/latest/api/token",
+        {"X-aws-ec2-metadata-token-ttl-seconds": str(_IMDS_TOKEN_TTL_S)}, where)
+    headers: Dict[str, str] = {}
+    if status == 200:
+        headers["X-aws-ec2-metadata-token"] = token.decode("ascii", "replace").strip()
+    elif status not in (404, 405):  # 403: IMDS turned off; 404/405: IMDSv1 only
+        raise CacheError(f"{where} refused a session token ({status})")
+    base = endpoint + "/latest/meta-data/iam/security-credentials/"
+    status, body = _metadata_request(transport, "GET", base, headers, where)
+    role = body.decode("utf-8", "replace").strip().splitlines()[0] if body.strip() else ""
+    if status != 200 or not role or "/" in role:
+        raise CacheError(f"{where} names no instance role ({status})")
+    from urllib.parse import quote
+    status, body = _metadata_request(transport, "GET", base + quote(role), headers, where)
+    if status != 200:
+        raise CacheError(f"{where} answered {status} for the role's credentials")
+    return _credentials_from_json(body, where)
+
+
+class _CredentialChain:
+    """Finds credentials as the chain above does, keeps them, and fetches
+    temporary ones again before they expire (thread-safe)."""
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None, *,
+                 home: Optional[str] = None,
+                 transport: Optional[_Transport] = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._environ = dict(os.environ if environ is None else environ)
+        self._home = home
+        self._transport = transport or _Transport(timeout_s=_METADATA_TIMEOUT_S)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._current: Optional[S3Credentials] = None
+        self._fetch: Optional[Callable[[], S3Credentials]] = None
+
+    def get(self) -> S3Credentials:
+        """Return valid credentials, renewing temporary ones when they are about to expire."""
+        with self._lock:
+            now = self._clock()
+            current = self._current
+            if current is not None and not current.expires_within(_CREDENTIALS_REFRESH_S, now):
+                return current
+            if current is not None and self._fetch is not None:
+                try:
+                    self._current = self._fetch()
+                except CacheError:
+                    if current.expires_within(_CREDENTIALS_MANDATORY_S, now):
+                        raise
+                    _debug(f"renewing {current.source} credentials failed; "
+                           "the current ones are still valid")
+                return cast(S3Credentials, self._current)
+            self._current, self._fetch = self._find()
+            return self._current
+
+    def _find(self) -> Tuple[S3Credentials, Optional[Callable[[], S3Credentials]]]:
+        environ = self._environ
+        found = _credentials_from_environ(environ)
+        if found is not None:
+            return found, None
+        settings = _AwsSettings(environ, self._home)
+        where = f"profile {settings.profile!r} of {settings.credentials_file}"
+        found = _credentials_from_section(settings.credentials, where)
+        if found is not None:
+            return found, None
+        where = f"profile {settings.profile!r} of {settings.config_file}"
+        found = _credentials_from_section(settings.config, where)
+        if found is not None:
+            return found, None
+        process = settings.credentials.get("credential_process") or settings.get(
+            "credential_process")
+        if process:
+            fetch: Callable[[], S3Credentials] = lambda: _credentials_from_process(process, where)
+            return fetch(), fetch
+        tried = ["environment", settings.credentials_file, settings.config_file]
+        if environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or environ.get(
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+            fetch = lambda: _container_credentials(environ, self._transport)
+            return fetch(), fetch
+        if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true":
+            fetch = lambda: _instance_credentials(environ, self._transport)
+            try:
+                return fetch(), fetch
+            except CacheError as exc:
+                _debug(f"no instance credentials: {exc}")
+                tried.append("EC2 instance metadata")
+        raise CacheError("no AWS credentials found (looked in: " + ", ".join(tried)
+                         + "); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+
+
+def _aws_region(environ: Mapping[str, str], settings: Optional[_AwsSettings]) -> str:
+    """Return the region: AWS_REGION, AWS_DEFAULT_REGION, the profile's, or us-east-1."""
+    return (environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+            or (settings.get("region") if settings else "") or _DEFAULT_AWS_REGION)
+
+
+def _aws_endpoint(environ: Mapping[str, str], settings: Optional[_AwsSettings]) -> str:
+    """Return the S3 endpoint URL set by AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or
+    the profile's endpoint_url ('' for AWS's own)."""
+    return (environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+            or (settings.get("endpoint_url") if settings else "")).rstrip("/")
+
+
+# =============================================================================
+# 30. S3: the object client (signed requests, errors, listing, multipart)
+# =============================================================================
+# The S3 REST API over the shared transport (keep-alive pool, proxies,
+# streamed bodies) and retry policy: every attempt is signed anew (its date,
+# renewed credentials).  Errors are S3's XML (``<Code>``, ``<Message>``) turned
+# into a CacheError with the code; 500, 503 SlowDown and dropped connections
+# are retried with backoff.  Buckets are addressed virtual-host style
+# (bucket.s3.REGION.amazonaws.com) on AWS and path style on any other
+# endpoint (MinIO, SeaweedFS, Ceph and R2 all take it), unless told.
+# XML from the server is parsed only when it declares no DTD, so that entity
+# expansion (billion laughs) cannot happen: S3 never sends one.
+# https://docs.aws.amazon.com/AmazonS3/latest/API/Welcome.html
+
+_S3_XML_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+_S3_LIST_BYTES = 16 * 1024 * 1024
+_S3_RETRYABLE_CODES = frozenset({"SlowDown", "InternalError", "ServiceUnavailable",
+                                 "RequestTimeout", "RequestTimeTooSkewed"})
+# Bucket names that can be a DNS label (virtual-host addressing); with dots,
+# TLS would fail on the wildcard certificate, so those go path style.
+_DNS_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
+
+
+def _s3_xml(data: bytes, what: str) -> Any:
+    """Parse an S3 XML document (no DTD allowed); CacheError when it is not one."""
+    import xml.etree.ElementTree as ElementTree
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise CacheError(f"{what}: the answer declares a DTD; refused")
+    try:
+        return ElementTree.fromstring(data)
+    except ElementTree.ParseError:
+        raise CacheError(f"{what}: the answer is not XML") from None
+
+
+def _xml_text(element: Any, name: str) -> str:
+    """Return the text of ``element``'s child ``name`` (namespaced or not), '' when absent."""
+    child = element.find(_S3_XML_NS + name)
+    if child is None:
+        child = element.find(name)
+    return (child.text or "") if child is not None else ""
+
+
+def _s3_error_fields(body: bytes) -> Tuple[str, str]:
+    """Return (Code, Message) of an S3 XML error body, ('', '') when it is not one."""
+    code = re.search(rb"<Code>([^<]{1,128})</Code>", body)
+    message = re.search(rb"<Message>([^<]{1,512})</Message>", body)
+    return ((code.group(1).decode("utf-8", "replace") if code else ""),
+            (message.group(1).decode("utf-8", "replace") if message else ""))
+
+
+class _S3Client:
+    """Signed requests to one bucket: objects by key, listing, multipart uploads."""
+
+    def __init__(self, bucket: str, *, endpoint: str, region: str, credentials: Any,
+                 addressing: str = "auto", transport: Optional[_Transport] = None,
+                 retries: int = DEFAULT_RETRIES,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not _BUCKET_NAME.fullmatch(bucket):
+            raise CacheError(f"invalid S3 bucket name {bucket!r}")
+        if addressing not in ("auto", "path", "virtual"):
+            raise ValueError("addressing is 'auto', 'path' or 'virtual'")
+        self.bucket = bucket
+        self.region = region
+        self.credentials = credentials  # anything with get() -> S3Credentials
+        self.transport = transport or _Transport()
+        self.retries = retries
+        self._sleep = sleep
+        aws = not endpoint
+        endpoint = (endpoint or f"https://s3.{region}.amazonaws.com").rstrip("/")
+        try:
+            scheme, host, port, path = _split_url(endpoint)
+        except RegistryError:
+            raise CacheError(f"invalid S3 endpoint {_redact_url(endpoint)}") from None
+        if path not in ("/", ""):
+            raise CacheError(f"an S3 endpoint is a scheme and host, not {_redact_url(endpoint)}")
+        virtual = addressing == "virtual" or (
+            addressing == "auto" and aws and _DNS_BUCKET.fullmatch(bucket) is not None
+            and "--" not in bucket)
+        netloc = endpoint.partition("://")[2]
+        self.endpoint = endpoint
+        self._base = (f"{scheme}://{bucket}.{netloc}" if virtual
+                      else f"{endpoint}/{self._quote(bucket)}")
+        self.name = f"s3://{bucket}"
+        self._host = host
+
+    @staticmethod
+    def _quote(key: str) -> str:
+        from urllib.parse import quote
+        return quote(key, safe="/" + _SIGV4_SAFE)
+
+    def url(self, key: str, query: str = "") -> str:
+        """Return an object's (or with key '', the bucket's) URL as sent."""
+        url = f"{self._base}/{self._quote(key)}" if key else self._base + "/"
+        return f"{url}?{query}" if query else url
+
+    def presign(self, key: str, expires_s: int = 3600) -> str:
+        """Return a presigned GET URL of an object (valid ``expires_s`` seconds)."""
+        credentials = self.credentials.get()
+        return sigv4_presign("GET", self.url(key), access_key=credentials.access_key,
+                             secret_key=credentials.secret_key, region=self.region,
+                             amz_date=_amz_date(), expires_s=expires_s,
+                             session_token=credentials.session_token or None)
+
+    # -- requests -------------------------------------------------------------
+
+    def send(self, method: str, key: str, *, query: str = "",
+             headers: Optional[Mapping[str, str]] = None,
+             body: Union[None, bytes, _RequestBody] = None,
+             payload_sha256: Optional[str] = None,
+             expect: Sequence[int] = (200,), retries: Optional[int] = None) -> _Response:
+        """Send a signed request; return the response when its status is expected.
+
+        Any other status raises CacheError with S3's error code; a 404 of a
+        HEAD or GET is returned when 404 is expected.  ``payload_sha256``
+        defaults to the body's hash (bytes) or UNSIGNED-PAYLOAD (a stream).
+        """
+        url = self.url(key, query)
+        request_body = _as_body(body)
+        if payload_sha256 is None:
+            payload_sha256 = (hashlib.sha256(body).hexdigest() if isinstance(body, bytes)
+                              else _EMPTY_SHA256 if body is None else _UNSIGNED_PAYLOAD)
+        extra = dict(headers or {})
+        if request_body is not None:
+            extra["Content-Length"] = str(request_body.length)
+        elif method in ("PUT", "POST"):
+            extra["Content-Length"] = "0"
+
+        def attempt() -> _Response:
+            credentials = self.credentials.get()
+            signed = sigv4_headers(method, url, extra, payload_sha256,
+                                   access_key=credentials.access_key,
+                                   secret_key=credentials.secret_key, region=self.region,
+                                   service="s3", amz_date=_amz_date(),
+                                   session_token=credentials.session_token or None)
+            return self.transport.send(method, url, {**extra, **signed}, request_body)
+
+        def unanswered(exc: BaseException, last: bool) -> Optional[BaseException]:
+            if not last:
+                return None
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            return CacheError(f"S3 endpoint {_redact_url(self.endpoint)} does not answer "
+                              f"({reason})", status=None, temporary=True)
+
+        response = _send_with_retries(
+            attempt, method, retries=self.retries if retries is None else retries,
+            wait=lambda n, after: self._sleep(_backoff_delay(n, after)),
+            unanswered=unanswered, body=request_body)
+        if response.status in expect:
+            return response
+        raise self._error(response, method, key)
+
+    def _error(self, response: _Response, method: str, key: str) -> CacheError:
+        with response:
+            body = b"" if method == "HEAD" else _read_capped(response, MAX_ERROR_BODY_BYTES)
+        code, message = _s3_error_fields(body)
+        status = response.status
+        where = f"s3://{self.bucket}/{key}" if key else f"s3://{self.bucket}"
+        if not code:
+            code = {301: "PermanentRedirect", 403: "AccessDenied", 404: "NoSuchKey"}.get(
+                status, "")
+        detail = f"{status} {code}".strip()
+        hint = ""
+        region = response.header("x-amz-bucket-region")
+        if status in (301, 307, 400) and region and region != self.region:
+            hint = f"; the bucket is in {region}: set AWS_REGION={region}"
+        elif code == "SignatureDoesNotMatch":
+            hint = "; check the secret key (AWS_SECRET_ACCESS_KEY or the profile's)"
+        elif code in ("InvalidAccessKeyId", "ExpiredToken", "InvalidToken"):
+            hint = "; check the access key and session token"
+        elif code == "NoSuchBucket":
+            hint = f"; create it first (aws s3 mb s3://{self.bucket})"
+        text = f": {message}" if message and code not in ("SignatureDoesNotMatch",) else ""
+        return CacheError(f"S3 {method} {where} failed: {detail}{text}{hint}", code=code,
+                          status=status,
+                          temporary=status in _RETRYABLE_STATUSES or code in _S3_RETRYABLE_CODES)
+
+    # -- objects --------------------------------------------------------------
+
+    def head(self, key: str) -> Optional[Dict[str, str]]:
+        """Return an object's size and ETag (``size``, ``etag``), None when it is absent."""
+        with self.send("HEAD", key, expect=(200, 404)) as response:
+            if response.status == 404:
+                return None
+            return {"size": response.header("Content-Length"),
+                    "etag": response.header("ETag"),
+                    "last_modified": response.header("Last-Modified")}
+
+    def get(self, key: str, offset: int = 0) -> Optional[_Response]:
+        """Start reading an object (from ``offset``); None when it is absent."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        response = self.send("GET", key, headers=headers, expect=(200, 206, 404, 416))
+        if response.status in (404, 416):
+            response.close()
+            return None
+        if offset and response.status != 206:
+            response.close()
+            raise CacheError(f"S3 GET s3://{self.bucket}/{key}: a Range was ignored")
+        return response
+
+    def get_small(self, key: str, limit_bytes: int) -> Optional[bytes]:
+        """Return a small object's bytes (None when absent); CacheError when it is larger."""
+        response = self.get(key)
+        if response is None:
+            return None
+        with response:
+            data = _read_capped(response, limit_bytes + 1)
+        if len(data) > limit_bytes:
+            raise CacheError(f"s3://{self.bucket}/{key} is larger than {limit_bytes} bytes")
+        return data
+
+    def put(self, key: str, body: Union[bytes, _RequestBody], payload_sha256: Optional[str]
+            = None, headers: Optional[Mapping[str, str]] = None) -> str:
+        """Store an object in one PUT; return its ETag."""
+        with self.send("PUT", key, body=body, payload_sha256=payload_sha256,
+                       headers=headers) as response:
+            response.read()
+            return response.header("ETag")
+
+    def put_if_absent(self, key: str, data: bytes) -> Optional[bool]:
+        """Create an object only when there is none (``If-None-Match: *``).
+
+        True: created; False: one exists; None: the store does not do
+        conditional writes (it answered 501, or an error naming the header).
+        """
+        try:
+            with self.send("PUT", key, body=data, headers={"If-None-Match": "*"},
+                           expect=(200, 412, 409)) as response:
+                response.read()
+                return response.status == 200
+        except CacheError as exc:
+            if exc.status == 501 or exc.code in ("NotImplemented",):
+                return None
+            raise
+
+    def delete(self, key: str) -> None:
+        """Delete an object (absent is not an error: S3 answers 204 either way)."""
+        with self.send("DELETE", key, expect=(200, 204, 404)) as response:
+            response.read()
+
+    def list(self, prefix: str, *, start_after: str = "") -> Iterator[Dict[str, Any]]:
+        """Yield the objects under ``prefix`` (ListObjectsV2, page by page):
+        dicts with ``key``, ``size`` and ``last_modified`` (a Unix time)."""
+        token = ""
+        while True:
+            query = [("list-type", "2"), ("prefix", prefix)]
+            if token:
+                query.append(("continuation-token", token))
+            elif start_after:
+                query.append(("start-after", start_after))
+            root = self._list_page(query)
+            for item in root.iter(_S3_XML_NS + "Contents"):
+                yield {"key": _xml_text(item, "Key"),
+                       "size": int(_xml_text(item, "Size") or 0),
+                       "last_modified": _parse_expiration(_xml_text(item, "LastModified"))}
+            token = _xml_text(root, "NextContinuationToken")
+            if _xml_text(root, "IsTruncated") != "true" or not token:
+                return
+
+    def _list_page(self, query: Sequence[Tuple[str, str]]) -> Any:
+        encoded = "&".join(f"{name}={_sigv4_quote(value)}" for name, value in query)
+        with self.send("GET", "", query=encoded) as response:
+            data = _read_capped(response, _S3_LIST_BYTES)
+        root = _s3_xml(data, f"listing s3://{self.bucket}")
+        if root.tag not in (_S3_XML_NS + "ListBucketResult", "ListBucketResult",
+                            _S3_XML_NS + "ListMultipartUploadsResult",
+                            "ListMultipartUploadsResult"):
+            raise CacheError(f"listing s3://{self.bucket}: unexpected answer <{root.tag}>")
+        return root
+
+    def check_bucket(self) -> None:
+        """Make sure the bucket exists and the credentials may use it (HEAD bucket)."""
+        with self.send("HEAD", "", expect=(200,)) as response:
+            response.read()
+
+    # -- multipart uploads ------------------------------------------------------
+
+    def create_upload(self, key: str, headers: Optional[Mapping[str, str]] = None) -> str:
+        """Start a multipart upload; return its upload ID."""
+        with self.send("POST", key, query="uploads=", headers=headers) as response:
+            data = _read_capped(response, MAX_ERROR_BODY_BYTES)
+        upload_id = _xml_text(_s3_xml(data, f"starting an upload of {key}"), "UploadId")
+        if not upload_id:
+            raise CacheError(f"S3 gave no UploadId for s3://{self.bucket}/{key}")
+        return upload_id
+
+    def upload_part(self, key: str, upload_id: str, number: int, body: _RequestBody,
+                    payload_sha256: str) -> str:
+        """Upload part ``number`` (1-based); return its ETag."""
+        query = f"partNumber={number}&uploadId={_sigv4_quote(upload_id)}"
+        with self.send("PUT", key, query=query, body=body,
+                       payload_sha256=payload_sha256) as response:
+            response.read()
+            etag = response.header("ETag")
+        if not etag:
+            raise CacheError(f"S3 gave no ETag for part {number} of s3://{self.bucket}/{key}")
+        return etag
+
+    def complete_upload(self, key: str, upload_id: str, etags: Sequence[str]) -> None:
+        """Finish a multipart upload; the object appears only now."""
+        from xml.sax.saxutils import escape
+        parts = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{escape(etag)}</ETag></Part>"
+                        for n, etag in enumerate(etags, 1))
+        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        with self.send("POST", key, query=f"uploadId={_sigv4_quote(upload_id)}",
+                       body=body, headers={"Content-Type": "application/xml"}) as response:
+            data = _read_capped(response, MAX_ERROR_BODY_BYTES)
+        code, message = _s3_error_fields(data)
+        if code or b"<Error>" in data:  # S3 may answer 200 and then an error
+            raise CacheError(f"S3 could not complete s3://{self.bucket}/{key}: "
+                             f"{code} {message}".rstrip(), code=code, status=200,
+                             temporary=code in _S3_RETRYABLE_CODES)
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abandon a multipart upload, so its parts are not kept (and billed)."""
+        with self.send("DELETE", key, query=f"uploadId={_sigv4_quote(upload_id)}",
+                       expect=(200, 204, 404)) as response:
+            response.read()
+
+    def uploads(self, prefix: str) -> List[Tuple[str, str, Optional[float]]]:
+        """Return the multipart uploads in progress under ``prefix``: (key, upload ID, started)."""
+        found: List[Tuple[str, str, Optional[float]]] = []
+        key_marker = upload_marker = ""
+        while True:
+            query = [("prefix", prefix), ("uploads", "")]
+            if key_marker:
+                query += [("key-marker", key_marker), ("upload-id-marker", upload_marker)]
+            root = self._list_page(sorted(query))
+            for item in root.iter(_S3_XML_NS + "Upload"):
+                found.append((_xml_text(item, "Key"), _xml_text(item, "UploadId"),
+                              _parse_expiration(_xml_text(item, "Initiated"))))
+            key_marker = _xml_text(root, "NextKeyMarker")
+            upload_marker = _xml_text(root, "NextUploadIdMarker")
+            if _xml_text(root, "IsTruncated") != "true" or not key_marker:
+                return found
+
+
+# =============================================================================
+# 31. S3: S3BlobCache, blobs in a bucket where registries keep them
+# =============================================================================
+# Keys follow the CNCF distribution registry's storage layout (its s3
+# driver, and Kraken, use the same), so a bucket the fleet fills is laid out
+# as registries and their tools expect, and a registry's own bucket can be
+# the fleet's read tier:
+#     PREFIX/docker/registry/v2/blobs/sha256/<hex[:2]>/<hex>/data
+# What is ours sits beside it, under PREFIX/zlayer/: reference records
+# (references/<name>, the JSON the directory cache writes) and the leases of
+# downloads in progress (leases/sha256/<hex>, see the tiered cache).
+# A blob is uploaded only once its digest checks out: a single PUT whose
+# x-amz-content-sha256 is the blob's own digest, so S3 checks the bytes too;
+# above MULTIPART_THRESHOLD a multipart upload, parts in parallel, each part
+# signed with its own SHA-256, aborted when anything fails (gc aborts those
+# a killed process left).  A read is checked against the digest as it
+# streams: a corrupted object raises DigestMismatchError at its end.
+
+S3_MULTIPART_THRESHOLD_BYTES = 16 * 1024 * 1024
+S3_PART_BYTES = 8 * 1024 * 1024
+_S3_PART_WORKERS = 4
+_S3_BLOBS = "docker/registry/v2/blobs/"
+_S3_REFERENCES = "zlayer/references/"
+_S3_LEASES = "zlayer/leases/"
+_S3_STALE_UPLOAD_S = 24 * 3600
+_S3_BLOB_KEY = re.compile(r"([a-z0-9]+)/([0-9a-f]{2})/([0-9a-f]+)/data")
+
+
+def _sha256_of_range(file: BinaryIO, offset: int, length: int) -> str:
+    """Return the hex SHA-256 of ``length`` bytes of ``file`` from ``offset`` (pread)."""
+    hasher = hashlib.sha256()
+    fd = file.fileno()
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(_READ_CHUNK_BYTES, length - done), offset + done)
+        if not chunk:
+            raise CacheError("the file to upload ended early")
+        hasher.update(chunk)
+        done += len(chunk)
+    return hasher.hexdigest()
+
+
+def _run_in_threads(tasks: Sequence[Callable[[], Any]], workers: int) -> List[Any]:
+    """Run ``tasks`` on up to ``workers`` threads; return their results in order.
+
+    The first exception raised stops the remaining tasks from starting and is
+    raised again here, once every running task has ended.
+    """
+    results: List[Any] = [None] * len(tasks)
+    errors: List[BaseException] = []
+    queue = list(enumerate(tasks))
+    lock = threading.Lock()
+
+    def run() -> None:
+        while True:
+            with lock:
+                if errors or not queue:
+                    return
+                index, task = queue.pop(0)
+            try:
+                results[index] = task()
+            except BaseException as exc:  # re-raised in the caller's thread
+                with lock:
+                    errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=run, name="zlayer-s3-part", daemon=True)
+               for _ in range(min(workers, len(tasks)) - 1)]
+    for thread in threads:
+        thread.start()
+    run()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+class _S3BlobWriter(BlobWriter):
+    """Spools a blob to an unnamed temporary file; the commit uploads it once verified."""
+
+    def __init__(self, cache: "S3BlobCache", digest: Optional[str], size: Optional[int],
+                 media_type: str, algorithm: str) -> None:
+        import tempfile
+        super().__init__(digest, size, algorithm)
+        self._cache = cache
+        self._media_type = media_type
+        self._file: Optional[BinaryIO] = tempfile.TemporaryFile(prefix="zlayer-s3-")
+
+    def _sink_write(self, data: Any) -> None:
+        assert self._file is not None
+        self._file.write(data)
+
+    def _sink_truncate(self) -> None:
+        assert self._file is not None
+        self._file.seek(0)
+        self._file.truncate()
+
+    def _sink_commit(self) -> None:
+        assert self._file is not None
+        try:
+            self._file.flush()
+            self._cache.put_file(self._file, str(self.digest), self.offset, self._media_type)
+        finally:
+            self._sink_abort()
+
+    def _sink_abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _FixedCredentials:
+    """Credentials given outright, behind the chain's ``get()``."""
+
+    def __init__(self, credentials: S3Credentials) -> None:
+        self._credentials = credentials
+
+    def get(self) -> S3Credentials:
+        """Return the credentials."""
+        return self._credentials
+
+
+class S3BlobCache(BlobStore):
+    """A blob cache in an S3 bucket (AWS S3, MinIO, SeaweedFS, Ceph RGW, R2, GCS).
+
+    ``S3BlobCache.from_url("s3://BUCKET/PREFIX")`` finds credentials, region
+    and endpoint as the AWS CLI does; the constructor takes them outright
+    (``credentials``: an S3Credentials, or anything whose ``get()`` returns
+    one).  Reads are verified as they stream; writes become visible only
+    once verified.  S3 keeps no access times: ``prune`` drops the oldest.
+    """
+
+    def __init__(self, bucket: str, *, prefix: str = "", endpoint: Optional[str] = None,
+                 region: Optional[str] = None, credentials: Any = None,
+                 addressing: str = "auto", environ: Optional[Mapping[str, str]] = None,
+                 transport: Optional[_Transport] = None,
+                 retries: int = DEFAULT_RETRIES,
+                 multipart_threshold_bytes: int = S3_MULTIPART_THRESHOLD_BYTES,
+                 part_bytes: int = S3_PART_BYTES) -> None:
+        environ = os.environ if environ is None else environ
+        if part_bytes < 1 or multipart_threshold_bytes < part_bytes:
+            raise ValueError("part_bytes must be positive and at most the multipart threshold")
+        self.multipart_threshold_bytes = multipart_threshold_bytes
+        self.part_bytes = part_bytes
+        settings: Optional[_AwsSettings] = None
+        if region is None or endpoint is None:
+            settings = _AwsSettings(environ)
+        if credentials is None:
+            credentials = _CredentialChain(environ)
+        elif isinstance(credentials, S3Credentials):
+            credentials = _FixedCredentials(credentials)
+        self.prefix = "/".join(p for p in prefix.strip("/").split("/") if p)
+        self.client = _S3Client(
+            bucket, endpoint=_aws_endpoint(environ, settings) if endpoint is None
+            else endpoint, region=region or _aws_region(environ, settings),
+            credentials=credentials, addressing=addressing, transport=transport,
+            retries=retries)
+        self.bucket = bucket
+        self._locks: Dict[str, Any] = {}
+        self._locks_lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> "S3BlobCache":
+        """Open ``s3://BUCKET[/PREFIX]`` with the credentials, region and endpoint
+        the AWS environment and profile give."""
+        if not url.startswith("s3://"):
+            raise CacheError(f"an S3 cache is named s3://BUCKET[/PREFIX], not {url!r}")
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        if not bucket:
+            raise CacheError(f"no bucket in {url!r} (s3://BUCKET[/PREFIX])")
+        return cls(bucket, prefix=prefix, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"S3BlobCache({self.url!r})"
+
+    @property
+    def url(self) -> str:
+        """Return ``s3://BUCKET/PREFIX``."""
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def _key(self, tail: str) -> str:
+        return f"{self.prefix}/{tail}" if self.prefix else tail
+
+    def blob_key(self, digest: str) -> str:
+        """Return the object key of a blob (distribution's layout)."""
+        algorithm, hex_digest = _validate_digest(digest).split(":", 1)
+        return self._key(f"{_S3_BLOBS}{algorithm}/{hex_digest[:2]}/{hex_digest}/data")
+
+    def presign(self, digest: str, expires_s: int = 3600) -> str:
+        """Return a presigned URL that GETs a blob without credentials until it expires."""
+        return self.client.presign(self.blob_key(digest), expires_s)
+
+    # -- reading --------------------------------------------------------------
+
+    def has(self, digest: str) -> bool:
+        """Tell whether the bucket has the blob (a HEAD)."""
+        return self.client.head(self.blob_key(digest)) is not None
+
+    def size(self, digest: str) -> Optional[int]:
+        """Return a blob's size (a HEAD), None when it is absent."""
+        head = self.client.head(self.blob_key(digest))
+        return None if head is None else int(head["size"] or 0)
+
+    def media_type(self, digest: str) -> str:
+        """Return the Content-Type the blob was stored with."""
+        with self.client.send("HEAD", self.blob_key(digest), expect=(200, 404)) as response:
+            kind = response.header("Content-Type") if response.status == 200 else ""
+        return "" if kind in ("binary/octet-stream", "application/octet-stream") else kind
+
+    def open_blob(self, digest: str) -> Optional[BinaryIO]:
+        """Stream a blob, checked against its digest as it is read (None when absent)."""
+        response = self.client.get(self.blob_key(digest))
+        if response is None:
+            return None
+        size = _header_int(response.header("Content-Length"))
+        descriptor = Descriptor("", digest, size if size is not None else 0)
+        return cast(BinaryIO, _HashingReader(cast(BinaryIO, response), descriptor,
+                                             check_at_end=f"blob {digest} in {self.url}"))
+
+    def open_stream(self, digest: str, offset: int = 0) -> Optional[_Response]:
+        """Start a GET of a blob from ``offset``: the raw response, for a fetcher
+        that verifies what it writes (None when the blob is absent)."""
+        return self.client.get(self.blob_key(digest), offset)
+
+    def digests(self) -> Iterator[str]:
+        """Yield the digest of every blob in the bucket (ListObjectsV2)."""
+        for entry in self._listing():
+            yield entry["digest"]
+
+    def _listing(self) -> Iterator[Dict[str, Any]]:
+        root = self._key(_S3_BLOBS)
+        for item in self.client.list(root):
+            match = _S3_BLOB_KEY.fullmatch(item["key"][len(root):])
+            if match is None:
+                continue
+            digest = f"{match.group(1)}:{match.group(3)}"
+            if match.group(1) in _DIGEST_HEX_LENGTHS and match.group(3)[:2] == match.group(2) \
+                    and len(match.group(3)) == _DIGEST_HEX_LENGTHS[match.group(1)]:
+                when = item["last_modified"] or 0.0
+                yield {"digest": digest, "size": item["size"], "media_type": "",
+                       "added_at": when, "last_used_at": when}
+
+    def entries(self) -> List[Dict[str, Any]]:
+        """List blobs: digest, size, media_type (''), added_at and last_used_at
+        (both the object's Last-Modified)."""
+        return list(self._listing())
+
+    # -- writing --------------------------------------------------------------
+
+    def begin_write(self, digest: Optional[str] = None, size: Optional[int] = None,
+                    media_type: str = "", algorithm: str = "sha256") -> BlobWriter:
+        """Start writing a blob: spooled to a temporary file, uploaded on commit."""
+        return _S3BlobWriter(self, digest, size, media_type, algorithm)
+
+    def put_file(self, file: BinaryIO, digest: str, size: int, media_type: str = "") -> None:
+        """Upload ``size`` verified bytes of ``file`` as blob ``digest``.
+
+        One PUT up to ``multipart_threshold_bytes`` (signed with the digest
+        itself when it is a sha256 one), a parallel multipart upload above.
+        """
+        key = self.blob_key(digest)
+        headers = {"Content-Type": media_type or "application/octet-stream"}
+        if size <= self.multipart_threshold_bytes:
+            algorithm, hex_digest = digest.split(":", 1)
+            payload = hex_digest if algorithm == "sha256" else _sha256_of_range(file, 0, size)
+            self.client.put(key, _FileBody(file, 0, size), payload, headers)
+            return
+        upload_id = self.client.create_upload(key, headers)
+        try:
+            def part(number: int, offset: int, length: int) -> Callable[[], str]:
+                return lambda: self.client.upload_part(
+                    key, upload_id, number, _FileBody(file, offset, length),
+                    _sha256_of_range(file, offset, length))
+            tasks = [part(n, offset, min(self.part_bytes, size - offset))
+                     for n, offset in enumerate(range(0, size, self.part_bytes), 1)]
+            etags = _run_in_threads(tasks, _S3_PART_WORKERS)
+            self.client.complete_upload(key, upload_id, etags)
+        except BaseException:
+            try:
+                self.client.abort_upload(key, upload_id)
+            except (CacheError, OSError) as exc:
+                _debug(f"aborting the upload of {digest} failed ({exc}); gc removes it")
+            raise
+
+    def put_path(self, path: str, digest: str, media_type: str = "") -> None:
+        """Upload a verified blob file (the local cache's) as blob ``digest``."""
+        with open(path, "rb") as file:
+            self.put_file(file, digest, os.fstat(file.fileno()).st_size, media_type)
+
+    def delete(self, digest: str) -> bool:
+        """Delete a blob; tell whether it was there."""
+        key = self.blob_key(digest)
+        if self.client.head(key) is None:
+            return False
+        self.client.delete(key)
+        return True
+
+    def lock(self, digest: str) -> Any:
+        """Return this process's lock of a blob (hosts coordinate through leases)."""
+        with self._locks_lock:
+            return self._locks.setdefault(digest, threading.Lock())
+
+    # -- references -----------------------------------------------------------
+
+    def _reference_key(self, reference: str) -> str:
+        return self._key(_S3_REFERENCES + _reference_file_name(reference))
+
+    def record_reference(self, reference: str, digest: str, media_type: str, *,
+                         complete: bool = True) -> None:
+        """Record ``reference`` → ``digest`` in the bucket (an incomplete record never
+        replaces a complete one of the same digest)."""
+        key = self._reference_key(reference)
+        if not complete:
+            existing = self._read_record(key)
+            if existing is not None and existing["digest"] == digest:
+                return
+        record = {"reference": reference, "digest": _validate_digest(digest),
+                  "media_type": media_type, "recorded_at": int(time.time())}
+        if not complete:
+            record["complete"] = False
+        self.client.put(key, json.dumps(record, sort_keys=True).encode() + b"\n",
+                        headers={"Content-Type": "application/json"})
+
+    def _read_record(self, key: str) -> Optional[Dict[str, Any]]:
+        raw = self.client.get_small(key, _MAX_REFERENCE_RECORD_BYTES)
+        if raw is None:
+            return None
+        try:
+            record = _json_object(raw)
+            _validate_digest(record.get("digest"))
+            if not isinstance(record.get("reference"), str):
+                raise ValueError("no reference in it")
+        except (ValueError, InvalidDigestError) as exc:
+            raise CacheError(f"reference record s3://{self.bucket}/{key} is damaged "
+                             f"({exc}): delete it") from None
+        return {"reference": record["reference"], "digest": record["digest"],
+                "media_type": str(record.get("media_type") or ""),
+                "complete": record.get("complete", True) is not False,
+                "recorded_at": record.get("recorded_at")}
+
+    def lookup_reference(self, reference: str) -> Optional[str]:
+        """Return the manifest digest recorded for ``reference`` in the bucket."""
+        record = self.reference_record(reference)
+        return None if record is None else record["digest"]
+
+    def reference_record(self, reference: str) -> Optional[Dict[str, Any]]:
+        """Return the record of ``reference`` (with ``recorded_at``), None when absent."""
+        record = self._read_record(self._reference_key(reference))
+        return record if record is not None and record["reference"] == reference else None
+
+    def reference_records(self) -> List[Dict[str, Any]]:
+        """Return every reference record in the bucket."""
+        records = []
+        for item in self.client.list(self._key(_S3_REFERENCES)):
+            record = self._read_record(item["key"])
+            if record is not None:
+                records.append(record)
+        return records
+
+    def forget_reference(self, reference: str) -> bool:
+        """Delete a reference record; tell whether there was one."""
+        key = self._reference_key(reference)
+        if self.client.head(key) is None:
+            return False
+        self.client.delete(key)
+        return True
+
+    # -- maintenance ----------------------------------------------------------
+
+    def gc(self, grace_s: float = 0.0, dry_run: bool = False) -> List[str]:
+        """Delete blobs no recorded reference reaches, and abort multipart uploads
+        a process left more than a day ago; return the blobs' digests."""
+        removed = super().gc(grace_s, dry_run)
+        if not dry_run:
+            self.abort_stale_uploads()
+        return removed
+
+    def abort_stale_uploads(self, older_than_s: float = _S3_STALE_UPLOAD_S) -> int:
+        """Abort the multipart uploads under the prefix started over
+        ``older_than_s`` ago (a killed process's); return how many."""
+        count = 0
+        before = time.time() - older_than_s
+        for key, upload_id, started in self.client.uploads(self._key(_S3_BLOBS)):
+            if started is not None and started < before:
+                self.client.abort_upload(key, upload_id)
+                count += 1
+        return count
+
+    def close(self) -> None:
+        """Close this thread's connections to S3."""
+        self.client.transport.close()
+
+
+# =============================================================================
+# 32. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -5995,7 +7298,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 29. UNPACK: the root filesystem tree
+# 33. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -6221,7 +7524,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 30. UNPACK: LayerUnpacker, applying tar entries
+# 34. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 def _layer_name(layer: Any) -> str:
@@ -6559,7 +7862,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 31. OCI LAYOUT: writing layouts and archives
+# 35. OCI LAYOUT: writing layouts and archives
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -6851,7 +8154,7 @@ def _write_image(store: BlobStore, top: Manifest, target: _Location,
 
 
 # =============================================================================
-# 32. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
+# 36. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
 # =============================================================================
 
 def export_wasm_as_oci(wasm_path: Union[str, "os.PathLike[str]"],
@@ -6920,7 +8223,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 33. OCI LAYOUT: reading and importing
+# 37. OCI LAYOUT: reading and importing
 # =============================================================================
 
 # An imported layout is untrusted: every blob it reaches is streamed into a
@@ -7117,7 +8420,7 @@ def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 34. LOCAL REGISTRY: LocalRegistry, images stored on this host
+# 38. LOCAL REGISTRY: LocalRegistry, images stored on this host
 # =============================================================================
 # A manifest is checked as distribution checks it by default before it is
 # added: a known media type, well-formed JSON, the digest it is put under,
@@ -7404,7 +8707,7 @@ class LocalRegistry:
 
 
 # =============================================================================
-# 35. WORKER POOL: threads that keep their connections between batches
+# 39. WORKER POOL: threads that keep their connections between batches
 # =============================================================================
 
 class _Cancelled(Exception):
@@ -7544,7 +8847,7 @@ class _WorkerPool:
 
 
 # =============================================================================
-# 36. SESSION AND RESOLVER: what transfers share; references to manifests
+# 40. SESSION AND RESOLVER: what transfers share; references to manifests
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -7725,7 +9028,7 @@ class _Resolver:
 
 
 # =============================================================================
-# 37. FETCHER: verified blobs from a source into a store
+# 41. FETCHER: verified blobs from a source into a store
 # =============================================================================
 
 class _Fetcher:
@@ -7894,7 +9197,7 @@ class _Fetcher:
 
 
 # =============================================================================
-# 38. PULL: what a pull returns (Layer, PullResult)
+# 42. PULL: what a pull returns (Layer, PullResult)
 # =============================================================================
 
 @_value
@@ -8030,7 +9333,7 @@ def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
 
 
 # =============================================================================
-# 39. PULL: the ImagePuller API
+# 43. PULL: the ImagePuller API
 # =============================================================================
 
 def _as_reference(reference: Union[str, Reference]) -> Reference:
@@ -8355,7 +9658,7 @@ class ImagePuller:
 
 
 # =============================================================================
-# 40. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
+# 44. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
 # =============================================================================
 # A copy walks one image graph (an index, its manifests, their blobs) and
 # needs each blob as a file it can seek in (an upload is sent again after a
@@ -8561,7 +9864,7 @@ def _docker_archive_entry(listing: Any, location: _Location) -> Dict[str, Any]:
 
 
 # =============================================================================
-# 41. PUSH: ImagePusher, push and copy
+# 45. PUSH: ImagePusher, push and copy
 # =============================================================================
 
 @_value
@@ -8970,7 +10273,7 @@ class ImagePusher:
 
 
 # =============================================================================
-# 42. SERVE: basic credentials from an htpasswd file (bcrypt, apr1, SHA, SHA-crypt)
+# 46. SERVE: basic credentials from an htpasswd file (bcrypt, apr1, SHA, SHA-crypt)
 # =============================================================================
 # The formats Apache's htpasswd writes, verified here without a C library:
 # bcrypt ($2y$, $2a$, $2b$: htpasswd -B, the only one distribution takes) on a
@@ -9322,7 +10625,7 @@ class _Htpasswd:
 
 
 # =============================================================================
-# 43. SERVE: upload sessions and request bodies
+# 47. SERVE: upload sessions and request bodies
 # =============================================================================
 # An upload session's bytes go to uploads/<id> inside the store (flocked by
 # each request that appends); its state travels in the Location the client
@@ -9588,7 +10891,7 @@ class _UploadSessions:
 
 
 # =============================================================================
-# 44. SERVE: the pull-through mirror (upstreams, tags kept for a TTL, single-flight blobs)
+# 48. SERVE: the pull-through mirror (upstreams, tags kept for a TTL, single-flight blobs)
 # =============================================================================
 # With ``--upstream``, reads the store cannot answer go to the upstream
 # registry through the puller's client (its auth, retries, verification), and
@@ -10105,7 +11408,7 @@ class _Mirror:
 
 
 # =============================================================================
-# 45. SERVE: RegistryServer, the distribution API over the local registry
+# 49. SERVE: RegistryServer, the distribution API over the local registry
 # =============================================================================
 # distribution-spec 1.1, as distribution answers it: errors in the spec's
 # {"errors": [{code, message, detail}]} form; every answer with a
@@ -10857,7 +12160,7 @@ def _request_handler_class(server: RegistryServer, timeout_s: float) -> Any:
 
 
 # =============================================================================
-# 46. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+# 50. CLI: output, progress, and what every command opens (caches, pullers, credentials)
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -11230,7 +12533,7 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
 
 
 # =============================================================================
-# 47. CLI: the commands
+# 51. CLI: the commands
 # =============================================================================
 
 def _cmd_pull(args: Any) -> int:
@@ -11606,7 +12909,7 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 48. CLI: argument types, the command table, the parser, main
+# 52. CLI: argument types, the command table, the parser, main
 # =============================================================================
 
 def _parse_destination(text: str) -> _Location:
