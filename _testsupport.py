@@ -88,8 +88,11 @@ def cli_env(home: Path, extra: Optional[Dict[str, str]] = None) -> Dict[str, str
     """The environment of a CLI run: no credentials, proxies or cache of the user's."""
     env = dict(os.environ)
     for name in ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "HTTP_PROXY",
-                 "HTTPS_PROXY", "http_proxy", "https_proxy", "ZLAYER_REGISTRY_CACHE"):
+                 "HTTPS_PROXY", "http_proxy", "https_proxy", "ZLAYER_REGISTRY_CACHE",
+                 "ZLAYER_REMOTE_CACHE"):
         env.pop(name, None)
+    for name in [n for n in env if n.startswith("AWS_")]:  # no AWS credentials of the user's
+        env.pop(name)
     env["HOME"] = str(home)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE)] + [p for p in (env.get("PYTHONPATH"),) if p])
     env.update(extra or {})

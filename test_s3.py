@@ -562,11 +562,19 @@ class TestS3BlobCache:
                                zr.MEDIA_TYPE_OCI_MANIFEST)
         assert cache.lookup_reference("registry.test/app:v1") == _digest(manifest)
         assert cache.references() == {"registry.test/app:v1": _digest(manifest)}
-        removed = cache.gc()
+        assert cache.gc() == []  # the default grace spares what was just uploaded
+        removed = cache.gc(grace_s=0)
         assert sorted(removed) == sorted(_digest(d) for d in blobs[2:])
         assert cache.has(_digest(blobs[0])) and cache.has(_digest(manifest))
         assert cache.forget_reference("registry.test/app:v1")
         assert cache.lookup_reference("registry.test/app:v1") is None
+
+    def test_gc_refuses_a_bucket_without_records(self, s3):
+        cache = _cache(s3, prefix="registry")
+        cache.put(_digest(b"a registry's blob"), b"a registry's blob")
+        with pytest.raises(zr.CacheError, match="no reference records"):
+            cache.gc(grace_s=0)
+        assert cache.has(_digest(b"a registry's blob"))
 
     def test_gc_aborts_uploads_a_killed_process_left(self, s3):
         cache = _cache(s3)
@@ -621,3 +629,302 @@ class TestS3BlobCache:
         for thread in threads:
             thread.join()
         assert not errors and cache.get(_digest(data)) == data
+
+
+# =============================================================================
+# 32. S3: the fleet tier
+# =============================================================================
+
+from _testsupport import layer_bytes, make_puller  # noqa: E402
+
+
+def _blob_gets(registry):
+    return [r for r in registry.requests if r["method"] == "GET" and "/blobs/" in r["path"]]
+
+
+@pytest.fixture
+def image(registry):
+    return registry.add_image("team/app", "v1", [layer_bytes(1, 300_000), layer_bytes(2, 200_000)])
+
+
+def _host(tmp_path, name, s3, **kwargs):
+    """One host of the fleet: its own local cache, the shared bucket."""
+    cache = zr.DirectoryBlobCache(str(tmp_path / name))
+    return make_puller(cache, remote_cache=_cache(s3, **kwargs.pop("remote", {})), **kwargs)
+
+
+def _layer_keys(s3):
+    return {k for k in s3.objects("fleet") if k.endswith("/data")}
+
+
+class TestFleetTier:
+    def test_first_host_uploads_second_host_reads_the_bucket(self, registry, image, s3,
+                                                             tmp_path):
+        with _host(tmp_path, "one", s3) as puller:
+            first = puller.pull_image(f"{registry.host}/team/app:v1")
+        assert len(_blob_gets(registry)) == 3  # config and two layers, once each
+        # Blobs, the manifest and the reference record are in the bucket.
+        assert len(_layer_keys(s3)) == 4
+        record = _cache(s3).reference_record(f"{registry.host}/team/app:v1")
+        assert record["digest"] == image["digest"]
+        with _host(tmp_path, "two", s3) as puller:
+            second = puller.pull_image(f"{registry.host}/team/app:v1")
+        assert len(_blob_gets(registry)) == 3  # nothing more from the registry
+        assert [layer.read_bytes() for layer in second.layers] == \
+            [layer.read_bytes() for layer in first.layers]
+        assert not any(r["method"] == "HEAD" and r["key"].endswith("/data")
+                       for r in s3.requests)  # a local miss is one GET, no HEAD first
+
+    def test_pull_returns_before_uploads_and_flush_waits(self, registry, image, s3, tmp_path):
+        gate = threading.Event()
+        s3.faults.append(lambda m, k, q: gate.wait(10) and None
+                         if m == "PUT" and k.endswith("/data") else None)
+        puller = _host(tmp_path, "one", s3)
+        try:
+            puller.pull_image(f"{registry.host}/team/app:v1")
+            assert not _layer_keys(s3)  # the pull is done, the uploads are not
+            gate.set()
+            puller.flush_remote()
+            assert len(_layer_keys(s3)) == 4
+        finally:
+            gate.set()
+            puller.close()
+
+    def test_a_corrupt_object_is_not_served_and_is_replaced(self, registry, image, s3,
+                                                            tmp_path, capsys):
+        with _host(tmp_path, "one", s3) as puller:
+            puller.pull_image(f"{registry.host}/team/app:v1")
+        layer = image["layers"][0]
+        key = _cache(s3).blob_key(layer["digest"])
+        good, content_type, when = s3.buckets["fleet"][key]
+        s3.buckets["fleet"][key] = (b"X" + good[1:], content_type, when)
+        before = len(_blob_gets(registry))
+        with _host(tmp_path, "two", s3) as puller:
+            result = puller.pull_image(f"{registry.host}/team/app:v1")
+        assert result.layers[0].read_bytes() == good
+        assert len(_blob_gets(registry)) == before + 1  # that layer alone, from the registry
+        assert s3.objects("fleet")[key] == good  # the good copy replaced the bad one
+        assert "failed its digest check" in capsys.readouterr().err
+
+    def test_s3_down_never_fails_a_pull(self, registry, image, tmp_path, capsys):
+        dead = _fake_s3.FakeS3()
+        dead.create_bucket("fleet")
+        dead.close()  # nothing listens there now
+        with _host(tmp_path, "one", dead, remote={"retries": 0}) as puller:
+            result = puller.pull_image(f"{registry.host}/team/app:v1")
+        assert len(result.layers) == 2
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        assert len(warnings) == 1 and "going on without it" in warnings[0]
+
+    def test_wrong_credentials_warn_once_and_pull_from_the_registry(self, registry, image, s3,
+                                                                    tmp_path, capsys):
+        bad = zr.S3Credentials(_fake_s3.ACCESS_KEY, "not-the-secret")
+        with _host(tmp_path, "one", s3, remote={"credentials": bad}) as puller:
+            puller.pull_image(f"{registry.host}/team/app:v1")
+        err = capsys.readouterr().err
+        assert err.count("warning") == 1 and "SignatureDoesNotMatch" in err
+        assert "not-the-secret" not in err
+
+    def test_s3_stopping_in_the_middle_of_a_blob(self, registry, image, s3, tmp_path):
+        with _host(tmp_path, "one", s3) as puller:
+            puller.pull_image(f"{registry.host}/team/app:v1")
+        before = len(_blob_gets(registry))
+        big = image["layers"][0]["digest"]
+        # The bucket sends 1000 bytes of the big layer, then stops answering at all.
+        cut = []
+
+        def stop(method, key, query):
+            if cut:
+                return {"drop": True, "once": False}
+            if method == "GET" and key.endswith(big[7:] + "/data"):
+                cut.append(key)
+                return {"cut": 1000, "once": False}
+            return None
+        s3.faults.append(stop)
+        with _host(tmp_path, "two", s3, remote={"retries": 0}) as puller:
+            result = puller.pull_image(f"{registry.host}/team/app:v1")
+        assert result.layers[0].read_bytes() == layer_bytes(1, 300_000)
+        resumed = [r for r in _blob_gets(registry)[before:] if big in r["path"]]
+        assert resumed and resumed[0]["headers"].get("Range") == "bytes=1000-"
+
+    def test_by_digest_with_the_registry_down(self, registry, image, s3, tmp_path):
+        with _host(tmp_path, "one", s3) as puller:
+            puller.pull_image(f"{registry.host}/team/app:v1")
+        host = registry.host
+        registry.close()
+        with _host(tmp_path, "two", s3) as puller:
+            result = puller.pull_image(f"{host}/team/app@{image['digest']}")
+        assert len(result.layers) == 2 and result.manifest.digest == image["digest"]
+
+    def test_offline_by_tag_from_the_record(self, registry, image, s3, tmp_path, capsys):
+        with _host(tmp_path, "one", s3) as puller:
+            puller.pull_image(f"{registry.host}/team/app:v1")
+        host = registry.host
+        registry.close()
+        with _host(tmp_path, "two", s3, offline=True) as puller:
+            result = puller.pull_image(f"{host}/team/app:v1")
+        assert result.manifest.digest == image["digest"]
+        assert "may have moved it" in capsys.readouterr().err
+        with _host(tmp_path, "three", s3, offline=True) as puller, \
+                pytest.raises(zr.NotFoundError, match="--offline"):
+            puller.pull_image(f"{host}/team/other:v1")
+
+    def test_two_hosts_at_once_download_each_blob_once(self, registry, image, s3, tmp_path):
+        import time
+
+        def hold(method, path, headers):
+            # The registry answers a blob GET only once both hosts have tried to
+            # lease that blob: they missed it in the bucket at the same moment.
+            if "/blobs/sha256:" in path:
+                leases = "zlayer/leases/sha256/" + path.rsplit(":", 1)[1]
+                deadline = time.monotonic() + 10
+                while s3.count("PUT", leases) < 2 and time.monotonic() < deadline:
+                    threading.Event().wait(0.005)
+            return None
+        registry.faults.append(hold)
+        results, errors = {}, []
+
+        def pull(name):
+            try:
+                with _host(tmp_path, name, s3) as puller:
+                    results[name] = puller.pull_image(f"{registry.host}/team/app:v1")
+            except Exception as exc:  # reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=pull, args=(n,)) for n in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        gets = _blob_gets(registry)
+        assert sorted(r["path"].rsplit("/", 1)[1] for r in gets) == sorted(
+            d["digest"] for d in [image["config"]] + image["layers"])
+        for descriptor in [image["config"]] + image["layers"]:  # both hosts raced for each
+            assert s3.count("PUT", "zlayer/leases/sha256/" + descriptor["digest"][7:]) >= 2
+        assert not any(k.startswith("cache/zlayer/leases/") for k in s3.objects("fleet"))
+
+    def test_without_conditional_writes_hosts_download_in_parallel(self, registry, image, s3,
+                                                                   tmp_path, caplog):
+        import logging
+        s3.support_conditional = False
+        with caplog.at_level(logging.DEBUG, logger="zlayer_registry"):
+            with _host(tmp_path, "one", s3) as puller:
+                puller.pull_image(f"{registry.host}/team/app:v1")
+        assert any("does not do conditional writes" in r.message for r in caplog.records)
+        assert len(_layer_keys(s3)) == 4
+
+
+# =============================================================================
+# The CLI: --remote-cache, --cache s3://..., --offline, and four hosts at once
+# =============================================================================
+
+from _testsupport import run_cli, start_cli  # noqa: E402
+
+
+def _aws_env(s3, **extra):
+    env = {"AWS_ACCESS_KEY_ID": _fake_s3.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": _fake_s3.SECRET_KEY,
+           "AWS_ENDPOINT_URL_S3": s3.endpoint, "AWS_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    env.update(extra)
+    return env
+
+
+class TestCli:
+    def test_pull_through_the_remote_cache_then_a_second_host(self, registry, image, s3,
+                                                             tmp_path):
+        ref = f"{registry.host}/team/app:v1"
+        first = run_cli("pull", ref, "--cache", str(tmp_path / "one"), "--remote-cache",
+                        "s3://fleet/cache", env=_aws_env(s3), cwd=tmp_path)
+        assert first.returncode == 0, first.stderr
+        assert image["digest"] in first.stdout
+        assert len(_layer_keys(s3)) == 4  # it waited for the uploads before it exited
+        second = run_cli("pull", ref, "--cache", str(tmp_path / "two"),
+                         env=_aws_env(s3, ZLAYER_REMOTE_CACHE="s3://fleet/cache"), cwd=tmp_path)
+        assert second.returncode == 0, second.stderr
+        assert len(_blob_gets(registry)) == 3
+
+    def test_offline_and_registry_down(self, registry, image, s3, tmp_path):
+        ref = f"{registry.host}/team/app:v1"
+        assert run_cli("pull", ref, "--cache", str(tmp_path / "one"), "--remote-cache",
+                       "s3://fleet/cache", env=_aws_env(s3), cwd=tmp_path).returncode == 0
+        registry.close()
+        offline = run_cli("pull", ref, "--cache", str(tmp_path / "two"), "--remote-cache",
+                          "s3://fleet/cache", "--offline", "-q", env=_aws_env(s3),
+                          cwd=tmp_path)
+        assert offline.returncode == 0, offline.stderr
+        assert offline.stdout.strip() == image["digest"]
+        assert "may have moved it" in offline.stderr
+
+    def test_s3_alone_and_the_cache_commands(self, registry, image, s3, tmp_path):
+        ref = f"{registry.host}/team/app:v1"
+        env = _aws_env(s3)
+        pulled = run_cli("pull", ref, "--cache", "s3://fleet/only", env=env, cwd=tmp_path)
+        assert pulled.returncode == 0, pulled.stderr
+        assert "s3://fleet/only" in pulled.stdout
+        listed = run_cli("cache", "ls", "--cache", "s3://fleet/only", "--json", env=env,
+                         cwd=tmp_path)
+        data = json.loads(listed.stdout)
+        assert data["references"] == {ref: image["digest"]} and len(data["blobs"]) == 4
+        verified = run_cli("cache", "verify", "--cache", "s3://fleet/only", env=env,
+                           cwd=tmp_path)
+        assert verified.returncode == 0 and "4 blobs checked, 0 corrupt" in verified.stdout
+        stray = b"unreferenced"
+        _cache(s3, prefix="only").put(_digest(stray), stray)
+        gc = run_cli("cache", "gc", "--grace", "0", "--cache", "s3://fleet/only", env=env,
+                     cwd=tmp_path)
+        assert gc.returncode == 0 and "removed 1 unreferenced blob" in gc.stdout
+        assert not _cache(s3, prefix="only").has(_digest(stray))
+        assert run_cli("cache", "rm", ref, "--cache", "s3://fleet/only", env=env,
+                       cwd=tmp_path).returncode == 0
+        pruned = run_cli("cache", "prune", "--max-bytes", "0", "--cache", "s3://fleet/only",
+                         env=env, cwd=tmp_path)
+        assert pruned.returncode == 0 and not _layer_keys(s3)
+
+    def test_s3_alone_fails_clearly_when_s3_does(self, registry, image, s3, tmp_path):
+        ref = f"{registry.host}/team/app:v1"
+        wrong = run_cli("pull", ref, "--cache", "s3://fleet/only",
+                        env=_aws_env(s3, AWS_SECRET_ACCESS_KEY="the-wrong-one"), cwd=tmp_path)
+        assert wrong.returncode == 1
+        assert "SignatureDoesNotMatch" in wrong.stderr and "Traceback" not in wrong.stderr
+        assert len(wrong.stderr.strip().splitlines()) == 1
+        assert "the-wrong-one" not in wrong.stderr
+        nothing = run_cli("pull", ref, "--cache", "s3://fleet/only", env={
+            "AWS_EC2_METADATA_DISABLED": "true"}, cwd=tmp_path)
+        assert nothing.returncode == 1 and "no AWS credentials found" in nothing.stderr
+
+    def test_remote_cache_down_is_one_warning(self, registry, image, tmp_path):
+        dead = _fake_s3.FakeS3()
+        dead.close()
+        pulled = run_cli("pull", f"{registry.host}/team/app:v1", "--cache", str(tmp_path / "c"),
+                         "--remote-cache", "s3://fleet/cache", env=_aws_env(dead), cwd=tmp_path)
+        assert pulled.returncode == 0, pulled.stderr
+        assert pulled.stderr.count("warning") == 1 and "going on without it" in pulled.stderr
+
+    def test_remote_cache_with_an_s3_cache_is_a_usage_error(self, s3, tmp_path):
+        done = run_cli("pull", "alpine", "--cache", "s3://fleet/x", "--remote-cache",
+                       "s3://fleet/y", env=_aws_env(s3), cwd=tmp_path)
+        assert done.returncode == 2 and "local --cache DIR" in done.stderr
+
+    def test_four_hosts_one_download_per_layer(self, registry, image, s3, tmp_path):
+        import time
+
+        def hold(method, path, headers):
+            # A blob GET is answered once all four hosts have tried to lease it.
+            if "/blobs/sha256:" in path:
+                leases = "zlayer/leases/sha256/" + path.rsplit(":", 1)[1]
+                deadline = time.monotonic() + 30
+                while s3.count("PUT", leases) < 4 and time.monotonic() < deadline:
+                    threading.Event().wait(0.005)
+            return None
+        registry.faults.append(hold)
+        hosts = [start_cli("pull", f"{registry.host}/team/app:v1", "-q", "--cache",
+                           str(tmp_path / f"host{n}"), "--remote-cache", "s3://fleet/cache",
+                           home=tmp_path, env=_aws_env(s3)) for n in range(4)]
+        outputs = [host.communicate(timeout=120) for host in hosts]
+        assert [host.returncode for host in hosts] == [0, 0, 0, 0], outputs
+        assert {out.strip() for out, _ in outputs} == {image["digest"]}
+        fetched = sorted(r["path"].rsplit("/", 1)[1] for r in _blob_gets(registry))
+        assert fetched == sorted(d["digest"] for d in [image["config"]] + image["layers"])
+        for descriptor in [image["config"]] + image["layers"]:
+            assert s3.count("PUT", "zlayer/leases/sha256/" + descriptor["digest"][7:]) >= 4
+        assert not any("/zlayer/leases/" in k for k in s3.objects("fleet"))

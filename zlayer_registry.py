@@ -54,27 +54,28 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     29. S3: credentials, region and endpoint, found as AWS's own tools find them
     30. S3: the object client (signed requests, errors, listing, multipart)
     31. S3: S3BlobCache, blobs in a bucket where registries keep them
-    32. UNPACK: layer streams (compression, prefetch)
-    33. UNPACK: the root filesystem tree
-    34. UNPACK: LayerUnpacker, applying tar entries
-    35. OCI LAYOUT: writing layouts and archives
-    36. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
-    37. OCI LAYOUT: reading and importing
-    38. LOCAL REGISTRY: LocalRegistry, images stored on this host
-    39. WORKER POOL: threads that keep their connections between batches
-    40. SESSION AND RESOLVER: what transfers share; references to manifests
-    41. FETCHER: verified blobs from a source into a store
-    42. PULL: what a pull returns (Layer, PullResult)
-    43. PULL: the ImagePuller API
-    44. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
-    45. PUSH: ImagePusher, push and copy
-    46. SERVE: basic credentials from an htpasswd file (bcrypt, apr1, SHA, SHA-crypt)
-    47. SERVE: upload sessions and request bodies
-    48. SERVE: the pull-through mirror (upstreams, tags kept for a TTL, single-flight blobs)
-    49. SERVE: RegistryServer, the distribution API over the local registry
-    50. CLI: output, progress, and what every command opens (caches, pullers, credentials)
-    51. CLI: the commands
-    52. CLI: argument types, the command table, the parser, main
+    32. S3: the fleet tier (S3 between the local cache and the registry)
+    33. UNPACK: layer streams (compression, prefetch)
+    34. UNPACK: the root filesystem tree
+    35. UNPACK: LayerUnpacker, applying tar entries
+    36. OCI LAYOUT: writing layouts and archives
+    37. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
+    38. OCI LAYOUT: reading and importing
+    39. LOCAL REGISTRY: LocalRegistry, images stored on this host
+    40. WORKER POOL: threads that keep their connections between batches
+    41. SESSION AND RESOLVER: what transfers share; references to manifests
+    42. FETCHER: verified blobs from a source into a store
+    43. PULL: what a pull returns (Layer, PullResult)
+    44. PULL: the ImagePuller API
+    45. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
+    46. PUSH: ImagePusher, push and copy
+    47. SERVE: basic credentials from an htpasswd file (bcrypt, apr1, SHA, SHA-crypt)
+    48. SERVE: upload sessions and request bodies
+    49. SERVE: the pull-through mirror (upstreams, tags kept for a TTL, single-flight blobs)
+    50. SERVE: RegistryServer, the distribution API over the local registry
+    51. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+    52. CLI: the commands
+    53. CLI: argument types, the command table, the parser, main
 
 Specifications followed:
     OCI image-spec        https://github.com/opencontainers/image-spec/blob/main/spec.md
@@ -152,7 +153,7 @@ __all__ = [
     "RegistryAuth",
     # S3
     "sigv4_headers", "sigv4_presign", "S3Credentials", "S3BlobCache",
-    "S3_MULTIPART_THRESHOLD_BYTES", "S3_PART_BYTES",
+    "S3_MULTIPART_THRESHOLD_BYTES", "S3_PART_BYTES", "DEFAULT_LEASE_S",
     # Caches
     "BlobStore", "BlobWriter", "BlobCache", "DirectoryBlobCache",
     # Local registry and its server
@@ -363,6 +364,10 @@ class UnpackError(ZLayerError):
 
 class LayoutError(ZLayerError):
     """An OCI image layout or archive is malformed or incomplete."""
+
+
+class _Cancelled(Exception):
+    """Internal: another worker failed (or the command is ending), so this download stops."""
 
 
 # =============================================================================
@@ -3699,6 +3704,10 @@ class _Source(Protocol):
     def backoff(self, attempt: int) -> None:
         """Wait before resuming a download from this source for the ``attempt``-th time."""
 
+    def settled(self, descriptor: Descriptor, verified: bool) -> None:
+        """Hear how a blob this source sent ended: verified and stored, or failing
+        (its digest check, or the download)."""
+
 
 class _RegistrySource:
     """A repository of a registry as a source: the distribution API's manifest and blob GETs."""
@@ -3710,6 +3719,9 @@ class _RegistrySource:
         self.head_manifest = client.head_manifest
         self.get_manifest = client.get_manifest
         self.backoff = client.backoff
+
+    def settled(self, descriptor: Descriptor, verified: bool) -> None:
+        """Nothing to do: the registry keeps its blobs."""
 
     def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
         """GET a blob, with ``Range: bytes=offset-`` when resuming.
@@ -3781,6 +3793,11 @@ class _SourceChain:
         """Wait as the last source (the authoritative one, a registry) does."""
         self.sources[-1].backoff(attempt)
 
+    def settled(self, descriptor: Descriptor, verified: bool) -> None:
+        """Tell every source."""
+        for source in self.sources:
+            source.settled(descriptor, verified)
+
 
 class _MissingSource:
     """The source of an image imported from a layout: everything is in the store
@@ -3807,6 +3824,9 @@ class _MissingSource:
 
     def backoff(self, attempt: int) -> None:
         """Nothing to wait for."""
+
+    def settled(self, descriptor: Descriptor, verified: bool) -> None:
+        """Nothing to do."""
 
 
 # =============================================================================
@@ -6874,6 +6894,7 @@ class S3BlobCache(BlobStore):
             credentials=credentials, addressing=addressing, transport=transport,
             retries=retries)
         self.bucket = bucket
+        self.root = self.url  # where the cache is, for messages
         self._locks: Dict[str, Any] = {}
         self._locks_lock = threading.Lock()
 
@@ -7085,10 +7106,19 @@ class S3BlobCache(BlobStore):
 
     # -- maintenance ----------------------------------------------------------
 
-    def gc(self, grace_s: float = 0.0, dry_run: bool = False) -> List[str]:
+    def gc(self, grace_s: Optional[float] = None, dry_run: bool = False) -> List[str]:
         """Delete blobs no recorded reference reaches, and abort multipart uploads
-        a process left more than a day ago; return the blobs' digests."""
-        removed = super().gc(grace_s, dry_run)
+        a process left more than a day ago; return the blobs' digests.
+
+        ``grace_s`` defaults to DEFAULT_GC_GRACE_S: hosts of the fleet upload
+        blobs before they record the reference that keeps them.  A bucket with
+        blobs but no reference records (a registry's own) is refused.
+        """
+        records = self.reference_records()
+        if not records and not self.is_empty():
+            raise CacheError(f"{self.url} has blobs but no reference records of this tool "
+                             "(a registry's bucket?): gc would delete them all; refused")
+        removed = super().gc(DEFAULT_GC_GRACE_S if grace_s is None else grace_s, dry_run)
         if not dry_run:
             self.abort_stale_uploads()
         return removed
@@ -7110,7 +7140,433 @@ class S3BlobCache(BlobStore):
 
 
 # =============================================================================
-# 32. UNPACK: layer streams (compression, prefetch)
+# 32. S3: the fleet tier (S3 between the local cache and the registry)
+# =============================================================================
+# A pull with a remote cache reads through ``_FleetSource``: the local store
+# first (the resolver and fetcher do that), then the bucket, then the
+# registry; a local miss costs one GET to S3, never a HEAD first.  What comes
+# from the registry is uploaded to the bucket by background threads once it
+# is verified in the local store (``_FleetTier``), so the pull does not wait
+# for S3; ``flush()`` does.  Manifests go up as well, and each pulled
+# reference is recorded (``zlayer/references/``), so another host can pull
+# by digest with the registry down and by tag with ``--offline``.
+#
+# One download per fleet: a host that misses a blob in S3 writes a lease
+# object (``zlayer/leases/sha256/<hex>``) with ``If-None-Match: *``; the
+# host whose write succeeds downloads the blob from the registry, renews the
+# lease while it works and deletes it once the blob is in the bucket.  The
+# others poll for the blob, and take over when the lease is gone or expired
+# (its owner died).  A store without conditional writes makes every host
+# download for itself (said under --debug).
+#
+# A cache is a cache: any S3 failure (down, slow, full, credentials refused)
+# is one warning, after which this process leaves S3 alone and the pull goes
+# on from the registry.  A corrupted object is never served (the fetcher
+# verifies what it writes) and is replaced by the registry's bytes.
+
+DEFAULT_LEASE_S = 60.0
+_LEASE_POLL_S = 0.2
+_UPLOAD_WORKERS = 2
+_TIER_RETRIES = 2
+
+
+class _FleetTier:
+    """A bucket behind a local store: reads through it, background uploads into it, leases."""
+
+    def __init__(self, remote: "S3BlobCache", local: BlobStore, *,
+                 lease_s: float = DEFAULT_LEASE_S, poll_s: float = _LEASE_POLL_S,
+                 workers: int = _UPLOAD_WORKERS,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        import queue
+        import socket
+        self.remote = remote
+        self.local = local
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self._sleep = sleep
+        self.down = False
+        self.leases_supported = True
+        self._warned = False
+        self._lock = threading.Lock()
+        self._queue: Any = queue.Queue()
+        self._workers_wanted = workers
+        self._threads: List[threading.Thread] = []
+        self._records: List[Tuple[str, str, str]] = []
+        self._held: Dict[str, float] = {}  # leases this process holds: digest -> renewed at
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(6).hex()}"
+        self._closed = threading.Event()
+        self._renewer: Optional[threading.Thread] = None
+        self.uploaded: List[str] = []
+
+    # -- failures -------------------------------------------------------------
+
+    def failed(self, exc: BaseException, doing: str) -> None:
+        """Take S3 out of this process's pulls after a failure, with one warning."""
+        with self._lock:
+            self.down = True
+            warn = not self._warned
+            self._warned = True
+        if warn:
+            _warn(f"remote cache {self.remote.url}: {doing} failed ({exc}); "
+                  "going on without it")
+
+    # -- reading --------------------------------------------------------------
+
+    def open_blob(self, digest: str, offset: int) -> Optional[_Response]:
+        """GET a blob from the bucket (None: absent, or S3 is out)."""
+        if self.down:
+            return None
+        try:
+            return self.remote.open_stream(digest, offset)
+        except CacheError as exc:
+            self.failed(exc, f"reading blob {digest}")
+            return None
+
+    def read_manifest(self, digest: str) -> Optional[Manifest]:
+        """Return a manifest stored in the bucket (None: absent, corrupt, or S3 is out)."""
+        if self.down:
+            return None
+        try:
+            response = self.remote.open_stream(digest)
+            if response is None:
+                return None
+            with response:
+                media_type = response.header("Content-Type")
+                raw = _read_capped(response, MAX_MANIFEST_SIZE_BYTES + 1)
+        except CacheError as exc:
+            self.failed(exc, f"reading manifest {digest}")
+            return None
+        try:
+            return parse_manifest(raw, media_type, digest)
+        except ZLayerError as exc:
+            _warn(f"manifest {digest} in {self.remote.url} is damaged ({exc}); "
+                  "not using it")
+            return None
+
+    def recorded(self, reference: str) -> Optional[Dict[str, Any]]:
+        """Return the bucket's record of ``reference`` (None: none, or S3 is out)."""
+        if self.down:
+            return None
+        try:
+            return self.remote.reference_record(reference)
+        except CacheError as exc:
+            self.failed(exc, f"reading the record of {reference}")
+            return None
+
+    # -- one download per fleet -----------------------------------------------
+
+    def _lease_key(self, digest: str) -> str:
+        algorithm, hex_digest = _validate_digest(digest).split(":", 1)
+        return self.remote._key(f"{_S3_LEASES}{algorithm}/{hex_digest}")
+
+    def claim(self, digest: str, cancel: Optional[threading.Event] = None
+              ) -> Optional[_Response]:
+        """Take the lease of a blob missing from the bucket, or wait for the host
+        that holds it: return the blob's GET once it appears, None when this
+        host is to download it (it holds the lease, or leases do not work)."""
+        key = self._lease_key(digest)
+        client = self.remote.client
+        while not self.down and self.leases_supported:
+            lease = json.dumps({"owner": self._owner,
+                                "expires_at": time.time() + self.lease_s}).encode()
+            try:
+                taken = client.put_if_absent(key, lease)
+            except CacheError as exc:
+                self.failed(exc, f"leasing blob {digest}")
+                return None
+            if taken is None:
+                self.leases_supported = False
+                _debug(f"{self.remote.url} does not do conditional writes (If-None-Match); "
+                       "hosts that miss a blob together each download it")
+                return None
+            if taken:
+                self._hold(digest)
+                return None
+            found = self._wait_for(digest, key, cancel)
+            if found is not None:
+                return found
+        return None
+
+    def _wait_for(self, digest: str, key: str, cancel: Optional[threading.Event]
+                  ) -> Optional[_Response]:
+        """Poll for a blob another host is downloading; None when its lease ends
+        without it (released or expired: the caller tries to take it)."""
+        _debug(f"blob {digest}: another host is downloading it; waiting for it in "
+               f"{self.remote.url}")
+        client = self.remote.client
+        while not self.down:
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled()
+            self._sleep(self.poll_s)
+            found = self.open_blob(digest, 0)
+            if found is not None:
+                return found
+            try:
+                raw = client.get_small(key, 4096)
+                lease = _json_object(raw) if raw is not None else None
+            except (CacheError, ValueError) as exc:
+                if isinstance(exc, CacheError):
+                    self.failed(exc, f"reading the lease of {digest}")
+                return None
+            if lease is None:
+                found = self.open_blob(digest, 0)  # it may have landed just before
+                return found
+            expires = lease.get("expires_at")
+            if not isinstance(expires, (int, float)) or expires < time.time():
+                _debug(f"blob {digest}: the lease of {str(lease.get('owner'))[:80]} expired")
+                try:
+                    client.delete(key)
+                except CacheError as exc:
+                    self.failed(exc, f"removing an expired lease of {digest}")
+                return None
+        return None
+
+    def _hold(self, digest: str) -> None:
+        with self._lock:
+            self._held[digest] = time.time()
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew, name="zlayer-s3-lease",
+                                                 daemon=True)
+                self._renewer.start()
+
+    def _renew(self) -> None:
+        """Rewrite held leases with a later expiry while their downloads run."""
+        while not self._closed.wait(self.lease_s / 3):
+            with self._lock:
+                held = list(self._held)
+            for digest in held:
+                lease = json.dumps({"owner": self._owner,
+                                    "expires_at": time.time() + self.lease_s}).encode()
+                try:
+                    self.remote.client.put(self._lease_key(digest), lease)
+                except CacheError as exc:
+                    _debug(f"renewing the lease of {digest} failed ({exc})")
+
+    def release(self, digest: str) -> None:
+        """Give up a lease this host holds (its download failed, or the blob is in)."""
+        with self._lock:
+            held = self._held.pop(digest, None) is not None
+        if held:
+            try:
+                self.remote.client.delete(self._lease_key(digest))
+            except CacheError as exc:
+                _debug(f"removing the lease of {digest} failed ({exc}); it expires")
+
+    # -- background uploads ---------------------------------------------------
+
+    def _start_workers(self) -> None:
+        with self._lock:
+            while len(self._threads) < self._workers_wanted:
+                thread = threading.Thread(target=self._work, name="zlayer-s3-upload",
+                                          daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _work(self) -> None:
+        while True:
+            task = self._queue.get()
+            try:
+                if task is None:
+                    return
+                if not self.down:
+                    task()
+            except CacheError as exc:
+                self.failed(exc, "uploading")
+            except (OSError, ZLayerError) as exc:
+                self.failed(exc, "uploading")
+            finally:
+                self._queue.task_done()
+
+    def _submit(self, task: Callable[[], None]) -> None:
+        if self.down:
+            return
+        self._start_workers()
+        self._queue.put(task)
+
+    def offer_blob(self, descriptor: Descriptor) -> None:
+        """Upload a blob the local store verified (it came from the registry)."""
+        def upload() -> None:
+            try:
+                path = self.local.path(descriptor.digest)
+                if path is not None:
+                    self.remote.put_path(path, descriptor.digest, descriptor.media_type)
+                else:
+                    self._upload_stream(descriptor)
+                with self._lock:
+                    self.uploaded.append(descriptor.digest)
+            finally:
+                self.release(descriptor.digest)
+        self._submit(upload)
+
+    def _upload_stream(self, descriptor: Descriptor) -> None:
+        """Upload a blob of a store without files (spooled to a temporary file first)."""
+        import shutil
+        import tempfile
+        stream = self.local.open_blob(descriptor.digest)
+        if stream is None:
+            return
+        with stream, tempfile.TemporaryFile(prefix="zlayer-s3-") as spool:
+            shutil.copyfileobj(stream, spool, _READ_CHUNK_BYTES)
+            spool.flush()
+            self.remote.put_file(spool, descriptor.digest, spool.tell(), descriptor.media_type)
+
+    def offer_manifest(self, manifest: Manifest) -> None:
+        """Upload a manifest fetched from the registry."""
+        self._submit(lambda: self.remote.put(manifest.digest, manifest.raw,
+                                             manifest.media_type))
+
+    def record(self, reference: str, digest: str, media_type: str) -> None:
+        """Record ``reference`` → ``digest`` in the bucket once this pull's uploads are in."""
+        with self._lock:
+            self._records.append((reference, digest, media_type))
+
+    def flush(self) -> None:
+        """Wait until every upload offered so far is done, then write the records."""
+        self._queue.join()
+        with self._lock:
+            records, self._records = self._records, []
+        for reference, digest, media_type in records:
+            if self.down:
+                return
+            try:
+                self.remote.record_reference(reference, digest, media_type)
+            except CacheError as exc:
+                self.failed(exc, f"recording {reference}")
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the upload threads: after the uploads (``wait``), or dropping those
+        not started and releasing the leases held, for the next host to take."""
+        import queue
+        if wait:
+            self.flush()
+        else:
+            try:
+                while True:
+                    self._queue.get_nowait()
+                    self._queue.task_done()
+            except queue.Empty:
+                pass
+            with self._lock:
+                held = list(self._held)
+            for digest in held:
+                self.release(digest)
+        self._closed.set()
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+        self.remote.close()
+
+
+class _FleetSource:
+    """A pull's source through the tier: the bucket, then the registry (``upstream``;
+    None offline, when recorded references stand in for tags)."""
+
+    def __init__(self, tier: Optional[_FleetTier], local: BlobStore,
+                 upstream: Optional[_Source], reference: Reference) -> None:
+        self.tier = tier
+        self.local = local
+        self.upstream = upstream
+        self.reference = reference
+        names = ([tier.remote.url] if tier else []) + ([upstream.name] if upstream else [])
+        self.name = " then ".join(names) or "the cache"
+        self.location = upstream.location if upstream is not None else None
+        self._from_upstream: set = set()
+        self._remote_opens: Dict[str, int] = {}
+        self._skip_remote: set = set()
+        self._lock = threading.Lock()
+
+    def _missing(self, what: str) -> NotFoundError:
+        where = f"the local cache or {self.tier.remote.url}" if self.tier else "the local cache"
+        return NotFoundError(f"{what} is not in {where}, and --offline keeps the registry "
+                             "out of it")
+
+    def head_manifest(self, tag: str) -> Optional[str]:
+        """Ask the registry; offline, take the recorded digest (with a warning)."""
+        if self.upstream is not None:
+            return self.upstream.head_manifest(tag)
+        name = str(self.reference)
+        digest = self.local.lookup_reference(name)
+        record = None
+        if digest is None and self.tier is not None:
+            record = self.tier.recorded(name)
+            digest = record["digest"] if record else None
+        if digest is None:
+            raise self._missing(f"no recorded digest of {name}")
+        when = record.get("recorded_at") if record else None
+        since = f" recorded {time.strftime('%Y-%m-%d %H:%M', time.gmtime(when))} UTC" \
+            if isinstance(when, (int, float)) else ""
+        _warn(f"offline: {name} is taken as {digest}{since}; the registry may have moved it")
+        return digest
+
+    def get_manifest(self, identifier: str) -> Manifest:
+        """Return a manifest from the bucket (by digest), else from the registry
+        (uploading it to the bucket)."""
+        if ":" in identifier and self.tier is not None:
+            found = self.tier.read_manifest(identifier)
+            if found is not None:
+                return found
+        if self.upstream is None:
+            if not ":" in identifier:
+                identifier = cast(str, self.head_manifest(identifier))
+                return self.get_manifest(identifier)
+            raise self._missing(f"manifest {identifier}")
+        manifest = self.upstream.get_manifest(identifier)
+        if self.tier is not None:
+            self.tier.offer_manifest(manifest)
+        return manifest
+
+    def open_blob(self, digest: str, offset: int = 0,
+                  cancel: Optional[threading.Event] = None) -> _BlobStream:
+        """Stream a blob from the bucket, else (after the fleet's lease) the registry."""
+        tier = self.tier
+        if tier is not None and digest not in self._skip_remote:
+            with self._lock:
+                tries = self._remote_opens[digest] = self._remote_opens.get(digest, 0) + 1
+            # A second interruption of the bucket's stream: the registry finishes it.
+            if tries <= 2:
+                response = tier.open_blob(digest, offset)
+                if response is None and offset == 0 and self.upstream is not None \
+                        and not tier.down:
+                    response = tier.claim(digest, cancel)
+                if response is not None:
+                    return _BlobStream(response, offset if response.status == 206 else 0)
+        if self.upstream is None:
+            raise self._missing(f"blob {digest}")
+        with self._lock:
+            self._from_upstream.add(digest)
+        return self.upstream.open_blob(digest, offset)
+
+    def settled(self, descriptor: Descriptor, verified: bool) -> None:
+        """Upload a verified blob that came from the registry; after a digest
+        failure, skip the bucket's copy (the registry's replaces it)."""
+        tier = self.tier
+        if tier is None:
+            return
+        digest = descriptor.digest
+        with self._lock:
+            from_upstream = digest in self._from_upstream
+            if not verified and not from_upstream:
+                self._skip_remote.add(digest)  # what comes next is the registry's
+        if verified and from_upstream:
+            tier.offer_blob(descriptor)
+        elif not verified and from_upstream:
+            tier.release(digest)
+        elif not verified:
+            _warn(f"blob {digest} in {tier.remote.url} failed its digest check; "
+                  "fetching it from the registry")
+
+    def backoff(self, attempt: int) -> None:
+        """Wait as the registry does."""
+        if self.upstream is not None:
+            self.upstream.backoff(attempt)
+
+
+# =============================================================================
+# 33. UNPACK: layer streams (compression, prefetch)
 # =============================================================================
 # Layers are gzip, zstd or plain tar, decided by media type and confirmed by
 # the magic bytes; every layer is streamed, none is held in memory.
@@ -7298,7 +7754,7 @@ def _stream_errors() -> Tuple[type, ...]:
 
 
 # =============================================================================
-# 33. UNPACK: the root filesystem tree
+# 34. UNPACK: the root filesystem tree
 # =============================================================================
 # A layer is untrusted input from the network.  Every entry's parent path is
 # resolved component by component inside the root, following symlinks the
@@ -7524,7 +7980,7 @@ class _RootTree:
 
 
 # =============================================================================
-# 34. UNPACK: LayerUnpacker, applying tar entries
+# 35. UNPACK: LayerUnpacker, applying tar entries
 # =============================================================================
 
 def _layer_name(layer: Any) -> str:
@@ -7862,7 +8318,7 @@ class LayerUnpacker(_RootTree):
 
 
 # =============================================================================
-# 35. OCI LAYOUT: writing layouts and archives
+# 36. OCI LAYOUT: writing layouts and archives
 # =============================================================================
 # image-layout.md: a directory with "oci-layout" ({"imageLayoutVersion":
 # "1.0.0"}), "index.json" (an image index whose descriptors may carry
@@ -8154,7 +8610,7 @@ def _write_image(store: BlobStore, top: Manifest, target: _Location,
 
 
 # =============================================================================
-# 36. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
+# 37. WASM ARTIFACTS: a .wasm file as a CNCF Wasm OCI layout; the wasm names
 # =============================================================================
 
 def export_wasm_as_oci(wasm_path: Union[str, "os.PathLike[str]"],
@@ -8223,7 +8679,7 @@ wasm = _Namespace(
 
 
 # =============================================================================
-# 37. OCI LAYOUT: reading and importing
+# 38. OCI LAYOUT: reading and importing
 # =============================================================================
 
 # An imported layout is untrusted: every blob it reaches is streamed into a
@@ -8420,7 +8876,7 @@ def _ingest_layout_blob(cache: BlobStore, source: _LayoutSource, descriptor: Des
 
 
 # =============================================================================
-# 38. LOCAL REGISTRY: LocalRegistry, images stored on this host
+# 39. LOCAL REGISTRY: LocalRegistry, images stored on this host
 # =============================================================================
 # A manifest is checked as distribution checks it by default before it is
 # added: a known media type, well-formed JSON, the digest it is put under,
@@ -8707,12 +9163,8 @@ class LocalRegistry:
 
 
 # =============================================================================
-# 39. WORKER POOL: threads that keep their connections between batches
+# 40. WORKER POOL: threads that keep their connections between batches
 # =============================================================================
-
-class _Cancelled(Exception):
-    """Internal: another worker failed, so this download stops."""
-
 
 class _Batch:
     """The tasks of one ``_WorkerPool.run`` call: results, errors and how many are left.
@@ -8847,7 +9299,7 @@ class _WorkerPool:
 
 
 # =============================================================================
-# 40. SESSION AND RESOLVER: what transfers share; references to manifests
+# 41. SESSION AND RESOLVER: what transfers share; references to manifests
 # =============================================================================
 
 _MAX_INDEX_DEPTH = 4
@@ -9028,7 +9480,7 @@ class _Resolver:
 
 
 # =============================================================================
-# 41. FETCHER: verified blobs from a source into a store
+# 42. FETCHER: verified blobs from a source into a store
 # =============================================================================
 
 class _Fetcher:
@@ -9109,7 +9561,13 @@ class _Fetcher:
         with self.store.lock(descriptor.digest):
             if self.store.has(descriptor.digest):
                 return None
-            return self.stream_blob(source, descriptor, cancel)
+            try:
+                received = self.stream_blob(source, descriptor, cancel)
+            except BaseException:
+                source.settled(descriptor, False)
+                raise
+            source.settled(descriptor, True)
+            return received
 
     def stream_blob(self, source: _Source, descriptor: Descriptor,
                     cancel: threading.Event) -> int:
@@ -9126,6 +9584,7 @@ class _Fetcher:
         except _ContentMismatch as first:
             _warn(f"blob {descriptor.digest} from {source.name} failed its digest check "
                   f"({first.actual}); downloading it once more")
+            source.settled(descriptor, False)
         return self._stream_once(source, descriptor, cancel)
 
     def _stream_once(self, source: _Source, descriptor: Descriptor,
@@ -9197,7 +9656,7 @@ class _Fetcher:
 
 
 # =============================================================================
-# 42. PULL: what a pull returns (Layer, PullResult)
+# 43. PULL: what a pull returns (Layer, PullResult)
 # =============================================================================
 
 @_value
@@ -9333,7 +9792,7 @@ def _descriptor_summary(descriptor: Descriptor) -> Dict[str, Any]:
 
 
 # =============================================================================
-# 43. PULL: the ImagePuller API
+# 44. PULL: the ImagePuller API
 # =============================================================================
 
 def _as_reference(reference: Union[str, Reference]) -> Reference:
@@ -9348,6 +9807,12 @@ class ImagePuller:
     from an index; the default is this host's.  ``insecure`` skips the
     registry's certificate check (its own host only, never a blob
     redirect's) and falls back to plain http when https gets no answer.
+    ``remote_cache`` (an :class:`S3BlobCache`) puts a bucket between the
+    cache and the registry, shared by a fleet: blobs missing locally come
+    from it, and what comes from the registry is uploaded to it in the
+    background (``flush_remote()`` and ``close()`` wait for that).
+    ``offline`` never asks the registry: tags resolve to the digests
+    recorded in the cache or the bucket.
     ``sleep``, ``clock`` and ``environ`` are injectable for tests.
     """
 
@@ -9360,8 +9825,14 @@ class ImagePuller:
                  environ: Optional[Mapping[str, str]] = None,
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.time,
-                 ssl_context: Any = None) -> None:
+                 ssl_context: Any = None,
+                 remote_cache: Optional["S3BlobCache"] = None, offline: bool = False,
+                 lease_s: float = DEFAULT_LEASE_S) -> None:
         self.cache = cache if cache is not None else BlobCache()
+        self.remote_cache = remote_cache
+        self.offline = offline
+        self._tier = None if remote_cache is None else _FleetTier(remote_cache, self.cache,
+                                                                  lease_s=lease_s)
         if isinstance(platform, str):
             platform = parse_platform(platform)
         self.platform = platform if platform is not None else host_platform()
@@ -9387,9 +9858,27 @@ class ImagePuller:
         """Return how many HTTP requests this puller has sent."""
         return self._session.request_count
 
-    def close(self) -> None:
-        """Stop worker threads and close connections."""
-        self._session.close()
+    def _source(self, reference: Reference, auth: Optional[RegistryAuth]) -> _Source:
+        """Return where a pull of ``reference`` reads: the registry, through the
+        remote cache when there is one; offline, the recorded references."""
+        upstream = None if self.offline else self._session.source(reference, auth)
+        if upstream is not None and self._tier is None:
+            return upstream
+        return _FleetSource(self._tier, self.cache, upstream, reference)
+
+    def flush_remote(self) -> None:
+        """Wait until what the pulls so far fetched from registries is in the remote cache."""
+        if self._tier is not None:
+            self._tier.flush()
+
+    def close(self, wait_remote: bool = True) -> None:
+        """Stop worker threads and close connections; with a remote cache, wait for
+        its uploads first (``wait_remote=False`` leaves them to the next host)."""
+        try:
+            if self._tier is not None:
+                self._tier.close(wait=wait_remote)
+        finally:
+            self._session.close()
 
     def __enter__(self) -> "ImagePuller":
         return self
@@ -9411,7 +9900,7 @@ class ImagePuller:
         With ``resolve_index=False`` an index is returned as it is.
         """
         reference = _as_reference(reference)
-        source = self._session.source(reference, auth)
+        source = self._source(reference, auth)
         top = self._resolver.resolve(reference, source)
         return self._resolver.resolve_platform(source, top)[0] if resolve_index else top
 
@@ -9425,7 +9914,7 @@ class ImagePuller:
         the image uses again, and downloads again one that changed.
         """
         reference = _as_reference(reference)
-        source = self._session.source(reference, auth)
+        source = self._source(reference, auth)
         top = self._resolver.resolve(reference, source)
         manifest, index, platform = self._resolver.resolve_platform(source, top,
                                                                     prefer_wasm=prefer_wasm)
@@ -9465,6 +9954,8 @@ class ImagePuller:
         ``cache gc`` keeps what a recorded reference reaches."""
         self.cache.record_reference(str(reference), top.digest, top.media_type,
                                     complete=complete)
+        if complete and self._tier is not None and not self.offline:
+            self._tier.record(str(reference), top.digest, top.media_type)
 
     def pull_wasm(self, reference: Union[str, Reference],
                   auth: Optional[RegistryAuth] = None) -> Tuple[bytes, WasmArtifactInfo]:
@@ -9487,7 +9978,7 @@ class ImagePuller:
                       auth: Optional[RegistryAuth] = None) -> Optional[WasmArtifactInfo]:
         """Return WASM metadata from the manifest and config only; None for a container."""
         reference = _as_reference(reference)
-        source = self._session.source(reference, auth)
+        source = self._source(reference, auth)
         top = self._resolver.resolve(reference, source)
         manifest = self._resolver.resolve_platform(source, top, prefer_wasm=True)[0]
         self._fetcher.fetch(source, [manifest.config])
@@ -9516,7 +10007,7 @@ class ImagePuller:
         docker_named = tag and target.transport == "docker-archive"
         load_name = parse_reference(tag) if docker_named else reference
         tag = tag or reference.tag
-        source = self._session.source(reference, auth)
+        source = self._source(reference, auth)
         top = resolved = self._resolver.resolve(reference, source)
         wanted = parse_platform(platform) if isinstance(platform, str) else platform
         if top.is_index and (wanted is not None or target.transport == "docker-archive"):
@@ -9614,7 +10105,7 @@ class ImagePuller:
                 auth: Optional[RegistryAuth] = None) -> Dict[str, Any]:
         """Describe an image without downloading layers (manifest, config, platforms)."""
         reference = _as_reference(reference)
-        source = self._session.source(reference, auth)
+        source = self._source(reference, auth)
         top = self._resolver.resolve(reference, source)
         data: Dict[str, Any] = {"reference": str(reference), "digest": top.digest,
                                 "media_type": top.media_type}
@@ -9658,7 +10149,7 @@ class ImagePuller:
 
 
 # =============================================================================
-# 44. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
+# 45. PUSH: what a copy reads from (a registry, the cache, a layout, an archive)
 # =============================================================================
 # A copy walks one image graph (an index, its manifests, their blobs) and
 # needs each blob as a file it can seek in (an upload is sent again after a
@@ -9864,7 +10355,7 @@ def _docker_archive_entry(listing: Any, location: _Location) -> Dict[str, Any]:
 
 
 # =============================================================================
-# 45. PUSH: ImagePusher, push and copy
+# 46. PUSH: ImagePusher, push and copy
 # =============================================================================
 
 @_value
@@ -10142,7 +10633,7 @@ class ImagePusher:
         reference = source.reference
         assert reference is not None
         puller = self.puller
-        registry_source = puller._session.source(reference, auth)
+        registry_source = puller._source(reference, auth)
         top = puller._resolver.resolve(reference, registry_source)
         cancel = threading.Event()
 
@@ -10273,7 +10764,7 @@ class ImagePusher:
 
 
 # =============================================================================
-# 46. SERVE: basic credentials from an htpasswd file (bcrypt, apr1, SHA, SHA-crypt)
+# 47. SERVE: basic credentials from an htpasswd file (bcrypt, apr1, SHA, SHA-crypt)
 # =============================================================================
 # The formats Apache's htpasswd writes, verified here without a C library:
 # bcrypt ($2y$, $2a$, $2b$: htpasswd -B, the only one distribution takes) on a
@@ -10625,7 +11116,7 @@ class _Htpasswd:
 
 
 # =============================================================================
-# 47. SERVE: upload sessions and request bodies
+# 48. SERVE: upload sessions and request bodies
 # =============================================================================
 # An upload session's bytes go to uploads/<id> inside the store (flocked by
 # each request that appends); its state travels in the Location the client
@@ -10891,7 +11382,7 @@ class _UploadSessions:
 
 
 # =============================================================================
-# 48. SERVE: the pull-through mirror (upstreams, tags kept for a TTL, single-flight blobs)
+# 49. SERVE: the pull-through mirror (upstreams, tags kept for a TTL, single-flight blobs)
 # =============================================================================
 # With ``--upstream``, reads the store cannot answer go to the upstream
 # registry through the puller's client (its auth, retries, verification), and
@@ -11408,7 +11899,7 @@ class _Mirror:
 
 
 # =============================================================================
-# 49. SERVE: RegistryServer, the distribution API over the local registry
+# 50. SERVE: RegistryServer, the distribution API over the local registry
 # =============================================================================
 # distribution-spec 1.1, as distribution answers it: errors in the spec's
 # {"errors": [{code, message, detail}]} form; every answer with a
@@ -12160,7 +12651,7 @@ def _request_handler_class(server: RegistryServer, timeout_s: float) -> Any:
 
 
 # =============================================================================
-# 50. CLI: output, progress, and what every command opens (caches, pullers, credentials)
+# 51. CLI: output, progress, and what every command opens (caches, pullers, credentials)
 # =============================================================================
 
 _PROG = "zlayer-registry"
@@ -12356,13 +12847,19 @@ class _JsonProgress:
 
 
 # Caches the running command opened; main() closes them when it ends.
-_CLI_CACHES: List[Tuple[DirectoryBlobCache, bool]] = []
+_CLI_CACHES: List[Tuple[BlobStore, bool]] = []
 
 
-def _cli_cache(args: Any, create: bool = True) -> DirectoryBlobCache:
+def _cli_cache(args: Any, create: bool = True) -> Any:
+    """Open the command's cache: --cache DIR (or the default), or an S3 bucket
+    (``s3://BUCKET[/PREFIX]``) as the only store."""
     root = args.cache if args.cache is not None else BlobCache.default_path()
     if root == "":
         raise CacheError("--cache is empty (an unset variable?)")
+    if root.startswith("s3://"):
+        remote = S3BlobCache.from_url(root)
+        _CLI_CACHES.append((remote, False))
+        return remote
     if not create and not os.path.isdir(root):  # a mistyped --cache must not make one
         if os.path.exists(root):
             raise CacheError(f"{os.path.abspath(root)} is not a directory, so not a cache")
@@ -12387,12 +12884,49 @@ def _close_cli_caches(failed: bool) -> None:
             pass  # the index only speeds things up; the next open rebuilds it
 
 
+def _cli_remote_cache(args: Any, cache: BlobStore) -> Optional[S3BlobCache]:
+    """Open --remote-cache (or $ZLAYER_REMOTE_CACHE): the bucket behind the local cache."""
+    url = getattr(args, "remote_cache", None)
+    if url is None:
+        url = os.environ.get("ZLAYER_REMOTE_CACHE") or None
+        if url is None or isinstance(cache, S3BlobCache):
+            return None  # the variable sets a default; --cache s3://... alone is S3 only
+    if isinstance(cache, S3BlobCache):
+        raise _UsageError("--remote-cache goes with a local --cache DIR in front of it; "
+                          f"the cache is {cache.url} already")
+    return S3BlobCache.from_url(url, retries=_TIER_RETRIES)
+
+
 def _cli_puller(args: Any, cache: BlobStore, progress: Optional[_ProgressCallback] = None
                 ) -> ImagePuller:
     return ImagePuller(cache, platform=getattr(args, "platform", None),
                        insecure=getattr(args, "insecure", False),
                        max_workers=getattr(args, "max_workers", DEFAULT_MAX_WORKERS),
-                       progress=progress, sleep=_retry_announcer())
+                       progress=progress, sleep=_retry_announcer(),
+                       remote_cache=_cli_remote_cache(args, cache),
+                       offline=getattr(args, "offline", False))
+
+
+def _close_puller(puller: ImagePuller, args: Any) -> None:
+    """End a command's puller: wait for the remote cache's uploads unless
+    --no-wait-remote leaves them to the next host."""
+    puller.close(wait_remote=not getattr(args, "no_wait_remote", False))
+
+
+class _Pulling:
+    """``with _Pulling(args, cache) as puller``: a command's puller, closed as
+    ``_close_puller`` says."""
+
+    def __init__(self, args: Any, cache: BlobStore,
+                 progress: Optional[_ProgressCallback] = None) -> None:
+        self._args = args
+        self.puller = _cli_puller(args, cache, progress)
+
+    def __enter__(self) -> ImagePuller:
+        return self.puller
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _close_puller(self.puller, self._args)
 
 
 # A retry after an attempt this slow is announced: a registry that stalls
@@ -12472,7 +13006,7 @@ def _finish(progress: Optional[_Progress]) -> None:
         progress.finish()
 
 
-def _print_summary(result: PullResult, cache: DirectoryBlobCache, then: str = "") -> None:
+def _print_summary(result: PullResult, cache: Any, then: str = "") -> None:
     """Print what a pull did: reference, platform and digest; layers and bytes."""
     platform = f" ({result.platform})" if result.platform else ""
     print(f"{result.reference}{platform}: {result.manifest.digest}")
@@ -12533,14 +13067,15 @@ def _cli_target(args: Any) -> Tuple[Reference, RegistryAuth]:
 
 
 # =============================================================================
-# 51. CLI: the commands
+# 52. CLI: the commands
 # =============================================================================
 
 def _cmd_pull(args: Any) -> int:
     reference, auth = _cli_target(args)
     progress = _cli_progress(args)
     cache = _cli_cache(args)
-    with _cli_puller(args, cache, progress) as puller:
+    puller = _cli_puller(args, cache, progress)
+    try:
         result = puller.pull_image(reference, auth, verify=args.verify)
         target = _parse_pull_output(args.output) if args.output else None
         if target is not None and target.transport == "local":
@@ -12552,20 +13087,24 @@ def _cmd_pull(args: Any) -> int:
             puller.export_image(result.reference.with_digest(result.manifest.digest)
                                 if result.index else result.reference, args.output,
                                 auth=auth)
-    _finish(progress)
-    _warn_foreign_platform(args, result)
-    if args.json:
-        _print_json(result.to_json())
-    elif args.quiet:
-        print(result.manifest.digest)
-    else:
-        _print_summary(result, cache, f"; written to {args.output}" if args.output else "")
+        # The image is local: say so now, then wait for the remote cache's uploads.
+        _finish(progress)
+        _warn_foreign_platform(args, result)
+        if args.json:
+            _print_json(result.to_json())
+        elif args.quiet:
+            print(result.manifest.digest)
+        else:
+            _print_summary(result, cache, f"; written to {args.output}" if args.output else "")
+        sys.stdout.flush()
+    finally:
+        _close_puller(puller, args)
     return 0
 
 
 def _cmd_inspect(args: Any) -> int:
     reference, auth = _cli_target(args)
-    with _cli_puller(args, _cli_cache(args)) as puller:
+    with _Pulling(args, _cli_cache(args)) as puller:
         data = puller.inspect(reference, auth)
     if args.json:
         _print_json(data)
@@ -12611,7 +13150,7 @@ def _cmd_export(args: Any) -> int:
     reference, auth = _cli_target(args)
     _parse_destination(args.destination)  # a bad destination fails before any download
     progress = _cli_progress(args)
-    with _cli_puller(args, _cli_cache(args), progress) as puller:
+    with _Pulling(args, _cli_cache(args), progress) as puller:
         info = puller.export_image(reference, args.destination, platform=args.platform,
                                    auth=auth)
     _finish(progress)
@@ -12628,7 +13167,7 @@ def _cmd_export(args: Any) -> int:
 
 def _cmd_import(args: Any) -> int:
     cache = _cli_cache(args)
-    with _cli_puller(args, cache) as puller:
+    with _Pulling(args, cache) as puller:
         infos = puller.import_image(args.source)
     if args.destination:
         if len({info.digest for info in infos}) != 1:
@@ -12735,7 +13274,7 @@ def _cmd_serve(args: Any) -> int:
 def _cmd_unpack(args: Any) -> int:
     unpacking = _cli_progress(args, "unpack")
     if _parse_location(args.reference).is_layout:
-        with _cli_puller(args, _cli_cache(args)) as puller:
+        with _Pulling(args, _cli_cache(args)) as puller:
             manifest = puller.unpack_layout(args.reference, args.directory, progress=unpacking)
             if manifest.config is not None:
                 _warn_if_foreign(args, args.reference, _config_platform(
@@ -12748,7 +13287,7 @@ def _cmd_unpack(args: Any) -> int:
     reference, auth = _cli_target(args)
     downloads = _cli_progress(args)
     cache = _cli_cache(args)
-    with _cli_puller(args, cache, downloads) as puller:
+    with _Pulling(args, cache, downloads) as puller:
         result = puller.unpack(reference, args.directory, auth,
                                progress=_then(downloads, unpacking))
     _finish(unpacking)
@@ -12765,7 +13304,7 @@ def _cmd_pull_wasm(args: Any) -> int:
                           "or pipe stdout")
     reference, auth = _cli_target(args)
     cache = _cli_cache(args)
-    with _cli_puller(args, cache) as puller:
+    with _Pulling(args, cache) as puller:
         result = puller.pull_image(reference, auth, prefer_wasm=True)
         info = result.wasm_module_info()
     output = "-" if to_stdout else os.path.abspath(args.output)
@@ -12909,7 +13448,7 @@ def _cmd_cache(args: Any) -> int:
 
 
 # =============================================================================
-# 52. CLI: argument types, the command table, the parser, main
+# 53. CLI: argument types, the command table, the parser, main
 # =============================================================================
 
 def _parse_destination(text: str) -> _Location:
@@ -12994,7 +13533,8 @@ def _parse_size(text: str) -> int:
 _HOST_PLATFORM_HELP = ("platform to pick from an index (default: this host's); a single "
                        "image must be for it")
 _JSON_HELP = "print one JSON object"
-_CACHE_HELP = "cache directory (default: $ZLAYER_REGISTRY_CACHE, else ~/.cache/zlayer-registry)"
+_CACHE_HELP = ("cache directory, or s3://BUCKET[/PREFIX] for a bucket alone (default: "
+               "$ZLAYER_REGISTRY_CACHE, else ~/.cache/zlayer-registry)")
 
 
 class _Command:
@@ -13056,6 +13596,8 @@ def _add_subcommand(commands: Any, command: _Command) -> Any:
         sub.add_argument("--cache", metavar="DIR", help=_CACHE_HELP)
     if reference:
         sub.add_argument("reference", metavar="REF", help=f"image reference, e.g. {example}")
+        if cache:
+            _add_remote_cache_arguments(sub)
         sub.add_argument("--insecure", action="store_true",
                          help="skip the registry's TLS certificate check, and use plain "
                               "http if it has no TLS")
@@ -13075,6 +13617,23 @@ def _add_subcommand(commands: Any, command: _Command) -> Any:
                      command.name == "cache" else False,
                      help=options.get("quiet_help", "print only the digest of the result"))
     return sub
+
+
+def _add_remote_cache_arguments(sub: Any) -> None:
+    """Add --remote-cache, --no-wait-remote and --offline (commands that pull)."""
+    sub.add_argument("--remote-cache", metavar="s3://BUCKET[/PREFIX]",
+                     help="an S3 bucket between the cache and the registry, shared by "
+                          "hosts (default: $ZLAYER_REMOTE_CACHE): blobs missing here come "
+                          "from it, and what comes from the registry is uploaded to it; "
+                          "the result is printed once the image is local, then the "
+                          "command waits for the uploads. Credentials, region and endpoint "
+                          "as the AWS CLI finds them (AWS_PROFILE, AWS_ENDPOINT_URL, ...)")
+    sub.add_argument("--no-wait-remote", action="store_true",
+                     help="exit without waiting for the uploads to the remote cache "
+                          "(the next host that misses those blobs uploads them)")
+    sub.add_argument("--offline", action="store_true",
+                     help="never ask the registry: a tag is the digest recorded in the "
+                          "cache or the remote cache (it may be stale)")
 
 
 def _add_pull_arguments(pull: Any) -> None:
