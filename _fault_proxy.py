@@ -164,8 +164,11 @@ class _Abort(Exception):
 class FaultProxy:
     """The proxy.  Add rules, then point a client at ``host`` (``127.0.0.1:PORT``)."""
 
-    def __init__(self, upstream: str, *, upstream_timeout_s: float = 30.0) -> None:
+    def __init__(self, upstream: str, *, upstream_timeout_s: float = 30.0,
+                 keep_host: bool = False) -> None:
         self.upstream = upstream
+        # keep_host: forward the client's Host header (an S3 signature covers it).
+        self.keep_host = keep_host
         self.upstream_timeout_s = upstream_timeout_s
         self.rules: List[Rule] = []
         self.requests: List[Dict[str, Any]] = []
@@ -326,7 +329,7 @@ class FaultProxy:
                               {"WWW-Authenticate": self._upstream_challenge()})
             return
         forward = {k: v for k, v in headers.items()
-                   if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
+                   if k.lower() not in _HOP_BY_HOP and (k.lower() != "host" or self.keep_host)}
         if action == "strip_auth":
             rule.reached.set()
             forward = {k: v for k, v in forward.items() if k.lower() != "authorization"}

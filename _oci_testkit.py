@@ -503,7 +503,8 @@ def free_port() -> int:
 
 
 def _registry_config(root: Path, port: int, htpasswd: Optional[Path],
-                     tls: Optional[Tuple[Path, Path]] = None) -> str:
+                     tls: Optional[Tuple[Path, Path]] = None,
+                     storage: Optional[Dict[str, Any]] = None) -> str:
     # JSON is valid YAML, which spares a YAML writer. The config points at the temporary
     # root only: the packaged /etc/docker/registry/config.yml is never read.
     config = {
@@ -516,6 +517,8 @@ def _registry_config(root: Path, port: int, htpasswd: Optional[Path],
         },
         "http": {"addr": "127.0.0.1:%d" % port, "secret": "zlayer-interop-test-secret"},
     }
+    if storage is not None:  # another driver (s3) instead of the filesystem
+        config["storage"] = dict(storage, delete={"enabled": True})
     if htpasswd is not None:
         config["auth"] = {"htpasswd": {"realm": "test", "path": str(htpasswd)}}
     if tls is not None:
@@ -537,9 +540,11 @@ class DistributionRegistry:
 
     def __init__(self, root: Path, username: Optional[str] = None,
                  password: Optional[str] = None, start_timeout_s: float = 20.0,
-                 tls: Optional[Tuple[Path, Path]] = None) -> None:
+                 tls: Optional[Tuple[Path, Path]] = None,
+                 storage: Optional[Dict[str, Any]] = None) -> None:
         self.root = Path(root)
         self.tls = tls
+        self.storage = storage
         self.username = username
         self.password = password
         self.start_timeout_s = start_timeout_s
@@ -574,12 +579,16 @@ class DistributionRegistry:
         for _attempt in range(3):
             self.port = free_port()
             config_path = self.root / "config.yml"
-            config_path.write_text(_registry_config(self.root, self.port, htpasswd, self.tls))
+            config_path.write_text(_registry_config(self.root, self.port, htpasswd, self.tls,
+                                                    self.storage))
             log_path = self.root / "registry.log"
             with open(str(log_path), "wb") as log:
+                # No AWS_* of the host's (AWS_CA_BUNDLE breaks the s3 driver's setup).
+                environment = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
                 self.process = subprocess.Popen(
                     [self._registry_bin, "serve", str(config_path)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=environment,
                 )
             if self._wait_ready():
                 return self

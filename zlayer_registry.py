@@ -6883,6 +6883,15 @@ class S3BlobCache(BlobStore):
         settings: Optional[_AwsSettings] = None
         if region is None or endpoint is None:
             settings = _AwsSettings(environ)
+        if transport is None and environ.get("AWS_CA_BUNDLE"):
+            # The AWS CLI's variable for a private CA (an S3 behind a corporate TLS proxy).
+            ssl = _import_ssl()
+            try:
+                context = ssl.create_default_context(cafile=environ["AWS_CA_BUNDLE"])
+            except (OSError, ssl.SSLError) as exc:
+                raise CacheError(f"cannot read AWS_CA_BUNDLE {environ['AWS_CA_BUNDLE']}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+            transport = _Transport(ssl_context=context)
         if credentials is None:
             credentials = _CredentialChain(environ)
         elif isinstance(credentials, S3Credentials):
