@@ -928,3 +928,55 @@ class TestCli:
         for descriptor in [image["config"]] + image["layers"]:
             assert s3.count("PUT", "zlayer/leases/sha256/" + descriptor["digest"][7:]) >= 4
         assert not any("/zlayer/leases/" in k for k in s3.objects("fleet"))
+
+
+class TestFollower:
+    """A large blob from the registry goes up in parts while it still downloads."""
+
+    def test_parts_go_up_while_the_layer_downloads(self, registry, s3, tmp_path):
+        import time
+        big = layer_bytes(7, 1_000_000)
+        image = registry.add_image("team/big", "v1", [big])
+        layer = image["layers"][0]["digest"]
+        registry.faults.append(lambda m, p, h: {"stall_after": 600_000}
+                               if m == "GET" and p.endswith(layer) else None)
+        remote = {"multipart_threshold_bytes": 256 * 1024, "part_bytes": 100 * 1024}
+        puller = _host(tmp_path, "one", s3, remote=remote)
+        done = []
+        try:
+            worker = threading.Thread(target=lambda: done.append(
+                puller.pull_image(f"{registry.host}/team/big:v1")))
+            worker.start()
+            # The download is held at 600 kB: parts of what arrived go up meanwhile.
+            deadline = time.monotonic() + 30
+            while s3.count("PUT", "partNumber=") < 5 and time.monotonic() < deadline:
+                threading.Event().wait(0.01)
+            parts_while_stalled = s3.count("PUT", "partNumber=")
+            assert not done and parts_while_stalled >= 5
+            registry.stall.set()
+            worker.join(30)
+            assert done
+            puller.flush_remote()
+        finally:
+            registry.stall.set()
+            puller.close()
+        assert s3.count("PUT", "partNumber=") == 10 and not s3.uploads
+        key = _cache(s3).blob_key(layer)
+        assert s3.objects("fleet")[key] == big
+        whole = [r for r in s3.requests if r["method"] == "PUT" and r["key"] == key
+                 and "partNumber" not in r["path"]]
+        assert whole == []  # not uploaded a second time after its commit
+
+    def test_a_download_that_fails_aborts_its_upload(self, registry, s3, tmp_path):
+        big = layer_bytes(8, 800_000)
+        image = registry.add_image("team/bad", "v1", [big])
+        layer = image["layers"][0]["digest"]
+        registry.faults.append(lambda m, p, h: {"corrupt_at": 700_000, "once": False}
+                               if m == "GET" and p.endswith(layer) else None)
+        remote = {"multipart_threshold_bytes": 256 * 1024, "part_bytes": 100 * 1024}
+        with _host(tmp_path, "one", s3, remote=remote) as puller, \
+                pytest.raises(zr.DigestMismatchError):
+            puller.pull_image(f"{registry.host}/team/bad:v1")
+        assert not s3.uploads  # aborted, not left behind
+        assert _cache(s3).blob_key(layer) not in s3.objects("fleet")
+        assert not any("/zlayer/leases/" in k for k in s3.objects("fleet"))

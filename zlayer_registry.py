@@ -42,9 +42,9 @@ Sections (``grep -n '^# [0-9]*\\. ' zlayer_registry.py`` prints this map):
     17. TOKEN AUTH: challenges, token requests, the token cache
     18. REGISTRY ANSWERS: errors, manifests, hosts that do not answer
     19. REGISTRY CLIENT: scheme, auth, redirects and the distribution API
-    20. BLOB SOURCES: where a pull's manifests and blobs come from
-    21. REGISTRY PUSH: uploads, mounts and manifests
-    22. BLOB STORES: the interface every cache implements
+    20. BLOB STORES: the interface every cache implements
+    21. BLOB SOURCES: where a pull's manifests and blobs come from
+    22. REGISTRY PUSH: uploads, mounts and manifests
     23. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
     24. LOCAL REPOSITORIES: repositories, tags and manifests as files beside the blobs
     25. CACHE INDEX: SQLite beside the files
@@ -3646,479 +3646,7 @@ class _RegistryClient:
 
 
 # =============================================================================
-# 20. BLOB SOURCES: where a pull's manifests and blobs come from
-# =============================================================================
-# The resolver and the fetcher read through this interface: the registry
-# (``_RegistrySource``), a layout whose blobs were imported already
-# (``_MissingSource``), a mirror's upstream (a registry too), and next an S3 bucket.  A tier
-# is a ``_SourceChain``: each source is asked in turn, and one that lacks the
-# blob says so with NotFoundError in the same request that would have fetched
-# it (no HEAD first).  Whatever a source hands out is verified by the caller.
-
-class _BlobStream:
-    """A blob's bytes from a source, starting at byte ``offset`` of the blob.
-
-    ``offset`` is the one asked for, or 0 when the source sends the whole
-    blob again (a server that ignored Range).  Reads as the network response
-    under it does: ``readinto1``, ``length_left``, ``close``.
-    """
-
-    def __init__(self, body: _Response, offset: int) -> None:
-        self._body = body
-        self.offset = offset
-        self.url = body.url
-        self.readinto1 = body.readinto1
-
-    @property
-    def length_left(self) -> Optional[int]:
-        """Bytes still to come per Content-Length (None: chunked or until close)."""
-        return self._body.length_left
-
-    def close(self) -> None:
-        """Stop reading (the connection is reused when the body was read to its end)."""
-        self._body.close()
-
-    def __enter__(self) -> "_BlobStream":
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-
-class _Source(Protocol):
-    """What a pull reads manifests and blobs from."""
-
-    name: str  # for messages: the registry's name, the layout's location
-    location: Optional[Tuple[str, str]]  # (registry, repository) when it is one
-
-    def head_manifest(self, tag: str) -> Optional[str]:
-        """Return the digest ``tag`` points at, None when this source cannot tell cheaply."""
-
-    def get_manifest(self, identifier: str) -> Manifest:
-        """Return the manifest a tag or digest names, checked against its digest
-        (NotFoundError when the source has none)."""
-
-    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
-        """Start sending a blob from ``offset`` (NotFoundError when the source lacks it)."""
-
-    def backoff(self, attempt: int) -> None:
-        """Wait before resuming a download from this source for the ``attempt``-th time."""
-
-    def settled(self, descriptor: Descriptor, verified: bool) -> None:
-        """Hear how a blob this source sent ended: verified and stored, or failing
-        (its digest check, or the download)."""
-
-
-class _RegistrySource:
-    """A repository of a registry as a source: the distribution API's manifest and blob GETs."""
-
-    def __init__(self, client: _RegistryClient) -> None:
-        self.client = client
-        self.name = client.registry
-        self.location = (client.registry, client.repository)
-        self.head_manifest = client.head_manifest
-        self.get_manifest = client.get_manifest
-        self.backoff = client.backoff
-
-    def settled(self, descriptor: Descriptor, verified: bool) -> None:
-        """Nothing to do: the registry keeps its blobs."""
-
-    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
-        """GET a blob, with ``Range: bytes=offset-`` when resuming.
-
-        Only a 206 whose Content-Range starts at the offset continues a
-        partial download; a 200 starts over at 0; a 206 for some other range
-        is of no use, so the whole blob is asked for instead.
-        """
-        response = self.client.open_blob(digest, offset)
-        if _continues_at(response, offset):
-            return _BlobStream(response, offset)
-        if response.status == 200:
-            return _BlobStream(response, 0)
-        response.close()
-        response = self.client.open_blob(digest, 0)
-        if not _continues_at(response, 0):
-            response.close()
-            raise RegistryError(f"{self.name} answered blob {digest} with a Content-Range "
-                                "that does not match the request", method="GET",
-                                url=_redact_url(response.url))
-        return _BlobStream(response, 0)
-
-
-def _continues_at(response: _Response, offset: int) -> bool:
-    """Tell whether a blob response's body starts at byte ``offset``.
-
-    Only a 206 whose Content-Range starts at the offset continues a partial
-    download; a 200 means the server ignored Range and sends everything.
-    """
-    if response.status == 200:
-        return offset == 0
-    match = re.fullmatch(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)",
-                         response.header("Content-Range").strip())
-    return bool(match) and int(match.group(1)) == offset
-
-
-class _SourceChain:
-    """Sources asked in turn (a cache tier, a mirror's upstreams): the first that has
-    a manifest or blob serves it; the last one's NotFoundError is the answer."""
-
-    def __init__(self, sources: Sequence[_Source]) -> None:
-        if not sources:
-            raise ValueError("a chain of sources needs at least one")
-        self.sources = list(sources)
-        self.name = " then ".join(source.name for source in self.sources)
-        self.location: Optional[Tuple[str, str]] = None
-
-    def _first(self, ask: Callable[[_Source], Any]) -> Any:
-        for source in self.sources[:-1]:
-            try:
-                return ask(source)
-            except NotFoundError:
-                continue
-        return ask(self.sources[-1])
-
-    def head_manifest(self, tag: str) -> Optional[str]:
-        """Return the digest the first source that knows ``tag`` gives."""
-        return self._first(lambda source: source.head_manifest(tag))
-
-    def get_manifest(self, identifier: str) -> Manifest:
-        """Return the manifest from the first source that has it."""
-        return self._first(lambda source: source.get_manifest(identifier))
-
-    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
-        """Start sending a blob from the first source that has it."""
-        return self._first(lambda source: source.open_blob(digest, offset))
-
-    def backoff(self, attempt: int) -> None:
-        """Wait as the last source (the authoritative one, a registry) does."""
-        self.sources[-1].backoff(attempt)
-
-    def settled(self, descriptor: Descriptor, verified: bool) -> None:
-        """Tell every source."""
-        for source in self.sources:
-            source.settled(descriptor, verified)
-
-
-class _MissingSource:
-    """The source of an image imported from a layout: everything is in the store
-    already, so whatever a pull asks of it is missing from the layout."""
-
-    def __init__(self, location: str) -> None:
-        self.name = location
-        self.location: Optional[Tuple[str, str]] = None
-
-    def _missing(self, what: str) -> LayoutError:
-        return LayoutError(f"{self.name}: {what} is not in the layout")
-
-    def head_manifest(self, tag: str) -> Optional[str]:
-        """Raise: the layout lacks what was asked for."""
-        raise self._missing(f"manifest {tag}")
-
-    def get_manifest(self, identifier: str) -> Manifest:
-        """Raise: the layout lacks what was asked for."""
-        raise self._missing(f"manifest {identifier}")
-
-    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
-        """Raise: the layout lacks what was asked for."""
-        raise self._missing(f"blob {digest}")
-
-    def backoff(self, attempt: int) -> None:
-        """Nothing to wait for."""
-
-    def settled(self, descriptor: Descriptor, verified: bool) -> None:
-        """Nothing to do."""
-
-
-# =============================================================================
-# 21. REGISTRY PUSH: uploads, mounts and manifests
-# =============================================================================
-# distribution-spec "Pushing": a blob is mounted from another repository of
-# the registry (POST ?mount=&from=; 201 when it was, 202 with an upload
-# session when not: the push then uses that session), or uploaded into a
-# session: one PUT ?digest= with the whole body, or PATCH chunks with
-# Content-Range and a final empty PUT ?digest=.  The newest Location is
-# always followed; a session interrupted is asked where it stands (GET, its
-# Range) and resumed there.  An upload's PUT is never repeated blindly: it
-# would append to what the registry already has.  Manifests are PUT byte for
-# byte with their own media type.  A blob is checked by the registry against
-# the digest its PUT names (the spec's DIGEST_INVALID): a whole one goes out
-# unhashed, by sendfile; chunks are hashed before they go (their final PUT
-# carries no bytes to refuse).
-
-_UPLOAD_CHUNK_BYTES = 16 * 1024 * 1024  # chunked uploads, unless asked otherwise
-_MAX_UPLOAD_ATTEMPTS = 4
-
-
-def _upload_location(response: _Response, registry: str) -> str:
-    """Return the absolute Location of an upload answer, refusing one that is missing
-    or carries credentials (a hostile registry must not make us send them on)."""
-    from urllib.parse import urljoin, urlsplit
-    location = response.header("Location")
-    if not location:
-        raise RegistryError(f"{registry} answered {response.status} to {response.method} "
-                            f"{_redact_url(response.url)} without a Location",
-                            status=response.status, method=response.method,
-                            url=_redact_url(response.url))
-    url = urljoin(response.url, location)
-    if "@" in (urlsplit(url).netloc or ""):
-        raise RegistryError(f"{registry} named an upload location with credentials in it; "
-                            "refused", method=response.method, url=_redact_url(url))
-    return url
-
-
-def _with_query(url: str, name: str, value: str) -> str:
-    """Add ``name=value`` to a URL's query (an upload Location may carry its own)."""
-    from urllib.parse import quote
-    return f"{url}{'&' if '?' in url else '?'}{name}={quote(value, safe='')}"
-
-
-def _uploaded_range(response: _Response) -> Optional[int]:
-    """Return how many bytes an upload session holds, from its Range header
-    (``0-N``: N+1 bytes; distribution answers ``0-0`` for none), None without one."""
-    match = re.fullmatch(r"(?:bytes=)?([0-9]{1,19})-([0-9]{1,19})", response.header("Range"))
-    if match is None:
-        return None
-    return int(match.group(2)) + 1 if int(match.group(2)) > 0 else 0
-
-
-class _UploadRefused(Exception):
-    """Internal: the registry refused the request for its size (413): send chunks."""
-
-
-class _Uploader:
-    """Puts blobs and manifests into one repository of a registry (a push client).
-
-    ``chunk_bytes`` sends every blob in PATCH chunks of that size; without
-    it a blob goes up in one PUT, and in chunks once the registry refuses a
-    request that large (413).  ``progress(descriptor, sent, size)`` follows
-    the bytes that go out.
-    """
-
-    def __init__(self, client: _RegistryClient, chunk_bytes: Optional[int] = None,
-                 progress: Optional[Callable[[Descriptor, int, int], None]] = None) -> None:
-        self.client = client
-        self.registry = client.registry
-        self.repository = client.repository
-        self.chunk_bytes = chunk_bytes
-        self.progress = progress
-        self._whole_refused = False
-
-    # -- blobs ------------------------------------------------------------------
-
-    def has_blob(self, digest: str) -> bool:
-        """Tell whether the repository has the blob (HEAD)."""
-        try:
-            self.client.request("HEAD", f"/v2/{self.repository}/blobs/{digest}").close()
-        except NotFoundError:
-            return False
-        return True
-
-    def mount(self, digest: str, source_repository: Optional[str]
-              ) -> Tuple[bool, Optional[str], Optional[int]]:
-        """Mount a blob from another repository (``None``: any, as spec 1.1 allows).
-
-        Returns (mounted, the upload session's Location when not, the chunk
-        size the registry asks for at least).
-        """
-        query = f"mount={digest}" + (f"&from={source_repository}" if source_repository else "")
-        scope = None
-        if source_repository and source_repository != self.repository:
-            scope = f"{self.client.scope} repository:{source_repository}:pull"
-        response = self.client.request("POST", f"/v2/{self.repository}/blobs/uploads/?{query}",
-                                       ok=(201, 202), scope=scope)
-        response.close()
-        if response.status == 201:
-            return True, None, None
-        return False, _upload_location(response, self.registry), \
-            _header_int(response.header("OCI-Chunk-Min-Length"))
-
-    def cancel(self, location: Optional[str]) -> None:
-        """DELETE an upload session no longer needed (best effort: a registry drops
-        abandoned sessions itself, later)."""
-        if not location:
-            return
-        try:
-            self.client.request("DELETE", location, ok=(202, 204, 200, 404),
-                                retries=0).close()
-        except (ZLayerError, OSError):
-            pass
-
-    def start(self) -> Tuple[str, Optional[int]]:
-        """Open an upload session; return its Location and the chunk size it asks for."""
-        response = self.client.request("POST", f"/v2/{self.repository}/blobs/uploads/",
-                                       ok=(202,))
-        response.close()
-        return _upload_location(response, self.registry), \
-            _header_int(response.header("OCI-Chunk-Min-Length"))
-
-    def upload(self, descriptor: Descriptor, file: BinaryIO, offset: int,
-               session: Optional[Tuple[str, Optional[int]]] = None) -> None:
-        """Upload a blob (``length`` bytes of ``file`` from ``offset``) into a session."""
-        location, minimum = session or self.start()
-        chunk = self.chunk_bytes
-        if chunk is None and not self._whole_refused:
-            try:
-                self._put_whole(location, descriptor, file, offset)
-                return
-            except _UploadRefused:
-                self._whole_refused = True  # and for the rest of this push
-                location, minimum = self.start()
-        chunk = max(chunk or _UPLOAD_CHUNK_BYTES, minimum or 0)
-        self._put_chunks(location, descriptor, file, offset, chunk)
-
-    def _put_whole(self, location: str, descriptor: Descriptor, file: BinaryIO,
-                   offset: int) -> None:
-        """PUT the whole blob; an attempt cut off is resumed from what the session holds.
-
-        The file goes out by sendfile, unhashed: the registry checks it
-        against the digest the PUT names (the spec's DIGEST_INVALID), and
-        only a refusal has it hashed here, to tell whose copy is wrong.
-        """
-        body = _FileBody(file, offset, descriptor.size, self._reporter(descriptor))
-        for attempt in range(_MAX_UPLOAD_ATTEMPTS):
-            try:
-                response = self.client.request(
-                    "PUT", _with_query(location, "digest", descriptor.digest),
-                    headers={"Content-Type": "application/octet-stream"}, body=body,
-                    ok=(201, 204), retries=0)
-            except RegistryError as exc:
-                if body.sent == body.length and exc.status is not None and \
-                        not exc.temporary and exc.status != 413:
-                    # Refused whole: if our copy is what is wrong, say so.
-                    _verify_part(file, offset, descriptor)
-                    raise
-                if exc.status == 413:
-                    raise _UploadRefused() from exc
-                if exc.status is not None and not exc.temporary:
-                    raise
-                # Cut off, or a 5xx: where does the session stand?
-                self.client.backoff(attempt)
-                held = self._held(location)
-                if held is None:
-                    location = self.start()[0]  # the session is gone: a fresh one
-                elif held:
-                    _verify_part(file, offset, descriptor)
-                    self._put_chunks(location, descriptor, file, offset, _UPLOAD_CHUNK_BYTES,
-                                     start=held)
-                    return
-                continue
-            response.close()
-            self._check_stored(response, descriptor.digest)
-            return
-        raise RegistryError(f"upload of blob {descriptor.digest} to {self.registry} kept "
-                            f"failing after {_MAX_UPLOAD_ATTEMPTS} attempts", temporary=True,
-                            method="PUT", url=_redact_url(location))
-
-    def _held(self, location: str) -> Optional[int]:
-        """Return how many bytes an upload session holds (GET), None when it is gone."""
-        try:
-            response = self.client.request("GET", location, ok=(204, 200))
-        except NotFoundError:
-            return None
-        response.close()
-        return _uploaded_range(response) or 0
-
-    def _put_chunks(self, location: str, descriptor: Descriptor, file: BinaryIO, offset: int,
-                    chunk: int, start: int = 0) -> None:
-        """PATCH the blob in chunks from byte ``start``, then PUT ?digest= to finish.
-
-        Each answer's Location is the next request's; a chunk refused with 416
-        or cut off re-syncs from the Range the session reports.
-        """
-        report = self._reporter(descriptor)
-        if start == 0:
-            _verify_part(file, offset, descriptor)  # no hash is taken on the way here
-        done, setbacks = start, 0
-        while done < descriptor.size:
-            count = min(chunk, descriptor.size - done)
-            try:
-                response = self.client.request(
-                    "PATCH", location, ok=(202, 204), body=_FileBody(file, offset + done, count),
-                    headers={"Content-Type": "application/octet-stream",
-                             "Content-Range": f"{done}-{done + count - 1}"})
-            except RegistryError as exc:
-                if exc.status == 413 and chunk > 64 * 1024:
-                    chunk //= 2  # the registry (or a proxy before it) takes less at once
-                    continue
-                if exc.status is not None and exc.status != 416 and not exc.temporary:
-                    raise
-                setbacks += 1
-                if setbacks > _MAX_UPLOAD_ATTEMPTS:
-                    raise
-                self.client.backoff(setbacks - 1)
-                held = self._held(location)
-                if held is None:
-                    raise RegistryError(f"{self.registry} lost the upload session of blob "
-                                        f"{descriptor.digest}", method="PATCH",
-                                        url=_redact_url(location)) from exc
-                done = held
-                continue
-            response.close()
-            location = _upload_location(response, self.registry)
-            held = _uploaded_range(response)
-            done = held if held is not None and done < held <= done + count else done + count
-            if report is not None:
-                report(done)
-        response = self.client.request("PUT", _with_query(location, "digest", descriptor.digest),
-                                       ok=(201, 204), body=b"", retries=0)
-        response.close()
-        self._check_stored(response, descriptor.digest)
-
-    def _check_stored(self, response: _Response, digest: str) -> None:
-        """Refuse an answer that says a blob was stored under another digest."""
-        stored = response.header("Docker-Content-Digest")
-        if stored and stored != digest:
-            raise RegistryError(f"{self.registry} stored blob {digest} as {stored[:80]}",
-                                method="PUT", url=_redact_url(response.url))
-
-    def _reporter(self, descriptor: Descriptor) -> Optional[Callable[[int], None]]:
-        if self.progress is None:
-            return None
-        progress = self.progress
-        return lambda sent: progress(descriptor, sent, descriptor.size)
-
-    # -- manifests --------------------------------------------------------------
-
-    def put_manifest(self, identifier: str, raw: bytes, media_type: str) -> bool:
-        """PUT a manifest byte for byte under a tag or its digest; tell whether the
-        registry indexed its subject (the ``OCI-Subject`` answer of spec 1.1)."""
-        response = self.client.request("PUT", f"/v2/{self.repository}/manifests/{identifier}",
-                                       headers={"Content-Type": media_type}, body=raw,
-                                       ok=(201, 200, 204))
-        response.close()
-        digest = compute_digest(raw)
-        stored = response.header("Docker-Content-Digest")
-        if stored and stored != digest:
-            raise RegistryError(f"{self.registry} stored manifest {digest} as {stored[:80]}",
-                                method="PUT", url=_redact_url(response.url))
-        return bool(response.header("OCI-Subject"))
-
-
-def _verify_part(file: BinaryIO, offset: int, descriptor: Descriptor) -> None:
-    """Hash ``descriptor.size`` bytes of ``file`` from ``offset`` against the descriptor."""
-    file.seek(offset)
-    limited = _LimitedReader(file, descriptor.size)
-    _drain_checked(limited, descriptor, f"blob {descriptor.digest} to upload")
-
-
-class _LimitedReader:
-    """Reads at most ``limit`` bytes of a file (a blob inside an archive)."""
-
-    def __init__(self, file: BinaryIO, limit: int) -> None:
-        self._file, self._left = file, limit
-
-    def read(self, size: int = -1) -> bytes:
-        count = self._left if size is None or size < 0 else min(size, self._left)
-        data = self._file.read(count) if count else b""
-        self._left -= len(data)
-        return data
-
-    def close(self) -> None:
-        """Do nothing: the file is its opener's to close."""
-
-
-# =============================================================================
-# 22. BLOB STORES: the interface every cache implements
+# 20. BLOB STORES: the interface every cache implements
 # =============================================================================
 # A blob store keeps blobs by digest and the references (tags, digests,
 # layout names) that say which of them to keep.  Every write goes through a
@@ -4128,7 +3656,8 @@ class _LimitedReader:
 # leave them, as export and unpack do).
 #
 # The stores: BlobCache (in memory), DirectoryBlobCache (files, with a
-# SQLite index beside them); next an S3 bucket and the local registry.
+# SQLite index beside them), S3BlobCache (a bucket) and, on top of the
+# directory cache, the local registry.
 
 class _ContentMismatch(DigestMismatchError):
     """The bytes have the announced size but not the digest: corrupted on the way."""
@@ -4204,7 +3733,20 @@ class BlobWriter:
         """Drop what was written (the server ignored a Range request)."""
         self._hasher = hashlib.new(self._algorithm)
         self.offset = 0
+        self.restarts += 1
         self._sink_truncate()
+
+    # A reader may follow a blob into the file it is written to (the fleet
+    # tier uploads a layer while it downloads): ``readable_path`` names that
+    # file (None: the store has none), ``readable_bytes()`` how much of it holds
+    # the blob's bytes now; ``restarts`` counts truncations, after which a
+    # reader must start over.
+    readable_path: Optional[str] = None
+    restarts = 0
+
+    def readable_bytes(self) -> int:
+        """Return how many leading bytes of the blob ``readable_path`` holds now."""
+        return 0
 
     def check(self, digest: Optional[str] = None) -> None:
         """Raise DigestMismatchError (discarding the blob) unless size and digest match.
@@ -4527,6 +4069,494 @@ def _verify_stored(store: BlobStore, descriptor: Descriptor) -> None:
 
 
 # =============================================================================
+# 21. BLOB SOURCES: where a pull's manifests and blobs come from
+# =============================================================================
+# The resolver and the fetcher read through this interface: the registry
+# (``_RegistrySource``), a layout whose blobs were imported already
+# (``_MissingSource``), a mirror's upstream (a registry too), and the fleet
+# tier (``_FleetSource``: a bucket, then the registry).  A chain of sources
+# (``_SourceChain``) asks each in turn, and one that lacks the blob says so
+# with NotFoundError in the same request that would have fetched it (no HEAD
+# first).  Whatever a source hands out is verified by the caller, which tells
+# the source how each blob ended (``receiving``, ``settled``).
+
+class _BlobStream:
+    """A blob's bytes from a source, starting at byte ``offset`` of the blob.
+
+    ``offset`` is the one asked for, or 0 when the source sends the whole
+    blob again (a server that ignored Range).  Reads as the network response
+    under it does: ``readinto1``, ``length_left``, ``close``.
+    """
+
+    def __init__(self, body: _Response, offset: int) -> None:
+        self._body = body
+        self.offset = offset
+        self.url = body.url
+        self.readinto1 = body.readinto1
+
+    @property
+    def length_left(self) -> Optional[int]:
+        """Bytes still to come per Content-Length (None: chunked or until close)."""
+        return self._body.length_left
+
+    def close(self) -> None:
+        """Stop reading (the connection is reused when the body was read to its end)."""
+        self._body.close()
+
+    def __enter__(self) -> "_BlobStream":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class _Source(Protocol):
+    """What a pull reads manifests and blobs from."""
+
+    name: str  # for messages: the registry's name, the layout's location
+    location: Optional[Tuple[str, str]]  # (registry, repository) when it is one
+
+    def head_manifest(self, tag: str) -> Optional[str]:
+        """Return the digest ``tag`` points at, None when this source cannot tell cheaply."""
+
+    def get_manifest(self, identifier: str) -> Manifest:
+        """Return the manifest a tag or digest names, checked against its digest
+        (NotFoundError when the source has none)."""
+
+    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
+        """Start sending a blob from ``offset`` (NotFoundError when the source lacks it)."""
+
+    def backoff(self, attempt: int) -> None:
+        """Wait before resuming a download from this source for the ``attempt``-th time."""
+
+    def receiving(self, descriptor: Descriptor, writer: "BlobWriter") -> None:
+        """Hear that a blob this source sends is being written by ``writer``."""
+
+    def settled(self, descriptor: Descriptor, verified: bool) -> None:
+        """Hear how a blob this source sent ended: verified and stored, or failing
+        (its digest check, or the download)."""
+
+
+class _RegistrySource:
+    """A repository of a registry as a source: the distribution API's manifest and blob GETs."""
+
+    def __init__(self, client: _RegistryClient) -> None:
+        self.client = client
+        self.name = client.registry
+        self.location = (client.registry, client.repository)
+        self.head_manifest = client.head_manifest
+        self.get_manifest = client.get_manifest
+        self.backoff = client.backoff
+
+    def receiving(self, descriptor: Descriptor, writer: "BlobWriter") -> None:
+        """Nothing to do."""
+
+    def settled(self, descriptor: Descriptor, verified: bool) -> None:
+        """Nothing to do: the registry keeps its blobs."""
+
+    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
+        """GET a blob, with ``Range: bytes=offset-`` when resuming.
+
+        Only a 206 whose Content-Range starts at the offset continues a
+        partial download; a 200 starts over at 0; a 206 for some other range
+        is of no use, so the whole blob is asked for instead.
+        """
+        response = self.client.open_blob(digest, offset)
+        if _continues_at(response, offset):
+            return _BlobStream(response, offset)
+        if response.status == 200:
+            return _BlobStream(response, 0)
+        response.close()
+        response = self.client.open_blob(digest, 0)
+        if not _continues_at(response, 0):
+            response.close()
+            raise RegistryError(f"{self.name} answered blob {digest} with a Content-Range "
+                                "that does not match the request", method="GET",
+                                url=_redact_url(response.url))
+        return _BlobStream(response, 0)
+
+
+def _continues_at(response: _Response, offset: int) -> bool:
+    """Tell whether a blob response's body starts at byte ``offset``.
+
+    Only a 206 whose Content-Range starts at the offset continues a partial
+    download; a 200 means the server ignored Range and sends everything.
+    """
+    if response.status == 200:
+        return offset == 0
+    match = re.fullmatch(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)",
+                         response.header("Content-Range").strip())
+    return bool(match) and int(match.group(1)) == offset
+
+
+class _SourceChain:
+    """Sources asked in turn (a cache tier, a mirror's upstreams): the first that has
+    a manifest or blob serves it; the last one's NotFoundError is the answer."""
+
+    def __init__(self, sources: Sequence[_Source]) -> None:
+        if not sources:
+            raise ValueError("a chain of sources needs at least one")
+        self.sources = list(sources)
+        self.name = " then ".join(source.name for source in self.sources)
+        self.location: Optional[Tuple[str, str]] = None
+
+    def _first(self, ask: Callable[[_Source], Any]) -> Any:
+        for source in self.sources[:-1]:
+            try:
+                return ask(source)
+            except NotFoundError:
+                continue
+        return ask(self.sources[-1])
+
+    def head_manifest(self, tag: str) -> Optional[str]:
+        """Return the digest the first source that knows ``tag`` gives."""
+        return self._first(lambda source: source.head_manifest(tag))
+
+    def get_manifest(self, identifier: str) -> Manifest:
+        """Return the manifest from the first source that has it."""
+        return self._first(lambda source: source.get_manifest(identifier))
+
+    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
+        """Start sending a blob from the first source that has it."""
+        return self._first(lambda source: source.open_blob(digest, offset))
+
+    def backoff(self, attempt: int) -> None:
+        """Wait as the last source (the authoritative one, a registry) does."""
+        self.sources[-1].backoff(attempt)
+
+    def receiving(self, descriptor: Descriptor, writer: "BlobWriter") -> None:
+        """Tell every source."""
+        for source in self.sources:
+            source.receiving(descriptor, writer)
+
+    def settled(self, descriptor: Descriptor, verified: bool) -> None:
+        """Tell every source."""
+        for source in self.sources:
+            source.settled(descriptor, verified)
+
+
+class _MissingSource:
+    """The source of an image imported from a layout: everything is in the store
+    already, so whatever a pull asks of it is missing from the layout."""
+
+    def __init__(self, location: str) -> None:
+        self.name = location
+        self.location: Optional[Tuple[str, str]] = None
+
+    def _missing(self, what: str) -> LayoutError:
+        return LayoutError(f"{self.name}: {what} is not in the layout")
+
+    def head_manifest(self, tag: str) -> Optional[str]:
+        """Raise: the layout lacks what was asked for."""
+        raise self._missing(f"manifest {tag}")
+
+    def get_manifest(self, identifier: str) -> Manifest:
+        """Raise: the layout lacks what was asked for."""
+        raise self._missing(f"manifest {identifier}")
+
+    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
+        """Raise: the layout lacks what was asked for."""
+        raise self._missing(f"blob {digest}")
+
+    def backoff(self, attempt: int) -> None:
+        """Nothing to wait for."""
+
+    def receiving(self, descriptor: Descriptor, writer: "BlobWriter") -> None:
+        """Nothing to do."""
+
+    def settled(self, descriptor: Descriptor, verified: bool) -> None:
+        """Nothing to do."""
+
+
+# =============================================================================
+# 22. REGISTRY PUSH: uploads, mounts and manifests
+# =============================================================================
+# distribution-spec "Pushing": a blob is mounted from another repository of
+# the registry (POST ?mount=&from=; 201 when it was, 202 with an upload
+# session when not: the push then uses that session), or uploaded into a
+# session: one PUT ?digest= with the whole body, or PATCH chunks with
+# Content-Range and a final empty PUT ?digest=.  The newest Location is
+# always followed; a session interrupted is asked where it stands (GET, its
+# Range) and resumed there.  An upload's PUT is never repeated blindly: it
+# would append to what the registry already has.  Manifests are PUT byte for
+# byte with their own media type.  A blob is checked by the registry against
+# the digest its PUT names (the spec's DIGEST_INVALID): a whole one goes out
+# unhashed, by sendfile; chunks are hashed before they go (their final PUT
+# carries no bytes to refuse).
+
+_UPLOAD_CHUNK_BYTES = 16 * 1024 * 1024  # chunked uploads, unless asked otherwise
+_MAX_UPLOAD_ATTEMPTS = 4
+
+
+def _upload_location(response: _Response, registry: str) -> str:
+    """Return the absolute Location of an upload answer, refusing one that is missing
+    or carries credentials (a hostile registry must not make us send them on)."""
+    from urllib.parse import urljoin, urlsplit
+    location = response.header("Location")
+    if not location:
+        raise RegistryError(f"{registry} answered {response.status} to {response.method} "
+                            f"{_redact_url(response.url)} without a Location",
+                            status=response.status, method=response.method,
+                            url=_redact_url(response.url))
+    url = urljoin(response.url, location)
+    if "@" in (urlsplit(url).netloc or ""):
+        raise RegistryError(f"{registry} named an upload location with credentials in it; "
+                            "refused", method=response.method, url=_redact_url(url))
+    return url
+
+
+def _with_query(url: str, name: str, value: str) -> str:
+    """Add ``name=value`` to a URL's query (an upload Location may carry its own)."""
+    from urllib.parse import quote
+    return f"{url}{'&' if '?' in url else '?'}{name}={quote(value, safe='')}"
+
+
+def _uploaded_range(response: _Response) -> Optional[int]:
+    """Return how many bytes an upload session holds, from its Range header
+    (``0-N``: N+1 bytes; distribution answers ``0-0`` for none), None without one."""
+    match = re.fullmatch(r"(?:bytes=)?([0-9]{1,19})-([0-9]{1,19})", response.header("Range"))
+    if match is None:
+        return None
+    return int(match.group(2)) + 1 if int(match.group(2)) > 0 else 0
+
+
+class _UploadRefused(Exception):
+    """Internal: the registry refused the request for its size (413): send chunks."""
+
+
+class _Uploader:
+    """Puts blobs and manifests into one repository of a registry (a push client).
+
+    ``chunk_bytes`` sends every blob in PATCH chunks of that size; without
+    it a blob goes up in one PUT, and in chunks once the registry refuses a
+    request that large (413).  ``progress(descriptor, sent, size)`` follows
+    the bytes that go out.
+    """
+
+    def __init__(self, client: _RegistryClient, chunk_bytes: Optional[int] = None,
+                 progress: Optional[Callable[[Descriptor, int, int], None]] = None) -> None:
+        self.client = client
+        self.registry = client.registry
+        self.repository = client.repository
+        self.chunk_bytes = chunk_bytes
+        self.progress = progress
+        self._whole_refused = False
+
+    # -- blobs ------------------------------------------------------------------
+
+    def has_blob(self, digest: str) -> bool:
+        """Tell whether the repository has the blob (HEAD)."""
+        try:
+            self.client.request("HEAD", f"/v2/{self.repository}/blobs/{digest}").close()
+        except NotFoundError:
+            return False
+        return True
+
+    def mount(self, digest: str, source_repository: Optional[str]
+              ) -> Tuple[bool, Optional[str], Optional[int]]:
+        """Mount a blob from another repository (``None``: any, as spec 1.1 allows).
+
+        Returns (mounted, the upload session's Location when not, the chunk
+        size the registry asks for at least).
+        """
+        query = f"mount={digest}" + (f"&from={source_repository}" if source_repository else "")
+        scope = None
+        if source_repository and source_repository != self.repository:
+            scope = f"{self.client.scope} repository:{source_repository}:pull"
+        response = self.client.request("POST", f"/v2/{self.repository}/blobs/uploads/?{query}",
+                                       ok=(201, 202), scope=scope)
+        response.close()
+        if response.status == 201:
+            return True, None, None
+        return False, _upload_location(response, self.registry), \
+            _header_int(response.header("OCI-Chunk-Min-Length"))
+
+    def cancel(self, location: Optional[str]) -> None:
+        """DELETE an upload session no longer needed (best effort: a registry drops
+        abandoned sessions itself, later)."""
+        if not location:
+            return
+        try:
+            self.client.request("DELETE", location, ok=(202, 204, 200, 404),
+                                retries=0).close()
+        except (ZLayerError, OSError):
+            pass
+
+    def start(self) -> Tuple[str, Optional[int]]:
+        """Open an upload session; return its Location and the chunk size it asks for."""
+        response = self.client.request("POST", f"/v2/{self.repository}/blobs/uploads/",
+                                       ok=(202,))
+        response.close()
+        return _upload_location(response, self.registry), \
+            _header_int(response.header("OCI-Chunk-Min-Length"))
+
+    def upload(self, descriptor: Descriptor, file: BinaryIO, offset: int,
+               session: Optional[Tuple[str, Optional[int]]] = None) -> None:
+        """Upload a blob (``length`` bytes of ``file`` from ``offset``) into a session."""
+        location, minimum = session or self.start()
+        chunk = self.chunk_bytes
+        if chunk is None and not self._whole_refused:
+            try:
+                self._put_whole(location, descriptor, file, offset)
+                return
+            except _UploadRefused:
+                self._whole_refused = True  # and for the rest of this push
+                location, minimum = self.start()
+        chunk = max(chunk or _UPLOAD_CHUNK_BYTES, minimum or 0)
+        self._put_chunks(location, descriptor, file, offset, chunk)
+
+    def _put_whole(self, location: str, descriptor: Descriptor, file: BinaryIO,
+                   offset: int) -> None:
+        """PUT the whole blob; an attempt cut off is resumed from what the session holds.
+
+        The file goes out by sendfile, unhashed: the registry checks it
+        against the digest the PUT names (the spec's DIGEST_INVALID), and
+        only a refusal has it hashed here, to tell whose copy is wrong.
+        """
+        body = _FileBody(file, offset, descriptor.size, self._reporter(descriptor))
+        for attempt in range(_MAX_UPLOAD_ATTEMPTS):
+            try:
+                response = self.client.request(
+                    "PUT", _with_query(location, "digest", descriptor.digest),
+                    headers={"Content-Type": "application/octet-stream"}, body=body,
+                    ok=(201, 204), retries=0)
+            except RegistryError as exc:
+                if body.sent == body.length and exc.status is not None and \
+                        not exc.temporary and exc.status != 413:
+                    # Refused whole: if our copy is what is wrong, say so.
+                    _verify_part(file, offset, descriptor)
+                    raise
+                if exc.status == 413:
+                    raise _UploadRefused() from exc
+                if exc.status is not None and not exc.temporary:
+                    raise
+                # Cut off, or a 5xx: where does the session stand?
+                self.client.backoff(attempt)
+                held = self._held(location)
+                if held is None:
+                    location = self.start()[0]  # the session is gone: a fresh one
+                elif held:
+                    _verify_part(file, offset, descriptor)
+                    self._put_chunks(location, descriptor, file, offset, _UPLOAD_CHUNK_BYTES,
+                                     start=held)
+                    return
+                continue
+            response.close()
+            self._check_stored(response, descriptor.digest)
+            return
+        raise RegistryError(f"upload of blob {descriptor.digest} to {self.registry} kept "
+                            f"failing after {_MAX_UPLOAD_ATTEMPTS} attempts", temporary=True,
+                            method="PUT", url=_redact_url(location))
+
+    def _held(self, location: str) -> Optional[int]:
+        """Return how many bytes an upload session holds (GET), None when it is gone."""
+        try:
+            response = self.client.request("GET", location, ok=(204, 200))
+        except NotFoundError:
+            return None
+        response.close()
+        return _uploaded_range(response) or 0
+
+    def _put_chunks(self, location: str, descriptor: Descriptor, file: BinaryIO, offset: int,
+                    chunk: int, start: int = 0) -> None:
+        """PATCH the blob in chunks from byte ``start``, then PUT ?digest= to finish.
+
+        Each answer's Location is the next request's; a chunk refused with 416
+        or cut off re-syncs from the Range the session reports.
+        """
+        report = self._reporter(descriptor)
+        if start == 0:
+            _verify_part(file, offset, descriptor)  # no hash is taken on the way here
+        done, setbacks = start, 0
+        while done < descriptor.size:
+            count = min(chunk, descriptor.size - done)
+            try:
+                response = self.client.request(
+                    "PATCH", location, ok=(202, 204), body=_FileBody(file, offset + done, count),
+                    headers={"Content-Type": "application/octet-stream",
+                             "Content-Range": f"{done}-{done + count - 1}"})
+            except RegistryError as exc:
+                if exc.status == 413 and chunk > 64 * 1024:
+                    chunk //= 2  # the registry (or a proxy before it) takes less at once
+                    continue
+                if exc.status is not None and exc.status != 416 and not exc.temporary:
+                    raise
+                setbacks += 1
+                if setbacks > _MAX_UPLOAD_ATTEMPTS:
+                    raise
+                self.client.backoff(setbacks - 1)
+                held = self._held(location)
+                if held is None:
+                    raise RegistryError(f"{self.registry} lost the upload session of blob "
+                                        f"{descriptor.digest}", method="PATCH",
+                                        url=_redact_url(location)) from exc
+                done = held
+                continue
+            response.close()
+            location = _upload_location(response, self.registry)
+            held = _uploaded_range(response)
+            done = held if held is not None and done < held <= done + count else done + count
+            if report is not None:
+                report(done)
+        response = self.client.request("PUT", _with_query(location, "digest", descriptor.digest),
+                                       ok=(201, 204), body=b"", retries=0)
+        response.close()
+        self._check_stored(response, descriptor.digest)
+
+    def _check_stored(self, response: _Response, digest: str) -> None:
+        """Refuse an answer that says a blob was stored under another digest."""
+        stored = response.header("Docker-Content-Digest")
+        if stored and stored != digest:
+            raise RegistryError(f"{self.registry} stored blob {digest} as {stored[:80]}",
+                                method="PUT", url=_redact_url(response.url))
+
+    def _reporter(self, descriptor: Descriptor) -> Optional[Callable[[int], None]]:
+        if self.progress is None:
+            return None
+        progress = self.progress
+        return lambda sent: progress(descriptor, sent, descriptor.size)
+
+    # -- manifests --------------------------------------------------------------
+
+    def put_manifest(self, identifier: str, raw: bytes, media_type: str) -> bool:
+        """PUT a manifest byte for byte under a tag or its digest; tell whether the
+        registry indexed its subject (the ``OCI-Subject`` answer of spec 1.1)."""
+        response = self.client.request("PUT", f"/v2/{self.repository}/manifests/{identifier}",
+                                       headers={"Content-Type": media_type}, body=raw,
+                                       ok=(201, 200, 204))
+        response.close()
+        digest = compute_digest(raw)
+        stored = response.header("Docker-Content-Digest")
+        if stored and stored != digest:
+            raise RegistryError(f"{self.registry} stored manifest {digest} as {stored[:80]}",
+                                method="PUT", url=_redact_url(response.url))
+        return bool(response.header("OCI-Subject"))
+
+
+def _verify_part(file: BinaryIO, offset: int, descriptor: Descriptor) -> None:
+    """Hash ``descriptor.size`` bytes of ``file`` from ``offset`` against the descriptor."""
+    file.seek(offset)
+    limited = _LimitedReader(file, descriptor.size)
+    _drain_checked(limited, descriptor, f"blob {descriptor.digest} to upload")
+
+
+class _LimitedReader:
+    """Reads at most ``limit`` bytes of a file (a blob inside an archive)."""
+
+    def __init__(self, file: BinaryIO, limit: int) -> None:
+        self._file, self._left = file, limit
+
+    def read(self, size: int = -1) -> bytes:
+        count = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._file.read(count) if count else b""
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        """Do nothing: the file is its opener's to close."""
+
+
+# =============================================================================
 # 23. CACHE FILES: content-addressed files, writers (direct I/O), locks, references
 # =============================================================================
 
@@ -4555,6 +4585,11 @@ class _FileBlobWriter(BlobWriter):
         self._staged = 0
         if size is not None and size >= _DIRECT_IO_MIN_BYTES and _set_direct_io(fd, True):
             self._stage = _take_stage()
+        self.readable_path = self._tmp_path  # the inode stays the blob's after the rename
+
+    def readable_bytes(self) -> int:
+        """Return the bytes written to the file (all of them once it is checked)."""
+        return self.offset if self._fd is None else self.offset - self._staged
 
     def _sink_write(self, data: Any) -> None:
         try:
@@ -7175,8 +7210,79 @@ class S3BlobCache(BlobStore):
 
 DEFAULT_LEASE_S = 60.0
 _LEASE_POLL_S = 0.2
-_UPLOAD_WORKERS = 2
+_UPLOAD_WORKERS = 4
 _TIER_RETRIES = 2
+
+
+class _Follower:
+    """Uploads a large blob to the bucket while it downloads: a multipart upload
+    whose parts are read from the local writer's file as it fills.
+
+    The upload is completed only once the local store has verified the blob
+    (``finish``); ``abort`` drops it.  A writer that starts over (a source that
+    ignored Range) or any S3 failure ends the follow: the blob is then uploaded
+    whole after its commit, as a smaller one is.
+    """
+
+    def __init__(self, tier: "_FleetTier", descriptor: Descriptor, writer: BlobWriter) -> None:
+        self.tier = tier
+        self.descriptor = descriptor
+        self._writer = writer
+        self._restarts = writer.restarts
+        self._file: Optional[BinaryIO] = open(cast(str, writer.readable_path), "rb")
+        self._done = threading.Event()
+        self._verified = False
+        self.failed = False
+        self.thread = threading.Thread(target=self._run, name="zlayer-s3-follow", daemon=True)
+        self.thread.start()
+
+    def finish(self, verified: bool) -> None:
+        """Say how the download ended: the upload completes (verified) or is aborted."""
+        self._verified = verified
+        self._done.set()
+
+    def _run(self) -> None:
+        remote, digest = self.tier.remote, self.descriptor.digest
+        key, size, part = remote.blob_key(digest), self.descriptor.size, remote.part_bytes
+        upload_id = None
+        etags: List[str] = []
+        try:
+            upload_id = remote.client.create_upload(
+                key, {"Content-Type": self.descriptor.media_type or "application/octet-stream"})
+            offset = 0
+            while offset < size:
+                length = min(part, size - offset)
+                while not self._done.is_set() and self._writer.readable_bytes() < offset + length:
+                    self._done.wait(0.02)
+                if self._done.is_set() and not self._verified:
+                    raise _Cancelled()
+                if self._writer.restarts != self._restarts or self.tier.down:
+                    raise _Cancelled()
+                file = cast(BinaryIO, self._file)
+                etags.append(remote.client.upload_part(
+                    key, upload_id, len(etags) + 1, _FileBody(file, offset, length),
+                    _sha256_of_range(file, offset, length)))
+                offset += length
+            self._done.wait()
+            if not self._verified:
+                raise _Cancelled()
+            remote.client.complete_upload(key, upload_id, etags)
+            upload_id = None
+            with self.tier._lock:
+                self.tier.uploaded.append(digest)
+        except (CacheError, OSError, _Cancelled) as exc:
+            self.failed = True
+            if isinstance(exc, CacheError):
+                self.tier.failed(exc, f"uploading blob {digest}")
+        finally:
+            if upload_id is not None:
+                try:
+                    remote.client.abort_upload(key, upload_id)
+                except (CacheError, OSError) as exc:
+                    _debug(f"aborting the upload of {digest} failed ({exc}); gc removes it")
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 class _FleetTier:
@@ -7205,6 +7311,7 @@ class _FleetTier:
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(6).hex()}"
         self._closed = threading.Event()
         self._renewer: Optional[threading.Thread] = None
+        self._followers: Dict[str, _Follower] = {}
         self.uploaded: List[str] = []
 
     # -- failures -------------------------------------------------------------
@@ -7351,6 +7458,11 @@ class _FleetTier:
                 except CacheError as exc:
                     _debug(f"renewing the lease of {digest} failed ({exc})")
 
+    def drop(self, digest: str) -> None:
+        """A download from the registry failed: abort its follower, give up its lease."""
+        self._follower_done(digest, False)
+        self.release(digest)
+
     def release(self, digest: str) -> None:
         """Give up a lease this host holds (its download failed, or the blob is in)."""
         with self._lock:
@@ -7392,8 +7504,46 @@ class _FleetTier:
         self._start_workers()
         self._queue.put(task)
 
+    def follow(self, descriptor: Descriptor, writer: BlobWriter) -> None:
+        """Start uploading a large blob from the registry while it downloads."""
+        if self.down or descriptor.size <= self.remote.multipart_threshold_bytes \
+                or writer.readable_path is None:
+            return
+        with self._lock:
+            if descriptor.digest in self._followers:
+                return
+        try:
+            follower = _Follower(self, descriptor, writer)
+        except OSError as exc:
+            _debug(f"cannot follow blob {descriptor.digest} while it downloads ({exc})")
+            return
+        with self._lock:
+            self._followers[descriptor.digest] = follower
+
+    def _follower_done(self, digest: str, verified: bool) -> bool:
+        """End the follower of ``digest``; tell whether it uploaded the blob."""
+        with self._lock:
+            follower = self._followers.pop(digest, None)
+        if follower is None:
+            return False
+        follower.finish(verified)
+        follower.thread.join()
+        return verified and not follower.failed
+
     def offer_blob(self, descriptor: Descriptor) -> None:
         """Upload a blob the local store verified (it came from the registry)."""
+        with self._lock:
+            followed = descriptor.digest in self._followers
+        if followed:
+            def finish() -> None:
+                try:
+                    if not self._follower_done(descriptor.digest, True):
+                        upload()  # the follow ended early: the whole blob now
+                finally:
+                    self.release(descriptor.digest)
+            self._submit(finish)
+            return
+
         def upload() -> None:
             try:
                 path = self.local.path(descriptor.digest)
@@ -7431,7 +7581,7 @@ class _FleetTier:
 
     def flush(self) -> None:
         """Wait until every upload offered so far is done, then write the records."""
-        self._queue.join()
+        self._queue.join()  # followers are finished by the queue's tasks
         with self._lock:
             records, self._records = self._records, []
         for reference, digest, media_type in records:
@@ -7459,6 +7609,10 @@ class _FleetTier:
                 held = list(self._held)
             for digest in held:
                 self.release(digest)
+        with self._lock:
+            left = list(self._followers)  # S3 went down, or the uploads are not waited for
+        for digest in left:
+            self._follower_done(digest, False)
         self._closed.set()
         with self._lock:
             threads, self._threads = self._threads, []
@@ -7563,10 +7717,15 @@ class _FleetSource:
         if verified and from_upstream:
             tier.offer_blob(descriptor)
         elif not verified and from_upstream:
-            tier.release(digest)
+            tier.drop(digest)
         elif not verified:
             _warn(f"blob {digest} in {tier.remote.url} failed its digest check; "
                   "fetching it from the registry")
+
+    def receiving(self, descriptor: Descriptor, writer: BlobWriter) -> None:
+        """Start uploading a large blob from the registry to the bucket as it arrives."""
+        if self.tier is not None and descriptor.digest in self._from_upstream:
+            self.tier.follow(descriptor, writer)
 
     def backoff(self, attempt: int) -> None:
         """Wait as the registry does."""
@@ -9602,10 +9761,14 @@ class _Fetcher:
         received = interruptions = 0
         with self.store.begin_write(descriptor.digest, descriptor.size,
                                     descriptor.media_type) as writer:
+            told = False
             while True:
                 if cancel.is_set():
                     raise _Cancelled()
                 with source.open_blob(descriptor.digest, writer.offset) as stream:
+                    if not told:
+                        source.receiving(descriptor, writer)
+                        told = True
                     if stream.offset != writer.offset:
                         writer.restart()  # the source sends the whole blob again
                     count, error = self._copy_body(stream, writer, descriptor, cancel)
