@@ -980,3 +980,42 @@ class TestFollower:
         assert not s3.uploads  # aborted, not left behind
         assert _cache(s3).blob_key(layer) not in s3.objects("fleet")
         assert not any("/zlayer/leases/" in k for k in s3.objects("fleet"))
+
+
+class TestOfflineWithoutRemote:
+    def test_offline_uses_the_local_records(self, registry, image, tmp_path):
+        ref = f"{registry.host}/team/app:v1"
+        cache = str(tmp_path / "c")
+        assert run_cli("pull", ref, "--cache", cache, cwd=tmp_path).returncode == 0
+        registry.close()
+        again = run_cli("pull", ref, "--cache", cache, "--offline", "-q", cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip() == image["digest"] and "may have moved it" in again.stderr
+        other = run_cli("pull", f"{registry.host}/team/other:v1", "--cache", cache,
+                        "--offline", cwd=tmp_path)
+        assert other.returncode == 1 and "--offline" in other.stderr
+        assert len(other.stderr.strip().splitlines()) == 1
+
+    def test_s3_honours_the_proxy_rules(self, s3):
+        cache = zr.S3BlobCache("fleet", endpoint="http://s3.example.test", environ={
+            "HTTP_PROXY": "http://proxy.test:3128", "NO_PROXY": "other.test"},
+            credentials=zr.S3Credentials("A", "B"))
+        assert cache.client.transport.proxies.proxy_for("http", "s3.example.test", 80) == \
+            "http://proxy.test:3128"
+
+
+class TestCopyThroughTheRemoteCache:
+    def test_copy_reads_a_registry_source_through_the_bucket(self, registry, image, s3,
+                                                             tmp_path):
+        ref = f"{registry.host}/team/app:v1"
+        env = _aws_env(s3)
+        assert run_cli("pull", ref, "--cache", str(tmp_path / "one"), "--remote-cache",
+                       "s3://fleet/cache", env=env, cwd=tmp_path).returncode == 0
+        before = len(_blob_gets(registry))
+        copied = run_cli("copy", ref, f"oci:{tmp_path / 'layout'}:v1", "--cache",
+                         str(tmp_path / "two"), "--remote-cache", "s3://fleet/cache", "-q",
+                         env=env, cwd=tmp_path)
+        assert copied.returncode == 0, copied.stderr
+        assert copied.stdout.strip() == image["digest"]
+        assert len(_blob_gets(registry)) == before
+        assert (tmp_path / "layout" / "index.json").exists()

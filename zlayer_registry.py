@@ -6918,23 +6918,29 @@ class S3BlobCache(BlobStore):
         settings: Optional[_AwsSettings] = None
         if region is None or endpoint is None:
             settings = _AwsSettings(environ)
-        if transport is None and environ.get("AWS_CA_BUNDLE"):
-            # The AWS CLI's variable for a private CA (an S3 behind a corporate TLS proxy).
+        if endpoint is None:
+            endpoint = _aws_endpoint(environ, settings)
+        if transport is None and environ.get("AWS_CA_BUNDLE") \
+                and not endpoint.lower().startswith("http://"):
+            # The AWS CLI's variable for a private CA (an S3 behind a corporate TLS
+            # proxy); loaded only for https, where it is used (ssl costs 3 MiB).
             ssl = _import_ssl()
             try:
                 context = ssl.create_default_context(cafile=environ["AWS_CA_BUNDLE"])
             except (OSError, ssl.SSLError) as exc:
                 raise CacheError(f"cannot read AWS_CA_BUNDLE {environ['AWS_CA_BUNDLE']}: "
                                  f"{getattr(exc, 'strerror', None) or exc}") from None
-            transport = _Transport(ssl_context=context)
+            transport = _Transport(ssl_context=context,
+                                   proxies=_ProxySettings.from_environ(environ))
+        if transport is None:  # the registry client's proxy rules (HTTPS_PROXY, NO_PROXY)
+            transport = _Transport(proxies=_ProxySettings.from_environ(environ))
         if credentials is None:
             credentials = _CredentialChain(environ)
         elif isinstance(credentials, S3Credentials):
             credentials = _FixedCredentials(credentials)
         self.prefix = "/".join(p for p in prefix.strip("/").split("/") if p)
         self.client = _S3Client(
-            bucket, endpoint=_aws_endpoint(environ, settings) if endpoint is None
-            else endpoint, region=region or _aws_region(environ, settings),
+            bucket, endpoint=endpoint, region=region or _aws_region(environ, settings),
             credentials=credentials, addressing=addressing, transport=transport,
             retries=retries)
         self.bucket = bucket
@@ -10588,14 +10594,17 @@ class ImagePusher:
                  on_blob: Optional[Callable[[Descriptor, str], None]] = None,
                  environ: Optional[Mapping[str, str]] = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.time, ssl_context: Any = None) -> None:
+                 clock: Callable[[], float] = time.time, ssl_context: Any = None,
+                 remote_cache: Optional["S3BlobCache"] = None) -> None:
         if chunk_bytes is not None and chunk_bytes < 1:
             raise ValueError("chunk_bytes must be at least 1")
         env = os.environ if environ is None else environ
+        # A registry source is read as a pull reads it: through ``remote_cache`` too.
         self.puller = ImagePuller(cache, max_workers=max_workers, platform=platform,
                                   insecure=insecure if src_insecure is None else src_insecure,
                                   timeout_s=timeout_s, retries=retries, environ=env,
-                                  sleep=sleep, clock=clock, ssl_context=ssl_context)
+                                  sleep=sleep, clock=clock, ssl_context=ssl_context,
+                                  remote_cache=remote_cache)
         self.cache = self.puller.cache
         self.chunk_bytes = chunk_bytes
         self.progress = progress
@@ -10821,7 +10830,7 @@ class ImagePusher:
                               (reference.registry, reference.repository),
                               lambda descriptors: puller._fetcher.fetch(registry_source,
                                                                         descriptors),
-                              registry_source.client.referrers)
+                              puller._session.client(reference, auth).referrers)
 
     def _pick_platform(self, content: _Content, wanted: Optional[Platform]) -> Manifest:
         """Follow an index down to one platform (the puller's when none is asked for)."""
@@ -13379,7 +13388,9 @@ def _cmd_copy(args: Any) -> int:
         raise _UsageError("--all and --platform contradict each other: give one")
     progress = _cli_progress(args, action="upload" if target.reference else "download")
     insecure = getattr(args, "insecure", False)
-    with ImagePusher(_cli_cache(args), max_workers=args.max_workers,
+    cache = _cli_cache(args)
+    with ImagePusher(cache, max_workers=args.max_workers,
+                     remote_cache=_cli_remote_cache(args, cache),
                      insecure=insecure or args.dest_insecure,
                      src_insecure=insecure or args.src_insecure, chunk_bytes=args.chunk_size,
                      progress=progress, sleep=_retry_announcer(),
@@ -13882,6 +13893,9 @@ def _add_side_arguments(sub: Any, side: str, flag: str, what: str) -> None:
 
 def _add_copy_arguments(copy: Any, push: bool = False) -> None:
     copy.add_argument("source", metavar="SRC", help=_COPY_SOURCE_HELP)
+    copy.add_argument("--remote-cache", metavar="s3://BUCKET[/PREFIX]",
+                      help="read a registry source through this S3 bucket, as pull does "
+                           "(default: $ZLAYER_REMOTE_CACHE); waits for its uploads at the end")
     if push:
         copy.add_argument("destination", metavar="REF",
                           help="registry reference to push to ([docker://]REF)")

@@ -122,13 +122,14 @@ def bare_get(endpoint: str, prefix: str, digests: List[str], out: Path) -> float
                                                                  {}))
         response = conn.getresponse()
         hasher = hashlib.sha256()
+        view = memoryview(bytearray(MIB))  # one buffer, received into: no copies
         with open(out / hex_digest, "wb") as f:
             while True:
-                chunk = response.read(MIB)
-                if not chunk:
+                count = response.readinto(view)
+                if not count:
                     break
-                hasher.update(chunk)
-                f.write(chunk)
+                hasher.update(view[:count])
+                f.write(view[:count])
         conn.close()
         assert response.status == 200 and hasher.hexdigest() == hex_digest
     return _parallel(digests, get)
