@@ -1019,3 +1019,28 @@ class TestCopyThroughTheRemoteCache:
         assert copied.stdout.strip() == image["digest"]
         assert len(_blob_gets(registry)) == before
         assert (tmp_path / "layout" / "index.json").exists()
+
+
+class TestOverTls:
+    def test_multipart_over_https_with_aws_ca_bundle(self, s3, tmp_path, tls_files):
+        from test_zlayer_registry import _TlsFront
+        cert, key = tls_files
+        front = _TlsFront(s3.server.server_address[1], cert, key)
+        try:
+            cache = zr.S3BlobCache("fleet", prefix="tls", endpoint=f"https://127.0.0.1:{front.port}",
+                                   environ={"AWS_CA_BUNDLE": str(cert)},
+                                   credentials=zr.S3Credentials(_fake_s3.ACCESS_KEY,
+                                                                _fake_s3.SECRET_KEY),
+                                   multipart_threshold_bytes=256 * 1024, part_bytes=100 * 1024)
+            data = os.urandom(1_000_000)
+            path = tmp_path / "blob"
+            path.write_bytes(data)
+            cache.put_path(str(path), _digest(data))  # ten parts, four threads, one file
+            assert cache.get(_digest(data)) == data and not s3.uploads
+            cache.close()
+            with pytest.raises(zr.CacheError, match="AWS_CA_BUNDLE"):
+                zr.S3BlobCache("fleet", endpoint="https://127.0.0.1:1",
+                               environ={"AWS_CA_BUNDLE": str(tmp_path / "missing.pem")},
+                               credentials=zr.S3Credentials("A", "B"))
+        finally:
+            front.close()

@@ -2075,11 +2075,18 @@ class _FileBody(_RequestBody):
     def send(self, sock: Any, tls: bool) -> None:
         self.sent = 0
         self.file.seek(self.offset)
+        try:
+            fd: Optional[int] = self.file.fileno()
+        except (OSError, AttributeError, ValueError):
+            fd = None
         while self.sent < self.length:
             want = min(self.length - self.sent, _SENDFILE_PIECE_BYTES if not tls
                        else _READ_CHUNK_BYTES)
             if tls:
-                chunk = self.file.read(want)
+                # pread: parts of one file go up on several threads at once (S3
+                # multipart), so the shared file position is never relied on.
+                chunk = os.pread(fd, want, self.offset + self.sent) if fd is not None \
+                    else self.file.read(want)
                 sock.sendall(chunk)
                 count = len(chunk)
             else:
@@ -6503,6 +6510,9 @@ class _S3Client:
         self._sleep = sleep
         aws = not endpoint
         endpoint = (endpoint or f"https://s3.{region}.amazonaws.com").rstrip("/")
+        # Host names are signed as sent: lowercase (DNS is case-blind, SigV4 is not).
+        scheme_part, sep, netloc_part = endpoint.partition("://")
+        endpoint = f"{scheme_part.lower()}{sep}{netloc_part.lower()}" if sep else endpoint
         try:
             scheme, host, port, path = _split_url(endpoint)
         except RegistryError:
@@ -6798,18 +6808,32 @@ _S3_STALE_UPLOAD_S = 24 * 3600
 _S3_BLOB_KEY = re.compile(r"([a-z0-9]+)/([0-9a-f]{2})/([0-9a-f]+)/data")
 
 
+_HASH_PIECE_BYTES = 256 * 1024
+
+
 def _sha256_of_range(file: BinaryIO, offset: int, length: int) -> str:
-    """Return the hex SHA-256 of ``length`` bytes of ``file`` from ``offset`` (pread)."""
+    """Return the hex SHA-256 of ``length`` bytes of ``file`` from ``offset``, read
+    into one small buffer (several parts are hashed at once: their memory adds up)."""
     hasher = hashlib.sha256()
     fd = file.fileno()
+    piece = memoryview(bytearray(min(_HASH_PIECE_BYTES, max(length, 1))))
     done = 0
     while done < length:
-        chunk = os.pread(fd, min(_READ_CHUNK_BYTES, length - done), offset + done)
-        if not chunk:
+        view = piece[:min(len(piece), length - done)]
+        count = os.preadv(fd, [view], offset + done) if hasattr(os, "preadv") else \
+            _pread_into(fd, view, offset + done)
+        if not count:
             raise CacheError("the file to upload ended early")
-        hasher.update(chunk)
-        done += len(chunk)
+        hasher.update(view[:count])
+        done += count
     return hasher.hexdigest()
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """``os.preadv`` for systems without it (macOS before Python 3.8's build of it)."""
+    data = os.pread(fd, len(view), offset)
+    view[:len(data)] = data
+    return len(data)
 
 
 def _run_in_threads(tasks: Sequence[Callable[[], Any]], workers: int) -> List[Any]:
@@ -9082,6 +9106,9 @@ class LocalRegistry:
                  ) -> None:
         if isinstance(root, DirectoryBlobCache):
             self.cache, self._owned = root, False
+        elif isinstance(root, BlobStore):
+            raise CacheError(f"the local registry lives in a cache directory, not in "
+                             f"{getattr(root, 'root', type(root).__name__)}")
         else:
             self.cache = DirectoryBlobCache(BlobCache.default_path() if root is None
                                             else os.fspath(root))
