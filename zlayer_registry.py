@@ -6798,7 +6798,9 @@ class _S3Client:
 # a killed process left).  A read is checked against the digest as it
 # streams: a corrupted object raises DigestMismatchError at its end.
 
-S3_MULTIPART_THRESHOLD_BYTES = 16 * 1024 * 1024
+# One PUT up to this size (signed with the digest itself: no hashing pass, and S3
+# checks the bytes); above it, parts in parallel, each resent alone on failure.
+S3_MULTIPART_THRESHOLD_BYTES = 64 * 1024 * 1024
 S3_PART_BYTES = 8 * 1024 * 1024
 _S3_PART_WORKERS = 4
 _S3_BLOBS = "docker/registry/v2/blobs/"
@@ -7536,7 +7538,8 @@ class _FleetTier:
 
     def follow(self, descriptor: Descriptor, writer: BlobWriter) -> None:
         """Start uploading a large blob from the registry while it downloads."""
-        if self.down or descriptor.size <= self.remote.multipart_threshold_bytes \
+        # Three parts or more: below that, one PUT after the commit costs about as much.
+        if self.down or descriptor.size <= 2 * self.remote.part_bytes \
                 or writer.readable_path is None:
             return
         with self._lock:
@@ -13102,6 +13105,9 @@ def _cli_remote_cache(args: Any, cache: BlobStore) -> Optional[S3BlobCache]:
     if isinstance(cache, S3BlobCache):
         raise _UsageError("--remote-cache goes with a local --cache DIR in front of it; "
                           f"the cache is {cache.url} already")
+    if not url.startswith("s3://"):
+        raise _UsageError(f"--remote-cache (or ZLAYER_REMOTE_CACHE) is s3://BUCKET[/PREFIX], "
+                          f"not {url!r}")
     return S3BlobCache.from_url(url, retries=_TIER_RETRIES)
 
 
