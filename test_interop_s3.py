@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import random
-import subprocess
 import sys
 import threading
 from pathlib import Path
