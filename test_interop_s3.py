@@ -119,25 +119,32 @@ def _random_request(rng):
     return rng.choice(["GET", "PUT", "HEAD", "DELETE", "POST"]), url, headers, payload, token
 
 
+def _botocore_signature(botocore, method, url, headers, payload, token, keys, region,
+                        amz_date):
+    """Return (signature, canonical request) as botocore's S3SigV4Auth computes them."""
+    credentials = botocore.credentials.Credentials(keys[0], keys[1], token)
+    auth = botocore.auth.S3SigV4Auth(credentials, "s3", region)
+    request = botocore.awsrequest.AWSRequest(method=method, url=url, headers=dict(headers))
+    request.context["timestamp"] = amz_date
+    request.headers["X-Amz-Date"] = amz_date
+    request.headers["X-Amz-Content-SHA256"] = payload
+    if token:
+        request.headers["X-Amz-Security-Token"] = token
+    auth.payload = lambda r: payload
+    canonical = auth.canonical_request(request)
+    return auth.signature(auth.string_to_sign(request, canonical), request), canonical
+
+
 class TestBotocoreOracle:
     def test_random_requests_sign_alike(self):
         botocore = _botocore()
         rng = random.Random(15)
         for _ in range(300):
             method, url, headers, payload, token = _random_request(rng)
-            credentials = botocore.credentials.Credentials("AKIAORACLE", "oracle/secret+key",
-                                                           token)
-            auth = botocore.auth.S3SigV4Auth(credentials, "s3", "eu-central-1")
-            request = botocore.awsrequest.AWSRequest(method=method, url=url,
-                                                     headers=dict(headers))
-            request.context["timestamp"] = "20261203T120000Z"
-            request.headers["X-Amz-Date"] = "20261203T120000Z"
-            request.headers["X-Amz-Content-SHA256"] = payload
-            if token:
-                request.headers["X-Amz-Security-Token"] = token
-            auth.payload = lambda r, payload=payload: payload
-            canonical = auth.canonical_request(request)
-            expected = auth.signature(auth.string_to_sign(request, canonical), request)
+            expected, canonical = _botocore_signature(
+                botocore, method, url, headers, payload, token, ("AKIAORACLE",
+                                                                 "oracle/secret+key"),
+                "eu-central-1", "20261203T120000Z")
             ours = zr.sigv4_headers(method, url, headers, payload, access_key="AKIAORACLE",
                                     secret_key="oracle/secret+key", region="eu-central-1",
                                     service="s3", amz_date="20261203T120000Z",
@@ -148,17 +155,10 @@ class TestBotocoreOracle:
         botocore = _botocore()
         import test_s3
         for name, (method, url, headers, payload, token, expected) in test_s3.S3_CASES.items():
-            credentials = botocore.credentials.Credentials(test_s3.AK, test_s3.SK, token)
-            auth = botocore.auth.S3SigV4Auth(credentials, "s3", "us-west-2")
-            request = botocore.awsrequest.AWSRequest(method=method, url=url, headers=dict(headers))
-            request.context["timestamp"] = "20261203T101500Z"
-            request.headers["X-Amz-Date"] = "20261203T101500Z"
-            request.headers["X-Amz-Content-SHA256"] = payload
-            if token:
-                request.headers["X-Amz-Security-Token"] = token
-            auth.payload = lambda r, payload=payload: payload
-            canonical = auth.canonical_request(request)
-            assert auth.signature(auth.string_to_sign(request, canonical), request) == expected, name
+            signature, _ = _botocore_signature(botocore, method, url, headers, payload, token,
+                                               (test_s3.AK, test_s3.SK), "us-west-2",
+                                               "20261203T101500Z")
+            assert signature == expected, name
 
     def test_presigned_urls_agree(self):
         botocore = _botocore()

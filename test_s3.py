@@ -657,6 +657,21 @@ def _layer_keys(s3):
     return {k for k in s3.objects("fleet") if k.endswith("/data")}
 
 
+def _held_until_leased(s3, hosts):
+    """A registry fault that answers a blob GET only once ``hosts`` hosts have tried
+    to lease that blob: they all missed it in the bucket at the same moment."""
+    import time
+
+    def hold(method, path, headers):
+        if "/blobs/sha256:" in path:
+            leases = "zlayer/leases/sha256/" + path.rsplit(":", 1)[1]
+            deadline = time.monotonic() + 30
+            while s3.count("PUT", leases) < hosts and time.monotonic() < deadline:
+                threading.Event().wait(0.005)
+        return None
+    return hold
+
+
 class TestFleetTier:
     def test_first_host_uploads_second_host_reads_the_bucket(self, registry, image, s3,
                                                              tmp_path):
@@ -770,18 +785,7 @@ class TestFleetTier:
             puller.pull_image(f"{host}/team/other:v1")
 
     def test_two_hosts_at_once_download_each_blob_once(self, registry, image, s3, tmp_path):
-        import time
-
-        def hold(method, path, headers):
-            # The registry answers a blob GET only once both hosts have tried to
-            # lease that blob: they missed it in the bucket at the same moment.
-            if "/blobs/sha256:" in path:
-                leases = "zlayer/leases/sha256/" + path.rsplit(":", 1)[1]
-                deadline = time.monotonic() + 10
-                while s3.count("PUT", leases) < 2 and time.monotonic() < deadline:
-                    threading.Event().wait(0.005)
-            return None
-        registry.faults.append(hold)
+        registry.faults.append(_held_until_leased(s3, hosts=2))
         results, errors = {}, []
 
         def pull(name):
@@ -906,17 +910,7 @@ class TestCli:
         assert done.returncode == 2 and "local --cache DIR" in done.stderr
 
     def test_four_hosts_one_download_per_layer(self, registry, image, s3, tmp_path):
-        import time
-
-        def hold(method, path, headers):
-            # A blob GET is answered once all four hosts have tried to lease it.
-            if "/blobs/sha256:" in path:
-                leases = "zlayer/leases/sha256/" + path.rsplit(":", 1)[1]
-                deadline = time.monotonic() + 30
-                while s3.count("PUT", leases) < 4 and time.monotonic() < deadline:
-                    threading.Event().wait(0.005)
-            return None
-        registry.faults.append(hold)
+        registry.faults.append(_held_until_leased(s3, hosts=4))
         hosts = [start_cli("pull", f"{registry.host}/team/app:v1", "-q", "--cache",
                            str(tmp_path / f"host{n}"), "--remote-cache", "s3://fleet/cache",
                            home=tmp_path, env=_aws_env(s3)) for n in range(4)]
