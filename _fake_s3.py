@@ -40,6 +40,7 @@ class FakeS3:
         self.page_size = 1000
         self.support_conditional = True   # If-None-Match: * (False: 501 NotImplemented)
         self.tokens: Dict[str, str] = {}   # session tokens accepted, by access key
+        self.receiving: Dict[str, int] = {}  # body bytes received so far, by object key
         self._lock = threading.Lock()
         self._next_upload = 0
         s3 = self
@@ -128,7 +129,15 @@ class FakeS3:
         query = dict(parse_qsl(target.query, keep_blank_values=True))
         bucket, _, key = unquote(target.path).lstrip("/").partition("/")
         length = int(h.headers.get("Content-Length") or 0)
-        body = h.rfile.read(length) if length else b""
+        chunks, got = [], 0
+        while got < length:  # in pieces: ``receiving`` shows a body still arriving
+            chunk = h.rfile.read(min(65536, length - got))
+            if not chunk:
+                return  # the client broke the request off: nothing is stored
+            chunks.append(chunk)
+            got += len(chunk)
+            self.receiving[key] = got
+        body = b"".join(chunks)
         with self._lock:
             self.requests.append({"method": h.command, "path": h.path, "key": key,
                                   "headers": dict(h.headers), "size": len(body)})

@@ -37,8 +37,12 @@ def weed_binary() -> str:
 
 
 class SeaweedFS:
-    def __init__(self, root: Path, start_timeout_s: float = 60.0) -> None:
+    def __init__(self, root: Path, start_timeout_s: float = 60.0,
+                 volume_size_limit_mb: int = 1024) -> None:
         self.root = Path(root)
+        # SeaweedFS takes seconds to add a volume when one fills up: a bench wants
+        # them large enough that none fills during its rounds (they are sparse files).
+        self.volume_size_limit_mb = volume_size_limit_mb
         self.binary = weed_binary()
         self.start_timeout_s = start_timeout_s
         self.ports: Dict[str, int] = {}
@@ -73,8 +77,8 @@ class SeaweedFS:
                    f"-volume.port.grpc={p['volume_grpc']}", f"-filer.port={p['filer']}",
                    f"-filer.port.grpc={p['filer_grpc']}", "-s3", f"-s3.port={p['s3']}",
                    f"-s3.port.grpc={p['s3_grpc']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                   f"-s3.config={identities}", "-master.telemetry=false", "-volume.max=0",
-                   "-master.volumeSizeLimitMB=256"]
+                   f"-s3.config={identities}", "-master.telemetry=false", "-volume.max=16",
+                   f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}"]
         log = open(self.root / "weed.log", "wb")
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, cwd=str(self.root))

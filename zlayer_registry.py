@@ -2065,11 +2065,15 @@ class _FileBody(_RequestBody):
     """
 
     def __init__(self, file: BinaryIO, offset: int = 0, length: Optional[int] = None,
-                 progress: Optional[Callable[[int], None]] = None) -> None:
+                 progress: Optional[Callable[[int], None]] = None,
+                 ready: Optional[Callable[[int, int], int]] = None) -> None:
         if length is None:
             length = os.fstat(file.fileno()).st_size - offset
-        super().__init__(length, True)
-        self.file, self.offset, self._progress = file, offset, progress
+        # ``ready(start, end)`` serves a file still being written: it blocks until
+        # bytes from ``start`` may be sent and returns how far (at most ``end``),
+        # or raises to break the request off.  Such a body is sent once only.
+        super().__init__(length, ready is None)
+        self.file, self.offset, self._progress, self._ready = file, offset, progress, ready
         self.sent = 0
 
     def send(self, sock: Any, tls: bool) -> None:
@@ -2082,6 +2086,9 @@ class _FileBody(_RequestBody):
         while self.sent < self.length:
             want = min(self.length - self.sent, _SENDFILE_PIECE_BYTES if not tls
                        else _READ_CHUNK_BYTES)
+            if self._ready is not None:
+                start = self.offset + self.sent
+                want = max(1, min(want, self._ready(start, start + want) - start))
             if tls:
                 # pread: parts of one file go up on several threads at once (S3
                 # multipart), so the shared file position is never relied on.
@@ -7246,14 +7253,21 @@ _UPLOAD_WORKERS = 4
 _TIER_RETRIES = 2
 
 
-class _Follower:
-    """Uploads a large blob to the bucket while it downloads: a multipart upload
-    whose parts are read from the local writer's file as it fills.
+class _BodyWithdrawn(OSError):
+    """A request body stopped on purpose: the connection is closed at once (never
+    one of the errors a server's early answer causes, which would be waited for)."""
 
-    The upload is completed only once the local store has verified the blob
-    (``finish``); ``abort`` drops it.  A writer that starts over (a source that
-    ignored Range) or any S3 failure ends the follow: the blob is then uploaded
-    whole after its commit, as a smaller one is.
+
+class _Follower:
+    """Uploads a large blob to the bucket while it downloads: one PUT, signed with
+    the blob's digest, whose body is read from the local writer's file as it fills.
+
+    The last byte is held back until the local store has verified the blob
+    (``finish``): only then does the PUT end and the object appear (S3 checks
+    the bytes against the signed SHA-256 as well).  A download that fails ends
+    the PUT unfinished, which S3 discards.  A writer that starts over (a
+    source that ignored Range) or any S3 failure ends the follow: the blob is
+    then uploaded after its commit, as a smaller one is.
     """
 
     def __init__(self, tier: "_FleetTier", descriptor: Descriptor, writer: BlobWriter) -> None:
@@ -7264,54 +7278,48 @@ class _Follower:
         self._file: Optional[BinaryIO] = open(cast(str, writer.readable_path), "rb")
         self._done = threading.Event()
         self._verified = False
+        self._aborted = False
         self.failed = False
         self.thread = threading.Thread(target=self._run, name="zlayer-s3-follow", daemon=True)
         self.thread.start()
 
     def finish(self, verified: bool) -> None:
-        """Say how the download ended: the upload completes (verified) or is aborted."""
+        """Say how the download ended: the PUT is finished (verified) or broken off."""
         self._verified = verified
         self._done.set()
 
+    def _ready(self, start: int, end: int) -> int:
+        """Wait until bytes from ``start`` are in the file; return how far may go
+        (all but the last byte until the blob is verified)."""
+        size = self.descriptor.size
+        while True:
+            if (self._done.is_set() and not self._verified) \
+                    or self._writer.restarts != self._restarts or self.tier.down:
+                self._aborted = True  # the connection is dropped: S3 keeps nothing
+                raise _BodyWithdrawn("the download did not end verified")
+            allowed = size if self._verified else min(self._writer.readable_bytes(), size - 1)
+            if allowed > start:
+                return min(end, allowed)
+            self._done.wait(0.02)
+
     def _run(self) -> None:
         remote, digest = self.tier.remote, self.descriptor.digest
-        key, size, part = remote.blob_key(digest), self.descriptor.size, remote.part_bytes
-        upload_id = None
-        etags: List[str] = []
         try:
-            upload_id = remote.client.create_upload(
-                key, {"Content-Type": self.descriptor.media_type or "application/octet-stream"})
-            offset = 0
-            while offset < size:
-                length = min(part, size - offset)
-                while not self._done.is_set() and self._writer.readable_bytes() < offset + length:
-                    self._done.wait(0.02)
-                if self._done.is_set() and not self._verified:
-                    raise _Cancelled()
-                if self._writer.restarts != self._restarts or self.tier.down:
-                    raise _Cancelled()
-                file = cast(BinaryIO, self._file)
-                etags.append(remote.client.upload_part(
-                    key, upload_id, len(etags) + 1, _FileBody(file, offset, length),
-                    _sha256_of_range(file, offset, length)))
-                offset += length
-            self._done.wait()
-            if not self._verified:
-                raise _Cancelled()
-            remote.client.complete_upload(key, upload_id, etags)
-            upload_id = None
+            remote.client.put(remote.blob_key(digest),
+                              _FileBody(cast(BinaryIO, self._file), 0, self.descriptor.size,
+                                        ready=self._ready),
+                              digest.split(":", 1)[1], {
+                                  "Content-Type": self.descriptor.media_type
+                                  or "application/octet-stream"})
             with self.tier._lock:
                 self.tier.uploaded.append(digest)
-        except (CacheError, OSError, _Cancelled) as exc:
+        except (CacheError, OSError) as exc:
+            # Not S3's failure to count (a stalled download can time the PUT out):
+            # the upload after the commit tries again, and reports what it meets.
             self.failed = True
-            if isinstance(exc, CacheError):
-                self.tier.failed(exc, f"uploading blob {digest}")
+            if not self._aborted:
+                _debug(f"uploading blob {digest} while it downloads failed ({exc})")
         finally:
-            if upload_id is not None:
-                try:
-                    remote.client.abort_upload(key, upload_id)
-                except (CacheError, OSError) as exc:
-                    _debug(f"aborting the upload of {digest} failed ({exc}); gc removes it")
             if self._file is not None:
                 self._file.close()
                 self._file = None
@@ -7538,9 +7546,11 @@ class _FleetTier:
 
     def follow(self, descriptor: Descriptor, writer: BlobWriter) -> None:
         """Start uploading a large blob from the registry while it downloads."""
-        # Three parts or more: below that, one PUT after the commit costs about as much.
-        if self.down or descriptor.size <= 2 * self.remote.part_bytes \
-                or writer.readable_path is None:
+        # A sha256 digest signs the PUT before the bytes exist; S3 takes up to 5 GiB
+        # in one PUT; below a few parts, a PUT after the commit costs about as much.
+        if self.down or writer.readable_path is None \
+                or not descriptor.digest.startswith("sha256:") \
+                or not 2 * self.remote.part_bytes < descriptor.size <= 5 * 1024 ** 3:
             return
         with self._lock:
             if descriptor.digest in self._followers:

@@ -218,7 +218,7 @@ def main() -> int:
                         "--dest-tls-verify=false", f"oci:{work / 'layout'}:v1",
                         f"docker://{distribution.host}/bench/big:v1"], check=True,
                        stdin=subprocess.DEVNULL, capture_output=True)
-        seaweed = _seaweedfs.SeaweedFS(work / "seaweedfs").start()
+        seaweed = _seaweedfs.SeaweedFS(work / "seaweedfs", volume_size_limit_mb=8192).start()
         seaweed.create_bucket(BUCKET)
         env = dict(env, **seaweed.env())
         runner = Runner(env, work)
