@@ -21,6 +21,9 @@ SigV4), and per round measures, each a fresh process with a cold local cache:
 then the put and get of one 48 MiB blob, ours (S3BlobCache) against boto3's
 ``upload_file``/``download_file`` and ``put_object``/``get_object``.
 
+Before each timed step the bench waits for SeaweedFS to go idle (it works on for seconds
+after an ingest, which slowed whatever came next).
+
 Targets (issue 15): second <= 1.1 x registry, or <= 1.05 x bare-get where SeaweedFS's
 own speed forbids the first; first <= 1.1 x max(registry, bare-put); peak RSS of a
 pull <= 32 MiB; 48 MiB put and get >= 0.9 x boto3's throughput.  Every server is
@@ -66,6 +69,21 @@ def _signed(method: str, url: str, payload: str, extra: Dict[str, str]) -> Dict[
                                     secret_key=_seaweedfs.SECRET_KEY, region="us-east-1",
                                     service="s3", amz_date=zr._amz_date()))
     return headers
+
+
+def settle(pid: int, timeout_s: float = 60.0) -> None:
+    """Wait until SeaweedFS is idle (under 5% of a CPU over 0.5 s): after taking
+    300 MB it keeps working for seconds, which would slow whatever runs next."""
+    def cpu() -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = cpu()
+        time.sleep(0.5)
+        if cpu() - before < 0.025:
+            return
 
 
 def _parallel(work: List, job) -> float:
@@ -243,6 +261,7 @@ def main() -> int:
         pull = [args.python, "-m", "zlayer_registry", "pull", reference, "-q"]
         for n in range(args.rounds):
             prefix = f"r{n}"
+            settle(seaweed.process.pid)
             run = runner.run(f"registry-{n}", pull + ["--cache", str(work / f"registry-{n}")],
                              cwd=work)  # not the checkout: its module is not compiled
             rows["registry"].append(run.wall_s)
@@ -251,6 +270,7 @@ def main() -> int:
             # The first host and the bare upload take turns at going first.
             steps = ["first", "bare_put"] if n % 2 == 0 else ["bare_put", "first"]
             for step in steps:
+                settle(seaweed.process.pid)
                 if step == "bare_put":
                     rows["bare_put"].append(bare_put(seaweed.endpoint, f"bare{n}", files))
                     continue
@@ -259,8 +279,10 @@ def main() -> int:
                                                        f"s3://{BUCKET}/{prefix}"], cwd=work)
                 rows["first"].append(run.wall_s)
                 rss["first"].append(run.max_rss_bytes)
+            settle(seaweed.process.pid)
             rows["bare_get"].append(bare_get(seaweed.endpoint, prefix, digests,
                                              work / f"bare-get-{n}"))
+            settle(seaweed.process.pid)
             run = runner.run(f"second-{n}", pull + ["--cache", str(work / f"second-{n}"),
                                                     "--remote-cache", f"s3://{BUCKET}/{prefix}"],
                              cwd=work)
