@@ -4600,10 +4600,11 @@ class _FileBlobWriter(BlobWriter):
         if size is not None and size >= _DIRECT_IO_MIN_BYTES and _set_direct_io(fd, True):
             self._stage = _take_stage()
         self.readable_path = self._tmp_path  # the inode stays the blob's after the rename
+        self._in_file = 0  # bytes written to the file so far (not those still staged)
 
     def readable_bytes(self) -> int:
-        """Return the bytes written to the file (all of them once it is checked)."""
-        return self.offset if self._fd is None else self.offset - self._staged
+        """Return how many bytes of the blob are in the file."""
+        return self._in_file
 
     def _sink_write(self, data: Any) -> None:
         try:
@@ -4617,6 +4618,7 @@ class _FileBlobWriter(BlobWriter):
                     self._flush_stage()
             if view:
                 _write_all(self._fd, view)
+                self._in_file += len(view)
         except OSError as exc:
             raise self._write_failed(exc) from exc
 
@@ -4641,7 +4643,8 @@ class _FileBlobWriter(BlobWriter):
     def _flush_stage(self) -> None:
         """Write the staged bytes; an unaligned tail or a short write ends direct I/O."""
         staged = self._stage[:self._staged]
-        aligned = len(staged) - len(staged) % _DIRECT_IO_ALIGN_BYTES
+        count = len(staged)
+        aligned = count - count % _DIRECT_IO_ALIGN_BYTES
         done = 0
         if aligned:
             try:
@@ -4655,9 +4658,11 @@ class _FileBlobWriter(BlobWriter):
             _write_all(self._fd, staged[done:])
             staged.release()
             self._drop_stage()
+        self._in_file += count  # all of it, directly or not
 
     def _sink_truncate(self) -> None:
         self._staged = 0
+        self._in_file = 0
         try:
             os.lseek(self._fd, 0, os.SEEK_SET)
             os.ftruncate(self._fd, 0)
@@ -7313,7 +7318,7 @@ class _Follower:
                                   or "application/octet-stream"})
             with self.tier._lock:
                 self.tier.uploaded.append(digest)
-        except (CacheError, OSError) as exc:
+        except (ZLayerError, OSError) as exc:
             # Not S3's failure to count (a stalled download can time the PUT out):
             # the upload after the commit tries again, and reports what it meets.
             self.failed = True
@@ -7415,8 +7420,7 @@ class _FleetTier:
         algorithm, hex_digest = _validate_digest(digest).split(":", 1)
         return self.remote._key(f"{_S3_LEASES}{algorithm}/{hex_digest}")
 
-    def claim(self, digest: str, cancel: Optional[threading.Event] = None
-              ) -> Optional[_Response]:
+    def claim(self, digest: str) -> Optional[_Response]:
         """Take the lease of a blob missing from the bucket, or wait for the host
         that holds it: return the blob's GET once it appears, None when this
         host is to download it (it holds the lease, or leases do not work)."""
@@ -7438,21 +7442,18 @@ class _FleetTier:
             if taken:
                 self._hold(digest)
                 return None
-            found = self._wait_for(digest, key, cancel)
+            found = self._wait_for(digest, key)
             if found is not None:
                 return found
         return None
 
-    def _wait_for(self, digest: str, key: str, cancel: Optional[threading.Event]
-                  ) -> Optional[_Response]:
+    def _wait_for(self, digest: str, key: str) -> Optional[_Response]:
         """Poll for a blob another host is downloading; None when its lease ends
         without it (released or expired: the caller tries to take it)."""
         _debug(f"blob {digest}: another host is downloading it; waiting for it in "
                f"{self.remote.url}")
         client = self.remote.client
         while not self.down:
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled()
             self._sleep(self.poll_s)
             found = self.open_blob(digest, 0)
             if found is not None:
@@ -7725,8 +7726,7 @@ class _FleetSource:
             self.tier.offer_manifest(manifest)
         return manifest
 
-    def open_blob(self, digest: str, offset: int = 0,
-                  cancel: Optional[threading.Event] = None) -> _BlobStream:
+    def open_blob(self, digest: str, offset: int = 0) -> _BlobStream:
         """Stream a blob from the bucket, else (after the fleet's lease) the registry."""
         tier = self.tier
         if tier is not None and digest not in self._skip_remote:
@@ -7737,7 +7737,7 @@ class _FleetSource:
                 response = tier.open_blob(digest, offset)
                 if response is None and offset == 0 and self.upstream is not None \
                         and not tier.down:
-                    response = tier.claim(digest, cancel)
+                    response = tier.claim(digest)
                 if response is not None:
                     return _BlobStream(response, offset if response.status == 206 else 0)
         if self.upstream is None:
