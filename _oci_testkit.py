@@ -495,6 +495,18 @@ _APT_PACKAGE = {"docker-registry": "docker-registry", "skopeo": "skopeo",
                 "wat2wasm": "wabt", "wasm-validate": "wabt"}
 
 
+def stop_process(proc: Optional[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """Ends a process this suite started (SIGTERM, then SIGKILL after ``timeout_s``)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout_s)
+
+
 def free_port() -> int:
     """Returns a TCP port that was free on 127.0.0.1 a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -626,14 +638,7 @@ class DistributionRegistry:
     def stop(self) -> None:
         """Terminates the registry process this object started, then reaps it."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
     def __enter__(self) -> "DistributionRegistry":
         return self.start()

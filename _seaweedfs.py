@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, Optional
 
-from _oci_testkit import ToolMissing, free_port
+from _oci_testkit import ToolMissing, free_port, stop_process
 
 ACCESS_KEY = "AKIDSEAWEEDFSTEST"
 SECRET_KEY = "seaweedfs/secret+key/TEST"
@@ -128,13 +128,7 @@ class SeaweedFS:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
         self._remove_sockets()
 
     def _remove_sockets(self) -> None:

@@ -64,7 +64,8 @@ class TestSigV4Suite:
     def test_the_suite_is_there(self):
         assert len(_suite_cases()) >= 30, f"SigV4 vectors not found (looked for {VECTORS})"
 
-    @pytest.mark.parametrize("base", _suite_cases(), ids=lambda b: Path(b).name)
+    @pytest.mark.parametrize("base", _suite_cases(),
+                             ids=lambda b: Path(b).name if isinstance(b, str) else str(b))
     def test_known_answer(self, base):
         method, target, headers, body = _parse_req(Path(base + ".req").read_text("utf-8"))
         date = next(v for k, v in headers if k.lower() == "x-amz-date")

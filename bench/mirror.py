@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _oci_testkit as kit  # noqa: E402
-from serve import OurServer, prepare, skopeo_pull  # noqa: E402
+from serve import OurServer, prepare, push_layout, skopeo_pull  # noqa: E402
 
 
 def main() -> int:
@@ -49,10 +48,7 @@ def main() -> int:
         image, size, source, env, skopeo = prepare(args, work)
         distribution = kit.DistributionRegistry(work / "distribution")
         distribution.start()
-        subprocess.run([skopeo, "--insecure-policy", "copy", "--preserve-digests",
-                        "--dest-tls-verify=false", f"oci:{work / 'layout'}:v1",
-                        f"docker://{distribution.host}/bench/big:v1"], check=True,
-                       stdin=subprocess.DEVNULL, capture_output=True)
+        push_layout(skopeo, work, distribution.host)
         print(f"image {image.digest[:19]}: {len(image.layers)} layers, {size / 2**20:.1f} MiB",
               file=sys.stderr, flush=True)
         rows = {k: [] for k in ("direct", "first", "second")}

@@ -39,7 +39,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -55,7 +54,7 @@ import _oci_testkit as kit  # noqa: E402
 import _seaweedfs  # noqa: E402
 import zlayer_registry as zr  # noqa: E402
 from pull import Runner  # noqa: E402
-from serve import prepare  # noqa: E402
+from serve import prepare, push_layout  # noqa: E402
 
 BUCKET = "bench"
 PARALLEL = 6
@@ -232,10 +231,7 @@ def main() -> int:
         image, size, source, env, skopeo = prepare(args, work)
         distribution = kit.DistributionRegistry(work / "distribution")
         distribution.start()
-        subprocess.run([skopeo, "--insecure-policy", "copy", "--preserve-digests",
-                        "--dest-tls-verify=false", f"oci:{work / 'layout'}:v1",
-                        f"docker://{distribution.host}/bench/big:v1"], check=True,
-                       stdin=subprocess.DEVNULL, capture_output=True)
+        push_layout(skopeo, work, distribution.host)
         seaweed = _seaweedfs.SeaweedFS(work / "seaweedfs", volume_size_limit_mb=8192).start()
         seaweed.create_bucket(BUCKET)
         env = dict(env, **seaweed.env())

@@ -135,6 +135,14 @@ def prepare(args: argparse.Namespace, work: Path) -> Tuple[Any, int, Path, dict,
     return image, size, source, env, skopeo
 
 
+def push_layout(skopeo: str, work: Path, host: str) -> None:
+    """Copy the bench image from ``work/layout`` into the registry at ``host`` as bench/big:v1."""
+    subprocess.run([skopeo, "--insecure-policy", "copy", "--preserve-digests",
+                    "--dest-tls-verify=false", f"oci:{work / 'layout'}:v1",
+                    f"docker://{host}/bench/big:v1"], check=True,
+                   stdin=subprocess.DEVNULL, capture_output=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -151,10 +159,7 @@ def main() -> int:
         distribution.start()
         ours = OurServer(args.python, work / "store", env, source)
         for host in (distribution.host, ours.host):
-            subprocess.run([skopeo, "--insecure-policy", "copy", "--preserve-digests",
-                            "--dest-tls-verify=false", f"oci:{work / 'layout'}:v1",
-                            f"docker://{host}/bench/big:v1"], check=True,
-                           stdin=subprocess.DEVNULL, capture_output=True)
+            push_layout(skopeo, work, host)
         print(f"image {image.digest[:19]}: {len(image.layers)} layers, {size / 2**20:.1f} MiB; "
               f"{args.clients} clients at once", file=sys.stderr, flush=True)
         rows = {k: [] for k in ("ours", "distribution", "ours_many", "distribution_many")}
