@@ -859,3 +859,26 @@ class TestHtpasswd:
         with pytest.raises(zr.ZLayerError, match="cannot read --htpasswd"):
             zr.RegistryServer(store, "127.0.0.1", 0, htpasswd=str(tmp_path / "missing"))
         store.close()
+
+
+class TestServerErrors:
+    def test_a_client_reset_is_no_traceback(self, tmp_path, capfd):
+        import socket
+        import struct
+        store = zr.LocalRegistry(tmp_path / "store")
+        server = zr.RegistryServer(store, "127.0.0.1", 0).start()
+        try:
+            sock = socket.create_connection(server.address)
+            sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.recv(4096)
+            # Close with RST (SO_LINGER 0): the handler's next read is ECONNRESET.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            conn = http.client.HTTPConnection(*server.address, timeout=10)
+            conn.request("GET", "/v2/")
+            assert conn.getresponse().status == 200
+            conn.close()
+        finally:
+            server.shutdown()
+            store.close()
+        assert "Traceback" not in capfd.readouterr().err

@@ -12223,6 +12223,15 @@ class RegistryServer:
                         return
                 super().finish_request(request, client_address)
 
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # socketserver prints a traceback; a client that went away (a reset
+                # keep-alive connection at shutdown, on 3.8) is no error at all.
+                exc = sys.exc_info()[1]
+                if isinstance(exc, OSError):
+                    return
+                _warn(f"serve: a connection from {client_address[0]} failed: "
+                      f"{type(exc).__name__}: {exc}")
+
         try:
             self._server = Server((host, port), handler)
         except OSError as exc:
