@@ -741,6 +741,21 @@ class TestFleetTier:
         assert err.count("warning") == 1 and "SignatureDoesNotMatch" in err
         assert "not-the-secret" not in err
 
+    def test_credentials_the_transport_cannot_use_are_one_warning(self, registry, image, s3,
+                                                                   tmp_path, capsys):
+        # A container-credentials URL of a scheme the HTTP client refuses: the
+        # failure comes from the transport, and must still not fail the pull.
+        chain = zr._CredentialChain({"AWS_CONTAINER_CREDENTIALS_FULL_URI": "ftp://creds.test/x",
+                                     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                                     "AWS_CONFIG_FILE": "/nonexistent"})
+        with _host(tmp_path, "one", s3, remote={"credentials": chain}) as puller:
+            # Not empty: the tag is resolved by HEAD, so the manifest is first asked
+            # of the bucket (a read, in this thread).
+            puller.cache.put(_digest(b"other"), b"other")
+            result = puller.pull_image(f"{registry.host}/team/app:v1")
+        assert len(result.layers) == 2
+        assert capsys.readouterr().err.count("going on without it") == 1
+
     def test_s3_stopping_in_the_middle_of_a_blob(self, registry, image, s3, tmp_path):
         with _host(tmp_path, "one", s3) as puller:
             puller.pull_image(f"{registry.host}/team/app:v1")

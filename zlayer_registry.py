@@ -6599,10 +6599,16 @@ class _S3Client:
             return CacheError(f"S3 endpoint {_redact_url(self.endpoint)} does not answer "
                               f"({reason})", status=None, temporary=True)
 
-        response = _send_with_retries(
-            attempt, method, retries=self.retries if retries is None else retries,
-            wait=lambda n, after: self._sleep(_backoff_delay(n, after)),
-            unanswered=unanswered, body=request_body)
+        try:
+            response = _send_with_retries(
+                attempt, method, retries=self.retries if retries is None else retries,
+                wait=lambda n, after: self._sleep(_backoff_delay(n, after)),
+                unanswered=unanswered, body=request_body)
+        except RegistryError as exc:
+            # The transport speaks for registries (a URL it cannot use, a proxy it
+            # refuses); to callers of a cache, every failure is a CacheError.
+            raise CacheError(f"S3 {method} s3://{self.bucket}/{key}: {exc}",
+                             status=exc.status) from exc
         if response.status in expect:
             return response
         raise self._error(response, method, key)
