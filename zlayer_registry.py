@@ -6374,11 +6374,12 @@ class _CredentialChain:
     temporary ones again before they expire (thread-safe)."""
 
     def __init__(self, environ: Optional[Mapping[str, str]] = None, *,
-                 home: Optional[str] = None,
+                 home: Optional[str] = None, settings: Optional[_AwsSettings] = None,
                  transport: Optional[_Transport] = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._environ = dict(os.environ if environ is None else environ)
         self._home = home
+        self._settings = settings  # the shared files, when the caller read them already
         self._transport = transport or _Transport(timeout_s=_METADATA_TIMEOUT_S)
         self._clock = clock
         self._lock = threading.Lock()
@@ -6409,7 +6410,7 @@ class _CredentialChain:
         found = _credentials_from_environ(environ)
         if found is not None:
             return found, None
-        settings = _AwsSettings(environ, self._home)
+        settings = self._settings or _AwsSettings(environ, self._home)
         where = f"profile {settings.profile!r} of {settings.credentials_file}"
         found = _credentials_from_section(settings.credentials, where)
         if found is not None:
@@ -6526,7 +6527,7 @@ class _S3Client:
         scheme_part, sep, netloc_part = endpoint.partition("://")
         endpoint = f"{scheme_part.lower()}{sep}{netloc_part.lower()}" if sep else endpoint
         try:
-            scheme, host, port, path = _split_url(endpoint)
+            scheme, _, _, path = _split_url(endpoint)
         except RegistryError:
             raise CacheError(f"invalid S3 endpoint {_redact_url(endpoint)}") from None
         if path not in ("/", ""):
@@ -6538,8 +6539,6 @@ class _S3Client:
         self.endpoint = endpoint
         self._base = (f"{scheme}://{bucket}.{netloc}" if virtual
                       else f"{endpoint}/{self._quote(bucket)}")
-        self.name = f"s3://{bucket}"
-        self._host = host
 
     @staticmethod
     def _quote(key: str) -> str:
@@ -6565,7 +6564,7 @@ class _S3Client:
              headers: Optional[Mapping[str, str]] = None,
              body: Union[None, bytes, _RequestBody] = None,
              payload_sha256: Optional[str] = None,
-             expect: Sequence[int] = (200,), retries: Optional[int] = None) -> _Response:
+             expect: Sequence[int] = (200,)) -> _Response:
         """Send a signed request; return the response when its status is expected.
 
         Any other status raises CacheError with S3's error code; a 404 of a
@@ -6601,7 +6600,7 @@ class _S3Client:
 
         try:
             response = _send_with_retries(
-                attempt, method, retries=self.retries if retries is None else retries,
+                attempt, method, retries=self.retries,
                 wait=lambda n, after: self._sleep(_backoff_delay(n, after)),
                 unanswered=unanswered, body=request_body)
         except RegistryError as exc:
@@ -6641,13 +6640,12 @@ class _S3Client:
     # -- objects --------------------------------------------------------------
 
     def head(self, key: str) -> Optional[Dict[str, str]]:
-        """Return an object's size and ETag (``size``, ``etag``), None when it is absent."""
+        """Return an object's ``size`` and ``content_type``, None when it is absent."""
         with self.send("HEAD", key, expect=(200, 404)) as response:
             if response.status == 404:
                 return None
             return {"size": response.header("Content-Length"),
-                    "etag": response.header("ETag"),
-                    "last_modified": response.header("Last-Modified")}
+                    "content_type": response.header("Content-Type")}
 
     def get(self, key: str, offset: int = 0) -> Optional[_Response]:
         """Start reading an object (from ``offset``); None when it is absent."""
@@ -6701,7 +6699,7 @@ class _S3Client:
         with self.send("DELETE", key, expect=(200, 204, 404)) as response:
             response.read()
 
-    def list(self, prefix: str, *, start_after: str = "") -> Iterator[Dict[str, Any]]:
+    def list(self, prefix: str) -> Iterator[Dict[str, Any]]:
         """Yield the objects under ``prefix`` (ListObjectsV2, page by page):
         dicts with ``key``, ``size`` and ``last_modified`` (a Unix time)."""
         token = ""
@@ -6709,8 +6707,6 @@ class _S3Client:
             query = [("list-type", "2"), ("prefix", prefix)]
             if token:
                 query.append(("continuation-token", token))
-            elif start_after:
-                query.append(("start-after", start_after))
             root = self._list_page(query)
             for item in root.iter(_S3_XML_NS + "Contents"):
                 yield {"key": _xml_text(item, "Key"),
@@ -6811,7 +6807,7 @@ class _S3Client:
 # downloads in progress (leases/sha256/<hex>, see the tiered cache).
 # A blob is uploaded only once its digest checks out: a single PUT whose
 # x-amz-content-sha256 is the blob's own digest, so S3 checks the bytes too;
-# above MULTIPART_THRESHOLD a multipart upload, parts in parallel, each part
+# above S3_MULTIPART_THRESHOLD_BYTES a multipart upload, parts in parallel, each part
 # signed with its own SHA-256, aborted when anything fails (gc aborts those
 # a killed process left).  A read is checked against the digest as it
 # streams: a corrupted object raises DigestMismatchError at its end.
@@ -6850,7 +6846,7 @@ def _sha256_of_range(file: BinaryIO, offset: int, length: int) -> str:
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    """``os.preadv`` for systems without it (macOS before Python 3.8's build of it)."""
+    """``os.preadv`` where the system has none (it is Linux's and the BSDs')."""
     data = os.pread(fd, len(view), offset)
     view[:len(data)] = data
     return len(data)
@@ -6979,7 +6975,7 @@ class S3BlobCache(BlobStore):
         if transport is None:  # the registry client's proxy rules (HTTPS_PROXY, NO_PROXY)
             transport = _Transport(proxies=_ProxySettings.from_environ(environ))
         if credentials is None:
-            credentials = _CredentialChain(environ)
+            credentials = _CredentialChain(environ, settings=settings)
         elif isinstance(credentials, S3Credentials):
             credentials = _FixedCredentials(credentials)
         self.prefix = "/".join(p for p in prefix.strip("/").split("/") if p)
@@ -7036,8 +7032,8 @@ class S3BlobCache(BlobStore):
 
     def media_type(self, digest: str) -> str:
         """Return the Content-Type the blob was stored with."""
-        with self.client.send("HEAD", self.blob_key(digest), expect=(200, 404)) as response:
-            kind = response.header("Content-Type") if response.status == 200 else ""
+        head = self.client.head(self.blob_key(digest))
+        kind = head["content_type"] if head is not None else ""
         return "" if kind in ("binary/octet-stream", "application/octet-stream") else kind
 
     def open_blob(self, digest: str) -> Optional[BinaryIO]:
@@ -7208,8 +7204,8 @@ class S3BlobCache(BlobStore):
         blobs before they record the reference that keeps them.  A bucket with
         blobs but no reference records (a registry's own) is refused.
         """
-        records = self.reference_records()
-        if not records and not self.is_empty():
+        no_records = next(iter(self.client.list(self._key(_S3_REFERENCES))), None) is None
+        if no_records and not self.is_empty():
             raise CacheError(f"{self.url} has blobs but no reference records of this tool "
                              "(a registry's bucket?): gc would delete them all; refused")
         removed = super().gc(DEFAULT_GC_GRACE_S if grace_s is None else grace_s, dry_run)
@@ -7358,7 +7354,7 @@ class _FleetTier:
         self._workers_wanted = workers
         self._threads: List[threading.Thread] = []
         self._records: List[Tuple[str, str, str]] = []
-        self._held: Dict[str, float] = {}  # leases this process holds: digest -> renewed at
+        self._held: set = set()  # the digests whose leases this process holds
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(6).hex()}"
         self._closed = threading.Event()
         self._renewer: Optional[threading.Thread] = None
@@ -7433,10 +7429,8 @@ class _FleetTier:
         key = self._lease_key(digest)
         client = self.remote.client
         while not self.down and self.leases_supported:
-            lease = json.dumps({"owner": self._owner,
-                                "expires_at": time.time() + self.lease_s}).encode()
             try:
-                taken = client.put_if_absent(key, lease)
+                taken = client.put_if_absent(key, self._lease())
             except CacheError as exc:
                 self.failed(exc, f"leasing blob {digest}")
                 return None
@@ -7484,9 +7478,14 @@ class _FleetTier:
                 return None
         return None
 
+    def _lease(self) -> bytes:
+        """Return a lease object's body: this host, and when the lease runs out."""
+        return json.dumps({"owner": self._owner,
+                           "expires_at": time.time() + self.lease_s}).encode()
+
     def _hold(self, digest: str) -> None:
         with self._lock:
-            self._held[digest] = time.time()
+            self._held.add(digest)
             if self._renewer is None:
                 self._renewer = threading.Thread(target=self._renew, name="zlayer-s3-lease",
                                                  daemon=True)
@@ -7498,10 +7497,8 @@ class _FleetTier:
             with self._lock:
                 held = list(self._held)
             for digest in held:
-                lease = json.dumps({"owner": self._owner,
-                                    "expires_at": time.time() + self.lease_s}).encode()
                 try:
-                    self.remote.client.put(self._lease_key(digest), lease)
+                    self.remote.client.put(self._lease_key(digest), self._lease())
                 except CacheError as exc:
                     _debug(f"renewing the lease of {digest} failed ({exc})")
 
@@ -7513,7 +7510,8 @@ class _FleetTier:
     def release(self, digest: str) -> None:
         """Give up a lease this host holds (its download failed, or the blob is in)."""
         with self._lock:
-            held = self._held.pop(digest, None) is not None
+            held = digest in self._held
+            self._held.discard(digest)
         if held:
             try:
                 self.remote.client.delete(self._lease_key(digest))
@@ -7538,8 +7536,6 @@ class _FleetTier:
                     return
                 if not self.down:
                     task()
-            except CacheError as exc:
-                self.failed(exc, "uploading")
             except (OSError, ZLayerError) as exc:
                 self.failed(exc, "uploading")
             finally:
@@ -7584,18 +7580,12 @@ class _FleetTier:
         """Upload a blob the local store verified (it came from the registry)."""
         with self._lock:
             followed = descriptor.digest in self._followers
-        if followed:
-            def finish() -> None:
-                try:
-                    if not self._follower_done(descriptor.digest, True):
-                        upload()  # the follow ended early: the whole blob now
-                finally:
-                    self.release(descriptor.digest)
-            self._submit(finish)
-            return
 
         def upload() -> None:
             try:
+                # A follower that uploaded it is done; one that stopped early leaves it here.
+                if followed and self._follower_done(descriptor.digest, True):
+                    return
                 path = self.local.path(descriptor.digest)
                 if path is not None:
                     self.remote.put_path(path, descriptor.digest, descriptor.media_type)
@@ -7723,7 +7713,7 @@ class _FleetSource:
             if found is not None:
                 return found
         if self.upstream is None:
-            if not ":" in identifier:
+            if ":" not in identifier:
                 identifier = cast(str, self.head_manifest(identifier))
                 return self.get_manifest(identifier)
             raise self._missing(f"manifest {identifier}")
@@ -7767,9 +7757,6 @@ class _FleetSource:
             tier.offer_blob(descriptor)
         elif not verified and from_upstream:
             tier.drop(digest)
-        elif not verified:
-            _warn(f"blob {digest} in {tier.remote.url} failed its digest check; "
-                  "fetching it from the registry")
 
     def receiving(self, descriptor: Descriptor, writer: BlobWriter) -> None:
         """Start uploading a large blob from the registry to the bucket as it arrives."""
@@ -13146,15 +13133,9 @@ def _cli_puller(args: Any, cache: BlobStore, progress: Optional[_ProgressCallbac
                        offline=getattr(args, "offline", False))
 
 
-def _close_puller(puller: ImagePuller, args: Any) -> None:
-    """End a command's puller: wait for the remote cache's uploads unless
-    --no-wait-remote leaves them to the next host."""
-    puller.close(wait_remote=not getattr(args, "no_wait_remote", False))
-
-
 class _Pulling:
-    """``with _Pulling(args, cache) as puller``: a command's puller, closed as
-    ``_close_puller`` says."""
+    """``with _Pulling(args, cache) as puller``: a command's puller; its end waits
+    for the remote cache's uploads unless --no-wait-remote leaves them to the next host."""
 
     def __init__(self, args: Any, cache: BlobStore,
                  progress: Optional[_ProgressCallback] = None) -> None:
@@ -13165,7 +13146,7 @@ class _Pulling:
         return self.puller
 
     def __exit__(self, *exc_info: Any) -> None:
-        _close_puller(self.puller, self._args)
+        self.puller.close(wait_remote=not getattr(self._args, "no_wait_remote", False))
 
 
 # A retry after an attempt this slow is announced: a registry that stalls
@@ -13313,8 +13294,7 @@ def _cmd_pull(args: Any) -> int:
     reference, auth = _cli_target(args)
     progress = _cli_progress(args)
     cache = _cli_cache(args)
-    puller = _cli_puller(args, cache, progress)
-    try:
+    with _Pulling(args, cache, progress) as puller:
         result = puller.pull_image(reference, auth, verify=args.verify)
         target = _parse_pull_output(args.output) if args.output else None
         if target is not None and target.transport == "local":
@@ -13326,7 +13306,7 @@ def _cmd_pull(args: Any) -> int:
             puller.export_image(result.reference.with_digest(result.manifest.digest)
                                 if result.index else result.reference, args.output,
                                 auth=auth)
-        # The image is local: say so now, then wait for the remote cache's uploads.
+        # The image is local: say so now; leaving the block waits for the uploads.
         _finish(progress)
         _warn_foreign_platform(args, result)
         if args.json:
@@ -13336,8 +13316,6 @@ def _cmd_pull(args: Any) -> int:
         else:
             _print_summary(result, cache, f"; written to {args.output}" if args.output else "")
         sys.stdout.flush()
-    finally:
-        _close_puller(puller, args)
     return 0
 
 
